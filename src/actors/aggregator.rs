@@ -1,0 +1,362 @@
+//! The aggregator actor of one resort-day: the only writer of that day's state.
+//!
+//! It applies batches of rides (already durable in the WAL) to its state: per skier the
+//! ride ids and the day's vertical, hence the unique-skier count and the ride count.
+//! Duplicate ids — client retries and broker redeliveries — are dropped here, so every
+//! ride counts exactly once. Readers never message the actor: they take the read side of
+//! the state's lock through a [`DayHandle`], which keeps GETs to a map lookup.
+//! Flush bookkeeping (what changed since the last flush, raw rides not yet written) lives
+//! in the same state so that the registry can tell whether an actor may be passivated.
+
+use actix::prelude::*;
+use parking_lot::RwLock;
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::season_index::SeasonIndex;
+use super::unix_ms;
+use crate::domain::{DayKey, RideEvent};
+use crate::tables::{DayCountItem, SkierDayItem};
+
+/// One skier's day. 32 bytes plus 8 per ride: the ids are what makes de-duplication exact
+/// after a restart or a reload, and they cost less than a separate id set would.
+#[derive(Clone, Debug, Default)]
+pub struct SkierDay {
+    pub vertical: u32,
+    pub ids: Vec<u64>,
+}
+
+/// The state of one resort-day, shared between its actor (writer) and readers.
+pub struct DayState {
+    pub key: DayKey,
+    pub skiers: FxHashMap<u32, SkierDay>,
+    pub rides: u64,
+    /// Highest WAL sequence applied; the version of the day's count item.
+    pub applied_seq: u64,
+    /// Skiers changed since their last successful flush, with the WAL sequence of the
+    /// change (the version their item is written with).
+    dirty: FxHashMap<u32, u64>,
+    /// Sequence of the last change to the count, and of the last one flushed.
+    count_changed: u64,
+    count_flushed: u64,
+    /// Raw rides not yet in `SkierLiftRides`, with their WAL sequence, oldest first.
+    pending: VecDeque<(u64, RideEvent)>,
+}
+
+impl DayState {
+    /// Rebuilds a day from its stored skier-day items (an activation).
+    pub fn from_items(key: DayKey, items: Vec<SkierDayItem>) -> Self {
+        let mut st = DayState {
+            key,
+            skiers: FxHashMap::default(),
+            rides: 0,
+            applied_seq: 0,
+            dirty: FxHashMap::default(),
+            count_changed: 0,
+            count_flushed: 0,
+            pending: VecDeque::new(),
+        };
+        for item in items {
+            st.rides += item.ids.len() as u64;
+            st.applied_seq = st.applied_seq.max(item.version);
+            st.skiers.insert(item.skier, SkierDay { vertical: item.vertical as u32, ids: item.ids });
+        }
+        st.count_flushed = st.applied_seq;
+        st.count_changed = st.applied_seq;
+        st
+    }
+
+    pub fn unique_skiers(&self) -> usize {
+        self.skiers.len()
+    }
+
+    /// True when everything this state holds is in the tables.
+    pub fn is_clean(&self) -> bool {
+        self.dirty.is_empty() && self.pending.is_empty() && self.count_changed <= self.count_flushed
+    }
+
+    /// Applies one WAL record's rides for this day. Returns (applied, duplicates).
+    fn apply(&mut self, seq: u64, events: &[RideEvent], index: &SeasonIndex) -> (u64, u64) {
+        let (mut applied, mut dups) = (0, 0);
+        for ev in events {
+            let day = self.skiers.entry(ev.skier).or_default();
+            if day.ids.contains(&ev.id) {
+                dups += 1;
+                continue;
+            }
+            day.ids.push(ev.id);
+            day.vertical += ev.vertical;
+            self.rides += 1;
+            self.dirty.insert(ev.skier, seq);
+            self.pending.push_back((seq, *ev));
+            index.add(ev.skier, ev.resort, ev.season, ev.vertical as u64);
+            applied += 1;
+        }
+        if applied > 0 {
+            self.count_changed = seq;
+        }
+        self.applied_seq = self.applied_seq.max(seq);
+        (applied, dups)
+    }
+}
+
+/// What changed since the last flush, as table items.
+#[derive(Default)]
+pub struct DirtySnapshot {
+    pub skier_days: Vec<SkierDayItem>,
+    pub count: Option<DayCountItem>,
+    pub rides: Vec<RideEvent>,
+    /// WAL sequence of the oldest raw ride left behind by the per-flush cap, if any: the
+    /// WAL may not be checkpointed past it.
+    pub oldest_left: Option<u64>,
+}
+
+/// Counters for `GET /admin/actors`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ActorStats {
+    pub key: String,
+    pub events_applied: u64,
+    pub duplicates: u64,
+    pub unique_skiers: usize,
+    pub rides: u64,
+    pub mailbox_depth: u64,
+    pub dirty_skiers: usize,
+    pub pending_rides: usize,
+    pub applied_seq: u64,
+    pub last_flush_unix_ms: Option<u64>,
+    pub activated_unix_ms: u64,
+}
+
+pub struct DayAggregator {
+    state: Arc<RwLock<DayState>>,
+    index: Arc<SeasonIndex>,
+    queued: Arc<AtomicU64>,
+    stats: ActorStats,
+}
+
+impl Actor for DayAggregator {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // `do_send` ignores the bound anyway; this keeps the flusher's `send`s from
+        // waiting behind a burst of replay batches.
+        ctx.set_mailbox_capacity(1 << 16);
+        tracing::debug!(key = %self.stats.key, "aggregator started");
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Apply {
+    seq: u64,
+    events: Vec<RideEvent>,
+}
+
+impl Handler<Apply> for DayAggregator {
+    type Result = ();
+
+    fn handle(&mut self, msg: Apply, _: &mut Self::Context) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        let (applied, dups) = self.state.write().apply(msg.seq, &msg.events, &self.index);
+        self.stats.events_applied += applied;
+        self.stats.duplicates += dups;
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "DirtySnapshot")]
+struct TakeDirty {
+    max_rides: usize,
+}
+
+impl Handler<TakeDirty> for DayAggregator {
+    type Result = MessageResult<TakeDirty>;
+
+    fn handle(&mut self, msg: TakeDirty, _: &mut Self::Context) -> Self::Result {
+        let st = self.state.read();
+        let key = st.key;
+        let skier_days = st
+            .dirty
+            .iter()
+            .filter_map(|(skier, version)| {
+                st.skiers.get(skier).map(|d| SkierDayItem {
+                    skier: *skier,
+                    key,
+                    vertical: d.vertical as u64,
+                    ids: d.ids.clone(),
+                    version: *version,
+                })
+            })
+            .collect();
+        let count = (st.count_changed > st.count_flushed).then(|| DayCountItem {
+            key,
+            unique_skiers: st.skiers.len() as u64,
+            rides: st.rides,
+            version: st.count_changed,
+        });
+        let rides = st.pending.iter().take(msg.max_rides).map(|(_, r)| *r).collect();
+        let oldest_left = st.pending.get(msg.max_rides).map(|(seq, _)| *seq);
+        MessageResult(DirtySnapshot { skier_days, count, rides, oldest_left })
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Committed {
+    skiers: Vec<(u32, u64)>,
+    count_version: Option<u64>,
+    rides: usize,
+}
+
+impl Handler<Committed> for DayAggregator {
+    type Result = ();
+
+    fn handle(&mut self, msg: Committed, _: &mut Self::Context) {
+        let mut st = self.state.write();
+        for (skier, version) in msg.skiers {
+            // Only if unchanged since the snapshot; a newer change stays dirty.
+            if st.dirty.get(&skier) == Some(&version) {
+                st.dirty.remove(&skier);
+            }
+        }
+        if let Some(v) = msg.count_version {
+            st.count_flushed = st.count_flushed.max(v);
+        }
+        let n = msg.rides.min(st.pending.len());
+        st.pending.drain(..n);
+        self.stats.last_flush_unix_ms = Some(unix_ms());
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "ActorStats")]
+struct GetStats;
+
+impl Handler<GetStats> for DayAggregator {
+    type Result = MessageResult<GetStats>;
+
+    fn handle(&mut self, _: GetStats, _: &mut Self::Context) -> Self::Result {
+        let st = self.state.read();
+        let mut s = self.stats.clone();
+        s.unique_skiers = st.skiers.len();
+        s.rides = st.rides;
+        s.dirty_skiers = st.dirty.len();
+        s.pending_rides = st.pending.len();
+        s.applied_seq = st.applied_seq;
+        s.mailbox_depth = self.queued.load(Ordering::Relaxed);
+        MessageResult(s)
+    }
+}
+
+/// The typed, cheap-to-clone handle to one aggregator. Callers never see messages.
+#[derive(Clone)]
+pub struct DayHandle {
+    addr: Addr<DayAggregator>,
+    state: Arc<RwLock<DayState>>,
+    /// Highest WAL sequence sent to the actor; passivation waits until it is applied.
+    dispatched: Arc<AtomicU64>,
+    /// Messages sent and not yet handled: the mailbox depth.
+    queued: Arc<AtomicU64>,
+    /// Logical clock of the last use, for least-recently-used passivation.
+    pub(crate) last_touch: Arc<AtomicU64>,
+}
+
+impl DayHandle {
+    /// Starts the actor for a day rebuilt from its table items. Must run inside an actix
+    /// system (the consumer's arbiter).
+    pub fn start(key: DayKey, items: Vec<SkierDayItem>, index: Arc<SeasonIndex>, now: u64) -> Self {
+        let state = Arc::new(RwLock::new(DayState::from_items(key, items)));
+        let queued = Arc::new(AtomicU64::new(0));
+        let actor = DayAggregator {
+            state: state.clone(),
+            index,
+            queued: queued.clone(),
+            stats: ActorStats { key: key.to_string(), activated_unix_ms: unix_ms(), ..Default::default() },
+        };
+        DayHandle {
+            addr: actor.start(),
+            state,
+            dispatched: Arc::new(AtomicU64::new(0)),
+            queued,
+            last_touch: Arc::new(AtomicU64::new(now)),
+        }
+    }
+
+    /// Sends a batch to apply. Non-blocking; ordering with later calls is preserved.
+    pub fn apply(&self, seq: u64, events: Vec<RideEvent>) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.dispatched.fetch_max(seq, Ordering::AcqRel);
+        self.addr.do_send(Apply { seq, events });
+    }
+
+    /// Read access to the state: the GET path.
+    pub fn read<R>(&self, f: impl FnOnce(&DayState) -> R) -> R {
+        f(&self.state.read())
+    }
+
+    pub async fn take_dirty(&self, max_rides: usize) -> Option<DirtySnapshot> {
+        self.addr.send(TakeDirty { max_rides }).await.ok()
+    }
+
+    /// Tells the actor which snapshot reached the tables.
+    pub fn committed(&self, snap: &DirtySnapshot) {
+        self.addr.do_send(Committed {
+            skiers: snap.skier_days.iter().map(|i| (i.skier, i.version)).collect(),
+            count_version: snap.count.as_ref().map(|c| c.version),
+            rides: snap.rides.len(),
+        });
+    }
+
+    /// Waits until everything sent before has been applied, then returns the counters.
+    pub async fn stats(&self) -> Option<ActorStats> {
+        self.addr.send(GetStats).await.ok()
+    }
+
+    /// True when the actor holds nothing the tables lack and has no work queued: safe to
+    /// drop. Called under the registry's write lock, so no new batch can slip in.
+    pub fn passivatable(&self) -> bool {
+        let st = self.state.read();
+        self.queued.load(Ordering::Acquire) == 0
+            && st.applied_seq >= self.dispatched.load(Ordering::Acquire)
+            && st.is_clean()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(id: u64, skier: u32, vertical: u32) -> RideEvent {
+        RideEvent { id, resort: 1, season: 2025, day: 1, skier, time: 1, lift: 1, vertical }
+    }
+
+    #[test]
+    fn duplicates_count_once_and_flush_marks_follow_versions() {
+        let idx = SeasonIndex::new();
+        let key = DayKey { resort: 1, season: 2025, day: 1 };
+        let mut st = DayState::from_items(key, vec![]);
+        assert_eq!(st.apply(1, &[ev(1, 7, 50), ev(2, 7, 30), ev(1, 7, 50)], &idx), (2, 1));
+        assert_eq!(st.apply(2, &[ev(2, 7, 30), ev(3, 8, 10)], &idx), (1, 1));
+        assert_eq!(st.unique_skiers(), 2);
+        assert_eq!(st.rides, 3);
+        assert_eq!(st.skiers[&7].vertical, 80);
+        assert_eq!(idx.totals(7, &[1], None)[&2025], 80);
+        assert!(!st.is_clean());
+
+        // A reload from the written items keeps de-duplicating.
+        let items: Vec<SkierDayItem> = st
+            .skiers
+            .iter()
+            .map(|(s, d)| SkierDayItem { skier: *s, key, vertical: d.vertical as u64, ids: d.ids.clone(), version: st.dirty[s] })
+            .collect();
+        let idx2 = SeasonIndex::new();
+        let mut again = DayState::from_items(key, items);
+        assert!(again.is_clean());
+        assert_eq!(again.apply(3, &[ev(3, 8, 10), ev(4, 8, 10)], &idx2), (1, 1));
+        assert_eq!(again.rides, 4);
+        assert_eq!(again.applied_seq, 3);
+    }
+}

@@ -1,0 +1,180 @@
+//! The consumer: bus → WAL → aggregator actors → ack, and the WAL replay at start.
+//!
+//! Ack policy (ADR 002): a batch of deliveries is appended to the WAL as one record,
+//! fsynced once (group commit), dispatched to the owning actors, and only then acked to
+//! the bus (for the embedded bus: the POSTs answer 201). A crash before the fsync loses
+//! only unacked rides, which the client or the broker sends again; a crash after it is
+//! repaired by replay, and duplicates from either side are dropped by the actors' id check.
+//! Batches form on mailbox drain: whatever queued up during the previous fsync is the next
+//! batch, so the fsync rate, not the request rate, bounds the cost of durability.
+
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::registry::Registry;
+use super::seasons::SeasonBook;
+use crate::bus::EventSource;
+use crate::domain::{DayKey, RideEvent};
+use crate::error::PublishError;
+use liftlog_wal::{Wal, WalError};
+
+/// Progress shared with the flusher and the admin views.
+#[derive(Default)]
+pub struct Progress {
+    /// Highest WAL sequence whose rides were all handed to their actors. The flusher may
+    /// checkpoint up to here once it flushed what the actors hold.
+    pub dispatched_seq: AtomicU64,
+    pub batches: AtomicU64,
+    pub events: AtomicU64,
+    pub wal_failures: AtomicU64,
+    pub last_batch_size: AtomicU64,
+    pub fsync_micros_total: AtomicU64,
+    pub replayed_records: AtomicU64,
+    pub replayed_events: AtomicU64,
+    pub replay_micros: AtomicU64,
+}
+
+#[derive(Serialize)]
+pub struct ProgressView {
+    pub dispatched_seq: u64,
+    pub batches: u64,
+    pub events: u64,
+    pub wal_failures: u64,
+    pub last_batch_size: u64,
+    pub mean_batch_size: f64,
+    pub mean_fsync_micros: f64,
+    pub replayed_records: u64,
+    pub replayed_events: u64,
+    pub replay_millis: u64,
+}
+
+impl Progress {
+    pub fn view(&self) -> ProgressView {
+        let batches = self.batches.load(Ordering::Relaxed);
+        let events = self.events.load(Ordering::Relaxed);
+        let per = |x: u64| if batches == 0 { 0.0 } else { x as f64 / batches as f64 };
+        ProgressView {
+            dispatched_seq: self.dispatched_seq.load(Ordering::Relaxed),
+            batches,
+            events,
+            wal_failures: self.wal_failures.load(Ordering::Relaxed),
+            last_batch_size: self.last_batch_size.load(Ordering::Relaxed),
+            mean_batch_size: per(events),
+            mean_fsync_micros: per(self.fsync_micros_total.load(Ordering::Relaxed)),
+            replayed_records: self.replayed_records.load(Ordering::Relaxed),
+            replayed_events: self.replayed_events.load(Ordering::Relaxed),
+            replay_millis: self.replay_micros.load(Ordering::Relaxed) / 1000,
+        }
+    }
+}
+
+pub struct Consumer {
+    pub wal: Arc<Wal>,
+    pub registry: Arc<Registry>,
+    pub seasons: Arc<SeasonBook>,
+    pub progress: Arc<Progress>,
+    /// Most rides per WAL record. Large enough to amortise an fsync over thousands of
+    /// rides, small enough that one record decodes in well under a millisecond.
+    pub max_batch: usize,
+}
+
+fn group(events: &[RideEvent]) -> FxHashMap<DayKey, Vec<RideEvent>> {
+    let mut groups: FxHashMap<DayKey, Vec<RideEvent>> = FxHashMap::default();
+    for e in events {
+        groups.entry(e.key()).or_default().push(*e);
+    }
+    groups
+}
+
+impl Consumer {
+    /// Replays the WAL after its checkpoint into the actors and waits until they applied
+    /// it. Must finish before the node serves reads.
+    pub async fn replay(&self) -> Result<u64, WalError> {
+        let started = Instant::now();
+        let mut last = self.wal.checkpoint();
+        let (mut records, mut events) = (0u64, 0u64);
+        for record in self.wal.replay() {
+            let record = record?;
+            let batch: Vec<RideEvent> = Wal::decode(&record.payload)?;
+            events += batch.len() as u64;
+            records += 1;
+            self.dispatch(record.seq, &batch).await;
+            last = record.seq;
+        }
+        // A round trip to every actor: all replayed batches are applied after it.
+        for h in self.registry.all() {
+            let _ = h.stats().await;
+        }
+        self.progress.dispatched_seq.store(last, Ordering::Release);
+        self.progress.replayed_records.store(records, Ordering::Relaxed);
+        self.progress.replayed_events.store(events, Ordering::Relaxed);
+        self.progress.replay_micros.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        tracing::info!(records, events, millis = started.elapsed().as_millis() as u64, "WAL replayed");
+        Ok(events)
+    }
+
+    /// Activates the owners (retrying while the tables are unreachable: the rides are
+    /// already durable, so giving up is not an option) and dispatches the batch.
+    async fn dispatch(&self, seq: u64, events: &[RideEvent]) {
+        for (key, group) in group(events) {
+            self.seasons.observe(key.resort, key.season, false);
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                match self.registry.activate(key).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(%key, cause = %e, "activating aggregator failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            self.registry.dispatch(&key, seq, group);
+        }
+    }
+
+    /// Consumes until the source is closed and drained.
+    pub async fn run(self, mut source: Box<dyn EventSource>) {
+        while let Some(batch) = source.next_batch(self.max_batch).await {
+            let n = batch.events.len() as u64;
+            let wal = self.wal.clone();
+            let events = batch.events;
+            let started = Instant::now();
+            let written = tokio::task::spawn_blocking(move || {
+                let seq = wal.append_serde(&events)?;
+                wal.sync()?;
+                Ok::<_, WalError>((seq, events))
+            })
+            .await;
+            let (seq, events) = match written {
+                Ok(Ok(v)) => v,
+                Ok(Err(e)) => {
+                    self.progress.wal_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(cause = %e, rides = n, "WAL append failed; rides refused");
+                    let err = match e {
+                        WalError::Full { .. } => PublishError::Overloaded,
+                        other => PublishError::Unavailable(format!("write-ahead log: {other}")),
+                    };
+                    batch.acker.nack(err).await;
+                    continue;
+                }
+                Err(join) => {
+                    tracing::error!(cause = %join, "WAL writer task failed");
+                    batch.acker.nack(PublishError::Unavailable("write-ahead log task failed".into())).await;
+                    continue;
+                }
+            };
+            self.progress.fsync_micros_total.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.dispatch(seq, &events).await;
+            self.progress.dispatched_seq.store(seq, Ordering::Release);
+            self.progress.batches.fetch_add(1, Ordering::Relaxed);
+            self.progress.events.fetch_add(n, Ordering::Relaxed);
+            self.progress.last_batch_size.store(n, Ordering::Relaxed);
+            batch.acker.ack().await;
+        }
+        tracing::info!("consumer drained");
+    }
+}

@@ -1,0 +1,25 @@
+//! The consume side: aggregator actors and what drives them.
+//!
+//! - [`aggregator`]: one actor per (resort, season, day); the single writer of that
+//!   aggregate's state, which readers read through a shared lock.
+//! - [`registry`]: key → actor handle; activates actors from the tables on demand and
+//!   passivates idle, fully flushed ones past a limit.
+//! - [`season_index`]: skier-sharded season totals, so a season query never fans out
+//!   across days.
+//! - [`seasons`]: which seasons exist per resort.
+//! - [`consumer`]: bus → WAL (group commit) → actors → ack; WAL replay at start.
+//! - [`flusher`]: dirty aggregates and raw rides → tables, then WAL checkpoint.
+
+pub mod aggregator;
+pub mod consumer;
+pub mod flusher;
+pub mod registry;
+pub mod season_index;
+pub mod seasons;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Wall-clock milliseconds, for "last flush" style fields in the admin views.
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -1,0 +1,146 @@
+//! The registry: which aggregator actor owns which resort-day on this node.
+//!
+//! Actors are activated on demand by the consumer (the only caller of [`Registry::activate`],
+//! so two activations of one key never race) by loading the day from the tables with one
+//! query, and passivated by the flusher when more than `max_resident` are held: the least
+//! recently used ones whose state is entirely in the tables are dropped. A read for a day
+//! that is not resident goes to the tables, which then hold all of it.
+
+use parking_lot::RwLock;
+use rustc_hash::FxHashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::aggregator::{ActorStats, DayHandle};
+use super::season_index::SeasonIndex;
+use crate::domain::{DayKey, RideEvent};
+use crate::error::TableError;
+use crate::tables::Tables;
+
+pub struct Registry {
+    days: RwLock<FxHashMap<DayKey, DayHandle>>,
+    tables: Arc<dyn Tables>,
+    index: Arc<SeasonIndex>,
+    /// Passivation starts above this many resident days. A season of 10 resorts is 3,660
+    /// days, so the default keeps a whole season resident and passivation is for larger
+    /// catalogs or long-running nodes.
+    max_resident: usize,
+    clock: AtomicU64,
+    activations: AtomicU64,
+    passivations: AtomicU64,
+}
+
+/// Registry-wide counters for the admin view.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RegistryStats {
+    pub resident: usize,
+    pub max_resident: usize,
+    pub activations: u64,
+    pub passivations: u64,
+}
+
+impl Registry {
+    pub fn new(tables: Arc<dyn Tables>, index: Arc<SeasonIndex>, max_resident: usize) -> Self {
+        Registry {
+            days: RwLock::new(FxHashMap::default()),
+            tables,
+            index,
+            max_resident: max_resident.max(1),
+            clock: AtomicU64::new(1),
+            activations: AtomicU64::new(0),
+            passivations: AtomicU64::new(0),
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The resident actor of a day, if any. The read path; never activates.
+    pub fn resident(&self, key: &DayKey) -> Option<DayHandle> {
+        let days = self.days.read();
+        let h = days.get(key)?;
+        h.last_touch.store(self.tick(), Ordering::Relaxed);
+        Some(h.clone())
+    }
+
+    /// Makes sure the day's actor is resident, loading it from the tables if needed.
+    pub async fn activate(&self, key: DayKey) -> Result<(), TableError> {
+        if self.days.read().contains_key(&key) {
+            return Ok(());
+        }
+        let items = self.tables.query_day(key).await?;
+        let handle = DayHandle::start(key, items, self.index.clone(), self.tick());
+        self.days.write().insert(key, handle);
+        self.activations.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Hands a batch to the day's actor, which must be resident (see [`Self::activate`]).
+    /// Done under the read lock, so passivation (under the write lock) sees the dispatch.
+    pub fn dispatch(&self, key: &DayKey, seq: u64, events: Vec<RideEvent>) -> bool {
+        let days = self.days.read();
+        match days.get(key) {
+            Some(h) => {
+                h.last_touch.store(self.tick(), Ordering::Relaxed);
+                h.apply(seq, events);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn all(&self) -> Vec<DayHandle> {
+        self.days.read().values().cloned().collect()
+    }
+
+    /// Drops least recently used, fully flushed actors until at most `max_resident` remain.
+    /// Returns how many were dropped; an actor stops once its last handle is gone.
+    pub fn passivate_idle(&self) -> usize {
+        let mut days = self.days.write();
+        if days.len() <= self.max_resident {
+            return 0;
+        }
+        let mut by_age: Vec<(u64, DayKey)> =
+            days.iter().map(|(k, h)| (h.last_touch.load(Ordering::Relaxed), *k)).collect();
+        by_age.sort_unstable();
+        let excess = days.len() - self.max_resident;
+        let mut dropped = 0;
+        for (_, key) in by_age {
+            if dropped == excess {
+                break;
+            }
+            if days.get(&key).is_some_and(|h| h.passivatable()) {
+                days.remove(&key);
+                dropped += 1;
+            }
+        }
+        self.passivations.fetch_add(dropped as u64, Ordering::Relaxed);
+        if dropped > 0 {
+            tracing::debug!(dropped, resident = days.len(), "passivated idle aggregators");
+        }
+        dropped
+    }
+
+    pub fn stats(&self) -> RegistryStats {
+        RegistryStats {
+            resident: self.days.read().len(),
+            max_resident: self.max_resident,
+            activations: self.activations.load(Ordering::Relaxed),
+            passivations: self.passivations.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Every resident actor's counters (waits for each mailbox to drain to the ask).
+    pub async fn actor_stats(&self) -> Vec<ActorStats> {
+        let handles = self.all();
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            if let Some(s) = h.stats().await {
+                out.push(s);
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+}

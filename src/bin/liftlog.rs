@@ -1,0 +1,69 @@
+//! The `liftlog` command: `serve` runs a node; `tables create` prepares the table store.
+
+use clap::{Parser, Subcommand};
+use liftlog::config::{Config, LogFormat, ServeArgs};
+use liftlog::tables::{sled_store::SledTables, Tables};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "liftlog", version, about = "Ski lift rides in, unique skiers and verticals out (SkiDataAPI 2.0)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service (embedded back end by default: nothing else to install).
+    Serve(ServeArgs),
+    /// Manage the table store.
+    Tables {
+        #[command(subcommand)]
+        action: TablesAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TablesAction {
+    /// Create the tables if missing (idempotent).
+    Create {
+        #[arg(long, env = "LIFTLOG_DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,actix_server=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = Config::resolve(&args).map_err(anyhow::Error::msg)?;
+            init_logging(config.log_format);
+            actix_rt::System::new().block_on(async move {
+                let running = liftlog::service::start(config).await?;
+                // One line on stdout for scripts and tests that start us on port 0.
+                println!("liftlog listening on http://{}", running.addr);
+                liftlog::service::wait_for_signal().await;
+                running.shutdown().await
+            })
+        }
+        Command::Tables { action: TablesAction::Create { data_dir } } => {
+            init_logging(LogFormat::Text);
+            actix_rt::System::new().block_on(async move {
+                let tables = SledTables::open(&data_dir.join("tables"))?;
+                tables.create().await?;
+                tracing::info!(dir = %data_dir.display(), "tables ready");
+                Ok(())
+            })
+        }
+    }
+}

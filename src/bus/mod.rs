@@ -1,0 +1,58 @@
+//! The event bus between the write path and the consumers, behind two traits: a
+//! [`Publisher`] that returns only once a ride is durable, and an [`EventSource`] that
+//! hands batches of deliveries to the consumer with an [`Acker`] for the batch.
+//!
+//! - [`embedded`]: a bounded in-process queue; "durable" means the consumer fsynced the
+//!   WAL batch holding the ride.
+//! - RabbitMQ (production): publisher confirms; the consumer acks after the WAL fsync.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::domain::RideEvent;
+use crate::error::PublishError;
+
+/// Queue figures for the admin view and for load shedding.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BusStats {
+    pub kind: &'static str,
+    /// Rides waiting for the consumer.
+    pub depth: usize,
+    pub capacity: usize,
+    pub published: u64,
+    pub rejected_full: u64,
+    pub timeouts: u64,
+}
+
+/// The write side. `publish` returns `Ok` only when the ride is durable: a 201 may follow.
+#[async_trait]
+pub trait Publisher: Send + Sync + 'static {
+    async fn publish(&self, event: RideEvent) -> Result<(), PublishError>;
+    fn stats(&self) -> BusStats;
+    /// Stops accepting rides; rides already queued are still delivered and answered.
+    fn close(&self);
+}
+
+/// The consume side: deliveries in arrival order, a batch at a time.
+#[async_trait]
+pub trait EventSource: Send + 'static {
+    /// Waits for at least one delivery, then takes what is ready up to `max`.
+    /// `None` once the bus is closed and drained.
+    async fn next_batch(&mut self, max: usize) -> Option<Batch>;
+}
+
+/// Deliveries handed to the consumer together, settled together.
+pub struct Batch {
+    pub events: Vec<RideEvent>,
+    pub acker: Box<dyn Acker>,
+}
+
+/// Settles a batch: `ack` once it is durable in the WAL, `nack` when it could not be made
+/// durable (the publisher then answers 503, or the broker redelivers).
+#[async_trait]
+pub trait Acker: Send {
+    async fn ack(self: Box<Self>);
+    async fn nack(self: Box<Self>, error: PublishError);
+}

@@ -1,0 +1,142 @@
+//! Our operational endpoints, outside the SkiDataAPI paths: health and readiness for the
+//! load balancer, Prometheus metrics, the OpenAPI document, and the admin views of the
+//! actors, the WAL and the flusher. Admin routes and metrics need the bearer token when
+//! one is configured.
+
+use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use super::{fresh_json, AppState};
+use crate::error::ApiError;
+
+type State = web::Data<AppState>;
+type Reply = Result<HttpResponse, ApiError>;
+
+/// The OpenAPI 3 document of every route, served as is.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Constant-time check of `Authorization: Bearer <token>` when a token is configured.
+fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let Some(token) = &state.admin_token else { return Ok(()) };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    // Length is not secret; the bytes are compared without an early exit.
+    let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(r#"{"status":"ok"}"#)
+}
+
+pub async fn ready(state: State) -> Reply {
+    if state.ready.load(Ordering::Acquire) {
+        Ok(HttpResponse::Ok().content_type("application/json").body(r#"{"status":"ready"}"#))
+    } else {
+        Err(ApiError::Unavailable { message: "Not ready: starting or shutting down".into(), retry_after_secs: 1 })
+    }
+}
+
+pub async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(OPENAPI)
+}
+
+#[derive(Serialize)]
+struct ActorsView {
+    registry: crate::actors::registry::RegistryStats,
+    season_index_skiers: usize,
+    actors: Vec<crate::actors::aggregator::ActorStats>,
+}
+
+pub async fn actors(req: HttpRequest, state: State) -> Reply {
+    authorize(&req, &state)?;
+    fresh_json(&ActorsView {
+        registry: state.registry.stats(),
+        season_index_skiers: state.index.skiers(),
+        actors: state.registry.actor_stats().await,
+    })
+}
+
+#[derive(Serialize)]
+struct WalView {
+    wal: liftlog_wal::WalStats,
+    recovery: liftlog_wal::RecoveryReport,
+    consumer: crate::actors::consumer::ProgressView,
+    flusher: crate::actors::flusher::FlushStats,
+    bus: crate::bus::BusStats,
+}
+
+pub async fn wal(req: HttpRequest, state: State) -> Reply {
+    authorize(&req, &state)?;
+    fresh_json(&WalView {
+        wal: state.wal.stats(),
+        recovery: state.recovery.clone(),
+        consumer: state.progress.view(),
+        flusher: state.flusher.stats(),
+        bus: state.publisher.stats(),
+    })
+}
+
+pub async fn flush(req: HttpRequest, state: State) -> Reply {
+    authorize(&req, &state)?;
+    let report = state.flusher.flush().await?;
+    fresh_json(&report)
+}
+
+/// Prometheus text format, written by hand: a handful of gauges and counters do not
+/// justify a metrics framework on the hot path.
+pub async fn metrics(req: HttpRequest, state: State) -> Reply {
+    authorize(&req, &state)?;
+    let mut out = String::with_capacity(4096);
+    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
+        let _ = writeln!(out, "# HELP liftlog_{name} {help}\n# TYPE liftlog_{name} {kind}\nliftlog_{name} {value}");
+    };
+    let r = &state.requests;
+    metric("http_responses_2xx_total", "counter", "Responses with a 2xx status.", r.status_2xx.load(Ordering::Relaxed) as f64);
+    metric("http_responses_4xx_total", "counter", "Responses with a 4xx status.", r.status_4xx.load(Ordering::Relaxed) as f64);
+    metric("http_responses_5xx_total", "counter", "Responses with a 5xx status.", r.status_5xx.load(Ordering::Relaxed) as f64);
+    metric("http_shed_total", "counter", "Requests refused with 429/503 to shed load.", r.shed.load(Ordering::Relaxed) as f64);
+    let bus = state.publisher.stats();
+    metric("bus_depth", "gauge", "Rides queued for the consumer.", bus.depth as f64);
+    metric("bus_published_total", "counter", "Rides published and confirmed durable.", bus.published as f64);
+    metric("bus_rejected_full_total", "counter", "Publishes refused because the bus was full.", bus.rejected_full as f64);
+    let p = state.progress.view();
+    metric("consumer_batches_total", "counter", "WAL batches written by the consumer.", p.batches as f64);
+    metric("consumer_events_total", "counter", "Rides consumed (duplicates included).", p.events as f64);
+    metric("consumer_wal_failures_total", "counter", "Batches refused because the WAL write failed.", p.wal_failures as f64);
+    metric("consumer_mean_batch_size", "gauge", "Mean rides per WAL batch.", p.mean_batch_size);
+    let w = state.wal.stats();
+    metric("wal_live_bytes", "gauge", "WAL bytes not yet checkpointed.", w.live_bytes as f64);
+    metric("wal_max_bytes", "gauge", "WAL bound; POSTs get 503 beyond it.", w.max_bytes as f64);
+    metric("wal_fsyncs_total", "counter", "WAL fsyncs.", w.fsyncs as f64);
+    metric("wal_checkpoint", "gauge", "Highest WAL sequence known to be in the tables.", w.checkpoint as f64);
+    metric("wal_last_seq", "gauge", "Highest WAL sequence written.", w.last_seq.unwrap_or(0) as f64);
+    let f = state.flusher.stats();
+    metric("flush_cycles_total", "counter", "Flush cycles run.", f.cycles as f64);
+    metric("flush_failures_total", "counter", "Flush cycles that failed (table errors).", f.failures as f64);
+    metric("flush_rides_written_total", "counter", "Raw rides written to the tables.", f.rides_written as f64);
+    let g = state.registry.stats();
+    metric("actors_resident", "gauge", "Aggregator actors resident.", g.resident as f64);
+    metric("actors_passivated_total", "counter", "Aggregator actors passivated.", g.passivations as f64);
+    metric("uptime_seconds", "gauge", "Seconds since start.", state.started.elapsed().as_secs_f64());
+    let _ = writeln!(out, "# HELP liftlog_endpoint_requests_total Requests per public endpoint.\n# TYPE liftlog_endpoint_requests_total counter");
+    for (m, p, count, _) in r.per_endpoint() {
+        let _ = writeln!(out, "liftlog_endpoint_requests_total{{method=\"{m}\",path=\"{p}\"}} {count}");
+    }
+    let _ = writeln!(out, "# HELP liftlog_endpoint_seconds_total Time spent per public endpoint.\n# TYPE liftlog_endpoint_seconds_total counter");
+    for (m, p, _, secs) in r.per_endpoint() {
+        let _ = writeln!(out, "liftlog_endpoint_seconds_total{{method=\"{m}\",path=\"{p}\"}} {secs}");
+    }
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out))
+}

@@ -1,0 +1,196 @@
+//! The public SkiDataAPI 2.0 handlers. Paths, status codes and field names are exact
+//! (API.md); every client mistake is a 4xx with a message and changes nothing.
+
+use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+use super::{cached_json, fresh_json, AppState};
+use crate::domain::{parse_id, parse_resort, parse_season, validate_ride, DayKey, RideBody, RidePath, SeasonBody};
+use crate::error::ApiError;
+
+type State = web::Data<AppState>;
+type Reply = Result<HttpResponse, ApiError>;
+
+/// Longest `Idempotency-Key` we accept; a UUID is 36 bytes.
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+#[derive(Serialize)]
+struct ResortEntry<'a> {
+    #[serde(rename = "resortName")]
+    name: &'a str,
+    #[serde(rename = "resortID")]
+    id: u32,
+}
+
+#[derive(Serialize)]
+struct ResortsList<'a> {
+    resorts: Vec<ResortEntry<'a>>,
+}
+
+pub async fn list_resorts(req: HttpRequest, state: State) -> Reply {
+    let resorts = state.catalog.resorts().map(|r| ResortEntry { name: &r.name, id: r.id }).collect();
+    cached_json(&req, &ResortsList { resorts })
+}
+
+#[derive(Serialize)]
+struct SeasonsList {
+    seasons: Vec<String>,
+}
+
+pub async fn list_seasons(req: HttpRequest, state: State, path: web::Path<String>) -> Reply {
+    let resort = parse_resort(&path, &state.catalog)?;
+    let seasons = state.seasons.seasons(resort).into_iter().map(|s| s.to_string()).collect();
+    cached_json(&req, &SeasonsList { seasons })
+}
+
+pub async fn create_season(req: HttpRequest, state: State, path: web::Path<String>, body: web::Payload) -> Reply {
+    let resort = parse_resort(&path, &state.catalog)?;
+    let body: SeasonBody = read_json(&req, body, state.max_body_bytes).await?;
+    let season = parse_season("year", &body.year, &state.limits)?;
+    // Written through before the 201: a season is rare and must survive a crash.
+    state.tables.put_seasons(&[(resort, season)]).await?;
+    state.tables.sync().await?;
+    state.seasons.observe(resort, season, true);
+    Ok(HttpResponse::Created().finish())
+}
+
+#[derive(Serialize)]
+struct DaySkiers<'a> {
+    /// The 2.0 API names the resort's name `time`; kept for compatibility.
+    time: &'a str,
+    #[serde(rename = "numSkiers")]
+    num_skiers: u64,
+}
+
+pub async fn resort_day_skiers(req: HttpRequest, state: State, path: web::Path<(String, String, String)>) -> Reply {
+    let (resort, season, day) = path.into_inner();
+    let key = day_key(&state, &resort, &season, &day)?;
+    let num_skiers = match state.registry.resident(&key) {
+        Some(h) => h.read(|d| d.unique_skiers() as u64),
+        None => state.tables.get_day_count(key).await?.map_or(0, |c| c.unique_skiers),
+    };
+    let name = state.catalog.resort(key.resort).map_or("", |r| r.name.as_str());
+    cached_json(&req, &DaySkiers { time: name, num_skiers })
+}
+
+pub async fn post_ride(
+    req: HttpRequest,
+    state: State,
+    path: web::Path<(String, String, String, String)>,
+    body: web::Payload,
+) -> Reply {
+    let (resort, season, day, skier) = path.into_inner();
+    let ride: RideBody = read_json(&req, body, state.max_body_bytes).await?;
+    let key = match req.headers().get("idempotency-key") {
+        Some(v) if v.len() > MAX_IDEMPOTENCY_KEY || v.is_empty() => {
+            return Err(ApiError::BadRequest(format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} bytes")))
+        }
+        Some(v) => Some(v.as_bytes()),
+        None => None,
+    };
+    let path = RidePath { resort: &resort, season: &season, day: &day, skier: &skier };
+    let event = validate_ride(&path, &ride, key, &state.catalog, &state.limits)?;
+    state.publisher.publish(event).await?;
+    Ok(HttpResponse::Created().finish())
+}
+
+pub async fn skier_day_vertical(req: HttpRequest, state: State, path: web::Path<(String, String, String, String)>) -> Reply {
+    let (resort, season, day, skier) = path.into_inner();
+    let key = day_key(&state, &resort, &season, &day)?;
+    let skier = parse_id("skierID", &skier, state.limits.max_skier as u64)? as u32;
+    let vertical = match state.registry.resident(&key) {
+        Some(h) => h.read(|d| d.skiers.get(&skier).map(|s| s.vertical as u64)),
+        None => state.tables.get_skier_day(skier, key).await?.map(|i| i.vertical),
+    };
+    cached_json(&req, &vertical.ok_or(ApiError::DataNotFound)?)
+}
+
+#[derive(Serialize)]
+struct SeasonVertical {
+    #[serde(rename = "seasonID")]
+    season: String,
+    #[serde(rename = "totalVert")]
+    total: u64,
+}
+
+#[derive(Serialize)]
+struct SkierVertical {
+    resorts: Vec<SeasonVertical>,
+}
+
+/// `GET /skiers/{skierID}/vertical?resort=R[&resort=R2][&season=S]`: one entry per
+/// season, summed over the asked resorts.
+pub async fn skier_vertical(req: HttpRequest, state: State, path: web::Path<String>) -> Reply {
+    let skier = parse_id("skierID", &path, state.limits.max_skier as u64)? as u32;
+    let mut resorts = Vec::new();
+    let mut season = None;
+    for (name, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
+        match name.as_ref() {
+            "resort" => resorts.push(parse_resort(&value, &state.catalog)?),
+            "season" if season.is_none() => season = Some(parse_season("season", &value, &state.limits)?),
+            "season" => return Err(ApiError::BadRequest("season may be given at most once".into())),
+            _ => {}
+        }
+    }
+    if resorts.is_empty() {
+        return Err(ApiError::BadRequest("the resort query parameter is required, e.g. ?resort=1".into()));
+    }
+    resorts.sort_unstable();
+    resorts.dedup();
+    let totals: BTreeMap<u16, u64> = state.index.totals(skier, &resorts, season);
+    if totals.is_empty() {
+        return Err(ApiError::DataNotFound);
+    }
+    let resorts = totals.into_iter().map(|(s, total)| SeasonVertical { season: s.to_string(), total }).collect();
+    cached_json(&req, &SkierVertical { resorts })
+}
+
+pub async fn statistics(state: State) -> Reply {
+    fresh_json(&state.requests.statistics())
+}
+
+fn day_key(state: &AppState, resort: &str, season: &str, day: &str) -> Result<DayKey, ApiError> {
+    Ok(DayKey {
+        resort: parse_resort(resort, &state.catalog)?,
+        season: parse_season("seasonID", season, &state.limits)?,
+        day: parse_id("dayID", day, state.limits.max_day as u64)? as u16,
+    })
+}
+
+/// Reads a JSON body: 415 for a non-JSON content type (a missing one is taken as JSON,
+/// as older clients omit it), 413 past the limit, 400 with serde's words otherwise.
+pub async fn read_json<T: DeserializeOwned>(req: &HttpRequest, mut payload: web::Payload, limit: usize) -> Result<T, ApiError> {
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("").to_ascii_lowercase();
+        let mime = ct.split(';').next().unwrap_or("").trim();
+        if !(mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(64).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("could not read the request body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest("the request body is empty; a JSON object is expected".into()));
+    }
+    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::BadRequest(format!("invalid request body: {e}")),
+        _ => ApiError::BadRequest(format!("the request body is not valid JSON: {e}")),
+    })
+}

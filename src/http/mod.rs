@@ -1,0 +1,146 @@
+//! The HTTP layer (actix-web): the public SkiDataAPI 2.0 in [`api`], our operational
+//! endpoints in [`admin`], request accounting in [`stats`].
+//!
+//! Handlers read the aggregators' state through the registry and publish rides through
+//! the bus; they hold no state of their own. Errors are [`ApiError`]s, whose one mapping
+//! to HTTP lives in `error.rs`.
+
+pub mod admin;
+pub mod api;
+pub mod stats;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use serde::Serialize;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::actors::consumer::Progress;
+use crate::actors::flusher::Flusher;
+use crate::actors::registry::Registry;
+use crate::actors::season_index::SeasonIndex;
+use crate::actors::seasons::SeasonBook;
+use crate::bus::Publisher;
+use crate::catalog::Catalog;
+use crate::domain::Limits;
+use crate::error::ApiError;
+use crate::tables::Tables;
+use liftlog_wal::{RecoveryReport, Wal};
+use stats::RequestStats;
+
+/// Every route we serve: (method, path, under the base path?). The OpenAPI document must
+/// list exactly these; a test holds both to it.
+pub const ROUTES: &[(&str, &str, bool)] = &[
+    ("GET", "/resorts", true),
+    ("GET", "/resorts/{resortID}/seasons", true),
+    ("POST", "/resorts/{resortID}/seasons", true),
+    ("GET", "/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/skiers", true),
+    ("POST", "/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", true),
+    ("GET", "/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", true),
+    ("GET", "/skiers/{skierID}/vertical", true),
+    ("GET", "/statistics", true),
+    ("GET", "/health", false),
+    ("GET", "/ready", false),
+    ("GET", "/metrics", false),
+    ("GET", "/openapi.json", false),
+    ("GET", "/admin/actors", false),
+    ("GET", "/admin/wal", false),
+    ("POST", "/admin/flush", false),
+];
+
+/// Everything the handlers use, shared by all workers.
+pub struct AppState {
+    pub catalog: Arc<Catalog>,
+    pub limits: Limits,
+    pub publisher: Arc<dyn Publisher>,
+    pub registry: Arc<Registry>,
+    pub index: Arc<SeasonIndex>,
+    pub seasons: Arc<SeasonBook>,
+    pub tables: Arc<dyn Tables>,
+    pub wal: Arc<Wal>,
+    pub recovery: RecoveryReport,
+    pub progress: Arc<Progress>,
+    pub flusher: Arc<Flusher>,
+    pub requests: Arc<RequestStats>,
+    pub max_body_bytes: usize,
+    pub admin_token: Option<String>,
+    /// False until replay finished and again once shutdown began: `/ready` for the ALB.
+    pub ready: AtomicBool,
+    pub started: Instant,
+}
+
+/// Registers every route on an actix `App`.
+pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str) {
+    cfg.service(
+        web::scope(base_path)
+            .service(resource("/resorts", "GET").route(web::get().to(api::list_resorts)))
+            .service(
+                resource("/resorts/{resortID}/seasons", "GET, POST")
+                    .route(web::get().to(api::list_seasons))
+                    .route(web::post().to(api::create_season)),
+            )
+            .service(
+                resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/skiers", "GET")
+                    .route(web::get().to(api::resort_day_skiers)),
+            )
+            .service(
+                resource("/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", "GET, POST")
+                    .route(web::post().to(api::post_ride))
+                    .route(web::get().to(api::skier_day_vertical)),
+            )
+            .service(resource("/skiers/{skierID}/vertical", "GET").route(web::get().to(api::skier_vertical)))
+            .service(resource("/statistics", "GET").route(web::get().to(api::statistics)))
+            .service(resource("/health", "GET").route(web::get().to(admin::health)))
+            .service(resource("/ready", "GET").route(web::get().to(admin::ready)))
+            .service(resource("/metrics", "GET").route(web::get().to(admin::metrics)))
+            .service(resource("/openapi.json", "GET").route(web::get().to(admin::openapi)))
+            .service(resource("/admin/actors", "GET").route(web::get().to(admin::actors)))
+            .service(resource("/admin/wal", "GET").route(web::get().to(admin::wal)))
+            .service(resource("/admin/flush", "POST").route(web::post().to(admin::flush)))
+            .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::NoSuchEndpoint) })),
+    );
+}
+
+/// A resource whose other methods get 405 with an `Allow` header.
+fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move || async move { Err::<HttpResponse, _>(ApiError::MethodNotAllowed(allow)) }))
+}
+
+/// Wraps every request: latency per endpoint, status counters.
+pub async fn account<B: MessageBody>(
+    req: ServiceRequest,
+    next: actix_web::middleware::Next<B>,
+) -> Result<ServiceResponse<B>, actix_web::Error> {
+    let started = Instant::now();
+    let stats = req.app_data::<web::Data<AppState>>().map(|s| s.requests.clone());
+    let endpoint = stats.as_ref().and_then(|s| s.endpoint(req.method().as_str(), req.match_pattern().as_deref()));
+    let res = next.call(req).await?;
+    if let Some(s) = stats {
+        s.record(endpoint, res.status().as_u16(), started.elapsed());
+    }
+    Ok(res)
+}
+
+/// A JSON response with a weak ETag and a short cache lifetime, answering 304 when the
+/// client already has this body. One second keeps dashboards cheap without hiding a ride
+/// for longer than the visibility lag clients already accept.
+pub fn cached_json<T: Serialize>(req: &HttpRequest, value: &T) -> Result<HttpResponse, ApiError> {
+    let body = serde_json::to_vec(value).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let etag = format!("W/\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(&body));
+    if req.headers().get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
+        return Ok(HttpResponse::NotModified().insert_header((header::ETAG, etag)).finish());
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header((header::ETAG, etag))
+        .insert_header((header::CACHE_CONTROL, "public, max-age=1"))
+        .body(body))
+}
+
+/// A JSON response that must not be cached (admin views, statistics).
+pub fn fresh_json<T: Serialize>(value: &T) -> Result<HttpResponse, ApiError> {
+    let body = serde_json::to_vec(value).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok().content_type("application/json").insert_header((header::CACHE_CONTROL, "no-store")).body(body))
+}

@@ -1,0 +1,211 @@
+//! Wiring and lifecycle of one node: open the stores, rebuild state (season totals from
+//! the tables, then WAL replay into the actors), start the consumer, the flusher and the
+//! HTTP server, and shut down in a fixed order.
+//!
+//! Shutdown order (each step waits for the previous one): stop accepting HTTP and finish
+//! in-flight requests → close the bus → the consumer drains what was queued (fsync per
+//! batch, so every 201 already given is durable) → final flush to the tables and WAL
+//! checkpoint → exit.
+
+use actix_web::{middleware, web, App, HttpServer};
+use anyhow::Context as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::actors::consumer::{Consumer, Progress};
+use crate::actors::flusher::Flusher;
+use crate::actors::registry::Registry;
+use crate::actors::season_index::SeasonIndex;
+use crate::actors::seasons::SeasonBook;
+use crate::bus::{embedded, Publisher};
+use crate::catalog::Catalog;
+use crate::config::{Config, DurabilityPolicy};
+use crate::http::{self, stats::RequestStats, AppState};
+use crate::tables::{sled_store::SledTables, Tables};
+use liftlog_wal::{Durability, Wal, WalConfig};
+
+/// A started node. `addr` is the bound listener (useful with port 0).
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: web::Data<AppState>,
+    server: actix_web::dev::ServerHandle,
+    server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    consumer_task: tokio::task::JoinHandle<()>,
+    flusher_stop: tokio::sync::watch::Sender<bool>,
+    flusher_task: tokio::task::JoinHandle<()>,
+}
+
+/// Opens everything and starts serving. Must run inside an actix system.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let started = Instant::now();
+    let catalog = Arc::new(match &config.catalog {
+        Some(p) => Catalog::load(p).map_err(anyhow::Error::msg)?,
+        None => Catalog::default(),
+    });
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let tables: Arc<dyn Tables> = Arc::new(SledTables::open(&config.data_dir.join("tables"))?);
+    tables.create().await?;
+    let (wal, recovery) = Wal::open(WalConfig {
+        dir: config.data_dir.join("wal"),
+        durability: match config.durability {
+            DurabilityPolicy::GroupCommit => Durability::GroupCommit,
+            DurabilityPolicy::NoSync => Durability::NoSync,
+        },
+        max_bytes: config.wal_max_bytes,
+    })?;
+    let wal = Arc::new(wal);
+    tracing::info!(checkpoint = recovery.checkpoint, records = recovery.records, truncated = recovery.truncated_records, "WAL opened");
+
+    // Season totals first, from the tables alone; the replay then adds only rides the
+    // tables do not hold (the actors drop the others as duplicates).
+    let index = Arc::new(SeasonIndex::new());
+    let mut skier_days = 0u64;
+    tables
+        .scan_season_totals(&mut |skier, resort, season, vertical| {
+            index.add(skier, resort, season, vertical);
+            skier_days += 1;
+        })
+        .await?;
+    let seasons = Arc::new(SeasonBook::default());
+    for (resort, season) in tables.scan_seasons().await? {
+        seasons.observe(resort, season, true);
+    }
+    tracing::info!(skier_days, skiers = index.skiers(), "season totals loaded");
+
+    let registry = Arc::new(Registry::new(tables.clone(), index.clone(), config.max_resident_days));
+    let progress = Arc::new(Progress::default());
+    progress.dispatched_seq.store(wal.checkpoint(), Ordering::Release);
+    let consumer = Consumer {
+        wal: wal.clone(),
+        registry: registry.clone(),
+        seasons: seasons.clone(),
+        progress: progress.clone(),
+        max_batch: config.max_batch,
+    };
+    consumer.replay().await?;
+
+    let flusher = Arc::new(Flusher::new(
+        registry.clone(),
+        tables.clone(),
+        wal.clone(),
+        seasons.clone(),
+        progress.clone(),
+        config.flush_rides_per_actor,
+    ));
+    let (flusher_stop, stop_rx) = tokio::sync::watch::channel(false);
+    let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush_interval_ms.max(10)), stop_rx));
+
+    let (publisher, source) = embedded::channel(config.bus_capacity, Duration::from_millis(config.publish_deadline_ms));
+    let publisher: Arc<dyn Publisher> = Arc::new(publisher);
+    // On the system arbiter: activating an aggregator starts an actix actor.
+    let consumer_task = actix_rt::spawn(consumer.run(Box::new(source)));
+
+    let state = web::Data::new(AppState {
+        catalog,
+        limits: config.limits.clone(),
+        publisher,
+        registry,
+        index,
+        seasons,
+        tables,
+        wal,
+        recovery,
+        progress,
+        flusher,
+        requests: Arc::new(RequestStats::new(&config.base_path)),
+        max_body_bytes: config.max_body_bytes,
+        admin_token: config.admin_token.clone(),
+        ready: AtomicBool::new(false),
+        started,
+    });
+    let base_path = config.base_path.clone();
+    let app_state = state.clone();
+    let workers = if config.http_workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { config.http_workers };
+    let server = HttpServer::new(move || {
+        let base_path = base_path.clone();
+        App::new()
+            .app_data(app_state.clone())
+            .wrap(middleware::from_fn(http::account))
+            .configure(move |cfg| http::configure(cfg, &base_path))
+    })
+    .workers(workers)
+    .max_connections(config.max_connections)
+    .backlog(4096)
+    .keep_alive(Duration::from_secs(config.keep_alive_secs))
+    .client_request_timeout(Duration::from_millis(config.client_request_timeout_ms))
+    .client_disconnect_timeout(Duration::from_secs(1))
+    .shutdown_timeout(30)
+    .disable_signals()
+    .bind(config.listen)
+    .with_context(|| format!("binding {}", config.listen))?;
+    let addr = *server.addrs().first().context("no bound address")?;
+    let server = server.run();
+    let handle = server.handle();
+    let server_task = actix_rt::spawn(server);
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(%addr, millis = started.elapsed().as_millis() as u64, "liftlog listening");
+    Ok(Running { addr, state, server: handle, server_task, consumer_task, flusher_stop, flusher_task })
+}
+
+impl Running {
+    /// The fixed shutdown order of the module docs.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        tracing::info!("shutdown: refusing new work");
+        self.state.ready.store(false, Ordering::Release);
+        self.server.stop(true).await;
+        let _ = self.server_task.await;
+        tracing::info!("shutdown: HTTP stopped; draining the bus");
+        self.state.publisher.close();
+        let _ = self.consumer_task.await;
+        let _ = self.flusher_stop.send(true);
+        let _ = self.flusher_task.await;
+        tracing::info!("shutdown: consumer drained; final flush");
+        let mut attempts = 0;
+        loop {
+            match self.state.flusher.flush().await {
+                Ok(r) => {
+                    tracing::info!(checkpoint = r.checkpoint, rides = r.rides, "shutdown: flushed");
+                    break;
+                }
+                Err(e) if attempts < 3 => {
+                    attempts += 1;
+                    tracing::warn!(cause = %e, "shutdown: final flush failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    // Nothing is lost: the WAL holds every acknowledged ride for the next start.
+                    tracing::error!(cause = %e, "shutdown: tables unreachable; the WAL will be replayed at next start");
+                    break;
+                }
+            }
+        }
+        self.state.wal.sync()?;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// Waits for SIGTERM or Ctrl-C.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(cause = %e, "cannot listen for SIGTERM; Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,85 @@
+//! The table store behind one trait: the schema of DESIGN.md, implemented on sled trees
+//! (embedded mode, [`sled_store`]) and on DynamoDB (production mode).
+//!
+//! Tables (logical schema, the same in both stores):
+//! - `SkierLiftRides`: every ride; PK SkierID, SK `SeasonID#DayID#Time#EventID`.
+//! - `LiftRideCounts`: per resort-day aggregate; PK `ResortID#SeasonID#DayID`; unique
+//!   skiers, rides, version.
+//! - `SkierDays`: projection per skier-day; PK SkierID, SK `ResortID#SeasonID#DayID`;
+//!   vertical, the ride ids seen (for exact de-duplication after a reload), version; with
+//!   an index by `ResortID#SeasonID#DayID` so that an aggregate reloads with one Query.
+//! - `Seasons`: PK ResortID, SK SeasonID.
+//!
+//! Every request-path read is one get or one query, never a scan; the only scan loads
+//! the skier-season totals at start-up.
+
+pub mod sled_store;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::{DayKey, RideEvent};
+use crate::error::TableError;
+
+/// One skier's day at one resort: an absolute value, written with the version (the WAL
+/// sequence of its last change) so that a stale flush can never overwrite a newer one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkierDayItem {
+    pub skier: u32,
+    pub key: DayKey,
+    pub vertical: u64,
+    /// Ids of the rides counted, so a duplicate is recognised even after the aggregate
+    /// was passivated and reloaded. Rides of the day = `ids.len()`.
+    pub ids: Vec<u64>,
+    pub version: u64,
+}
+
+/// The `LiftRideCounts` item of one resort-day.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DayCountItem {
+    pub key: DayKey,
+    pub unique_skiers: u64,
+    pub rides: u64,
+    pub version: u64,
+}
+
+/// What a conditional batch write did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    pub written: usize,
+    /// Items skipped because the stored version was already as new: a retried flush or a
+    /// stale owner. Not an error.
+    pub stale: usize,
+}
+
+/// One sink for the flusher and one source for the read fallback.
+#[async_trait]
+pub trait Tables: Send + Sync + 'static {
+    /// A short name for logs and metrics (`sled`, `dynamodb`).
+    fn name(&self) -> &'static str;
+    /// Creates the tables if they do not exist. Idempotent.
+    async fn create(&self) -> Result<(), TableError>;
+    /// Conditional on each stored version being older than the item's.
+    async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError>;
+    /// Conditional on each stored version being older than the item's.
+    async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError>;
+    /// Raw rides; idempotent because the key holds the event id.
+    async fn put_rides(&self, rides: &[RideEvent]) -> Result<(), TableError>;
+    async fn put_seasons(&self, seasons: &[(u32, u16)]) -> Result<(), TableError>;
+    /// Makes every write before it durable (sled: flush + fsync; DynamoDB: already is).
+    async fn sync(&self) -> Result<(), TableError>;
+
+    async fn get_day_count(&self, key: DayKey) -> Result<Option<DayCountItem>, TableError>;
+    async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError>;
+    /// All of a skier's days at one resort (one Query on the SkierDays key prefix).
+    async fn query_skier_resort(&self, skier: u32, resort: u32) -> Result<Vec<SkierDayItem>, TableError>;
+    /// All skier-days of one resort-day (one Query on the by-day index): an aggregate's
+    /// whole state when it is activated again.
+    async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError>;
+    async fn query_seasons(&self, resort: u32) -> Result<Vec<u16>, TableError>;
+    /// Every (resort, season) known. Start-up only.
+    async fn scan_seasons(&self) -> Result<Vec<(u32, u16)>, TableError>;
+    /// Every skier-day as (skier, resort, season, vertical). Start-up only: it rebuilds
+    /// the in-memory skier-season totals.
+    async fn scan_season_totals(&self, sink: &mut (dyn FnMut(u32, u32, u16, u64) + Send)) -> Result<(), TableError>;
+}

@@ -1,0 +1,308 @@
+//! The embedded table store: the DynamoDB schema as sled trees in `<data-dir>/tables`.
+//!
+//! Keys are big-endian binary so that sled's ordered iteration gives the same prefix
+//! queries DynamoDB's sort keys give. Values are bincode 2. All sled calls run on the
+//! blocking pool, since a cache miss reads the disk.
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `skier_days` | skier u32, resort u32, season u16, day u16 | [`SkierDayItem`] |
+//! | `day_skiers` | resort u32, season u16, day u16, skier u32 | empty (the by-day index) |
+//! | `day_counts` | resort u32, season u16, day u16 | [`DayCountItem`] |
+//! | `rides` | skier u32, season u16, day u16, time u16, event id u64 | [`RideEvent`] |
+//! | `seasons` | resort u32, season u16 | empty |
+//!
+//! Conditional writes compare versions under a single writer (the flusher), so a plain
+//! read-compare-insert is enough here.
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::Path;
+
+use super::{DayCountItem, SkierDayItem, Tables, WriteReport};
+use crate::domain::{DayKey, RideEvent};
+use crate::error::TableError;
+
+#[derive(Clone)]
+pub struct SledTables {
+    db: sled::Db,
+    skier_days: sled::Tree,
+    day_skiers: sled::Tree,
+    day_counts: sled::Tree,
+    rides: sled::Tree,
+    seasons: sled::Tree,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> TableError {
+    TableError::Unavailable(e.to_string())
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, TableError> {
+    bincode::serde::encode_to_vec(v, bincode::config::standard()).map_err(unavailable)
+}
+
+fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, TableError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| TableError::Corrupt { table, detail: e.to_string() })
+}
+
+fn day_key_bytes(key: &DayKey) -> [u8; 8] {
+    let mut b = [0u8; 8];
+    b[..4].copy_from_slice(&key.resort.to_be_bytes());
+    b[4..6].copy_from_slice(&key.season.to_be_bytes());
+    b[6..].copy_from_slice(&key.day.to_be_bytes());
+    b
+}
+
+fn skier_day_key(skier: u32, key: &DayKey) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..4].copy_from_slice(&skier.to_be_bytes());
+    b[4..].copy_from_slice(&day_key_bytes(key));
+    b
+}
+
+fn day_skier_key(key: &DayKey, skier: u32) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&day_key_bytes(key));
+    b[8..].copy_from_slice(&skier.to_be_bytes());
+    b
+}
+
+fn ride_key(r: &RideEvent) -> [u8; 18] {
+    let mut b = [0u8; 18];
+    b[..4].copy_from_slice(&r.skier.to_be_bytes());
+    b[4..6].copy_from_slice(&r.season.to_be_bytes());
+    b[6..8].copy_from_slice(&r.day.to_be_bytes());
+    b[8..10].copy_from_slice(&r.time.to_be_bytes());
+    b[10..].copy_from_slice(&r.id.to_be_bytes());
+    b
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, TableError> + Send + 'static) -> Result<T, TableError> {
+    tokio::task::spawn_blocking(f).await.map_err(unavailable)?
+}
+
+impl SledTables {
+    pub fn open(dir: &Path) -> Result<Self, TableError> {
+        let db = sled::Config::new().path(dir).open().map_err(unavailable)?;
+        Ok(SledTables {
+            skier_days: db.open_tree("skier_days").map_err(unavailable)?,
+            day_skiers: db.open_tree("day_skiers").map_err(unavailable)?,
+            day_counts: db.open_tree("day_counts").map_err(unavailable)?,
+            rides: db.open_tree("rides").map_err(unavailable)?,
+            seasons: db.open_tree("seasons").map_err(unavailable)?,
+            db,
+        })
+    }
+
+    /// Number of raw rides stored; for tests and the admin view.
+    pub fn ride_count(&self) -> usize {
+        self.rides.len()
+    }
+}
+
+fn stored_version<T: DeserializeOwned>(tree: &sled::Tree, table: &'static str, key: &[u8], version: impl Fn(&T) -> u64) -> Result<Option<u64>, TableError> {
+    match tree.get(key).map_err(unavailable)? {
+        Some(v) => Ok(Some(version(&decode::<T>(table, &v)?))),
+        None => Ok(None),
+    }
+}
+
+#[async_trait]
+impl Tables for SledTables {
+    fn name(&self) -> &'static str {
+        "sled"
+    }
+
+    async fn create(&self) -> Result<(), TableError> {
+        Ok(()) // trees are created by open()
+    }
+
+    async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError> {
+        let me = self.clone();
+        let items = items.to_vec();
+        blocking(move || {
+            let mut report = WriteReport::default();
+            for item in &items {
+                let k = skier_day_key(item.skier, &item.key);
+                let old = stored_version::<SkierDayItem>(&me.skier_days, "SkierDays", &k, |i| i.version)?;
+                if old.is_some_and(|v| v >= item.version) {
+                    report.stale += 1;
+                    continue;
+                }
+                me.skier_days.insert(k, encode(item)?).map_err(unavailable)?;
+                me.day_skiers.insert(day_skier_key(&item.key, item.skier), &[]).map_err(unavailable)?;
+                report.written += 1;
+            }
+            Ok(report)
+        })
+        .await
+    }
+
+    async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError> {
+        let me = self.clone();
+        let items = items.to_vec();
+        blocking(move || {
+            let mut report = WriteReport::default();
+            for item in &items {
+                let k = day_key_bytes(&item.key);
+                let old = stored_version::<DayCountItem>(&me.day_counts, "LiftRideCounts", &k, |i| i.version)?;
+                if old.is_some_and(|v| v >= item.version) {
+                    report.stale += 1;
+                    continue;
+                }
+                me.day_counts.insert(k, encode(item)?).map_err(unavailable)?;
+                report.written += 1;
+            }
+            Ok(report)
+        })
+        .await
+    }
+
+    async fn put_rides(&self, rides: &[RideEvent]) -> Result<(), TableError> {
+        let me = self.clone();
+        let rides = rides.to_vec();
+        blocking(move || {
+            let mut batch = sled::Batch::default();
+            for r in &rides {
+                batch.insert(&ride_key(r)[..], encode(r)?);
+            }
+            me.rides.apply_batch(batch).map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn put_seasons(&self, seasons: &[(u32, u16)]) -> Result<(), TableError> {
+        let me = self.clone();
+        let seasons = seasons.to_vec();
+        blocking(move || {
+            for (resort, season) in seasons {
+                let mut k = [0u8; 6];
+                k[..4].copy_from_slice(&resort.to_be_bytes());
+                k[4..].copy_from_slice(&season.to_be_bytes());
+                me.seasons.insert(k, &[]).map_err(unavailable)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn sync(&self) -> Result<(), TableError> {
+        self.db.flush_async().await.map(|_| ()).map_err(unavailable)
+    }
+
+    async fn get_day_count(&self, key: DayKey) -> Result<Option<DayCountItem>, TableError> {
+        let me = self.clone();
+        blocking(move || match me.day_counts.get(day_key_bytes(&key)).map_err(unavailable)? {
+            Some(v) => decode("LiftRideCounts", &v).map(Some),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError> {
+        let me = self.clone();
+        blocking(move || match me.skier_days.get(skier_day_key(skier, &key)).map_err(unavailable)? {
+            Some(v) => decode("SkierDays", &v).map(Some),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn query_skier_resort(&self, skier: u32, resort: u32) -> Result<Vec<SkierDayItem>, TableError> {
+        let me = self.clone();
+        blocking(move || {
+            let mut prefix = [0u8; 8];
+            prefix[..4].copy_from_slice(&skier.to_be_bytes());
+            prefix[4..].copy_from_slice(&resort.to_be_bytes());
+            me.skier_days
+                .scan_prefix(prefix)
+                .map(|kv| kv.map_err(unavailable).and_then(|(_, v)| decode("SkierDays", &v)))
+                .collect()
+        })
+        .await
+    }
+
+    async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError> {
+        let me = self.clone();
+        blocking(move || {
+            let mut out = Vec::new();
+            for kv in me.day_skiers.scan_prefix(day_key_bytes(&key)) {
+                let (k, _) = kv.map_err(unavailable)?;
+                let skier = u32::from_be_bytes([k[8], k[9], k[10], k[11]]);
+                if let Some(v) = me.skier_days.get(skier_day_key(skier, &key)).map_err(unavailable)? {
+                    out.push(decode("SkierDays", &v)?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn query_seasons(&self, resort: u32) -> Result<Vec<u16>, TableError> {
+        let me = self.clone();
+        blocking(move || {
+            me.seasons
+                .scan_prefix(resort.to_be_bytes())
+                .map(|kv| kv.map_err(unavailable).map(|(k, _)| u16::from_be_bytes([k[4], k[5]])))
+                .collect()
+        })
+        .await
+    }
+
+    async fn scan_seasons(&self) -> Result<Vec<(u32, u16)>, TableError> {
+        let me = self.clone();
+        blocking(move || {
+            me.seasons
+                .iter()
+                .map(|kv| {
+                    kv.map_err(unavailable)
+                        .map(|(k, _)| (u32::from_be_bytes([k[0], k[1], k[2], k[3]]), u16::from_be_bytes([k[4], k[5]])))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn scan_season_totals(&self, sink: &mut (dyn FnMut(u32, u32, u16, u64) + Send)) -> Result<(), TableError> {
+        // Runs once at start-up before anything else touches the store, so iterating
+        // on this thread is acceptable and avoids shipping the sink to the pool.
+        for kv in self.skier_days.iter() {
+            let (_, v) = kv.map_err(unavailable)?;
+            let item: SkierDayItem = decode("SkierDays", &v)?;
+            sink(item.skier, item.key.resort, item.key.season, item.vertical);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(skier: u32, day: u16, vertical: u64, version: u64) -> SkierDayItem {
+        SkierDayItem { skier, key: DayKey { resort: 1, season: 2025, day }, vertical, ids: vec![version], version }
+    }
+
+    #[actix_rt::test]
+    async fn versions_guard_against_stale_writes_and_queries_follow_the_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = SledTables::open(dir.path()).unwrap();
+        let r = t.put_skier_days(&[item(7, 1, 50, 5), item(7, 2, 30, 5), item(8, 1, 10, 5)]).await.unwrap();
+        assert_eq!(r, WriteReport { written: 3, stale: 0 });
+        let r = t.put_skier_days(&[item(7, 1, 20, 4)]).await.unwrap();
+        assert_eq!(r, WriteReport { written: 0, stale: 1 });
+        assert_eq!(t.get_skier_day(7, DayKey { resort: 1, season: 2025, day: 1 }).await.unwrap().unwrap().vertical, 50);
+        let days = t.query_skier_resort(7, 1).await.unwrap();
+        assert_eq!(days.iter().map(|d| d.vertical).sum::<u64>(), 80);
+        let day1 = t.query_day(DayKey { resort: 1, season: 2025, day: 1 }).await.unwrap();
+        let mut skiers: Vec<u32> = day1.iter().map(|d| d.skier).collect();
+        skiers.sort();
+        assert_eq!(skiers, vec![7, 8]);
+        let mut totals = Vec::new();
+        t.scan_season_totals(&mut |s, r, y, v| totals.push((s, r, y, v))).await.unwrap();
+        assert_eq!(totals.len(), 3);
+    }
+}
