@@ -146,6 +146,13 @@ rabbit_install() {
     die "rabbitmq: apt-get install rabbitmq-server failed"
   fi
   rabbit_installed || die "rabbitmq: rabbitmq-server still not found after apt-get install"
+  # Without a policy-rc.d that forbids it, the package's postinst starts the
+  # node itself: then it is ours too (down stops it).
+  if rabbit_node_up; then
+    log "rabbitmq: the package install started the node; waiting for it"
+    rabbit_wait_ready
+    rabbit_node_pid >"$RABBIT_MARK"
+  fi
 }
 
 # True if the Erlang node answers (also while the AMQP app is stopped).
@@ -224,11 +231,13 @@ rabbit_down() {
     return 0
   fi
   if rabbit_started_by_us; then
-    log "rabbitmq: stopping the node services.sh started (rabbitmqctl stop)"
+    local pid
+    pid=$(cat "$RABBIT_MARK")
+    log "rabbitmq: stopping the node services.sh started (rabbitmqctl stop, pid $pid)"
     rmq_ctl -q stop >>"$RABBIT_LOG" 2>&1 ||
       { show_tail "$RABBIT_LOG"; die "rabbitmq: rabbitmqctl stop failed"; }
-    wait_until "$TIMEOUT" not port_open "$AMQP_HOST" "$AMQP_PORT" ||
-      warn "rabbitmq: $AMQP_HOST:$AMQP_PORT still open after stop"
+    wait_until "$TIMEOUT" not pid_alive "$pid" ||
+      warn "rabbitmq: node pid $pid still alive ${TIMEOUT}s after stop"
     rm -f "$RABBIT_MARK"
     log "rabbitmq: stopped"
   else

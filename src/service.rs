@@ -129,6 +129,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .app_data(app_state.clone())
             .wrap(middleware::from_fn(http::account))
             .configure(move |cfg| http::configure(cfg, &base_path))
+            .default_service(web::to(http::no_such_endpoint))
     })
     .workers(workers)
     .max_connections(config.max_connections)

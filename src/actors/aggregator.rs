@@ -285,11 +285,15 @@ impl DayHandle {
         }
     }
 
-    /// Sends a batch to apply. Non-blocking; ordering with later calls is preserved.
-    pub fn apply(&self, seq: u64, events: Vec<RideEvent>) {
+    /// Enqueues a batch at once (ordering with later calls is preserved); the returned
+    /// future resolves when the actor has applied it.
+    pub fn apply(&self, seq: u64, events: Vec<RideEvent>) -> impl std::future::Future<Output = ()> {
         self.queued.fetch_add(1, Ordering::Relaxed);
         self.dispatched.fetch_max(seq, Ordering::AcqRel);
-        self.addr.do_send(Apply { seq, events });
+        let applied = self.addr.send(Apply { seq, events });
+        async move {
+            let _ = applied.await;
+        }
     }
 
     /// Read access to the state: the GET path.

@@ -117,8 +117,10 @@ impl Consumer {
     }
 
     /// Activates the owners (retrying while the tables are unreachable: the rides are
-    /// already durable, so giving up is not an option) and dispatches the batch.
+    /// already durable, so giving up is not an option), dispatches the batch and waits
+    /// until the actors applied it, so that a 201 is visible to the very next GET.
     async fn dispatch(&self, seq: u64, events: &[RideEvent]) {
+        let mut applied = Vec::new();
         for (key, group) in group(events) {
             self.seasons.observe(key.resort, key.season, false);
             let mut backoff = Duration::from_millis(50);
@@ -132,8 +134,12 @@ impl Consumer {
                     }
                 }
             }
-            self.registry.dispatch(&key, seq, group);
+            match self.registry.dispatch(&key, seq, group) {
+                Some(done) => applied.push(done),
+                None => tracing::error!(%key, seq, "aggregator vanished between activation and dispatch"),
+            }
         }
+        futures_util::future::join_all(applied).await;
     }
 
     /// Consumes until the source is closed and drained.

@@ -77,17 +77,13 @@ impl Registry {
     }
 
     /// Hands a batch to the day's actor, which must be resident (see [`Self::activate`]).
-    /// Done under the read lock, so passivation (under the write lock) sees the dispatch.
-    pub fn dispatch(&self, key: &DayKey, seq: u64, events: Vec<RideEvent>) -> bool {
+    /// Enqueued under the read lock, so passivation (under the write lock) sees it; the
+    /// future resolves once the actor applied the batch.
+    pub fn dispatch(&self, key: &DayKey, seq: u64, events: Vec<RideEvent>) -> Option<impl std::future::Future<Output = ()>> {
         let days = self.days.read();
-        match days.get(key) {
-            Some(h) => {
-                h.last_touch.store(self.tick(), Ordering::Relaxed);
-                h.apply(seq, events);
-                true
-            }
-            None => false,
-        }
+        let h = days.get(key)?;
+        h.last_touch.store(self.tick(), Ordering::Relaxed);
+        Some(h.apply(seq, events))
     }
 
     pub fn all(&self) -> Vec<DayHandle> {

@@ -99,8 +99,13 @@ pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str) {
             .service(resource("/admin/actors", "GET").route(web::get().to(admin::actors)))
             .service(resource("/admin/wal", "GET").route(web::get().to(admin::wal)))
             .service(resource("/admin/flush", "POST").route(web::post().to(admin::flush)))
-            .default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::NoSuchEndpoint) })),
+            .default_service(web::to(no_such_endpoint)),
     );
+}
+
+/// The JSON 404 for paths outside every route (also outside the base path).
+pub async fn no_such_endpoint() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NoSuchEndpoint)
 }
 
 /// A resource whose other methods get 405 with an `Allow` header.
@@ -116,7 +121,16 @@ pub async fn account<B: MessageBody>(
     let started = Instant::now();
     let stats = req.app_data::<web::Data<AppState>>().map(|s| s.requests.clone());
     let endpoint = stats.as_ref().and_then(|s| s.endpoint(req.method().as_str(), req.match_pattern().as_deref()));
-    let res = next.call(req).await?;
+    // Java's HttpClient asks to upgrade to h2c on the first request of a connection to a
+    // new host. We answer in HTTP/1.1; actix would then echo `Connection: upgrade` and drop
+    // the connection silently, so a client that reuses it sees EOF. `Connection: close`
+    // says so honestly; Java then remembers the host speaks HTTP/1.1 and keeps its next
+    // connections alive without asking again.
+    let upgrade_asked = req.head().upgrade();
+    let mut res = next.call(req).await?;
+    if upgrade_asked {
+        res.response_mut().head_mut().set_connection_type(actix_web::http::ConnectionType::Close);
+    }
     if let Some(s) = stats {
         s.record(endpoint, res.status().as_u16(), started.elapsed());
     }

@@ -1,0 +1,247 @@
+//! The public API against the real binary: the README session, every client error of
+//! API.md with its status and message (and no count changed), compatibility details, the
+//! operational endpoints, passivation and graceful shutdown.
+
+mod common;
+
+use common::{agent, call, get, random_rides, Expected, Server};
+use serde_json::Value;
+
+const JSON: (&str, &str) = ("Content-Type", "application/json");
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[test]
+fn readme_session_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path(), &[]);
+    let a = agent();
+    let (code, body) = call(&a, "POST", &s.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[JSON], Some(r#"{"time":10,"liftID":5}"#));
+    assert_eq!((code, body.as_str()), (201, ""));
+    let check = |s: &Server| {
+        assert_eq!(get(&a, &s.url("/skiers/1/seasons/2025/days/1/skiers/7")), (200, "50".to_string()));
+        let (code, body) = get(&a, &s.url("/resorts/1/seasons/2025/day/1/skiers"));
+        assert_eq!(code, 200);
+        assert_eq!(json(&body), json(r#"{"time":"Alpine Meadows","numSkiers":1}"#));
+        let (code, body) = get(&a, &s.url("/skiers/7/vertical?resort=1"));
+        assert_eq!(code, 200);
+        assert_eq!(json(&body), json(r#"{"resorts":[{"seasonID":"2025","totalVert":50}]}"#));
+        let (code, body) = get(&a, &s.url("/resorts/1/seasons"));
+        assert_eq!((code, json(&body)), (200, json(r#"{"seasons":["2025"]}"#)));
+    };
+    check(&s);
+    s.kill9();
+    s.restart();
+    check(&s);
+}
+
+#[test]
+fn every_bad_input_gets_its_4xx_with_a_message_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--base-path", "skiers-app"]);
+    let a = agent();
+    let ride = "/skiers-app/skiers/1/seasons/2025/days/1/skiers/7";
+    assert_eq!(call(&a, "POST", &s.url(ride), &[JSON], Some(r#"{"time":10,"liftID":5}"#)).0, 201);
+    let long_key = "k".repeat(300);
+    let big = format!(r#"{{"time":10,"liftID":5,"pad":"{}"}}"#, "x".repeat(20_000));
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let cases: Vec<(&str, String, Vec<(&str, &str)>, Option<String>, u16)> = vec![
+        ("POST", "/skiers-app/skiers/abc/seasons/2025/days/1/skiers/7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
+        ("POST", "/skiers-app/skiers/1/seasons/20x5/days/1/skiers/7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
+        ("POST", "/skiers-app/skiers/1/seasons/2025/days/367/skiers/7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
+        ("POST", "/skiers-app/skiers/1/seasons/2025/days/1/skiers/0".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
+        ("POST", "/skiers-app/skiers/1/seasons/2025/days/1/skiers/99999999999999999999".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
+        ("POST", "/skiers-app/skiers/1/seasons/2025/days/1/skiers/-7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
+        ("POST", "/skiers-app/skiers/1/seasons/2025/days/1/skiers/%E2%9C%93".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
+        ("POST", ride.into(), vec![JSON], Some(r#"{"time":10,"liftID":41}"#.into()), 400),
+        ("POST", ride.into(), vec![JSON], Some(r#"{"time":0,"liftID":5}"#.into()), 400),
+        ("POST", ride.into(), vec![JSON], Some(r#"{"time":361,"liftID":5}"#.into()), 400),
+        ("POST", ride.into(), vec![JSON], Some(r#"{"time":10}"#.into()), 400),
+        ("POST", ride.into(), vec![JSON], Some(r#"{"time":"10","liftID":5}"#.into()), 400),
+        ("POST", ride.into(), vec![JSON], Some(r#"{"time":10.5,"liftID":5}"#.into()), 400),
+        ("POST", ride.into(), vec![JSON], Some(r#"{"time":1e99,"liftID":5}"#.into()), 400),
+        ("POST", ride.into(), vec![JSON], Some(r#"{"time":10,"liftID":5"#.into()), 400),
+        ("POST", ride.into(), vec![JSON], Some("".into()), 400),
+        ("POST", ride.into(), vec![JSON], Some("null".into()), 400),
+        ("POST", ride.into(), vec![JSON], Some(deep), 400),
+        ("POST", ride.into(), vec![JSON], Some(big), 413),
+        ("POST", ride.into(), vec![("Content-Type", "text/plain")], Some(r#"{"time":10,"liftID":5}"#.into()), 415),
+        ("POST", ride.into(), vec![JSON, ("Idempotency-Key", &long_key)], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
+        ("POST", "/skiers-app/skiers/11/seasons/2025/days/1/skiers/7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 404),
+        ("DELETE", ride.into(), vec![], None, 405),
+        ("PUT", "/skiers-app/resorts".into(), vec![JSON], Some("{}".into()), 405),
+        ("GET", "/skiers-app/skiers/1/seasons/2025/days/1/skiers/8".into(), vec![], None, 404),
+        ("GET", "/skiers-app/skiers/7/vertical".into(), vec![], None, 400),
+        ("GET", "/skiers-app/skiers/7/vertical?resort=x".into(), vec![], None, 400),
+        ("GET", "/skiers-app/skiers/7/vertical?resort=12".into(), vec![], None, 404),
+        ("GET", "/skiers-app/skiers/7/vertical?resort=1&season=2024".into(), vec![], None, 404),
+        ("GET", "/skiers-app/skiers/8/vertical?resort=1".into(), vec![], None, 404),
+        ("GET", "/skiers-app/resorts/0/seasons".into(), vec![], None, 400),
+        ("GET", "/skiers-app/resorts/11/seasons/2025/day/1/skiers".into(), vec![], None, 404),
+        ("GET", "/skiers-app/resorts/1/seasons/2025/day/0/skiers".into(), vec![], None, 400),
+        ("POST", "/skiers-app/resorts/1/seasons".into(), vec![JSON], Some(r#"{"year":"25"}"#.into()), 400),
+        ("POST", "/skiers-app/resorts/1/seasons".into(), vec![JSON], Some(r#"{"year":2025}"#.into()), 400),
+        ("GET", "/skiers-app/nothing/here".into(), vec![], None, 404),
+        ("GET", "/skiers/1/seasons/2025/days/1/skiers/7".into(), vec![], None, 404),
+    ];
+    for (method, path, headers, body, want) in cases {
+        let (code, text) = call(&a, method, &s.url(&path), &headers, body.as_deref());
+        assert_eq!(code, want, "{method} {path}: {text}");
+        assert!(!text.is_empty(), "{method} {path}: empty body");
+        let msg = json(&text)["message"].as_str().map(str::to_string);
+        assert!(msg.is_some_and(|m| m.len() > 5), "{method} {path}: no message in {text}");
+    }
+    // Nothing above changed a count.
+    assert_eq!(get(&a, &s.url(ride)), (200, "50".into()));
+    let (_, body) = get(&a, &s.url("/skiers-app/resorts/1/seasons/2025/day/1/skiers"));
+    assert_eq!(json(&body)["numSkiers"], 1);
+    let (_, body) = get(&a, &s.url("/skiers-app/resorts/1/seasons"));
+    assert_eq!(json(&body), json(r#"{"seasons":["2025"]}"#));
+}
+
+#[test]
+fn compatibility_details() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let a = agent();
+    // Java's HttpClient asks for h2c on plain http; we answer in HTTP/1.1.
+    let h2c = [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"), JSON];
+    let (code, _) = call(&a, "POST", &s.url("/skiers/2/seasons/2025/days/3/skiers/9"), &h2c, Some(r#"{"time":1,"liftID":40,"waitTime":3}"#));
+    assert_eq!(code, 201);
+    let (code, body) = call(&a, "GET", &s.url("/skiers/2/seasons/2025/days/3/skiers/9"), &h2c[..3], None);
+    assert_eq!((code, body.as_str()), (200, "400"));
+    // Seasons: created by POST and by rides, listed once each.
+    assert_eq!(call(&a, "POST", &s.url("/resorts/2/seasons"), &[JSON], Some(r#"{"year":"2024"}"#)).0, 201);
+    assert_eq!(call(&a, "POST", &s.url("/resorts/2/seasons"), &[JSON], Some(r#"{"year":"2024"}"#)).0, 201);
+    let (_, body) = get(&a, &s.url("/resorts/2/seasons"));
+    assert_eq!(json(&body), json(r#"{"seasons":["2024","2025"]}"#));
+    let (_, body) = get(&a, &s.url("/resorts"));
+    let v = json(&body);
+    assert_eq!(v["resorts"].as_array().unwrap().len(), 10);
+    assert_eq!(v["resorts"][0]["resortID"], 1);
+    // Repeated resort parameters sum per season.
+    call(&a, "POST", &s.url("/skiers/3/seasons/2025/days/1/skiers/9"), &[JSON], Some(r#"{"time":2,"liftID":1}"#));
+    let (_, body) = get(&a, &s.url("/skiers/9/vertical?resort=2&resort=3"));
+    assert_eq!(json(&body), json(r#"{"resorts":[{"seasonID":"2025","totalVert":410}]}"#));
+    // ETag round trip.
+    let r = a.get(&s.url("/resorts")).call().unwrap();
+    let etag = r.header("etag").unwrap().to_string();
+    let r = a.get(&s.url("/resorts")).set("If-None-Match", &etag).call().unwrap();
+    assert_eq!(r.status(), 304);
+    // Statistics report what was called.
+    let (_, body) = get(&a, &s.url("/statistics"));
+    let stats = json(&body);
+    let ops: Vec<(String, String)> = stats["endpointStats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["operation"].as_str().unwrap().into(), e["URL"].as_str().unwrap().into()))
+        .collect();
+    assert!(ops.contains(&("POST".into(), "/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}".into())), "{ops:?}");
+    assert!(ops.contains(&("GET".into(), "/resorts".into())));
+}
+
+#[test]
+fn openapi_lists_exactly_the_routes_we_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let a = agent();
+    let (code, body) = get(&a, &s.url("/openapi.json"));
+    assert_eq!(code, 200);
+    let doc = json(&body);
+    let mut documented = Vec::new();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            documented.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    documented.sort();
+    let mut served: Vec<(String, String)> = liftlog::http::ROUTES.iter().map(|(m, p, _)| (m.to_string(), p.to_string())).collect();
+    served.sort();
+    assert_eq!(documented, served);
+    // And every listed route really is served (not the catch-all 404).
+    for (method, path, _) in liftlog::http::ROUTES {
+        let concrete = path.replace("{resortID}", "1").replace("{seasonID}", "2025").replace("{dayID}", "1").replace("{skierID}", "5");
+        let body = (*method == "POST").then_some("{}");
+        let (_, text) = call(&a, method, &s.url(&concrete), &[JSON], body);
+        assert!(!text.contains("No such endpoint"), "{method} {path} is documented but not served");
+    }
+}
+
+#[test]
+fn operations_endpoints_and_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--admin-token", "s3cret"]);
+    let a = agent();
+    assert_eq!(get(&a, &s.url("/health")).0, 200);
+    assert_eq!(get(&a, &s.url("/ready")).0, 200);
+    for path in ["/admin/actors", "/admin/wal", "/metrics"] {
+        assert_eq!(get(&a, &s.url(path)).0, 401, "{path} without token");
+        let (code, _) = call(&a, "GET", &s.url(path), &[("Authorization", "Bearer wrong!")], None);
+        assert_eq!(code, 401);
+    }
+    let auth = [("Authorization", "Bearer s3cret")];
+    for r in random_rides(7, 50, 10) {
+        assert_eq!(r.post(&a, &s.base), 201);
+    }
+    let (code, body) = call(&a, "POST", &s.url("/admin/flush"), &auth, None);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = call(&a, "GET", &s.url("/admin/actors"), &auth, None);
+    assert_eq!(code, 200);
+    let v = json(&body);
+    let applied: u64 = v["actors"].as_array().unwrap().iter().map(|x| x["events_applied"].as_u64().unwrap()).sum();
+    assert_eq!(applied, 50);
+    assert!(v["actors"].as_array().unwrap().iter().all(|x| x["dirty_skiers"] == 0));
+    let (code, body) = call(&a, "GET", &s.url("/admin/wal"), &auth, None);
+    assert_eq!(code, 200);
+    let v = json(&body);
+    assert_eq!(v["wal"]["checkpoint"], v["consumer"]["dispatched_seq"]);
+    let (code, text) = call(&a, "GET", &s.url("/metrics"), &auth, None);
+    assert_eq!(code, 200);
+    assert!(text.contains("liftlog_bus_published_total 50"), "{text}");
+}
+
+#[test]
+fn passivated_days_answer_from_the_tables_and_reload_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    // At most 2 resident days: most of the 9 days of this test live in the tables.
+    let s = Server::start(dir.path(), &["--max-resident-days", "2", "--flush-interval-ms", "20"]);
+    let a = agent();
+    let rides = random_rides(11, 600, 40);
+    for r in &rides[..300] {
+        assert_eq!(r.post(&a, &s.base), 201);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for r in &rides[..300] {
+        assert_eq!(r.post(&a, &s.base), 201); // duplicates, some into passivated days
+    }
+    for r in &rides[300..] {
+        assert_eq!(r.post(&a, &s.base), 201);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (_, body) = call(&a, "GET", &s.url("/admin/actors"), &[], None);
+    let v = json(&body);
+    assert!(v["registry"]["passivations"].as_u64().unwrap() > 0, "{body}");
+    let bad = Expected::from(&rides).check(&a, &s.base);
+    assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
+}
+
+#[test]
+fn sigterm_is_graceful_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path(), &["--flush-interval-ms", "60000"]);
+    let a = agent();
+    let rides = random_rides(3, 200, 30);
+    for r in &rides {
+        assert_eq!(r.post(&a, &s.base), 201);
+    }
+    assert_eq!(s.terminate(), Some(0));
+    s.restart();
+    let (_, body) = call(&a, "GET", &s.url("/admin/wal"), &[], None);
+    // The final flush wrote everything: nothing left to replay.
+    assert_eq!(json(&body)["recovery"]["records"], 0, "{body}");
+    let bad = Expected::from(&rides).check(&a, &s.base);
+    assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
+}

@@ -1,0 +1,210 @@
+//! Test support: run the real `liftlog` binary as a child process in a temp dir and talk
+//! HTTP to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl Server {
+    /// Starts `liftlog serve` on a free loopback port with `data_dir` and extra flags.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_liftlog"))
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(&args)
+            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn liftlog");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+        let base = line
+            .trim()
+            .strip_prefix("liftlog listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Server { child, base, data_dir: data_dir.to_path_buf(), args }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
+    pub fn restart(&mut self) {
+        let extra: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let fresh = Server::start(&self.data_dir, &extra);
+        *self = fresh;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout(Duration::from_secs(15)).build()
+}
+
+/// Status and body of any request; transport errors are status 0.
+pub fn call(agent: &ureq::Agent, method: &str, url: &str, headers: &[(&str, &str)], body: Option<&str>) -> (u16, String) {
+    let mut req = agent.request(method, url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let res = match body {
+        Some(b) => req.send_string(b),
+        None => req.call(),
+    };
+    match res {
+        Ok(r) => (r.status(), r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_string().unwrap_or_default()),
+        Err(ureq::Error::Transport(t)) => {
+            if std::env::var("TEST_VERBOSE").is_ok() {
+                eprintln!("transport error on {method} {url}: {t}");
+            }
+            (0, String::new())
+        }
+    }
+}
+
+pub fn get(agent: &ureq::Agent, url: &str) -> (u16, String) {
+    call(agent, "GET", url, &[], None)
+}
+
+/// A ride as a client sends it.
+#[derive(Clone, Debug)]
+pub struct Ride {
+    pub resort: u32,
+    pub season: u16,
+    pub day: u16,
+    pub skier: u32,
+    pub time: u16,
+    pub lift: u16,
+    pub key: String,
+}
+
+impl Ride {
+    pub fn path(&self) -> String {
+        format!("/skiers/{}/seasons/{}/days/{}/skiers/{}", self.resort, self.season, self.day, self.skier)
+    }
+    pub fn body(&self) -> String {
+        format!("{{\"time\":{},\"liftID\":{}}}", self.time, self.lift)
+    }
+    pub fn post(&self, agent: &ureq::Agent, base: &str) -> u16 {
+        call(
+            agent,
+            "POST",
+            &format!("{base}{}", self.path()),
+            &[("Content-Type", "application/json"), ("Idempotency-Key", &self.key)],
+            Some(&self.body()),
+        )
+        .0
+    }
+}
+
+/// What the rides a client got 201 for must add up to (default catalog: vertical = lift × 10).
+#[derive(Default)]
+pub struct Expected {
+    pub day_skiers: std::collections::BTreeMap<(u32, u16, u16), std::collections::BTreeSet<u32>>,
+    pub skier_day: std::collections::BTreeMap<(u32, u16, u16, u32), u64>,
+    pub skier_season: std::collections::BTreeMap<(u32, u32, u16), u64>,
+}
+
+impl Expected {
+    pub fn from(rides: &[Ride]) -> Expected {
+        let mut e = Expected::default();
+        for r in rides {
+            let v = r.lift as u64 * 10;
+            e.day_skiers.entry((r.resort, r.season, r.day)).or_default().insert(r.skier);
+            *e.skier_day.entry((r.resort, r.season, r.day, r.skier)).or_default() += v;
+            *e.skier_season.entry((r.skier, r.resort, r.season)).or_default() += v;
+        }
+        e
+    }
+
+    /// Compares every figure with what the server answers; returns the mismatches.
+    pub fn check(&self, agent: &ureq::Agent, base: &str) -> Vec<String> {
+        let mut bad = Vec::new();
+        for ((resort, season, day), skiers) in &self.day_skiers {
+            let (code, body) = get(agent, &format!("{base}/resorts/{resort}/seasons/{season}/day/{day}/skiers"));
+            let n = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["numSkiers"].as_u64());
+            if code != 200 || n != Some(skiers.len() as u64) {
+                bad.push(format!("day {resort}/{season}/{day}: got {code} {body}, want {}", skiers.len()));
+            }
+        }
+        for ((resort, season, day, skier), v) in &self.skier_day {
+            let (code, body) = get(agent, &format!("{base}/skiers/{resort}/seasons/{season}/days/{day}/skiers/{skier}"));
+            if code != 200 || body.trim() != v.to_string() {
+                bad.push(format!("skier-day {resort}/{season}/{day}/{skier}: got {code} {body}, want {v}"));
+            }
+        }
+        for ((skier, resort, season), v) in &self.skier_season {
+            let (code, body) = get(agent, &format!("{base}/skiers/{skier}/vertical?resort={resort}&season={season}"));
+            let got = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["resorts"][0]["totalVert"].as_u64());
+            if code != 200 || got != Some(*v) {
+                bad.push(format!("season {skier}/{resort}/{season}: got {code} {body}, want {v}"));
+            }
+        }
+        bad
+    }
+}
+
+/// A small deterministic PRNG so a failing run can be repeated from its seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+pub fn random_rides(seed: u64, n: usize, skiers: u32) -> Vec<Ride> {
+    let mut rng = Rng(seed | 1);
+    (0..n)
+        .map(|i| Ride {
+            resort: rng.range(1, 3) as u32,
+            season: 2025,
+            day: rng.range(1, 3) as u16,
+            skier: rng.range(1, skiers as u64) as u32,
+            time: rng.range(1, 360) as u16,
+            lift: rng.range(1, 40) as u16,
+            key: format!("ride-{seed}-{i}"),
+        })
+        .collect()
+}
