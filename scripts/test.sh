@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs and starts what the production-mode
+# tests need (RabbitMQ, DynamoDB Local) when missing, runs every test of the workspace
+# including the ones that talk to those services, and stops only what it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+started_services=0
+cleanup() {
+  if [ "$started_services" = 1 ]; then
+    scripts/services.sh down || true
+  fi
+}
+trap cleanup EXIT
+
+echo "== services"
+scripts/services.sh up
+started_services=1
+export LIFTLOG_TEST_AMQP="${LIFTLOG_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+export LIFTLOG_TEST_DYNAMODB="${LIFTLOG_TEST_DYNAMODB:-http://127.0.0.1:${DYNAMODB_PORT:-8000}}"
+
+echo "== build"
+cargo build --workspace --all-targets --locked
+
+echo "== tests (embedded and production back ends)"
+# --include-ignored: the tests that need RabbitMQ/DynamoDB are #[ignore] so that a plain
+# `cargo test` without the services reports them as ignored, never as passed.
+cargo test --workspace --locked -- --include-ignored
