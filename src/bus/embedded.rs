@@ -3,20 +3,20 @@
 //! a slow disk turns into fast 503s rather than unbounded memory and timeouts.
 
 use async_trait::async_trait;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
-use super::{Acker, Batch, BusStats, EventSource, Publisher};
+use super::{Acker, Batch, BusStats, EventSource, Publisher, Stop};
 use crate::domain::RideEvent;
 use crate::error::PublishError;
 
 type Reply = oneshot::Sender<Result<(), PublishError>>;
 
 struct Shared {
-    closed: AtomicBool,
-    close_signal: Notify,
+    /// Set by `close` (publisher) or the source's stop handle: the same thing here.
+    closed: Stop,
     published: AtomicU64,
     rejected_full: AtomicU64,
     timeouts: AtomicU64,
@@ -41,8 +41,7 @@ pub struct EmbeddedSource {
 pub fn channel(capacity: usize, deadline: Duration) -> (EmbeddedPublisher, EmbeddedSource) {
     let (tx, rx) = mpsc::channel(capacity.max(1));
     let shared = Arc::new(Shared {
-        closed: AtomicBool::new(false),
-        close_signal: Notify::new(),
+        closed: Stop::default(),
         published: AtomicU64::new(0),
         rejected_full: AtomicU64::new(0),
         timeouts: AtomicU64::new(0),
@@ -53,7 +52,7 @@ pub fn channel(capacity: usize, deadline: Duration) -> (EmbeddedPublisher, Embed
 #[async_trait]
 impl Publisher for EmbeddedPublisher {
     async fn publish(&self, event: RideEvent) -> Result<(), PublishError> {
-        if self.shared.closed.load(Ordering::Acquire) {
+        if self.shared.closed.is_stopped() {
             return Err(PublishError::ShuttingDown);
         }
         let (reply, answer) = oneshot::channel();
@@ -91,8 +90,7 @@ impl Publisher for EmbeddedPublisher {
     }
 
     fn close(&self) {
-        self.shared.closed.store(true, Ordering::Release);
-        self.shared.close_signal.notify_one();
+        self.shared.closed.stop();
     }
 }
 
@@ -116,7 +114,7 @@ impl Acker for ReplyAcker {
 impl EventSource for EmbeddedSource {
     async fn next_batch(&mut self, max: usize) -> Option<Batch> {
         let first = loop {
-            if self.shared.closed.load(Ordering::Acquire) {
+            if self.shared.closed.is_stopped() {
                 // Closed: hand out what is still queued, then end.
                 match self.rx.try_recv() {
                     Ok(item) => break item,
@@ -128,7 +126,7 @@ impl EventSource for EmbeddedSource {
                     Some(item) => break item,
                     None => return None,
                 },
-                _ = self.shared.close_signal.notified() => continue,
+                _ = self.shared.closed.stopped() => continue,
             }
         };
         let mut events = Vec::with_capacity(max.min(self.rx.len() + 1));
@@ -145,6 +143,10 @@ impl EventSource for EmbeddedSource {
             }
         }
         Some(Batch { events, acker: Box::new(ReplyAcker(replies)) })
+    }
+
+    fn stop_handle(&self) -> Stop {
+        self.shared.closed.clone()
     }
 }
 

@@ -6,10 +6,14 @@
 //!   WAL batch holding the ride.
 //! - RabbitMQ (production): publisher confirms; the consumer acks after the WAL fsync.
 
+pub mod amqp;
 pub mod embedded;
 
 use async_trait::async_trait;
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tokio::sync::Notify;
 
 use crate::domain::RideEvent;
 use crate::error::PublishError;
@@ -39,8 +43,40 @@ pub trait Publisher: Send + Sync + 'static {
 #[async_trait]
 pub trait EventSource: Send + 'static {
     /// Waits for at least one delivery, then takes what is ready up to `max`.
-    /// `None` once the bus is closed and drained.
+    /// `None` once stopped (see [`Self::stop_handle`]) and drained.
     async fn next_batch(&mut self, max: usize) -> Option<Batch>;
+    /// A handle that stops this source from another task: no new deliveries are taken,
+    /// what was already received is still handed out, then `next_batch` returns `None`.
+    fn stop_handle(&self) -> Stop;
+}
+
+/// A one-way stop signal shared between tasks.
+#[derive(Clone, Default)]
+pub struct Stop {
+    flag: Arc<AtomicBool>,
+    notify: Arc<Notify>,
+}
+
+impl Stop {
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Resolves once `stop` was called (immediately if it already was).
+    pub async fn stopped(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_stopped() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Deliveries handed to the consumer together, settled together.

@@ -5,14 +5,18 @@
 //! - `SkierLiftRides`: every ride; PK SkierID, SK `SeasonID#DayID#Time#EventID`.
 //! - `LiftRideCounts`: per resort-day aggregate; PK `ResortID#SeasonID#DayID`; unique
 //!   skiers, rides, version.
-//! - `SkierDays`: projection per skier-day; PK SkierID, SK `ResortID#SeasonID#DayID`;
-//!   vertical, the ride ids seen (for exact de-duplication after a reload), version; with
-//!   an index by `ResortID#SeasonID#DayID` so that an aggregate reloads with one Query.
+//! - `SkierDays`: projection per skier-day; PK `ResortID#SeasonID#DayID`, SK SkierID;
+//!   vertical, rides, the ride ids seen (for exact de-duplication after a reload), version.
+//!   Keyed by day so that an aggregate reloads with one strongly consistent Query (a GSI
+//!   would be eventually consistent, and a stale reload could drop ids); the index
+//!   `BySkier` (PK SkierID, SK `ResortID#SeasonID#DayID`, projecting vertical) answers a
+//!   skier's season totals, where eventual consistency is what reads promise anyway.
 //! - `Seasons`: PK ResortID, SK SeasonID.
 //!
 //! Every request-path read is one get or one query, never a scan; the only scan loads
 //! the skier-season totals at start-up.
 
+pub mod dynamo;
 pub mod sled_store;
 
 use async_trait::async_trait;
@@ -71,7 +75,8 @@ pub trait Tables: Send + Sync + 'static {
 
     async fn get_day_count(&self, key: DayKey) -> Result<Option<DayCountItem>, TableError>;
     async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError>;
-    /// All of a skier's days at one resort (one Query on the SkierDays key prefix).
+    /// All of a skier's days at one resort (one Query on the `BySkier` index). The items'
+    /// `ids` may be empty: the index does not project them, and readers need only vertical.
     async fn query_skier_resort(&self, skier: u32, resort: u32) -> Result<Vec<SkierDayItem>, TableError>;
     /// All skier-days of one resort-day (one Query on the by-day index): an aggregate's
     /// whole state when it is activated again.

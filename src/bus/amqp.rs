@@ -1,0 +1,1 @@
+//! RabbitMQ bus (being written).
