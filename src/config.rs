@@ -21,6 +21,29 @@ pub enum DurabilityPolicy {
     NoSync,
 }
 
+/// What a process does. `all` is every role in one process (the default).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// HTTP POST → bus (publish, 201 after the confirm).
+    Write,
+    /// Bus → WAL → aggregator actors → tables.
+    Consume,
+    /// HTTP GET from the tables (and from the actors when this process also consumes).
+    Read,
+    All,
+}
+
+/// Where the tables live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum TableStore {
+    /// sled trees in `data_dir/tables`: local to one process.
+    Sled,
+    /// DynamoDB (AWS, or DynamoDB Local with `dynamodb_endpoint`).
+    Dynamodb,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
@@ -70,6 +93,31 @@ pub struct Config {
     pub max_resident_days: usize,
     pub log_format: LogFormat,
     pub limits: Limits,
+    /// Roles of this process; split roles need a broker and DynamoDB.
+    pub roles: Vec<Role>,
+    /// RabbitMQ URL (`amqp://` or `amqps://`); none = the embedded in-process bus.
+    pub broker: Option<String>,
+    /// Name prefix of the exchange and queues.
+    pub amqp_prefix: String,
+    /// Partition queues; each resort-day maps to one, so one consumer owns an aggregate.
+    pub partitions: u16,
+    /// Confirm-mode channels the publisher spreads over.
+    pub publish_channels: usize,
+    /// Unconfirmed publishes in flight before POSTs are shed with 503.
+    pub max_in_flight: usize,
+    /// Deliveries a consumer may hold unacked per partition (AMQP prefetch).
+    pub prefetch: u16,
+    /// Table store; `dynamodb_endpoint` implies `dynamodb`.
+    pub tables: TableStore,
+    /// DynamoDB endpoint override (DynamoDB Local); none = AWS's, from the standard config.
+    pub dynamodb_endpoint: Option<String>,
+    pub dynamodb_region: String,
+    /// Prefix of every table name (one account, several deployments).
+    pub table_prefix: String,
+    /// Concurrent requests to the table store: the connection bound of the design.
+    pub table_concurrency: usize,
+    /// Create missing tables at start.
+    pub create_tables: bool,
 }
 
 impl Default for Config {
@@ -95,6 +143,19 @@ impl Default for Config {
             max_resident_days: 8_192,
             log_format: LogFormat::Text,
             limits: Limits::default(),
+            roles: vec![Role::All],
+            broker: None,
+            amqp_prefix: "liftlog".into(),
+            partitions: 4,
+            publish_channels: 4,
+            max_in_flight: 8192,
+            prefetch: 2000,
+            tables: TableStore::Sled,
+            dynamodb_endpoint: None,
+            dynamodb_region: "us-east-1".into(),
+            table_prefix: String::new(),
+            table_concurrency: 16,
+            create_tables: true,
         }
     }
 }
@@ -129,6 +190,22 @@ pub struct ServeArgs {
     pub max_resident_days: Option<usize>,
     #[arg(long, env = "LIFTLOG_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Roles, comma separated: write, consume, read, all.
+    #[arg(long = "role", env = "LIFTLOG_ROLE", value_enum, value_delimiter = ',')]
+    pub roles: Option<Vec<Role>>,
+    /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
+    #[arg(long, env = "LIFTLOG_BROKER", hide_env_values = true)]
+    pub broker: Option<String>,
+    #[arg(long, env = "LIFTLOG_PARTITIONS")]
+    pub partitions: Option<u16>,
+    #[arg(long, env = "LIFTLOG_AMQP_PREFIX")]
+    pub amqp_prefix: Option<String>,
+    #[arg(long, env = "LIFTLOG_TABLES", value_enum)]
+    pub tables: Option<TableStore>,
+    #[arg(long, env = "LIFTLOG_DYNAMODB_ENDPOINT")]
+    pub dynamodb_endpoint: Option<String>,
+    #[arg(long, env = "LIFTLOG_TABLE_PREFIX")]
+    pub table_prefix: Option<String>,
 }
 
 impl Config {
@@ -146,15 +223,54 @@ impl Config {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = &args.$f { c.$f = v.clone(); } )* };
         }
-        over!(listen, data_dir, base_path, http_workers, bus_capacity, wal_max_bytes, durability, flush_interval_ms, max_resident_days, log_format);
-        if args.catalog.is_some() {
-            c.catalog = args.catalog.clone();
+        over!(listen, data_dir, base_path, http_workers, bus_capacity, wal_max_bytes, durability, flush_interval_ms, max_resident_days, log_format, roles, partitions, amqp_prefix, tables, table_prefix);
+        macro_rules! over_opt {
+            ($($f:ident),*) => { $( if args.$f.is_some() { c.$f = args.$f.clone(); } )* };
         }
-        if args.admin_token.is_some() {
-            c.admin_token = args.admin_token.clone();
+        over_opt!(catalog, admin_token, broker, dynamodb_endpoint);
+        if c.dynamodb_endpoint.is_some() {
+            c.tables = TableStore::Dynamodb;
         }
         c.base_path = normalize_base_path(&c.base_path)?;
+        c.check()?;
         Ok(c)
+    }
+
+    pub fn has_role(&self, role: Role) -> bool {
+        self.roles.iter().any(|r| *r == role || *r == Role::All)
+    }
+
+    /// The roles as written on the command line, e.g. `write,read`.
+    pub fn roles_label(&self) -> String {
+        let names: Vec<&str> = self
+            .roles
+            .iter()
+            .map(|r| match r {
+                Role::Write => "write",
+                Role::Consume => "consume",
+                Role::Read => "read",
+                Role::All => "all",
+            })
+            .collect();
+        names.join(",")
+    }
+
+    /// Combinations that cannot work, refused at start with the reason.
+    fn check(&self) -> Result<(), String> {
+        if self.roles.is_empty() {
+            return Err("at least one role is needed".into());
+        }
+        let (write, consume) = (self.has_role(Role::Write), self.has_role(Role::Consume));
+        if self.broker.is_none() && write != consume {
+            return Err("the embedded bus lives in one process: a write role without consume (or the reverse) needs --broker".into());
+        }
+        if self.tables == TableStore::Sled && !consume {
+            return Err("sled tables are local to the consuming process: a node without the consume role needs --tables dynamodb".into());
+        }
+        if self.partitions == 0 {
+            return Err("partitions must be at least 1".into());
+        }
+        Ok(())
     }
 }
 

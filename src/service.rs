@@ -1,6 +1,7 @@
-//! Wiring and lifecycle of one node: open the stores, rebuild state (season totals from
-//! the tables, then WAL replay into the actors), start the consumer, the flusher and the
-//! HTTP server, and shut down in a fixed order.
+//! Wiring and lifecycle of one node: open what its roles need (tables, bus ends), rebuild
+//! state on a consuming node (season totals from the tables, then WAL replay into the
+//! actors), start the consumer, the flusher and the HTTP server, and shut down in a fixed
+//! order.
 //!
 //! Shutdown order (each step waits for the previous one): stop accepting HTTP and finish
 //! in-flight requests → close the bus → the consumer drains what was queued (fsync per
@@ -19,10 +20,10 @@ use crate::actors::flusher::Flusher;
 use crate::actors::registry::Registry;
 use crate::actors::season_index::SeasonIndex;
 use crate::actors::seasons::SeasonBook;
-use crate::bus::{embedded, Publisher};
+use crate::bus::{embedded, EventSource, Publisher, Stop};
 use crate::catalog::Catalog;
-use crate::config::{Config, DurabilityPolicy};
-use crate::http::{self, stats::RequestStats, AppState};
+use crate::config::{Config, DurabilityPolicy, Role, TableStore};
+use crate::http::{self, stats::RequestStats, AppState, ConsumerNode};
 use crate::tables::{sled_store::SledTables, Tables};
 use liftlog_wal::{Durability, Wal, WalConfig};
 
@@ -32,21 +33,60 @@ pub struct Running {
     pub state: web::Data<AppState>,
     server: actix_web::dev::ServerHandle,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    consume: Option<ConsumeTasks>,
+}
+
+/// The background tasks of a consuming node.
+struct ConsumeTasks {
+    source_stop: Stop,
     consumer_task: tokio::task::JoinHandle<()>,
     flusher_stop: tokio::sync::watch::Sender<bool>,
     flusher_task: tokio::task::JoinHandle<()>,
 }
 
-/// Opens everything and starts serving. Must run inside an actix system.
-pub async fn start(config: Config) -> anyhow::Result<Running> {
-    let started = Instant::now();
-    let catalog = Arc::new(match &config.catalog {
-        Some(p) => Catalog::load(p).map_err(anyhow::Error::msg)?,
-        None => Catalog::default(),
-    });
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let tables: Arc<dyn Tables> = Arc::new(SledTables::open(&config.data_dir.join("tables"))?);
-    tables.create().await?;
+async fn open_tables(config: &Config) -> anyhow::Result<Arc<dyn Tables>> {
+    let tables: Arc<dyn Tables> = match config.tables {
+        TableStore::Sled => Arc::new(SledTables::open(&config.data_dir.join("tables"))?),
+        TableStore::Dynamodb => anyhow::bail!("DynamoDB tables are being wired"),
+    };
+    if config.create_tables {
+        tables.create().await?;
+    }
+    Ok(tables)
+}
+
+/// Creates the tables of the configured store (`liftlog tables create`).
+pub async fn create_tables(config: &Config) -> anyhow::Result<()> {
+    let mut config = config.clone();
+    config.create_tables = true;
+    let tables = open_tables(&config).await?;
+    tracing::info!(store = tables.name(), "tables ready");
+    Ok(())
+}
+
+type SourceStatsFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// The bus ends this node needs: a publisher if it writes, a source if it consumes.
+async fn open_bus(config: &Config) -> anyhow::Result<(Option<Arc<dyn Publisher>>, Option<Box<dyn EventSource>>, Option<SourceStatsFn>)> {
+    let (write, consume) = (config.has_role(Role::Write), config.has_role(Role::Consume));
+    match &config.broker {
+        None => {
+            // Config::check guarantees write == consume here.
+            let (p, s) = embedded::channel(config.bus_capacity, Duration::from_millis(config.publish_deadline_ms));
+            Ok((Some(Arc::new(p)), Some(Box::new(s)), None))
+        }
+        Some(_) => anyhow::bail!("RabbitMQ is being wired"),
+    }
+}
+
+/// Opens the WAL, rebuilds state (season totals from the tables, then the WAL replay into
+/// the actors) and starts the consumer and the flusher.
+async fn start_consumer(
+    config: &Config,
+    tables: Arc<dyn Tables>,
+    source: Box<dyn EventSource>,
+    source_stats: Option<SourceStatsFn>,
+) -> anyhow::Result<(ConsumerNode, ConsumeTasks)> {
     let (wal, recovery) = Wal::open(WalConfig {
         dir: config.data_dir.join("wal"),
         durability: match config.durability {
@@ -88,7 +128,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 
     let flusher = Arc::new(Flusher::new(
         registry.clone(),
-        tables.clone(),
+        tables,
         wal.clone(),
         seasons.clone(),
         progress.clone(),
@@ -96,24 +136,39 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     ));
     let (flusher_stop, stop_rx) = tokio::sync::watch::channel(false);
     let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush_interval_ms.max(10)), stop_rx));
-
-    let (publisher, source) = embedded::channel(config.bus_capacity, Duration::from_millis(config.publish_deadline_ms));
-    let publisher: Arc<dyn Publisher> = Arc::new(publisher);
+    let source_stop = source.stop_handle();
     // On the system arbiter: activating an aggregator starts an actix actor.
-    let consumer_task = actix_rt::spawn(consumer.run(Box::new(source)));
+    let consumer_task = actix_rt::spawn(consumer.run(source));
+    let node = ConsumerNode { registry, index, seasons, wal, recovery, progress, flusher, source_stats };
+    Ok((node, ConsumeTasks { source_stop, consumer_task, flusher_stop, flusher_task }))
+}
+
+/// Opens everything this node's roles need and starts serving. Must run inside an actix
+/// system.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let started = Instant::now();
+    let catalog = Arc::new(match &config.catalog {
+        Some(p) => Catalog::load(p).map_err(anyhow::Error::msg)?,
+        None => Catalog::default(),
+    });
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let tables = open_tables(&config).await?;
+    let (publisher, source, source_stats) = open_bus(&config).await?;
+    let (node, consume) = match source {
+        Some(source) => {
+            let (node, tasks) = start_consumer(&config, tables.clone(), source, source_stats).await?;
+            (Some(node), Some(tasks))
+        }
+        None => (None, None),
+    };
 
     let state = web::Data::new(AppState {
         catalog,
         limits: config.limits.clone(),
-        publisher,
-        registry,
-        index,
-        seasons,
         tables,
-        wal,
-        recovery,
-        progress,
-        flusher,
+        publisher,
+        node,
+        roles: config.roles_label(),
         requests: Arc::new(RequestStats::new(&config.base_path)),
         max_body_bytes: config.max_body_bytes,
         admin_token: config.admin_token.clone(),
@@ -146,8 +201,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let handle = server.handle();
     let server_task = actix_rt::spawn(server);
     state.ready.store(true, Ordering::Release);
-    tracing::info!(%addr, millis = started.elapsed().as_millis() as u64, "liftlog listening");
-    Ok(Running { addr, state, server: handle, server_task, consumer_task, flusher_stop, flusher_task })
+    tracing::info!(%addr, roles = %state.roles, millis = started.elapsed().as_millis() as u64, "liftlog listening");
+    Ok(Running { addr, state, server: handle, server_task, consume })
 }
 
 impl Running {
@@ -157,15 +212,22 @@ impl Running {
         self.state.ready.store(false, Ordering::Release);
         self.server.stop(true).await;
         let _ = self.server_task.await;
-        tracing::info!("shutdown: HTTP stopped; draining the bus");
-        self.state.publisher.close();
-        let _ = self.consumer_task.await;
-        let _ = self.flusher_stop.send(true);
-        let _ = self.flusher_task.await;
+        tracing::info!("shutdown: HTTP stopped");
+        if let Some(p) = &self.state.publisher {
+            p.close();
+        }
+        let (Some(tasks), Some(node)) = (self.consume, self.state.node.as_ref()) else {
+            tracing::info!("shutdown complete");
+            return Ok(());
+        };
+        tasks.source_stop.stop();
+        let _ = tasks.consumer_task.await;
+        let _ = tasks.flusher_stop.send(true);
+        let _ = tasks.flusher_task.await;
         tracing::info!("shutdown: consumer drained; final flush");
         let mut attempts = 0;
         loop {
-            match self.state.flusher.flush().await {
+            match node.flusher.flush().await {
                 Ok(r) => {
                     tracing::info!(checkpoint = r.checkpoint, rides = r.rides, "shutdown: flushed");
                     break;
@@ -182,7 +244,7 @@ impl Running {
                 }
             }
         }
-        self.state.wal.sync()?;
+        node.wal.sync()?;
         tracing::info!("shutdown complete");
         Ok(())
     }

@@ -2,8 +2,6 @@
 
 use clap::{Parser, Subcommand};
 use liftlog::config::{Config, LogFormat, ServeArgs};
-use liftlog::tables::{sled_store::SledTables, Tables};
-use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "liftlog", version, about = "Ski lift rides in, unique skiers and verticals out (SkiDataAPI 2.0)")]
@@ -25,11 +23,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TablesAction {
-    /// Create the tables if missing (idempotent).
-    Create {
-        #[arg(long, env = "LIFTLOG_DATA_DIR", default_value = "./data")]
-        data_dir: PathBuf,
-    },
+    /// Create the tables if missing (idempotent), in the store the flags select.
+    Create(ServeArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -56,14 +51,10 @@ fn main() -> anyhow::Result<()> {
                 running.shutdown().await
             })
         }
-        Command::Tables { action: TablesAction::Create { data_dir } } => {
-            init_logging(LogFormat::Text);
-            actix_rt::System::new().block_on(async move {
-                let tables = SledTables::open(&data_dir.join("tables"))?;
-                tables.create().await?;
-                tracing::info!(dir = %data_dir.display(), "tables ready");
-                Ok(())
-            })
+        Command::Tables { action: TablesAction::Create(args) } => {
+            let config = Config::resolve(&args).map_err(anyhow::Error::msg)?;
+            init_logging(config.log_format);
+            actix_rt::System::new().block_on(liftlog::service::create_tables(&config))
         }
     }
 }

@@ -52,8 +52,13 @@ pub async fn openapi() -> HttpResponse {
     HttpResponse::Ok().content_type("application/json").body(OPENAPI)
 }
 
+fn consumer(state: &AppState) -> Result<&crate::http::ConsumerNode, ApiError> {
+    state.node.as_ref().ok_or_else(|| ApiError::BadRequest(format!("this node ({}) runs no consumer", state.roles)))
+}
+
 #[derive(Serialize)]
 struct ActorsView {
+    roles: String,
     registry: crate::actors::registry::RegistryStats,
     season_index_skiers: usize,
     actors: Vec<crate::actors::aggregator::ActorStats>,
@@ -61,36 +66,43 @@ struct ActorsView {
 
 pub async fn actors(req: HttpRequest, state: State) -> Reply {
     authorize(&req, &state)?;
+    let node = consumer(&state)?;
     fresh_json(&ActorsView {
-        registry: state.registry.stats(),
-        season_index_skiers: state.index.skiers(),
-        actors: state.registry.actor_stats().await,
+        roles: state.roles.clone(),
+        registry: node.registry.stats(),
+        season_index_skiers: node.index.skiers(),
+        actors: node.registry.actor_stats().await,
     })
 }
 
 #[derive(Serialize)]
 struct WalView {
-    wal: liftlog_wal::WalStats,
-    recovery: liftlog_wal::RecoveryReport,
-    consumer: crate::actors::consumer::ProgressView,
-    flusher: crate::actors::flusher::FlushStats,
-    bus: crate::bus::BusStats,
+    roles: String,
+    wal: Option<liftlog_wal::WalStats>,
+    recovery: Option<liftlog_wal::RecoveryReport>,
+    consumer: Option<crate::actors::consumer::ProgressView>,
+    flusher: Option<crate::actors::flusher::FlushStats>,
+    source: Option<serde_json::Value>,
+    bus: Option<crate::bus::BusStats>,
 }
 
 pub async fn wal(req: HttpRequest, state: State) -> Reply {
     authorize(&req, &state)?;
+    let node = state.node.as_ref();
     fresh_json(&WalView {
-        wal: state.wal.stats(),
-        recovery: state.recovery.clone(),
-        consumer: state.progress.view(),
-        flusher: state.flusher.stats(),
-        bus: state.publisher.stats(),
+        roles: state.roles.clone(),
+        wal: node.map(|n| n.wal.stats()),
+        recovery: node.map(|n| n.recovery.clone()),
+        consumer: node.map(|n| n.progress.view()),
+        flusher: node.map(|n| n.flusher.stats()),
+        source: node.and_then(|n| n.source_stats.as_ref().map(|f| f())),
+        bus: state.publisher.as_ref().map(|p| p.stats()),
     })
 }
 
 pub async fn flush(req: HttpRequest, state: State) -> Reply {
     authorize(&req, &state)?;
-    let report = state.flusher.flush().await?;
+    let report = consumer(&state)?.flusher.flush().await?;
     fresh_json(&report)
 }
 
@@ -107,28 +119,15 @@ pub async fn metrics(req: HttpRequest, state: State) -> Reply {
     metric("http_responses_4xx_total", "counter", "Responses with a 4xx status.", r.status_4xx.load(Ordering::Relaxed) as f64);
     metric("http_responses_5xx_total", "counter", "Responses with a 5xx status.", r.status_5xx.load(Ordering::Relaxed) as f64);
     metric("http_shed_total", "counter", "Requests refused with 429/503 to shed load.", r.shed.load(Ordering::Relaxed) as f64);
-    let bus = state.publisher.stats();
-    metric("bus_depth", "gauge", "Rides queued for the consumer.", bus.depth as f64);
-    metric("bus_published_total", "counter", "Rides published and confirmed durable.", bus.published as f64);
-    metric("bus_rejected_full_total", "counter", "Publishes refused because the bus was full.", bus.rejected_full as f64);
-    let p = state.progress.view();
-    metric("consumer_batches_total", "counter", "WAL batches written by the consumer.", p.batches as f64);
-    metric("consumer_events_total", "counter", "Rides consumed (duplicates included).", p.events as f64);
-    metric("consumer_wal_failures_total", "counter", "Batches refused because the WAL write failed.", p.wal_failures as f64);
-    metric("consumer_mean_batch_size", "gauge", "Mean rides per WAL batch.", p.mean_batch_size);
-    let w = state.wal.stats();
-    metric("wal_live_bytes", "gauge", "WAL bytes not yet checkpointed.", w.live_bytes as f64);
-    metric("wal_max_bytes", "gauge", "WAL bound; POSTs get 503 beyond it.", w.max_bytes as f64);
-    metric("wal_fsyncs_total", "counter", "WAL fsyncs.", w.fsyncs as f64);
-    metric("wal_checkpoint", "gauge", "Highest WAL sequence known to be in the tables.", w.checkpoint as f64);
-    metric("wal_last_seq", "gauge", "Highest WAL sequence written.", w.last_seq.unwrap_or(0) as f64);
-    let f = state.flusher.stats();
-    metric("flush_cycles_total", "counter", "Flush cycles run.", f.cycles as f64);
-    metric("flush_failures_total", "counter", "Flush cycles that failed (table errors).", f.failures as f64);
-    metric("flush_rides_written_total", "counter", "Raw rides written to the tables.", f.rides_written as f64);
-    let g = state.registry.stats();
-    metric("actors_resident", "gauge", "Aggregator actors resident.", g.resident as f64);
-    metric("actors_passivated_total", "counter", "Aggregator actors passivated.", g.passivations as f64);
+    if let Some(bus) = state.publisher.as_ref().map(|p| p.stats()) {
+        metric("bus_depth", "gauge", "Rides queued for the consumer.", bus.depth as f64);
+        metric("bus_published_total", "counter", "Rides published and confirmed durable.", bus.published as f64);
+        metric("bus_rejected_full_total", "counter", "Publishes refused because the bus was full.", bus.rejected_full as f64);
+        metric("bus_confirm_timeouts_total", "counter", "Publishes not confirmed in time.", bus.timeouts as f64);
+    }
+    if let Some(node) = &state.node {
+        node_metrics(node, &mut metric);
+    }
     metric("uptime_seconds", "gauge", "Seconds since start.", state.started.elapsed().as_secs_f64());
     let _ = writeln!(out, "# HELP liftlog_endpoint_requests_total Requests per public endpoint.\n# TYPE liftlog_endpoint_requests_total counter");
     for (m, p, count, _) in r.per_endpoint() {
@@ -139,4 +138,25 @@ pub async fn metrics(req: HttpRequest, state: State) -> Reply {
         let _ = writeln!(out, "liftlog_endpoint_seconds_total{{method=\"{m}\",path=\"{p}\"}} {secs}");
     }
     Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out))
+}
+
+fn node_metrics(node: &crate::http::ConsumerNode, metric: &mut impl FnMut(&str, &str, &str, f64)) {
+    let p = node.progress.view();
+    metric("consumer_batches_total", "counter", "WAL batches written by the consumer.", p.batches as f64);
+    metric("consumer_events_total", "counter", "Rides consumed (duplicates included).", p.events as f64);
+    metric("consumer_wal_failures_total", "counter", "Batches refused because the WAL write failed.", p.wal_failures as f64);
+    metric("consumer_mean_batch_size", "gauge", "Mean rides per WAL batch.", p.mean_batch_size);
+    let w = node.wal.stats();
+    metric("wal_live_bytes", "gauge", "WAL bytes not yet checkpointed.", w.live_bytes as f64);
+    metric("wal_max_bytes", "gauge", "WAL bound; POSTs get 503 beyond it.", w.max_bytes as f64);
+    metric("wal_fsyncs_total", "counter", "WAL fsyncs.", w.fsyncs as f64);
+    metric("wal_checkpoint", "gauge", "Highest WAL sequence known to be in the tables.", w.checkpoint as f64);
+    metric("wal_last_seq", "gauge", "Highest WAL sequence written.", w.last_seq.unwrap_or(0) as f64);
+    let f = node.flusher.stats();
+    metric("flush_cycles_total", "counter", "Flush cycles run.", f.cycles as f64);
+    metric("flush_failures_total", "counter", "Flush cycles that failed (table errors).", f.failures as f64);
+    metric("flush_rides_written_total", "counter", "Raw rides written to the tables.", f.rides_written as f64);
+    let g = node.registry.stats();
+    metric("actors_resident", "gauge", "Aggregator actors resident.", g.resident as f64);
+    metric("actors_passivated_total", "counter", "Aggregator actors passivated.", g.passivations as f64);
 }

@@ -42,7 +42,11 @@ struct SeasonsList {
 
 pub async fn list_seasons(req: HttpRequest, state: State, path: web::Path<String>) -> Reply {
     let resort = parse_resort(&path, &state.catalog)?;
-    let seasons = state.seasons.seasons(resort).into_iter().map(|s| s.to_string()).collect();
+    let seasons = match &state.node {
+        Some(node) => node.seasons.seasons(resort),
+        None => state.tables.query_seasons(resort).await?,
+    };
+    let seasons = seasons.into_iter().map(|s| s.to_string()).collect();
     cached_json(&req, &SeasonsList { seasons })
 }
 
@@ -53,7 +57,9 @@ pub async fn create_season(req: HttpRequest, state: State, path: web::Path<Strin
     // Written through before the 201: a season is rare and must survive a crash.
     state.tables.put_seasons(&[(resort, season)]).await?;
     state.tables.sync().await?;
-    state.seasons.observe(resort, season, true);
+    if let Some(node) = &state.node {
+        node.seasons.observe(resort, season, true);
+    }
     Ok(HttpResponse::Created().finish())
 }
 
@@ -68,7 +74,7 @@ struct DaySkiers<'a> {
 pub async fn resort_day_skiers(req: HttpRequest, state: State, path: web::Path<(String, String, String)>) -> Reply {
     let (resort, season, day) = path.into_inner();
     let key = day_key(&state, &resort, &season, &day)?;
-    let num_skiers = match state.registry.resident(&key) {
+    let num_skiers = match state.resident(&key) {
         Some(h) => h.read(|d| d.unique_skiers() as u64),
         None => state.tables.get_day_count(key).await?.map_or(0, |c| c.unique_skiers),
     };
@@ -93,7 +99,11 @@ pub async fn post_ride(
     };
     let path = RidePath { resort: &resort, season: &season, day: &day, skier: &skier };
     let event = validate_ride(&path, &ride, key, &state.catalog, &state.limits)?;
-    state.publisher.publish(event).await?;
+    let publisher = state.publisher.as_ref().ok_or_else(|| ApiError::Unavailable {
+        message: format!("This node ({}) does not accept rides; send them to a write node", state.roles),
+        retry_after_secs: 1,
+    })?;
+    publisher.publish(event).await?;
     Ok(HttpResponse::Created().finish())
 }
 
@@ -101,7 +111,7 @@ pub async fn skier_day_vertical(req: HttpRequest, state: State, path: web::Path<
     let (resort, season, day, skier) = path.into_inner();
     let key = day_key(&state, &resort, &season, &day)?;
     let skier = parse_id("skierID", &skier, state.limits.max_skier as u64)? as u32;
-    let vertical = match state.registry.resident(&key) {
+    let vertical = match state.resident(&key) {
         Some(h) => h.read(|d| d.skiers.get(&skier).map(|s| s.vertical as u64)),
         None => state.tables.get_skier_day(skier, key).await?.map(|i| i.vertical),
     };
@@ -140,7 +150,21 @@ pub async fn skier_vertical(req: HttpRequest, state: State, path: web::Path<Stri
     }
     resorts.sort_unstable();
     resorts.dedup();
-    let totals: BTreeMap<u16, u64> = state.index.totals(skier, &resorts, season);
+    let totals: BTreeMap<u16, u64> = match &state.node {
+        Some(node) => node.index.totals(skier, &resorts, season),
+        None => {
+            // One Query per asked resort on the tables' by-skier index.
+            let mut totals = BTreeMap::new();
+            for resort in &resorts {
+                for item in state.tables.query_skier_resort(skier, *resort).await? {
+                    if season.map_or(true, |s| s == item.key.season) {
+                        *totals.entry(item.key.season).or_insert(0) += item.vertical;
+                    }
+                }
+            }
+            totals
+        }
+    };
     if totals.is_empty() {
         return Err(ApiError::DataNotFound);
     }
@@ -150,6 +174,13 @@ pub async fn skier_vertical(req: HttpRequest, state: State, path: web::Path<Stri
 
 pub async fn statistics(state: State) -> Reply {
     fresh_json(&state.requests.statistics())
+}
+
+impl AppState {
+    /// The resident aggregator of a day, on a consuming node.
+    fn resident(&self, key: &DayKey) -> Option<crate::actors::aggregator::DayHandle> {
+        self.node.as_ref().and_then(|n| n.registry.resident(key))
+    }
 }
 
 fn day_key(state: &AppState, resort: &str, season: &str, day: &str) -> Result<DayKey, ApiError> {

@@ -54,21 +54,32 @@ pub const ROUTES: &[(&str, &str, bool)] = &[
 pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub limits: Limits,
-    pub publisher: Arc<dyn Publisher>,
-    pub registry: Arc<Registry>,
-    pub index: Arc<SeasonIndex>,
-    pub seasons: Arc<SeasonBook>,
     pub tables: Arc<dyn Tables>,
-    pub wal: Arc<Wal>,
-    pub recovery: RecoveryReport,
-    pub progress: Arc<Progress>,
-    pub flusher: Arc<Flusher>,
+    /// Present on a node with the `write` role: where POSTed rides go.
+    pub publisher: Option<Arc<dyn Publisher>>,
+    /// Present on a node with the `consume` role: the actors reads are served from.
+    pub node: Option<ConsumerNode>,
+    /// The roles this node runs, for error messages and the admin views.
+    pub roles: String,
     pub requests: Arc<RequestStats>,
     pub max_body_bytes: usize,
     pub admin_token: Option<String>,
     /// False until replay finished and again once shutdown began: `/ready` for the ALB.
     pub ready: AtomicBool,
     pub started: Instant,
+}
+
+/// The consume side of a node, as the handlers see it.
+pub struct ConsumerNode {
+    pub registry: Arc<Registry>,
+    pub index: Arc<SeasonIndex>,
+    pub seasons: Arc<SeasonBook>,
+    pub wal: Arc<Wal>,
+    pub recovery: RecoveryReport,
+    pub progress: Arc<Progress>,
+    pub flusher: Arc<Flusher>,
+    /// Broker-side consumer figures (RabbitMQ), when the source has them.
+    pub source_stats: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
 }
 
 /// Registers every route on an actix `App`.
