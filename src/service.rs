@@ -123,6 +123,7 @@ async fn start_consumer(
         seasons: seasons.clone(),
         progress: progress.clone(),
         max_batch: config.max_batch,
+        abort_after_batches: std::env::var("LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES").ok().and_then(|v| v.parse().ok()),
     };
     consumer.replay().await?;
 

@@ -79,6 +79,9 @@ pub struct Consumer {
     /// Most rides per WAL record. Large enough to amortise an fsync over thousands of
     /// rides, small enough that one record decodes in well under a millisecond.
     pub max_batch: usize,
+    /// Fault injection for crash tests: abort the process right after this many WAL
+    /// batches were made durable, before they are acked (`LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES`).
+    pub abort_after_batches: Option<u64>,
 }
 
 fn group(events: &[RideEvent]) -> FxHashMap<DayKey, Vec<RideEvent>> {
@@ -174,6 +177,10 @@ impl Consumer {
                 }
             };
             self.progress.fsync_micros_total.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            if self.abort_after_batches.is_some_and(|n| self.progress.batches.load(Ordering::Relaxed) + 1 >= n) {
+                tracing::error!(seq, "fault injection: aborting after the WAL fsync, before the ack");
+                std::process::abort();
+            }
             self.dispatch(seq, &events).await;
             self.progress.dispatched_seq.store(seq, Ordering::Release);
             self.progress.batches.fetch_add(1, Ordering::Relaxed);

@@ -2,6 +2,8 @@
 //! HTTP to it.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,8 +19,14 @@ pub struct Server {
 impl Server {
     /// Starts `liftlog serve` on a free loopback port with `data_dir` and extra flags.
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Self::start_with_env(data_dir, extra, &[])
+    }
+
+    /// Like `start`, with extra environment variables (fault injection).
+    pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let mut child = Command::new(env!("CARGO_BIN_EXE_liftlog"))
+            .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")

@@ -1,0 +1,260 @@
+//! The production back ends end to end: separate write, consume and read processes of the
+//! real binary against a real RabbitMQ and DynamoDB Local (started by scripts/test.sh).
+//! Each test uses its own queue and table prefix. They are `#[ignore]` so that a plain
+//! `cargo test` without the services reports them as ignored; scripts/test.sh runs them.
+
+mod common;
+
+use common::proxy::Proxy;
+use common::{agent, call, get, random_rides, Expected, Ride, Server};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The tests share one broker; one of them restarts it. Run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run scripts/test.sh, which starts the services"))
+}
+
+struct Backends {
+    amqp: String,
+    dynamodb: String,
+    prefix: String,
+}
+
+impl Backends {
+    fn new() -> Backends {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        Backends { amqp: env("LIFTLOG_TEST_AMQP"), dynamodb: env("LIFTLOG_TEST_DYNAMODB"), prefix: format!("t{nanos}") }
+    }
+
+    /// Flags for a node with `role`, tables at `dynamodb` (the real one unless a proxy).
+    fn args(&self, role: &str, dynamodb: &str) -> Vec<String> {
+        vec![
+            "--role".into(),
+            role.into(),
+            "--broker".into(),
+            self.amqp.clone(),
+            "--amqp-prefix".into(),
+            self.prefix.clone(),
+            "--dynamodb-endpoint".into(),
+            dynamodb.into(),
+            "--table-prefix".into(),
+            format!("{}_", self.prefix),
+            "--flush-interval-ms".into(),
+            "200".into(),
+        ]
+    }
+
+    fn start(&self, dir: &std::path::Path, role: &str) -> Server {
+        self.start_at(dir, role, &self.dynamodb.clone(), &[])
+    }
+
+    fn start_at(&self, dir: &std::path::Path, role: &str, dynamodb: &str, env: &[(&str, &str)]) -> Server {
+        let args = self.args(role, dynamodb);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start_with_env(dir, &args, env)
+    }
+}
+
+/// Posts every ride from `threads` clients, retrying 503s with the same key until 201
+/// (bounded); returns how many 503s were seen. Panics on anything else.
+fn post_all(base: &str, rides: &[Ride], threads: usize, deadline: Duration) -> usize {
+    let next = Arc::new(AtomicUsize::new(0));
+    let shed = Arc::new(AtomicUsize::new(0));
+    let rides = Arc::new(rides.to_vec());
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (next, shed, rides, base) = (next.clone(), shed.clone(), rides.clone(), base.to_string());
+            std::thread::spawn(move || {
+                let agent = agent();
+                let started = Instant::now();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(r) = rides.get(i) else { return };
+                    loop {
+                        let t = Instant::now();
+                        let code = r.post(&agent, &base);
+                        assert!(t.elapsed() < Duration::from_secs(12), "a POST hung for {:?}", t.elapsed());
+                        match code {
+                            201 => break,
+                            503 | 0 => {
+                                shed.fetch_add(1, Ordering::Relaxed);
+                                assert!(started.elapsed() < deadline, "ride {i} not accepted within {deadline:?}");
+                                std::thread::sleep(Duration::from_millis(200));
+                            }
+                            other => panic!("ride {i}: unexpected status {other}"),
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client");
+    }
+    shed.load(Ordering::Relaxed)
+}
+
+/// Polls until the node answers every expected figure (reads are eventually consistent),
+/// then returns the remaining mismatches (empty on success).
+fn settle(expected: &Expected, base: &str, within: Duration) -> Vec<String> {
+    let agent = agent();
+    let started = Instant::now();
+    loop {
+        let bad = expected.check(&agent, base);
+        if bad.is_empty() || started.elapsed() > within {
+            return bad;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn json(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[test]
+#[ignore = "needs RabbitMQ and DynamoDB Local: run scripts/test.sh"]
+fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_disk() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let b = Backends::new();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut consumer = b.start(dirs[0].path(), "consume");
+    let writer = b.start(dirs[1].path(), "write");
+    let reader = b.start(dirs[2].path(), "read");
+
+    // The README session, across three processes.
+    let a = agent();
+    let (code, _) = call(&a, "POST", &writer.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[("Content-Type", "application/json")], Some(r#"{"time":10,"liftID":5}"#));
+    assert_eq!(code, 201);
+    let first = Expected::from(&[Ride { resort: 1, season: 2025, day: 1, skier: 7, time: 10, lift: 5, key: String::new() }]);
+    assert!(settle(&first, &consumer.base, Duration::from_secs(10)).is_empty(), "consumer actors");
+    assert!(settle(&first, &reader.base, Duration::from_secs(10)).is_empty(), "reader via DynamoDB");
+    assert_eq!(get(&a, &reader.url("/resorts/1/seasons")).1, r#"{"seasons":["2025"]}"#);
+    // A read node refuses rides with a reason, a write node reads from the tables.
+    let (code, body) = call(&a, "POST", &reader.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[("Content-Type", "application/json")], Some(r#"{"time":10,"liftID":5}"#));
+    assert_eq!(code, 503, "{body}");
+
+    let rides = random_rides(42, 10_000, 3_000);
+    let shed = post_all(&writer.base, &rides, 16, Duration::from_secs(120));
+    eprintln!("10k rides posted, {shed} retries after 503");
+    let mut all = rides.clone();
+    all.push(Ride { resort: 1, season: 2025, day: 1, skier: 7, time: 10, lift: 5, key: String::new() });
+    let expected = Expected::from(&all);
+    let bad = settle(&expected, &reader.base, Duration::from_secs(60));
+    assert!(bad.is_empty(), "reader (DynamoDB): {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    let bad = settle(&expected, &consumer.base, Duration::from_secs(10));
+    assert!(bad.is_empty(), "consumer (actors): {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+
+    // The tables themselves, read directly.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use liftlog::tables::Tables;
+        let t = liftlog::tables::dynamo::DynamoTables::connect(liftlog::tables::dynamo::DynamoConfig {
+            endpoint: Some(b.dynamodb.clone()),
+            table_prefix: format!("{}_", b.prefix),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for ((resort, season, day), skiers) in &expected.day_skiers {
+            let key = liftlog::domain::DayKey { resort: *resort, season: *season, day: *day };
+            let item = t.get_day_count(key).await.unwrap().expect("count item");
+            assert_eq!(item.unique_skiers, skiers.len() as u64, "LiftRideCounts {key}");
+        }
+    });
+
+    // Lose the consumer's disk entirely: state comes back from DynamoDB.
+    consumer.kill9();
+    let fresh = tempfile::tempdir().unwrap();
+    consumer = b.start(fresh.path(), "consume");
+    let bad = settle(&expected, &consumer.base, Duration::from_secs(20));
+    assert!(bad.is_empty(), "consumer after an empty-disk restart: {:?}", &bad[..bad.len().min(5)]);
+}
+
+#[test]
+#[ignore = "needs RabbitMQ and DynamoDB Local: run scripts/test.sh"]
+fn consumer_killed_after_wal_fsync_before_ack_counts_each_ride_once() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let b = Backends::new();
+    let (dc, dw) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut consumer = b.start_at(dc.path(), "consume", &b.dynamodb.clone(), &[("LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES", "5")]);
+    let writer = b.start(dw.path(), "write");
+    let rides = random_rides(9, 3_000, 500);
+    post_all(&writer.base, &rides, 8, Duration::from_secs(60));
+    // The consumer aborted after its 5th WAL batch without acking it.
+    let status = consumer.child.wait().unwrap();
+    assert!(!status.success(), "the consumer should have aborted");
+    consumer.restart();
+    let expected = Expected::from(&rides);
+    let bad = settle(&expected, &consumer.base, Duration::from_secs(30));
+    assert!(bad.is_empty(), "{} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    let (_, body) = get(&agent(), &consumer.url("/admin/actors"));
+    let dups: u64 = json(&body)["actors"].as_array().unwrap().iter().map(|a| a["duplicates"].as_u64().unwrap()).sum();
+    assert!(dups > 0, "the unacked batch must have been redelivered and dropped as duplicates: {body}");
+}
+
+#[test]
+#[ignore = "needs RabbitMQ and DynamoDB Local: run scripts/test.sh"]
+fn dynamodb_outage_during_ingest_keeps_accepting_and_catches_up_exactly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let b = Backends::new();
+    let upstream = b.dynamodb.trim_start_matches("http://").parse().expect("DynamoDB endpoint as http://ip:port");
+    let proxy = Proxy::start(upstream);
+    let (dc, dw, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let consumer = b.start_at(dc.path(), "consume", &proxy.url(), &[]);
+    let writer = b.start(dw.path(), "write");
+    let reader = b.start(dr.path(), "read");
+    let rides = random_rides(5, 3_000, 400);
+    post_all(&writer.base, &rides[..1_000], 8, Duration::from_secs(60));
+    proxy.down();
+    post_all(&writer.base, &rides[1_000..2_000], 8, Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    let (_, body) = get(&agent(), &consumer.url("/admin/wal"));
+    let v = json(&body);
+    assert!(v["flusher"]["failures"].as_u64().unwrap() > 0, "flushes must fail while DynamoDB is away: {body}");
+    assert!(v["wal"]["live_bytes"].as_u64().unwrap() > 0, "the WAL holds the unflushed rides: {body}");
+    proxy.up();
+    post_all(&writer.base, &rides[2_000..], 8, Duration::from_secs(60));
+    let expected = Expected::from(&rides);
+    let bad = settle(&expected, &reader.base, Duration::from_secs(90));
+    assert!(bad.is_empty(), "{} mismatches after the outage, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+}
+
+#[test]
+#[ignore = "needs RabbitMQ and DynamoDB Local: run scripts/test.sh"]
+fn rabbitmq_restart_during_ingest_answers_503_then_recovers_losing_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let b = Backends::new();
+    let (dc, dw) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let consumer = b.start(dc.path(), "consume");
+    let writer = b.start(dw.path(), "write");
+    let rides = random_rides(77, 4_000, 600);
+    let services = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let base = writer.base.clone();
+    let posting = {
+        let rides = rides.clone();
+        std::thread::spawn(move || post_all(&base, &rides, 8, Duration::from_secs(180)))
+    };
+    std::thread::sleep(Duration::from_millis(700));
+    let ok = std::process::Command::new(services).arg("rabbitmq-stop").status().unwrap().success();
+    assert!(ok, "rabbitmq-stop");
+    // While the broker is away the write path answers 503 fast.
+    let a = agent();
+    let t = Instant::now();
+    let (code, body) = call(&a, "POST", &writer.url("/skiers/1/seasons/2025/days/2/skiers/1"), &[("Content-Type", "application/json")], Some(r#"{"time":1,"liftID":1}"#));
+    let outage_answer = (code, t.elapsed());
+    std::thread::sleep(Duration::from_secs(2));
+    let ok = std::process::Command::new(services).arg("rabbitmq-start").status().unwrap().success();
+    assert!(ok, "rabbitmq-start");
+    let shed = posting.join().expect("posting thread");
+    assert_eq!(outage_answer.0, 503, "during the outage: {body}");
+    assert!(outage_answer.1 < Duration::from_secs(7), "the 503 took {:?}", outage_answer.1);
+    eprintln!("{shed} retries during the broker restart");
+    let expected = Expected::from(&rides);
+    let bad = settle(&expected, &consumer.base, Duration::from_secs(90));
+    assert!(bad.is_empty(), "{} mismatches after the broker restart, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+}
