@@ -89,6 +89,8 @@ pub struct Config {
     pub flush_interval_ms: u64,
     /// Raw rides taken per actor per flush; aggregates never wait behind more than this.
     pub flush_rides_per_actor: usize,
+    /// Size trigger: a flush starts early once this many rides arrived since the last.
+    pub flush_after_rides: u64,
     /// Resident aggregator actors before idle ones are passivated.
     pub max_resident_days: usize,
     pub log_format: LogFormat,
@@ -140,6 +142,7 @@ impl Default for Config {
             durability: DurabilityPolicy::GroupCommit,
             flush_interval_ms: 1_000,
             flush_rides_per_actor: 20_000,
+            flush_after_rides: 50_000,
             max_resident_days: 8_192,
             log_format: LogFormat::Text,
             limits: Limits::default(),

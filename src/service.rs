@@ -124,6 +124,7 @@ async fn start_consumer(
         progress: progress.clone(),
         max_batch: config.max_batch,
         abort_after_batches: std::env::var("LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES").ok().and_then(|v| v.parse().ok()),
+        flush_after_rides: config.flush_after_rides,
     };
     consumer.replay().await?;
 

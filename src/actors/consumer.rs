@@ -35,6 +35,10 @@ pub struct Progress {
     pub replayed_records: AtomicU64,
     pub replayed_events: AtomicU64,
     pub replay_micros: AtomicU64,
+    /// Rides consumed since the flusher last ran; past `flush_after_rides` the consumer
+    /// wakes the flusher early instead of waiting for its interval.
+    pub unflushed_rides: AtomicU64,
+    pub flush_kick: tokio::sync::Notify,
 }
 
 #[derive(Serialize)]
@@ -82,6 +86,8 @@ pub struct Consumer {
     /// Fault injection for crash tests: abort the process right after this many WAL
     /// batches were made durable, before they are acked (`LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES`).
     pub abort_after_batches: Option<u64>,
+    /// Size trigger of the flusher: rides consumed before a flush is started early.
+    pub flush_after_rides: u64,
 }
 
 fn group(events: &[RideEvent]) -> FxHashMap<DayKey, Vec<RideEvent>> {
@@ -187,6 +193,9 @@ impl Consumer {
             self.progress.events.fetch_add(n, Ordering::Relaxed);
             self.progress.last_batch_size.store(n, Ordering::Relaxed);
             batch.acker.ack().await;
+            if self.progress.unflushed_rides.fetch_add(n, Ordering::Relaxed) + n >= self.flush_after_rides {
+                self.progress.flush_kick.notify_one();
+            }
         }
         tracing::info!("consumer drained");
     }

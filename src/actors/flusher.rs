@@ -119,6 +119,7 @@ impl Flusher {
     }
 
     async fn cycle(&self) -> Result<FlushReport, TableError> {
+        self.progress.unflushed_rides.store(0, Ordering::Relaxed);
         let upto = self.progress.dispatched_seq.load(Ordering::Acquire);
         let handles = self.registry.all();
         let mut snaps = Vec::with_capacity(handles.len());
@@ -176,12 +177,16 @@ impl Flusher {
         Ok(())
     }
 
-    /// Flushes every `interval` until `stop` fires; failures back off up to 30 s.
+    /// Flushes every `interval`, or earlier when the consumer signals that many rides are
+    /// waiting, until `stop` fires; failures back off up to 30 s (and ignore the size
+    /// trigger meanwhile, so an outage does not turn into a retry storm).
     pub async fn run(self: Arc<Self>, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
         let mut wait = interval;
         loop {
+            let healthy = wait == interval;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.progress.flush_kick.notified(), if healthy => {}
                 _ = stop.changed() => break,
             }
             match self.flush().await {
