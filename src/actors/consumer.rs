@@ -39,6 +39,9 @@ pub struct Progress {
     /// wakes the flusher early instead of waiting for its interval.
     pub unflushed_rides: AtomicU64,
     pub flush_kick: tokio::sync::Notify,
+    /// When each WAL batch not yet checkpointed was written, oldest first: the flush lag
+    /// (age of the oldest ride not yet in the tables) is the age of the front entry.
+    pub unflushed_batches: parking_lot::Mutex<std::collections::VecDeque<(u64, Instant)>>,
 }
 
 #[derive(Serialize)]
@@ -53,6 +56,8 @@ pub struct ProgressView {
     pub replayed_records: u64,
     pub replayed_events: u64,
     pub replay_millis: u64,
+    /// Age of the oldest ride not yet in the tables, ms (0 when all are).
+    pub flush_lag_ms: u64,
 }
 
 impl Progress {
@@ -71,6 +76,19 @@ impl Progress {
             replayed_records: self.replayed_records.load(Ordering::Relaxed),
             replayed_events: self.replayed_events.load(Ordering::Relaxed),
             replay_millis: self.replay_micros.load(Ordering::Relaxed) / 1000,
+            flush_lag_ms: self.flush_lag().as_millis() as u64,
+        }
+    }
+
+    pub fn flush_lag(&self) -> Duration {
+        self.unflushed_batches.lock().front().map_or(Duration::ZERO, |(_, at)| at.elapsed())
+    }
+
+    /// Forgets the batches a checkpoint now covers.
+    pub fn checkpointed(&self, upto: u64) {
+        let mut q = self.unflushed_batches.lock();
+        while q.front().is_some_and(|(seq, _)| *seq <= upto) {
+            q.pop_front();
         }
     }
 }
@@ -111,6 +129,7 @@ impl Consumer {
             events += batch.len() as u64;
             records += 1;
             self.dispatch(record.seq, &batch).await;
+            self.progress.unflushed_batches.lock().push_back((record.seq, started));
             last = record.seq;
         }
         // A round trip to every actor: all replayed batches are applied after it.
@@ -187,6 +206,7 @@ impl Consumer {
                 tracing::error!(seq, "fault injection: aborting after the WAL fsync, before the ack");
                 std::process::abort();
             }
+            self.progress.unflushed_batches.lock().push_back((seq, started));
             self.dispatch(seq, &events).await;
             self.progress.dispatched_seq.store(seq, Ordering::Release);
             self.progress.batches.fetch_add(1, Ordering::Relaxed);

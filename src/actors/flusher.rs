@@ -150,6 +150,7 @@ impl Flusher {
             .map_err(|e| TableError::Unavailable(e.to_string()))?
             .map_err(|e| TableError::Unavailable(format!("WAL checkpoint: {e}")))?;
         report.checkpoint = checkpoint;
+        self.progress.checkpointed(checkpoint);
         self.registry.passivate_idle();
         Ok(report)
     }

@@ -146,6 +146,7 @@ fn node_metrics(node: &crate::http::ConsumerNode, metric: &mut impl FnMut(&str, 
     metric("consumer_events_total", "counter", "Rides consumed (duplicates included).", p.events as f64);
     metric("consumer_wal_failures_total", "counter", "Batches refused because the WAL write failed.", p.wal_failures as f64);
     metric("consumer_mean_batch_size", "gauge", "Mean rides per WAL batch.", p.mean_batch_size);
+    metric("flush_lag_seconds", "gauge", "Age of the oldest ride not yet in the tables.", p.flush_lag_ms as f64 / 1000.0);
     let w = node.wal.stats();
     metric("wal_live_bytes", "gauge", "WAL bytes not yet checkpointed.", w.live_bytes as f64);
     metric("wal_max_bytes", "gauge", "WAL bound; POSTs get 503 beyond it.", w.max_bytes as f64);
