@@ -24,6 +24,7 @@ use crate::bus::{embedded, EventSource, Publisher, Stop};
 use crate::catalog::Catalog;
 use crate::config::{Config, DurabilityPolicy, Role, TableStore};
 use crate::http::{self, stats::RequestStats, AppState, ConsumerNode};
+use crate::tables::dynamo::{DynamoConfig, DynamoTables};
 use crate::tables::{sled_store::SledTables, Tables};
 use liftlog_wal::{Durability, Wal, WalConfig};
 
@@ -47,7 +48,15 @@ struct ConsumeTasks {
 async fn open_tables(config: &Config) -> anyhow::Result<Arc<dyn Tables>> {
     let tables: Arc<dyn Tables> = match config.tables {
         TableStore::Sled => Arc::new(SledTables::open(&config.data_dir.join("tables"))?),
-        TableStore::Dynamodb => anyhow::bail!("DynamoDB tables are being wired"),
+        TableStore::Dynamodb => Arc::new(
+            DynamoTables::connect(DynamoConfig {
+                endpoint: config.dynamodb_endpoint.clone(),
+                region: config.dynamodb_region.clone(),
+                table_prefix: config.table_prefix.clone(),
+                max_concurrency: config.table_concurrency,
+            })
+            .await?,
+        ),
     };
     if config.create_tables {
         tables.create().await?;
