@@ -20,6 +20,7 @@ use crate::actors::flusher::Flusher;
 use crate::actors::registry::Registry;
 use crate::actors::season_index::SeasonIndex;
 use crate::actors::seasons::SeasonBook;
+use crate::bus::amqp::{self, AmqpConfig, AmqpPublisher, AmqpSource};
 use crate::bus::{embedded, EventSource, Publisher, Stop};
 use crate::catalog::Catalog;
 use crate::config::{Config, DurabilityPolicy, Role, TableStore};
@@ -73,6 +74,18 @@ pub async fn create_tables(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn amqp_config(config: &Config, url: &str) -> AmqpConfig {
+    AmqpConfig {
+        url: url.to_string(),
+        prefix: config.amqp_prefix.clone(),
+        partitions: config.partitions,
+        publish_channels: config.publish_channels,
+        max_in_flight: config.max_in_flight,
+        confirm_timeout: Duration::from_millis(config.publish_deadline_ms),
+        prefetch: config.prefetch,
+    }
+}
+
 type SourceStatsFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// The bus ends this node needs: a publisher if it writes, a source if it consumes.
@@ -84,7 +97,21 @@ async fn open_bus(config: &Config) -> anyhow::Result<(Option<Arc<dyn Publisher>>
             let (p, s) = embedded::channel(config.bus_capacity, Duration::from_millis(config.publish_deadline_ms));
             Ok((Some(Arc::new(p)), Some(Box::new(s)), None))
         }
-        Some(_) => anyhow::bail!("RabbitMQ is being wired"),
+        Some(url) => {
+            let amqp = amqp_config(config, url);
+            amqp::declare_topology(&amqp).await?;
+            let publisher: Option<Arc<dyn Publisher>> =
+                if write { Some(Arc::new(AmqpPublisher::connect(amqp.clone()).await?)) } else { None };
+            let (source, stats): (Option<Box<dyn EventSource>>, Option<SourceStatsFn>) = if consume {
+                let source = AmqpSource::connect(amqp).await?;
+                let handle = source.stats_handle();
+                let stats: SourceStatsFn = Arc::new(move || serde_json::to_value(handle.snapshot()).unwrap_or_default());
+                (Some(Box::new(source)), Some(stats))
+            } else {
+                (None, None)
+            };
+            Ok((publisher, source, stats))
+        }
     }
 }
 

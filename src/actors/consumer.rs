@@ -193,6 +193,8 @@ impl Consumer {
                         other => PublishError::Unavailable(format!("write-ahead log: {other}")),
                     };
                     batch.acker.nack(err).await;
+                    // A broker requeues at once: pause so a failing disk is not a busy loop.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
                 Err(join) => {

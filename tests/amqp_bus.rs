@@ -1,0 +1,564 @@
+//! The RabbitMQ bus against a real broker: round trip, redelivery without ack, single
+//! active consumer, poison messages, load shedding, a broker outage, and a quick
+//! throughput measurement.
+//!
+//! Needs RabbitMQ (the URL in `LIFTLOG_TEST_AMQP`), so every test is `#[ignore]`:
+//! `LIFTLOG_TEST_AMQP=amqp://guest:guest@127.0.0.1:5672/%2f cargo test --test amqp_bus -- --include-ignored`
+//! (`scripts/test.sh` does this). Each test uses its own exchange/queue prefix and deletes
+//! it at the end; the tests of this file run one at a time (a static lock), because the
+//! outage test stops the broker.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use liftlog::bus::amqp::{declare_topology, partition_of, AmqpConfig, AmqpPublisher, AmqpSource};
+use liftlog::bus::{Batch, EventSource, Publisher};
+use liftlog::domain::RideEvent;
+use liftlog::error::PublishError;
+
+/// One test of this file at a time (an async mutex: each test has its own runtime, and a
+/// failed test does not poison it).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn init_logs() {
+    let filter = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_test_writer()
+        .try_init();
+}
+
+fn amqp_url() -> String {
+    std::env::var("LIFTLOG_TEST_AMQP").unwrap_or_else(|_| {
+        panic!(
+            "LIFTLOG_TEST_AMQP is not set. Run scripts/test.sh, or start RabbitMQ \
+             (scripts/services.sh up) and set LIFTLOG_TEST_AMQP=amqp://guest:guest@127.0.0.1:5672/%2f"
+        )
+    })
+}
+
+/// A configuration with a prefix of its own, deleted (best effort) when dropped.
+struct Topology(AmqpConfig);
+
+impl Topology {
+    fn new(name: &str) -> Topology {
+        init_logs();
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        Topology(AmqpConfig { url: amqp_url(), prefix: format!("t{nanos}-{name}"), ..AmqpConfig::default() })
+    }
+
+    fn cfg(&self) -> AmqpConfig {
+        self.0.clone()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // Async clean-up from a plain thread with a runtime of its own: works while
+        // unwinding, and from within the test's runtime.
+        let cfg = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let Ok(conn) = Connection::connect(&cfg.url, ConnectionProperties::default()).await else { return };
+                let mut queues: Vec<String> = (0..cfg.partitions).map(|p| cfg.partition_queue(p)).collect();
+                queues.push(cfg.dead_queue());
+                // A failed delete closes its channel: one channel per operation.
+                for q in queues {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch.queue_delete(q.into(), QueueDeleteOptions::default()).await;
+                        close_channel(ch).await;
+                    }
+                }
+                for x in [cfg.rides_exchange(), cfg.dead_letter_exchange()] {
+                    if let Ok(ch) = conn.create_channel().await {
+                        let _ = ch.exchange_delete(x.into(), ExchangeDeleteOptions::default()).await;
+                        close_channel(ch).await;
+                    }
+                }
+                let _ = conn.close(200, "OK".into()).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Closes a channel before its connection (lapin logs an error for a channel handle
+/// dropped while its connection is closing).
+async fn close_channel(ch: lapin::Channel) {
+    if ch.status().connected() {
+        let _ = ch.close(200, "OK".into()).await;
+    }
+}
+
+fn ride(id: u64) -> RideEvent {
+    RideEvent {
+        id,
+        resort: (id % 7 + 1) as u32,
+        season: 2025,
+        day: (id % 300 + 1) as u16,
+        skier: (id % 100_000 + 1) as u32,
+        time: (id % 360 + 1) as u16,
+        lift: (id % 40 + 1) as u16,
+        vertical: 100 + (id % 40) as u32 * 10,
+    }
+}
+
+/// Publishes `ids` from `tasks` concurrent tasks; panics on the first failure.
+async fn publish_all(publisher: &Arc<AmqpPublisher>, ids: Vec<u64>, tasks: usize) {
+    let ids = Arc::new(ids);
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let (p, ids) = (publisher.clone(), ids.clone());
+        handles.push(tokio::spawn(async move {
+            for &id in ids.iter().skip(t).step_by(tasks) {
+                if let Err(e) = p.publish(ride(id)).await {
+                    panic!("publish of ride {id} failed: {e:?}");
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.expect("publishing task");
+    }
+}
+
+/// Takes batches until `want` events arrived in total (or panics after `within`).
+async fn take_events(source: &mut AmqpSource, want: usize, within: Duration) -> Vec<Batch> {
+    let deadline = Instant::now() + within;
+    let mut batches = Vec::new();
+    let mut got = 0;
+    while got < want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, source.next_batch(1000)).await {
+            Ok(Some(batch)) => {
+                got += batch.events.len();
+                batches.push(batch);
+            }
+            Ok(None) => panic!("source ended after {got} of {want} events"),
+            Err(_) => panic!("only {got} of {want} events within {within:?}"),
+        }
+    }
+    batches
+}
+
+fn ids_of(batches: &[Batch]) -> Vec<u64> {
+    batches.iter().flat_map(|b| b.events.iter().map(|e| e.id)).collect()
+}
+
+async fn ack_all(batches: Vec<Batch>) {
+    for b in batches {
+        b.acker.ack().await;
+    }
+}
+
+/// True if the source hands out nothing within `d`.
+async fn quiet_for(source: &mut AmqpSource, d: Duration) -> bool {
+    tokio::time::timeout(d, source.next_batch(1000)).await.is_err()
+}
+
+async fn ready_in(cfg: &AmqpConfig, queue: &str) -> u32 {
+    let conn = Connection::connect(&cfg.url, ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await
+        .unwrap();
+    close_channel(ch).await;
+    let _ = conn.close(200, "OK".into()).await;
+    q.message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs RabbitMQ: run scripts/test.sh"]
+async fn round_trip_every_ride_once_and_acked_for_good() {
+    let _serial = SERIAL.lock().await;
+    let topo = Topology::new("roundtrip");
+    // Idempotent: declaring twice, then again from both ends, is fine.
+    declare_topology(&topo.0).await.unwrap();
+    declare_topology(&topo.0).await.unwrap();
+    let publisher = Arc::new(AmqpPublisher::connect(topo.cfg()).await.unwrap());
+    let mut source = AmqpSource::connect(topo.cfg()).await.unwrap();
+
+    let ids: Vec<u64> = (1..=5_000).collect();
+    let started = Instant::now();
+    publish_all(&publisher, ids.clone(), 64).await;
+    eprintln!("round trip: 5000 confirmed publishes from 64 tasks in {:?}", started.elapsed());
+    assert_eq!(publisher.stats().published, 5_000);
+
+    let mut got = Vec::new();
+    let mut batches = 0;
+    while got.len() < ids.len() {
+        let batch = tokio::time::timeout(Duration::from_secs(30), source.next_batch(1000))
+            .await
+            .expect("deliveries within 30 s")
+            .expect("source open");
+        batches += 1;
+        got.extend(batch.events.iter().map(|e| e.id));
+        batch.acker.ack().await;
+    }
+    eprintln!("round trip: all received in {batches} batches after {:?}", started.elapsed());
+    assert_eq!(got.len(), ids.len(), "no duplicates");
+    assert_eq!(got.iter().copied().collect::<HashSet<_>>(), ids.iter().copied().collect::<HashSet<_>>());
+    assert!(quiet_for(&mut source, Duration::from_millis(500)).await, "nothing beyond what was published");
+    let stats = source.stats();
+    assert_eq!((stats.deliveries, stats.acked, stats.redelivered, stats.dead_lettered), (5_000, 5_000, 0, 0));
+
+    // Close: later publishes are refused as shutting down.
+    publisher.close();
+    assert!(matches!(publisher.publish(ride(9_999_999)).await, Err(PublishError::ShuttingDown)));
+
+    // Stop: next_batch ends.
+    source.stop_handle().stop();
+    let end = tokio::time::timeout(Duration::from_secs(10), source.next_batch(10)).await.expect("ends after stop");
+    assert!(end.is_none());
+    drop(source);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Acked for good: a new consumer (now the active one) gets nothing.
+    let mut second = AmqpSource::connect(topo.cfg()).await.unwrap();
+    assert!(quiet_for(&mut second, Duration::from_secs(2)).await, "a second source got rides that were acked");
+    assert_eq!(second.stats().deliveries, 0);
+    for p in 0..topo.0.partitions {
+        assert_eq!(ready_in(&topo.0, &topo.0.partition_queue(p)).await, 0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs RabbitMQ: run scripts/test.sh"]
+async fn unacked_rides_are_redelivered_after_a_crash() {
+    let _serial = SERIAL.lock().await;
+    let topo = Topology::new("redeliver");
+    let publisher = Arc::new(AmqpPublisher::connect(topo.cfg()).await.unwrap());
+    let ids: Vec<u64> = (10_001..=10_100).collect();
+    publish_all(&publisher, ids.clone(), 8).await;
+
+    // The depth figure is refreshed in the background: no consumer yet, so all 100 wait.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while publisher.stats().depth != 100 {
+        assert!(Instant::now() < deadline, "depth stayed {} (want 100)", publisher.stats().depth);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Consume everything, "fsync", then crash before acking.
+    let mut source = AmqpSource::connect(topo.cfg()).await.unwrap();
+    let batches = take_events(&mut source, ids.len(), Duration::from_secs(10)).await;
+    assert_eq!(ids_of(&batches).into_iter().collect::<HashSet<_>>(), ids.iter().copied().collect());
+    assert_eq!(source.stats().redelivered, 0);
+    drop(batches);
+    drop(source);
+
+    // A restarted consumer gets the same rides again, flagged as redelivered.
+    let mut source = AmqpSource::connect(topo.cfg()).await.unwrap();
+    let batches = take_events(&mut source, ids.len(), Duration::from_secs(15)).await;
+    let again = ids_of(&batches);
+    assert_eq!(again.len(), ids.len());
+    assert_eq!(again.into_iter().collect::<HashSet<_>>(), ids.iter().copied().collect());
+    assert_eq!(source.stats().redelivered, 100);
+    ack_all(batches).await;
+    assert!(quiet_for(&mut source, Duration::from_millis(500)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs RabbitMQ: run scripts/test.sh"]
+async fn single_active_consumer_fails_over_to_the_standby() {
+    let _serial = SERIAL.lock().await;
+    let topo = Topology::new("sac");
+    let publisher = Arc::new(AmqpPublisher::connect(topo.cfg()).await.unwrap());
+    let mut active = AmqpSource::connect(topo.cfg()).await.unwrap();
+    let mut standby = AmqpSource::connect(topo.cfg()).await.unwrap();
+
+    let ids: Vec<u64> = (20_001..=20_200).collect();
+    publish_all(&publisher, ids.clone(), 16).await;
+
+    let batches = take_events(&mut active, ids.len(), Duration::from_secs(10)).await;
+    assert_eq!(ids_of(&batches).into_iter().collect::<HashSet<_>>(), ids.iter().copied().collect());
+    assert!(quiet_for(&mut standby, Duration::from_secs(1)).await, "the standby consumed while the active one lives");
+    assert_eq!(standby.stats().deliveries, 0);
+
+    // The active consumer dies without acking: the standby takes over every partition.
+    drop(batches);
+    drop(active);
+    let batches = take_events(&mut standby, ids.len(), Duration::from_secs(15)).await;
+    let taken_over = ids_of(&batches);
+    assert_eq!(taken_over.len(), ids.len());
+    assert_eq!(taken_over.into_iter().collect::<HashSet<_>>(), ids.iter().copied().collect());
+    ack_all(batches).await;
+
+    // And it keeps consuming new rides.
+    publisher.publish(ride(20_201)).await.unwrap();
+    let batches = take_events(&mut standby, 1, Duration::from_secs(10)).await;
+    assert_eq!(ids_of(&batches), vec![20_201]);
+    ack_all(batches).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs RabbitMQ: run scripts/test.sh"]
+async fn poison_message_is_dead_lettered_and_skipped() {
+    let _serial = SERIAL.lock().await;
+    let topo = Topology::new("poison");
+    let cfg = topo.cfg();
+    let publisher = Arc::new(AmqpPublisher::connect(cfg.clone()).await.unwrap());
+    let mut source = AmqpSource::connect(cfg.clone()).await.unwrap();
+
+    // Garbage straight into the partition queue of the good ride that follows it.
+    let good = ride(30_001);
+    let queue = cfg.partition_queue(partition_of(&good.key(), cfg.partitions));
+    let conn = Connection::connect(&cfg.url, ConnectionProperties::default()).await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.clone().into(),
+            BasicPublishOptions::default(),
+            b"\xff\xfe this is not a ride \x00\x01",
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(confirm.is_ack());
+    close_channel(ch).await;
+    let _ = conn.close(200, "OK".into()).await;
+
+    publisher.publish(good).await.unwrap();
+    let batches = take_events(&mut source, 1, Duration::from_secs(10)).await;
+    assert_eq!(ids_of(&batches), vec![good.id], "only the good ride reaches the consumer");
+    assert_eq!(batches[0].events[0], good);
+    ack_all(batches).await;
+
+    let stats = source.stats();
+    assert_eq!((stats.deliveries, stats.dead_lettered, stats.acked), (2, 1, 1));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dead = ready_in(&cfg, &cfg.dead_queue()).await;
+        if dead == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "dead-letter queue holds {dead} messages, want 1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready_in(&cfg, &queue).await, 0);
+    assert!(quiet_for(&mut source, Duration::from_millis(500)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs RabbitMQ: run scripts/test.sh"]
+async fn full_publisher_sheds_load_at_once() {
+    let _serial = SERIAL.lock().await;
+    let topo = Topology::new("shed");
+    let cfg = AmqpConfig { max_in_flight: 4, ..topo.cfg() };
+    let publisher = Arc::new(AmqpPublisher::connect(cfg).await.unwrap());
+    let mut handles = Vec::new();
+    for id in 40_001..=40_256u64 {
+        let p = publisher.clone();
+        handles.push(tokio::spawn(async move { p.publish(ride(id)).await }));
+    }
+    let (mut ok, mut shed) = (0u64, 0u64);
+    for h in handles {
+        match h.await.unwrap() {
+            Ok(()) => ok += 1,
+            Err(PublishError::Overloaded) => shed += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    eprintln!("shedding: {ok} confirmed, {shed} refused with max_in_flight = 4");
+    assert!(ok >= 4 && shed > 0, "ok {ok}, shed {shed}");
+    let stats = publisher.stats();
+    assert_eq!((stats.published, stats.rejected_full, stats.capacity), (ok, shed, 4));
+}
+
+/// Runs `scripts/services.sh ARG` from the repository root.
+async fn services(arg: &'static str) {
+    let status = tokio::task::spawn_blocking(move || {
+        Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh"))
+            .arg(arg)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run scripts/services.sh")
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "scripts/services.sh {arg} failed: {status}");
+}
+
+/// Restarts the broker if the test ends (or fails) while it is stopped.
+struct BrokerRestorer {
+    stopped: bool,
+}
+
+impl Drop for BrokerRestorer {
+    fn drop(&mut self) {
+        if self.stopped {
+            let _ = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh"))
+                .arg("rabbitmq-start")
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs RabbitMQ: run scripts/test.sh"]
+async fn broker_outage_fails_fast_then_recovers() {
+    let _serial = SERIAL.lock().await;
+    let topo = Topology::new("outage");
+    let cfg = AmqpConfig { confirm_timeout: Duration::from_secs(3), ..topo.cfg() };
+    let publisher = Arc::new(AmqpPublisher::connect(cfg.clone()).await.unwrap());
+    let mut source = AmqpSource::connect(cfg.clone()).await.unwrap();
+
+    publish_all(&publisher, (50_001..=50_010).collect(), 4).await;
+    ack_all(take_events(&mut source, 10, Duration::from_secs(10)).await).await;
+    // Received but not acked when the broker goes away: must come back afterwards.
+    publish_all(&publisher, (50_011..=50_015).collect(), 4).await;
+    let unacked = take_events(&mut source, 5, Duration::from_secs(10)).await;
+
+    // Publishers keep going through the outage: none may wait past the confirm deadline.
+    let hammer_stop = Arc::new(AtomicBool::new(false));
+    let mut hammers = Vec::new();
+    for t in 0..4u64 {
+        let (p, stop) = (publisher.clone(), hammer_stop.clone());
+        hammers.push(tokio::spawn(async move {
+            let (mut ok, mut tried, mut worst) = (Vec::new(), Vec::new(), Duration::ZERO);
+            let mut id = 1_000_000 * (t + 1);
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                tried.push(id);
+                let started = Instant::now();
+                if p.publish(ride(id)).await.is_ok() {
+                    ok.push(id);
+                }
+                worst = worst.max(started.elapsed());
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (ok, tried, worst)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut restorer = BrokerRestorer { stopped: true };
+    services("rabbitmq-stop").await;
+    for id in 50_100..50_103 {
+        let started = Instant::now();
+        let result = publisher.publish(ride(id)).await;
+        let took = started.elapsed();
+        eprintln!("outage: publish -> {result:?} after {took:?}");
+        assert!(matches!(result, Err(PublishError::Unavailable(_)) | Err(PublishError::Timeout)), "{result:?}");
+        assert!(took <= cfg.confirm_timeout + Duration::from_secs(1), "publish hung for {took:?}");
+    }
+
+    services("rabbitmq-start").await;
+    restorer.stopped = false;
+    let back = Instant::now();
+    let recovered_id = 50_200;
+    loop {
+        match publisher.publish(ride(recovered_id)).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(back.elapsed() < Duration::from_secs(30), "publishing still fails 30 s after restart: {e:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    eprintln!("outage: publishing works again {:?} after the broker restart", back.elapsed());
+    assert!(publisher.reconnects() >= 1);
+
+    hammer_stop.store(true, Ordering::Relaxed);
+    let (mut hammer_ok, mut hammer_tried) = (HashSet::new(), HashSet::new());
+    for h in hammers {
+        let (ok, tried, worst) = h.await.unwrap();
+        eprintln!(
+            "outage: a publisher through the outage: {} of {} confirmed, slowest {worst:?}",
+            ok.len(),
+            tried.len()
+        );
+        assert!(worst <= cfg.confirm_timeout + Duration::from_secs(1), "a publish hung for {worst:?}");
+        hammer_ok.extend(ok);
+        hammer_tried.extend(tried);
+    }
+
+    // Acks for deliveries of the lost connection are dropped, not sent on the new one.
+    ack_all(unacked).await;
+
+    // The source reconnects: the 5 unacked rides come back, plus every confirmed one. A
+    // ride whose publish failed may or may not have made it (the client retries those).
+    let want: HashSet<u64> = (50_011..=50_015).chain([recovered_id]).chain(hammer_ok.iter().copied()).collect();
+    let mut got = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !want.is_subset(&got) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let batch = tokio::time::timeout(left, source.next_batch(1000))
+            .await
+            .unwrap_or_else(|_| panic!("missing after 30 s: {:?}", want.difference(&got).take(10).collect::<Vec<_>>()))
+            .expect("source open");
+        got.extend(batch.events.iter().map(|e| e.id));
+        batch.acker.ack().await;
+    }
+    while let Ok(Some(batch)) = tokio::time::timeout(Duration::from_millis(500), source.next_batch(1000)).await {
+        got.extend(batch.events.iter().map(|e| e.id));
+        batch.acker.ack().await;
+    }
+    let unexpected: Vec<_> = got.difference(&want).filter(|id| !hammer_tried.contains(id)).collect();
+    assert!(unexpected.is_empty(), "rides nobody published: {unexpected:?}");
+    let stats = source.stats();
+    eprintln!("outage: source stats {stats:?}");
+    assert!(stats.reconnects >= 1 && stats.connected);
+    assert!(stats.redelivered >= 5);
+
+    // The new channels are healthy after those acks: one more round trip.
+    publisher.publish(ride(50_201)).await.unwrap();
+    let batches = take_events(&mut source, 1, Duration::from_secs(10)).await;
+    assert_eq!(ids_of(&batches), vec![50_201]);
+    ack_all(batches).await;
+    assert!(quiet_for(&mut source, Duration::from_millis(500)).await, "nothing acked was delivered again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs RabbitMQ: run scripts/test.sh"]
+async fn measure_publish_and_consume_rates() {
+    let _serial = SERIAL.lock().await;
+    let topo = Topology::new("rate");
+    let publisher = Arc::new(AmqpPublisher::connect(topo.cfg()).await.unwrap());
+    const N: u64 = 20_000;
+
+    let started = Instant::now();
+    publish_all(&publisher, (1..=N).collect(), 256).await;
+    let took = started.elapsed();
+    eprintln!(
+        "rate: {N} confirmed publishes, 256 concurrent publishers, {} channels, quorum queues: {:?} = {:.0}/s",
+        topo.0.publish_channels,
+        took,
+        N as f64 / took.as_secs_f64()
+    );
+
+    let mut source = AmqpSource::connect(topo.cfg()).await.unwrap();
+    let started = Instant::now();
+    let (mut got, mut batches) = (0u64, 0u64);
+    while got < N {
+        let batch = tokio::time::timeout(Duration::from_secs(30), source.next_batch(2000))
+            .await
+            .expect("deliveries within 30 s")
+            .expect("source open");
+        got += batch.events.len() as u64;
+        batches += 1;
+        batch.acker.ack().await;
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "rate: {N} consumed and acked in {batches} batches (max 2000, prefetch {}): {:?} = {:.0}/s",
+        topo.0.prefetch,
+        took,
+        N as f64 / took.as_secs_f64()
+    );
+    assert_eq!(got, N);
+}
