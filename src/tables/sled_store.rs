@@ -24,6 +24,9 @@ use super::{DayCountItem, SkierDayItem, Tables, WriteReport};
 use crate::domain::{DayKey, RideEvent};
 use crate::error::TableError;
 
+/// sled page cache for the embedded tables.
+const TABLES_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+
 #[derive(Clone)]
 pub struct SledTables {
     db: sled::Db,
@@ -86,7 +89,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, TableError> +
 
 impl SledTables {
     pub fn open(dir: &Path) -> Result<Self, TableError> {
-        let db = sled::Config::new().path(dir).open().map_err(unavailable)?;
+        // Reads come from the actors; the tables are read on activation and fallback only,
+        // so sled's 1 GiB default cache would mostly hold memory the actors need.
+        let db = sled::Config::new().path(dir).cache_capacity(TABLES_CACHE_BYTES).open().map_err(unavailable)?;
         Ok(SledTables {
             skier_days: db.open_tree("skier_days").map_err(unavailable)?,
             day_skiers: db.open_tree("day_skiers").map_err(unavailable)?,

@@ -53,6 +53,8 @@ use serde::Serialize;
 use tracing::{debug, error, info, warn};
 
 const LOG_TREE: &str = "log";
+/// sled page cache for the WAL (see `open_db`).
+const WAL_CACHE_BYTES: u64 = 64 * 1024 * 1024;
 const META_TREE: &str = "meta";
 const CHECKPOINT_KEY: &[u8] = b"checkpoint";
 
@@ -220,7 +222,9 @@ fn open_db(dir: &Path) -> Result<sled::Db, WalError> {
     let deadline = Instant::now() + LOCK_WAIT;
     let mut backoff = Duration::from_millis(1);
     loop {
-        match sled::Config::new().path(dir).open() {
+        // The WAL is written once and read only at start-up: a small page cache is
+        // enough, and sled's 1 GiB default would be memory taken from the actors.
+        match sled::Config::new().path(dir).cache_capacity(WAL_CACHE_BYTES).open() {
             Ok(db) => return Ok(db),
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
