@@ -24,6 +24,20 @@ struct Backends {
     prefix: String,
 }
 
+impl Drop for Backends {
+    /// Quorum queues outlive the test on a shared broker; remove this test's (best effort).
+    fn drop(&mut self) {
+        let queues = (0..4).map(|p| format!("{}.rides.{p}", self.prefix)).chain([format!("{}.rides.dead", self.prefix)]);
+        for q in queues {
+            let _ = std::process::Command::new("rabbitmqctl")
+                .args(["-q", "delete_queue", &q])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
 impl Backends {
     fn new() -> Backends {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
