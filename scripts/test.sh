@@ -22,6 +22,13 @@ export LIFTLOG_TEST_DYNAMODB="${LIFTLOG_TEST_DYNAMODB:-http://127.0.0.1:${DYNAMO
 echo "== build"
 cargo build --workspace --all-targets --locked
 
+echo "== lint"
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+else
+  echo "clippy is not installed on this machine; lint not run"
+fi
+
 echo "== tests (embedded and production back ends)"
 # --include-ignored: the tests that need RabbitMQ/DynamoDB are #[ignore] so that a plain
 # `cargo test` without the services reports them as ignored, never as passed.

@@ -47,7 +47,9 @@ fn every_bad_input_gets_its_4xx_with_a_message_and_changes_nothing() {
     let long_key = "k".repeat(300);
     let big = format!(r#"{{"time":10,"liftID":5,"pad":"{}"}}"#, "x".repeat(20_000));
     let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, Option<String>, u16)> = vec![
+    // (method, path, headers, body, expected status)
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, Option<String>, u16);
+    let cases: Vec<Case> = vec![
         ("POST", "/skiers-app/skiers/abc/seasons/2025/days/1/skiers/7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
         ("POST", "/skiers-app/skiers/1/seasons/20x5/days/1/skiers/7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
         ("POST", "/skiers-app/skiers/1/seasons/2025/days/367/skiers/7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),

@@ -17,9 +17,12 @@ struct SeasonTotal {
     vertical: u64,
 }
 
+/// One shard: skier → that skier's totals (usually one or two entries).
+type Shard = Mutex<FxHashMap<u32, Vec<SeasonTotal>>>;
+
 pub struct SeasonIndex {
     /// A power of two, so the shard is the low bits of the skier id.
-    shards: Box<[Mutex<FxHashMap<u32, Vec<SeasonTotal>>>]>,
+    shards: Box<[Shard]>,
 }
 
 impl SeasonIndex {
@@ -28,7 +31,7 @@ impl SeasonIndex {
         SeasonIndex { shards: (0..64).map(|_| Mutex::new(FxHashMap::default())).collect() }
     }
 
-    fn shard(&self, skier: u32) -> &Mutex<FxHashMap<u32, Vec<SeasonTotal>>> {
+    fn shard(&self, skier: u32) -> &Shard {
         &self.shards[(skier as usize) & (self.shards.len() - 1)]
     }
 
@@ -47,7 +50,7 @@ impl SeasonIndex {
         let shard = self.shard(skier).lock();
         let mut out = BTreeMap::new();
         if let Some(totals) = shard.get(&skier) {
-            for t in totals.iter().filter(|t| resorts.contains(&t.resort) && season.map_or(true, |s| s == t.season)) {
+            for t in totals.iter().filter(|t| resorts.contains(&t.resort) && season.is_none_or(|s| s == t.season)) {
                 *out.entry(t.season).or_insert(0) += t.vertical;
             }
         }

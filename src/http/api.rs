@@ -157,7 +157,7 @@ pub async fn skier_vertical(req: HttpRequest, state: State, path: web::Path<Stri
             let mut totals = BTreeMap::new();
             for resort in &resorts {
                 for item in state.tables.query_skier_resort(skier, *resort).await? {
-                    if season.map_or(true, |s| s == item.key.season) {
+                    if season.is_none_or(|s| s == item.key.season) {
                         *totals.entry(item.key.season).or_insert(0) += item.vertical;
                     }
                 }
