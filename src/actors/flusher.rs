@@ -20,9 +20,10 @@ use crate::error::TableError;
 use crate::tables::Tables;
 use liftlog_wal::Wal;
 
-/// Items per table write call: DynamoDB's BatchWriteItem limit, and a size the sled store
-/// handles in one go as well.
-pub const WRITE_CHUNK: usize = 25;
+/// Items per table write call. Each store splits further as it must (DynamoDB: 25 per
+/// BatchWriteItem); larger calls keep the per-call overhead (a blocking-pool hop for sled,
+/// a round of concurrent requests for DynamoDB) off the per-item cost.
+pub const WRITE_CHUNK: usize = 2_000;
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct FlushStats {
@@ -160,6 +161,7 @@ impl Flusher {
             self.tables.put_seasons(seasons).await?;
         }
         let mut stale = 0;
+        let t0 = Instant::now();
         let days: Vec<_> = snaps.iter().flat_map(|(_, s)| s.skier_days.iter().cloned()).collect();
         for chunk in days.chunks(WRITE_CHUNK) {
             stale += self.tables.put_skier_days(chunk).await?.stale;
@@ -168,12 +170,15 @@ impl Flusher {
         for chunk in counts.chunks(WRITE_CHUNK) {
             stale += self.tables.put_day_counts(chunk).await?.stale;
         }
+        let t1 = Instant::now();
         for (_, s) in snaps {
-            for chunk in s.rides.chunks(WRITE_CHUNK * 40) {
+            for chunk in s.rides.chunks(WRITE_CHUNK) {
                 self.tables.put_rides(chunk).await?;
             }
         }
+        let t2 = Instant::now();
         self.tables.sync().await?;
+        tracing::debug!(days = days.len(), aggregates_ms = (t1 - t0).as_millis() as u64, rides_ms = (t2 - t1).as_millis() as u64, sync_ms = t2.elapsed().as_millis() as u64, "flush phases");
         self.stats.lock().stale_skipped += stale as u64;
         Ok(())
     }
