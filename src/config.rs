@@ -120,6 +120,20 @@ pub struct Config {
     pub table_concurrency: usize,
     /// Create missing tables at start.
     pub create_tables: bool,
+    /// Admission token bucket: base refill in rides/s (0 = off). The refill slows as the
+    /// queue, the WAL or the flush lag approach their bounds, so load is shed with 429
+    /// before the queue is full. High by default: it only bites under pressure.
+    pub admission_rate: f64,
+    /// Admission bucket size (burst).
+    pub admission_burst: f64,
+    /// Consecutive bus failures that open the write path's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one probe is let through, ms.
+    pub breaker_open_ms: u64,
+    /// Broker queue depth (all partitions) counted as "full" for admission.
+    pub shed_queue_depth: u64,
+    /// Flush lag counted as "full" for admission, seconds.
+    pub shed_flush_lag_secs: u64,
 }
 
 impl Default for Config {
@@ -159,6 +173,12 @@ impl Default for Config {
             table_prefix: String::new(),
             table_concurrency: 16,
             create_tables: true,
+            admission_rate: 100_000.0,
+            admission_burst: 10_000.0,
+            breaker_failures: 5,
+            breaker_open_ms: 2_000,
+            shed_queue_depth: 200_000,
+            shed_flush_lag_secs: 120,
         }
     }
 }
@@ -209,6 +229,8 @@ pub struct ServeArgs {
     pub dynamodb_endpoint: Option<String>,
     #[arg(long, env = "LIFTLOG_TABLE_PREFIX")]
     pub table_prefix: Option<String>,
+    #[arg(long, env = "LIFTLOG_ADMISSION_RATE")]
+    pub admission_rate: Option<f64>,
 }
 
 impl Config {
@@ -226,7 +248,7 @@ impl Config {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = &args.$f { c.$f = v.clone(); } )* };
         }
-        over!(listen, data_dir, base_path, http_workers, bus_capacity, wal_max_bytes, durability, flush_interval_ms, max_resident_days, log_format, roles, partitions, amqp_prefix, tables, table_prefix);
+        over!(listen, data_dir, base_path, http_workers, bus_capacity, wal_max_bytes, durability, flush_interval_ms, max_resident_days, log_format, roles, partitions, amqp_prefix, tables, table_prefix, admission_rate);
         macro_rules! over_opt {
             ($($f:ident),*) => { $( if args.$f.is_some() { c.$f = args.$f.clone(); } )* };
         }

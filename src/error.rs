@@ -38,6 +38,9 @@ pub enum PublishError {
     /// The service is shutting down and accepts no more rides.
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// The admission token bucket is empty: downstream pressure is high. `429`.
+    #[error("too many rides right now")]
+    RateLimited { retry_after_secs: u32 },
 }
 
 /// What a client sees. Each variant maps to exactly one status code in `status_code`.
@@ -61,6 +64,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     /// 503 + Retry-After: load shed, bus or store unavailable, shutting down.
     Unavailable { message: String, retry_after_secs: u32 },
+    /// 429 + Retry-After: admission control refused the request to keep latency bounded.
+    TooManyRequests { message: String, retry_after_secs: u32 },
     /// 500: a bug of ours. Never produced by client input; logged where it happens.
     Internal(String),
 }
@@ -81,7 +86,7 @@ impl fmt::Display for ApiError {
             ApiError::Unauthorized => f.write_str("A valid bearer token is required"),
             ApiError::PayloadTooLarge(limit) => write!(f, "Request body larger than {limit} bytes"),
             ApiError::UnsupportedMediaType => f.write_str("Content-Type must be application/json"),
-            ApiError::Unavailable { message, .. } => f.write_str(message),
+            ApiError::Unavailable { message, .. } | ApiError::TooManyRequests { message, .. } => f.write_str(message),
             ApiError::Internal(m) => write!(f, "Internal error: {m}"),
         }
     }
@@ -97,6 +102,7 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -105,7 +111,7 @@ impl ResponseError for ApiError {
         let text = self.to_string();
         let mut resp = HttpResponse::build(self.status_code());
         match self {
-            ApiError::Unavailable { retry_after_secs, .. } => {
+            ApiError::Unavailable { retry_after_secs, .. } | ApiError::TooManyRequests { retry_after_secs, .. } => {
                 resp.insert_header((header::RETRY_AFTER, retry_after_secs.to_string()));
             }
             ApiError::MethodNotAllowed(allow) => {
@@ -122,6 +128,12 @@ impl ResponseError for ApiError {
 
 impl From<PublishError> for ApiError {
     fn from(e: PublishError) -> Self {
+        if let PublishError::RateLimited { retry_after_secs } = e {
+            return ApiError::TooManyRequests {
+                message: "Too many rides right now; retry after the Retry-After delay with the same Idempotency-Key".into(),
+                retry_after_secs,
+            };
+        }
         let retry_after_secs = match e {
             PublishError::Overloaded => 1,
             _ => 2,

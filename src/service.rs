@@ -20,6 +20,7 @@ use crate::actors::flusher::Flusher;
 use crate::actors::registry::Registry;
 use crate::actors::season_index::SeasonIndex;
 use crate::actors::seasons::SeasonBook;
+use crate::bus::admission::{AdmissionConfig, Admitted, Pressure};
 use crate::bus::amqp::{self, AmqpConfig, AmqpPublisher, AmqpSource};
 use crate::bus::{embedded, EventSource, Publisher, Stop};
 use crate::catalog::Catalog;
@@ -181,6 +182,43 @@ async fn start_consumer(
     Ok((node, ConsumeTasks { source_stop, consumer_task, flusher_stop, flusher_task }))
 }
 
+/// Wraps the publisher in admission control whose pressure reads the bus, and the WAL and
+/// flush lag when this process also consumes. Re-read at most every 5 ms: a POST should
+/// not take the WAL's lock.
+fn admit(config: &Config, publisher: Arc<dyn Publisher>, node: Option<&ConsumerNode>) -> Arc<dyn Publisher> {
+    let queue_bound = match config.broker {
+        None => config.bus_capacity as f64,
+        Some(_) => config.shed_queue_depth as f64,
+    };
+    let lag_bound = config.shed_flush_lag_secs.max(1) as f64;
+    let bus = publisher.clone();
+    let local = node.map(|n| (n.wal.clone(), n.progress.clone()));
+    let cache = parking_lot::Mutex::new((Instant::now() - Duration::from_secs(1), Pressure::default()));
+    let pressure = move || {
+        let mut c = cache.lock();
+        if c.0.elapsed() >= Duration::from_millis(5) {
+            let mut p = Pressure { queue: bus.stats().depth as f64 / queue_bound.max(1.0), ..Default::default() };
+            if let Some((wal, progress)) = &local {
+                let w = wal.stats();
+                p.wal = w.live_bytes as f64 / (w.max_bytes.max(1)) as f64;
+                p.flush_lag = progress.flush_lag().as_secs_f64() / lag_bound;
+            }
+            *c = (Instant::now(), p);
+        }
+        c.1
+    };
+    Arc::new(Admitted::new(
+        publisher,
+        AdmissionConfig {
+            rate: config.admission_rate,
+            burst: config.admission_burst.max(1.0),
+            breaker_failures: config.breaker_failures.max(1),
+            breaker_open: Duration::from_millis(config.breaker_open_ms),
+        },
+        Box::new(pressure),
+    ))
+}
+
 /// Opens everything this node's roles need and starts serving. Must run inside an actix
 /// system.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
@@ -200,6 +238,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => (None, None),
     };
 
+    let publisher = publisher.map(|p| admit(&config, p, node.as_ref()));
     let state = web::Data::new(AppState {
         catalog,
         limits: config.limits.clone(),

@@ -637,6 +637,7 @@ impl Publisher for AmqpPublisher {
             published: s.published.load(Ordering::Relaxed),
             rejected_full: s.rejected_full.load(Ordering::Relaxed),
             timeouts: s.timeouts.load(Ordering::Relaxed),
+            admission: None,
         }
     }
 

@@ -86,6 +86,7 @@ impl Publisher for EmbeddedPublisher {
             published: self.shared.published.load(Ordering::Relaxed),
             rejected_full: self.shared.rejected_full.load(Ordering::Relaxed),
             timeouts: self.shared.timeouts.load(Ordering::Relaxed),
+            admission: None,
         }
     }
 

@@ -6,6 +6,7 @@
 //!   WAL batch holding the ride.
 //! - RabbitMQ (production): publisher confirms; the consumer acks after the WAL fsync.
 
+pub mod admission;
 pub mod amqp;
 pub mod embedded;
 
@@ -28,6 +29,9 @@ pub struct BusStats {
     pub published: u64,
     pub rejected_full: u64,
     pub timeouts: u64,
+    /// Token bucket and circuit breaker in front of the bus, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admission: Option<admission::AdmissionStats>,
 }
 
 /// The write side. `publish` returns `Ok` only when the ride is durable: a 201 may follow.

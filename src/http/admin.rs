@@ -124,6 +124,13 @@ pub async fn metrics(req: HttpRequest, state: State) -> Reply {
         metric("bus_published_total", "counter", "Rides published and confirmed durable.", bus.published as f64);
         metric("bus_rejected_full_total", "counter", "Publishes refused because the bus was full.", bus.rejected_full as f64);
         metric("bus_confirm_timeouts_total", "counter", "Publishes not confirmed in time.", bus.timeouts as f64);
+        if let Some(a) = &bus.admission {
+            metric("admission_refill_rate", "gauge", "Token bucket refill now, rides/s (follows pressure).", a.refill_rate_now);
+            metric("admission_rate_limited_total", "counter", "POSTs refused with 429 by the token bucket.", a.rate_limited_total as f64);
+            let open = matches!(a.breaker, crate::bus::admission::BreakerState::Open) as u8 as f64;
+            metric("breaker_open", "gauge", "1 while the write path's circuit breaker is open.", open);
+            metric("breaker_opens_total", "counter", "Times the circuit breaker opened.", a.breaker_opens_total as f64);
+        }
     }
     if let Some(node) = &state.node {
         node_metrics(node, &mut metric);
