@@ -134,6 +134,10 @@ pub struct Config {
     pub shed_queue_depth: u64,
     /// Flush lag counted as "full" for admission, seconds.
     pub shed_flush_lag_secs: u64,
+    /// Free disk space kept in reserve on the data dir's filesystem: below it the WAL
+    /// refuses rides (503) and the sled tables skip flushes, before sled ever meets a full
+    /// disk (sled needs a restart after an I/O error; refusing early recovers by itself).
+    pub min_free_disk_bytes: u64,
 }
 
 impl Default for Config {
@@ -179,6 +183,7 @@ impl Default for Config {
             breaker_open_ms: 2_000,
             shed_queue_depth: 200_000,
             shed_flush_lag_secs: 120,
+            min_free_disk_bytes: 128 * 1024 * 1024,
         }
     }
 }

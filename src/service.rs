@@ -131,6 +131,7 @@ async fn start_consumer(
             DurabilityPolicy::NoSync => Durability::NoSync,
         },
         max_bytes: config.wal_max_bytes,
+        min_free_bytes: config.min_free_disk_bytes,
     })?;
     let wal = Arc::new(wal);
     tracing::info!(checkpoint = recovery.checkpoint, records = recovery.records, truncated = recovery.truncated_records, "WAL opened");
@@ -165,6 +166,8 @@ async fn start_consumer(
     };
     consumer.replay().await?;
 
+    let disk_guard = (config.tables == TableStore::Sled && config.min_free_disk_bytes > 0)
+        .then(|| (config.data_dir.join("tables"), config.min_free_disk_bytes / 4));
     let flusher = Arc::new(Flusher::new(
         registry.clone(),
         tables,
@@ -172,6 +175,7 @@ async fn start_consumer(
         seasons.clone(),
         progress.clone(),
         config.flush_rides_per_actor,
+        disk_guard,
     ));
     let (flusher_stop, stop_rx) = tokio::sync::watch::channel(false);
     let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush_interval_ms.max(10)), stop_rx));

@@ -190,6 +190,7 @@ impl Consumer {
                     tracing::error!(cause = %e, rides = n, "WAL append failed; rides refused");
                     let err = match e {
                         WalError::Full { .. } => PublishError::Overloaded,
+                        WalError::DiskLow { .. } => PublishError::Unavailable("the WAL's disk is nearly full".into()),
                         other => PublishError::Unavailable(format!("write-ahead log: {other}")),
                     };
                     batch.acker.nack(err).await;

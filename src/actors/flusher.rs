@@ -59,6 +59,10 @@ pub struct Flusher {
     /// Raw rides taken from one actor per cycle, so a backlog of raw rides never delays
     /// the aggregates behind it by more than one bounded write.
     pub rides_per_actor: usize,
+    /// For a store on the local disk: (its directory, free bytes it must leave). A cycle
+    /// that would eat into that reserve is skipped, because sled cannot recover from a
+    /// full disk without a restart. The WAL keeps the rides meanwhile.
+    disk_guard: Option<(std::path::PathBuf, u64)>,
     /// One cycle at a time: the interval timer and `POST /admin/flush` share it.
     lock: tokio::sync::Mutex<()>,
     stats: parking_lot::Mutex<FlushStats>,
@@ -72,6 +76,7 @@ impl Flusher {
         seasons: Arc<SeasonBook>,
         progress: Arc<Progress>,
         rides_per_actor: usize,
+        disk_guard: Option<(std::path::PathBuf, u64)>,
     ) -> Self {
         Flusher {
             registry,
@@ -80,6 +85,7 @@ impl Flusher {
             seasons,
             progress,
             rides_per_actor: rides_per_actor.max(1),
+            disk_guard,
             lock: tokio::sync::Mutex::new(()),
             stats: parking_lot::Mutex::new(FlushStats::default()),
         }
@@ -120,6 +126,11 @@ impl Flusher {
     }
 
     async fn cycle(&self) -> Result<FlushReport, TableError> {
+        if let Some((dir, reserve)) = &self.disk_guard {
+            if let Some(free) = liftlog_wal::free_space(dir).filter(|free| free < reserve) {
+                return Err(TableError::Unavailable(format!("disk nearly full: {free} bytes free under {}", dir.display())));
+            }
+        }
         self.progress.unflushed_rides.store(0, Ordering::Relaxed);
         let upto = self.progress.dispatched_seq.load(Ordering::Acquire);
         let handles = self.registry.all();

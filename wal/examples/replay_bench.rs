@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         dir,
         durability: Durability::GroupCommit,
         max_bytes: u64::MAX,
+        min_free_bytes: 0,
     };
 
     // Event bytes vary per record so neither sled nor the CRC sees constant data.

@@ -86,6 +86,11 @@ pub struct WalConfig {
     /// append that would exceed it fails with [`WalError::Full`]. A single
     /// payload larger than this can never be appended.
     pub max_bytes: u64,
+    /// Free space to keep on the WAL's filesystem: an append that would leave less fails
+    /// with [`WalError::DiskLow`] before sled ever sees `ENOSPC` — sled treats an I/O error
+    /// as fatal for the open database, so running the disk full would need a restart to
+    /// recover, while refusing early recovers by itself once space returns. 0 = no check.
+    pub min_free_bytes: u64,
 }
 
 /// One replayed record.
@@ -141,6 +146,11 @@ pub enum WalError {
     /// calls `set_checkpoint`, which frees space.
     #[error("WAL full: {live_bytes} live bytes, limit {max_bytes}")]
     Full { live_bytes: u64, max_bytes: u64 },
+    /// The filesystem holding the WAL has less free space than
+    /// [`WalConfig::min_free_bytes`]. Nothing was written; the caller answers
+    /// 503 and the append succeeds again once space is freed.
+    #[error("WAL disk nearly full: {free_bytes} bytes free, {reserve_bytes} kept in reserve")]
+    DiskLow { free_bytes: u64, reserve_bytes: u64 },
     /// The storage layer (sled / filesystem) failed. After a failed `append`
     /// or `sync` the batch's durability is unknown: do not acknowledge it.
     /// A failing `sync` means the disk cannot be trusted; the service should
@@ -193,6 +203,9 @@ pub struct Wal {
     meta: sled::Tree,
     durability: Durability,
     max_bytes: u64,
+    /// Where the log lives and how much free space to keep there (see `WalConfig`).
+    dir: PathBuf,
+    min_free_bytes: u64,
     state: Mutex<State>,
     /// Serializes `set_checkpoint` calls without holding `state` during the
     /// checkpoint fsync (which would stall appends for its duration).
@@ -359,6 +372,8 @@ impl Wal {
             meta,
             durability: cfg.durability,
             max_bytes: cfg.max_bytes,
+            dir: cfg.dir.clone(),
+            min_free_bytes: cfg.min_free_bytes,
             state: Mutex::new(State {
                 // `last_valid >= checkpoint`, so after everything was
                 // checkpointed and deleted the sequence still continues.
@@ -397,6 +412,13 @@ impl Wal {
     /// `buf` = reserved header + payload.
     fn append_frame(&self, mut buf: Vec<u8>) -> Result<u64, WalError> {
         let frame_len = buf.len() as u64;
+        if self.min_free_bytes > 0 {
+            if let Some(free_bytes) = free_space(&self.dir) {
+                if free_bytes < self.min_free_bytes.saturating_add(frame_len) {
+                    return Err(WalError::DiskLow { free_bytes, reserve_bytes: self.min_free_bytes });
+                }
+            }
+        }
         let mut st = lock(&self.state);
         if st.live_bytes.saturating_add(frame_len) > self.max_bytes {
             debug!(
@@ -601,6 +623,27 @@ impl Wal {
             last_fsync_micros: fs.last_micros,
             max_bytes: self.max_bytes,
         }
+    }
+}
+
+/// Free bytes for an unprivileged writer on the filesystem holding `path`; `None` when
+/// the platform or the call cannot say (then no check is made).
+pub fn free_space(path: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
     }
 }
 

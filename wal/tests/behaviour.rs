@@ -15,6 +15,7 @@ fn open_with(dir: &Path, max_bytes: u64, durability: Durability) -> Wal {
         dir: dir.to_path_buf(),
         durability,
         max_bytes,
+        min_free_bytes: 0,
     })
     .unwrap()
     .0
@@ -100,6 +101,7 @@ fn checkpoint_survives_reopen_and_seq_continues() {
         dir: dir.path().to_path_buf(),
         durability: Durability::GroupCommit,
         max_bytes: u64::MAX,
+        min_free_bytes: 0,
     })
     .unwrap();
     assert_eq!(report.checkpoint, 6);

@@ -20,6 +20,7 @@ fn cfg(dir: &Path) -> WalConfig {
         dir: dir.to_path_buf(),
         durability: Durability::GroupCommit,
         max_bytes: 1 << 30,
+        min_free_bytes: 0,
     }
 }
 

@@ -41,6 +41,7 @@ fn open(dir: &Path) -> (Wal, liftlog_wal::RecoveryReport) {
         dir: dir.to_path_buf(),
         durability: Durability::GroupCommit,
         max_bytes: u64::MAX,
+        min_free_bytes: 0,
     })
     .unwrap()
 }
