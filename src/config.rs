@@ -56,6 +56,12 @@ pub enum LogFormat {
 pub struct Config {
     /// Address of the public HTTP listener.
     pub listen: SocketAddr,
+    /// Where `/admin/*` and `/metrics` are served: an address of their own (the sample
+    /// config and the systemd unit use loopback `127.0.0.1:9090`, so operators reach it on
+    /// the host and the load balancer never exposes it), or `main`, the built-in default
+    /// for a developer's single process, to serve them on the public listener
+    /// (token-guarded if `admin_token` is set).
+    pub admin_listen: String,
     /// Where the WAL (`wal/`) and the embedded tables (`tables/`) live.
     pub data_dir: PathBuf,
     /// A context path that clients prefix to every route (e.g. `/skiers-app`); empty = none.
@@ -144,6 +150,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: "0.0.0.0:8080".parse().expect("valid default address"),
+            admin_listen: "main".into(),
             data_dir: PathBuf::from("./data"),
             base_path: String::new(),
             catalog: None,
@@ -196,6 +203,9 @@ pub struct ServeArgs {
     pub config: Option<PathBuf>,
     #[arg(long, env = "LIFTLOG_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Admin listener address, or `main` for the public listener.
+    #[arg(long, env = "LIFTLOG_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
     #[arg(long, env = "LIFTLOG_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     #[arg(long, env = "LIFTLOG_BASE_PATH")]
@@ -253,7 +263,7 @@ impl Config {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = &args.$f { c.$f = v.clone(); } )* };
         }
-        over!(listen, data_dir, base_path, http_workers, bus_capacity, wal_max_bytes, durability, flush_interval_ms, max_resident_days, log_format, roles, partitions, amqp_prefix, tables, table_prefix, admission_rate);
+        over!(listen, admin_listen, data_dir, base_path, http_workers, bus_capacity, wal_max_bytes, durability, flush_interval_ms, max_resident_days, log_format, roles, partitions, amqp_prefix, tables, table_prefix, admission_rate);
         macro_rules! over_opt {
             ($($f:ident),*) => { $( if args.$f.is_some() { c.$f = args.$f.clone(); } )* };
         }
@@ -285,8 +295,17 @@ impl Config {
         names.join(",")
     }
 
+    /// The admin listener's address; `None` = on the public listener.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.admin_listen.as_str() {
+            "main" => Ok(None),
+            a => a.parse().map(Some).map_err(|e| format!("admin_listen {a:?}: {e} (an address, or \"main\")")),
+        }
+    }
+
     /// Combinations that cannot work, refused at start with the reason.
     fn check(&self) -> Result<(), String> {
+        self.admin_addr()?;
         if self.roles.is_empty() {
             return Err("at least one role is needed".into());
         }

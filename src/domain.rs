@@ -83,16 +83,18 @@ pub struct SeasonBody {
     pub year: String,
 }
 
-/// Parses a path or query id: digits only, within `1..=max`. The message names the
-/// parameter so a client can act on it.
+/// Parses a path or query id: ASCII digits only (no sign, no spaces: `str::parse` alone
+/// would take `+7`), within `1..=max`. The message names the parameter so a client can
+/// act on it.
 pub fn parse_id(name: &str, raw: &str, max: u64) -> Result<u64, ApiError> {
-    let value: u64 = raw
-        .parse()
-        .map_err(|_| ApiError::BadRequest(format!("{name} must be a positive integer, got {:?}", truncate(raw))))?;
-    if value == 0 || value > max {
-        return Err(ApiError::BadRequest(format!("{name} must be between 1 and {max}, got {value}")));
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::BadRequest(format!("{name} must be a positive integer, got {:?}", truncate(raw))));
     }
-    Ok(value)
+    match raw.parse::<u64>() {
+        Ok(value) if (1..=max).contains(&value) => Ok(value),
+        // Only digits, so the parse failed on overflow: out of range like any too-large id.
+        _ => Err(ApiError::BadRequest(format!("{name} must be between 1 and {max}, got {}", truncate(raw)))),
+    }
 }
 
 /// Parses a season: exactly four ASCII digits within the configured years.
@@ -220,6 +222,12 @@ mod tests {
             (ride("1", "2025", "367", "7"), RideBody { ..ok }, "dayID"),
             (ride("1", "2025", "1", "2147483648"), RideBody { ..ok }, "skierID"),
             (ride("1", "2025", "1", "-3"), RideBody { ..ok }, "skierID"),
+            (ride("1", "2025", "1", "+7"), RideBody { ..ok }, "skierID"),
+            (ride("1", "2025", "1", " 7"), RideBody { ..ok }, "skierID"),
+            (ride("1", "2025", "1", ""), RideBody { ..ok }, "skierID"),
+            (ride("+1", "2025", "1", "7"), RideBody { ..ok }, "resortID"),
+            (ride("1", "2025", "+1", "7"), RideBody { ..ok }, "dayID"),
+            (ride("1", "2025", "1", "99999999999999999999999"), RideBody { ..ok }, "skierID"),
             (ride("1", "2025", "1", "7"), RideBody { time: 0, lift_id: 5 }, "time"),
             (ride("1", "2025", "1", "7"), RideBody { time: 361, lift_id: 5 }, "time"),
             (ride("1", "2025", "1", "7"), RideBody { time: 10, lift_id: 41 }, "liftID"),

@@ -34,8 +34,11 @@ use liftlog_wal::{Durability, Wal, WalConfig};
 pub struct Running {
     pub addr: SocketAddr,
     pub state: web::Data<AppState>,
+    /// The admin listener's address when it has its own.
+    pub admin_addr: Option<SocketAddr>,
     server: actix_web::dev::ServerHandle,
     server_task: tokio::task::JoinHandle<std::io::Result<()>>,
+    admin: Option<(actix_web::dev::ServerHandle, tokio::task::JoinHandle<std::io::Result<()>>)>,
     consume: Option<ConsumeTasks>,
 }
 
@@ -256,15 +259,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         ready: AtomicBool::new(false),
         started,
     });
+    let admin_addr = config.admin_addr().map_err(anyhow::Error::msg)?;
     let base_path = config.base_path.clone();
     let app_state = state.clone();
+    let admin_on_main = admin_addr.is_none();
     let workers = if config.http_workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { config.http_workers };
     let server = HttpServer::new(move || {
         let base_path = base_path.clone();
         App::new()
             .app_data(app_state.clone())
             .wrap(middleware::from_fn(http::account))
-            .configure(move |cfg| http::configure(cfg, &base_path))
+            .configure(move |cfg| http::configure(cfg, &base_path, admin_on_main))
             .default_service(web::to(http::no_such_endpoint))
     })
     .workers(workers)
@@ -281,9 +286,33 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let server = server.run();
     let handle = server.handle();
     let server_task = actix_rt::spawn(server);
+    let admin = match admin_addr {
+        None => None,
+        Some(at) => {
+            let admin_state = state.clone();
+            let admin = HttpServer::new(move || {
+                App::new()
+                    .app_data(admin_state.clone())
+                    .configure(http::configure_admin)
+                    .service(web::resource("/health").route(web::get().to(http::admin::health)))
+                    .service(web::resource("/ready").route(web::get().to(http::admin::ready)))
+                    .default_service(web::to(http::no_such_endpoint))
+            })
+            .workers(1)
+            .disable_signals()
+            .shutdown_timeout(5)
+            .bind(at)
+            .with_context(|| format!("binding the admin listener {at}"))?;
+            let bound = *admin.addrs().first().context("no admin address")?;
+            let admin = admin.run();
+            Some((bound, admin.handle(), actix_rt::spawn(admin)))
+        }
+    };
+    let admin_addr = admin.as_ref().map(|(a, _, _)| *a);
+    let admin = admin.map(|(_, h, t)| (h, t));
     state.ready.store(true, Ordering::Release);
-    tracing::info!(%addr, roles = %state.roles, millis = started.elapsed().as_millis() as u64, "liftlog listening");
-    Ok(Running { addr, state, server: handle, server_task, consume })
+    tracing::info!(%addr, admin = ?admin_addr, roles = %state.roles, millis = started.elapsed().as_millis() as u64, "liftlog listening");
+    Ok(Running { addr, admin_addr, state, server: handle, server_task, admin, consume })
 }
 
 impl Running {
@@ -293,6 +322,10 @@ impl Running {
         self.state.ready.store(false, Ordering::Release);
         self.server.stop(true).await;
         let _ = self.server_task.await;
+        if let Some((handle, task)) = self.admin {
+            handle.stop(true).await;
+            let _ = task.await;
+        }
         tracing::info!("shutdown: HTTP stopped");
         if let Some(p) = &self.state.publisher {
             p.close();

@@ -206,6 +206,25 @@ fn operations_endpoints_and_admin_token() {
 }
 
 #[test]
+fn admin_routes_live_on_their_own_loopback_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--admin-listen", "127.0.0.1:0"]);
+    let admin = s.admin.clone().expect("an admin listener");
+    assert!(admin.starts_with("http://127.0.0.1:"), "{admin}");
+    let a = agent();
+    for path in ["/admin/actors", "/admin/wal", "/metrics"] {
+        let (code, body) = get(&a, &s.url(path));
+        assert_eq!(code, 404, "{path} must not be on the public listener: {body}");
+        assert_eq!(get(&a, &format!("{admin}{path}")).0, 200, "{path} on the admin listener");
+    }
+    assert_eq!(call(&a, "POST", &format!("{admin}/admin/flush"), &[], None).0, 200);
+    assert_eq!(get(&a, &format!("{admin}/ready")).0, 200);
+    // The public API is not on the admin listener.
+    assert_eq!(get(&a, &format!("{admin}/resorts")).0, 404);
+    assert_eq!(get(&a, &s.url("/resorts")).0, 200);
+}
+
+#[test]
 fn passivated_days_answer_from_the_tables_and_reload_exactly() {
     let dir = tempfile::tempdir().unwrap();
     // At most 2 resident days: most of the 9 days of this test live in the tables.

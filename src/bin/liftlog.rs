@@ -47,6 +47,9 @@ fn main() -> anyhow::Result<()> {
                 let running = liftlog::service::start(config).await?;
                 // One line on stdout for scripts and tests that start us on port 0.
                 println!("liftlog listening on http://{}", running.addr);
+                if let Some(admin) = running.admin_addr {
+                    println!("liftlog admin on http://{admin}");
+                }
                 liftlog::service::wait_for_signal().await;
                 running.shutdown().await
             })

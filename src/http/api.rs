@@ -17,6 +17,13 @@ type Reply = Result<HttpResponse, ApiError>;
 /// Longest `Idempotency-Key` we accept; a UUID is 36 bytes.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
+/// Longest a client may take to send a request body once its head arrived. actix bounds
+/// only the head (`client_request_timeout_ms`); without this a client that declares a
+/// Content-Length and then stalls would hold its connection (and a handler) forever. A
+/// body is at most `max_body_bytes` (16 KiB by default), so this asks ~3 KiB/s of the
+/// slowest client; the same as the head's default bound.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Serialize)]
 struct ResortEntry<'a> {
     #[serde(rename = "resortName")]
@@ -209,14 +216,22 @@ pub async fn read_json<T: DeserializeOwned>(req: &HttpRequest, mut payload: web:
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(64).min(limit));
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("could not read the request body: {e}")))?;
-        if body.len() + chunk.len() > limit {
-            return Err(ApiError::PayloadTooLarge(limit));
+    let read = async {
+        let mut body = web::BytesMut::with_capacity(declared.unwrap_or(64).min(limit));
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("could not read the request body: {e}")))?;
+            if body.len() + chunk.len() > limit {
+                return Err(ApiError::PayloadTooLarge(limit));
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
-    }
+        Ok(body)
+    };
+    // On timeout the handler answers while the body is unread, so actix closes the
+    // connection after the response: the stalled client frees its slot.
+    let body = actix_rt::time::timeout(BODY_READ_TIMEOUT, read).await.map_err(|_| {
+        ApiError::BadRequest(format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()))
+    })??;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::BadRequest("the request body is empty; a JSON object is expected".into()));
     }

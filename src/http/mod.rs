@@ -82,36 +82,43 @@ pub struct ConsumerNode {
     pub source_stats: Option<Arc<dyn Fn() -> serde_json::Value + Send + Sync>>,
 }
 
-/// Registers every route on an actix `App`.
-pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str) {
-    cfg.service(
-        web::scope(base_path)
-            .service(resource("/resorts", "GET").route(web::get().to(api::list_resorts)))
-            .service(
-                resource("/resorts/{resortID}/seasons", "GET, POST")
-                    .route(web::get().to(api::list_seasons))
-                    .route(web::post().to(api::create_season)),
-            )
-            .service(
-                resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/skiers", "GET")
-                    .route(web::get().to(api::resort_day_skiers)),
-            )
-            .service(
-                resource("/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", "GET, POST")
-                    .route(web::post().to(api::post_ride))
-                    .route(web::get().to(api::skier_day_vertical)),
-            )
-            .service(resource("/skiers/{skierID}/vertical", "GET").route(web::get().to(api::skier_vertical)))
-            .service(resource("/statistics", "GET").route(web::get().to(api::statistics)))
-            .service(resource("/health", "GET").route(web::get().to(admin::health)))
-            .service(resource("/ready", "GET").route(web::get().to(admin::ready)))
-            .service(resource("/metrics", "GET").route(web::get().to(admin::metrics)))
-            .service(resource("/openapi.json", "GET").route(web::get().to(admin::openapi)))
-            .service(resource("/admin/actors", "GET").route(web::get().to(admin::actors)))
-            .service(resource("/admin/wal", "GET").route(web::get().to(admin::wal)))
-            .service(resource("/admin/flush", "POST").route(web::post().to(admin::flush)))
-            .default_service(web::to(no_such_endpoint)),
-    );
+/// Registers the public routes (and, with `with_admin`, the admin ones) on an actix `App`.
+pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str, with_admin: bool) {
+    let mut scope = web::scope(base_path)
+        .service(resource("/resorts", "GET").route(web::get().to(api::list_resorts)))
+        .service(
+            resource("/resorts/{resortID}/seasons", "GET, POST")
+                .route(web::get().to(api::list_seasons))
+                .route(web::post().to(api::create_season)),
+        )
+        .service(
+            resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/skiers", "GET")
+                .route(web::get().to(api::resort_day_skiers)),
+        )
+        .service(
+            resource("/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", "GET, POST")
+                .route(web::post().to(api::post_ride))
+                .route(web::get().to(api::skier_day_vertical)),
+        )
+        .service(resource("/skiers/{skierID}/vertical", "GET").route(web::get().to(api::skier_vertical)))
+        .service(resource("/statistics", "GET").route(web::get().to(api::statistics)))
+        .service(resource("/health", "GET").route(web::get().to(admin::health)))
+        .service(resource("/ready", "GET").route(web::get().to(admin::ready)))
+        .service(resource("/openapi.json", "GET").route(web::get().to(admin::openapi)));
+    if with_admin {
+        scope = scope.configure(configure_admin);
+    }
+    cfg.service(scope.default_service(web::to(no_such_endpoint)));
+}
+
+/// The operator routes: actors, WAL, flush, metrics. Served on the public listener only
+/// when `admin_listen = "main"`; otherwise on their own (loopback by default) listener,
+/// with health and readiness too so an agent on the host needs one port.
+pub fn configure_admin(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/metrics", "GET").route(web::get().to(admin::metrics)))
+        .service(resource("/admin/actors", "GET").route(web::get().to(admin::actors)))
+        .service(resource("/admin/wal", "GET").route(web::get().to(admin::wal)))
+        .service(resource("/admin/flush", "POST").route(web::post().to(admin::flush)));
 }
 
 /// The JSON 404 for paths outside every route (also outside the base path).

@@ -12,6 +12,8 @@ use std::time::Duration;
 pub struct Server {
     pub child: Child,
     pub base: String,
+    /// The admin listener, when the server was given one of its own.
+    pub admin: Option<String>,
     pub data_dir: PathBuf,
     args: Vec<String>,
 }
@@ -24,7 +26,12 @@ impl Server {
 
     /// Like `start`, with extra environment variables (fault injection).
     pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        // Tests reach the admin routes on the same port unless a test asks otherwise
+        // (the default, a loopback port of its own, would collide between parallel tests).
+        if !args.iter().any(|a| a == "--admin-listen") {
+            args.extend(["--admin-listen".to_string(), "main".to_string()]);
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_liftlog"))
             .envs(env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .arg("serve")
@@ -39,14 +46,21 @@ impl Server {
             .spawn()
             .expect("spawn liftlog");
         let stdout = child.stdout.take().expect("stdout");
+        let mut stdout = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
+        stdout.read_line(&mut line).expect("read the listening line");
+        let own_admin = args.windows(2).any(|w| w[0] == "--admin-listen" && w[1] != "main");
+        let admin = own_admin.then(|| {
+            let mut l = String::new();
+            stdout.read_line(&mut l).expect("read the admin line");
+            l.trim().strip_prefix("liftlog admin on ").unwrap_or_else(|| panic!("unexpected admin line {l:?}")).to_string()
+        });
         let base = line
             .trim()
             .strip_prefix("liftlog listening on ")
             .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
             .to_string();
-        Server { child, base, data_dir: data_dir.to_path_buf(), args }
+        Server { child, base, admin, data_dir: data_dir.to_path_buf(), args }
     }
 
     pub fn url(&self, path: &str) -> String {
