@@ -34,10 +34,11 @@ pub struct DayState {
     pub key: DayKey,
     pub skiers: FxHashMap<u32, SkierDay>,
     pub rides: u64,
-    /// Highest WAL sequence applied; the version of the day's count item.
+    /// Highest WAL sequence applied (this node's WAL; passivation compares it with what
+    /// was dispatched).
     pub applied_seq: u64,
     /// Skiers changed since their last successful flush, with the WAL sequence of the
-    /// change (the version their item is written with).
+    /// change: the mark that tells a flushed change from a newer one.
     dirty: FxHashMap<u32, u64>,
     /// Sequence of the last change to the count, and of the last one flushed.
     count_changed: u64,
@@ -61,11 +62,8 @@ impl DayState {
         };
         for item in items {
             st.rides += item.ids.len() as u64;
-            st.applied_seq = st.applied_seq.max(item.version);
             st.skiers.insert(item.skier, SkierDay { vertical: item.vertical as u32, ids: item.ids });
         }
-        st.count_flushed = st.applied_seq;
-        st.count_changed = st.applied_seq;
         st
     }
 
@@ -104,10 +102,19 @@ impl DayState {
 }
 
 /// What changed since the last flush, as table items.
+///
+/// Item versions are ride counts (a skier-day's ids, a day's rides): they only grow as
+/// rides are added, whichever node adds them, so "stored version older" stays meaningful
+/// when a partition moves to another consumer with another WAL. The WAL sequences in
+/// `marks` are this node's bookkeeping only.
 #[derive(Default)]
 pub struct DirtySnapshot {
     pub skier_days: Vec<SkierDayItem>,
+    /// (skier, WAL sequence of the change) for each item, to clear exactly these marks.
+    pub marks: Vec<(u32, u64)>,
     pub count: Option<DayCountItem>,
+    /// WAL sequence of the count change the snapshot holds.
+    pub count_mark: Option<u64>,
     pub rides: Vec<RideEvent>,
     /// WAL sequence of the oldest raw ride left behind by the per-flush cap, if any: the
     /// WAL may not be checkpointed past it.
@@ -178,28 +185,26 @@ impl Handler<TakeDirty> for DayAggregator {
     fn handle(&mut self, msg: TakeDirty, _: &mut Self::Context) -> Self::Result {
         let st = self.state.read();
         let key = st.key;
-        let skier_days = st
-            .dirty
-            .iter()
-            .filter_map(|(skier, version)| {
-                st.skiers.get(skier).map(|d| SkierDayItem {
+        let mut skier_days = Vec::with_capacity(st.dirty.len());
+        let mut marks = Vec::with_capacity(st.dirty.len());
+        for (skier, mark) in &st.dirty {
+            if let Some(d) = st.skiers.get(skier) {
+                skier_days.push(SkierDayItem {
                     skier: *skier,
                     key,
                     vertical: d.vertical as u64,
                     ids: d.ids.clone(),
-                    version: *version,
-                })
-            })
-            .collect();
-        let count = (st.count_changed > st.count_flushed).then(|| DayCountItem {
-            key,
-            unique_skiers: st.skiers.len() as u64,
-            rides: st.rides,
-            version: st.count_changed,
-        });
+                    version: d.ids.len() as u64,
+                });
+                marks.push((*skier, *mark));
+            }
+        }
+        let changed = st.count_changed > st.count_flushed;
+        let count = changed.then(|| DayCountItem { key, unique_skiers: st.skiers.len() as u64, rides: st.rides, version: st.rides });
+        let count_mark = changed.then_some(st.count_changed);
         let rides = st.pending.iter().take(msg.max_rides).map(|(_, r)| *r).collect();
         let oldest_left = st.pending.get(msg.max_rides).map(|(seq, _)| *seq);
-        MessageResult(DirtySnapshot { skier_days, count, rides, oldest_left })
+        MessageResult(DirtySnapshot { skier_days, marks, count, count_mark, rides, oldest_left })
     }
 }
 
@@ -307,11 +312,7 @@ impl DayHandle {
 
     /// Tells the actor which snapshot reached the tables.
     pub fn committed(&self, snap: &DirtySnapshot) {
-        self.addr.do_send(Committed {
-            skiers: snap.skier_days.iter().map(|i| (i.skier, i.version)).collect(),
-            count_version: snap.count.as_ref().map(|c| c.version),
-            rides: snap.rides.len(),
-        });
+        self.addr.do_send(Committed { skiers: snap.marks.clone(), count_version: snap.count_mark, rides: snap.rides.len() });
     }
 
     /// Waits until everything sent before has been applied, then returns the counters.
@@ -354,7 +355,7 @@ mod tests {
         let items: Vec<SkierDayItem> = st
             .skiers
             .iter()
-            .map(|(s, d)| SkierDayItem { skier: *s, key, vertical: d.vertical as u64, ids: d.ids.clone(), version: st.dirty[s] })
+            .map(|(s, d)| SkierDayItem { skier: *s, key, vertical: d.vertical as u64, ids: d.ids.clone(), version: d.ids.len() as u64 })
             .collect();
         let idx2 = SeasonIndex::new();
         let mut again = DayState::from_items(key, items);
@@ -362,5 +363,7 @@ mod tests {
         assert_eq!(again.apply(3, &[ev(3, 8, 10), ev(4, 8, 10)], &idx2), (1, 1));
         assert_eq!(again.rides, 4);
         assert_eq!(again.applied_seq, 3);
+        // Versions are ride counts: node-independent and growing with every new ride.
+        assert_eq!(again.skiers[&8].ids.len(), 2);
     }
 }

@@ -17,6 +17,12 @@ type Reply = Result<HttpResponse, ApiError>;
 /// Longest `Idempotency-Key` we accept; a UUID is 36 bytes.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
+/// Deepest nesting of arrays and objects accepted in a body. A ride is one flat object;
+/// serde_json bounds what it parses (128 levels) but skips an ignored extra field of any
+/// depth, so without this `{"time":1,"liftID":1,"x":[[[[…]]]]}` would be accepted while the
+/// same nesting in a known field is a 400.
+pub const MAX_JSON_DEPTH: usize = 32;
+
 /// Longest a client may take to send a request body once its head arrived. actix bounds
 /// only the head (`client_request_timeout_ms`); without this a client that declares a
 /// Content-Length and then stalls would hold its connection (and a handler) forever. A
@@ -232,11 +238,61 @@ pub async fn read_json<T: DeserializeOwned>(req: &HttpRequest, mut payload: web:
     let body = actix_rt::time::timeout(BODY_READ_TIMEOUT, read).await.map_err(|_| {
         ApiError::BadRequest(format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()))
     })??;
-    if body.iter().all(u8::is_ascii_whitespace) {
+    let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Err(ApiError::BadRequest("the request body is empty; a JSON object is expected".into()));
+    };
+    // serde's derived structs also take a sequence (`[10,5]` as time 10, lift 5): a body in
+    // the wrong shape must not become a ride by position.
+    if *first != b'{' {
+        return Err(ApiError::BadRequest("the request body must be a JSON object, e.g. {\"time\":217,\"liftID\":21}".into()));
+    }
+    if nesting_depth(&body) > MAX_JSON_DEPTH {
+        return Err(ApiError::BadRequest(format!("the request body nests deeper than {MAX_JSON_DEPTH} levels")));
     }
     serde_json::from_slice(&body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::BadRequest(format!("invalid request body: {e}")),
         _ => ApiError::BadRequest(format!("the request body is not valid JSON: {e}")),
     })
+}
+
+/// The deepest nesting of `[`/`{` in a JSON text, outside strings. Only a bound: malformed
+/// JSON is left to the parser.
+fn nesting_depth(json: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nesting_depth;
+
+    #[test]
+    fn nesting_depth_skips_strings_and_escapes() {
+        assert_eq!(nesting_depth(br#"{"time":10,"liftID":5}"#), 1);
+        assert_eq!(nesting_depth(br#"{"a":[{"b":[]}],"c":{}}"#), 4);
+        assert_eq!(nesting_depth(br#"{"a":"[[[{{{","b":"\"[[["}"#), 1);
+        assert_eq!(nesting_depth(br#"{"a":"\\","b":[[1]]}"#), 3);
+        assert_eq!(nesting_depth(b"[[[[["), 5);
+        assert_eq!(nesting_depth(b"10"), 0);
+    }
 }

@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{DayKey, RideEvent};
 use crate::error::TableError;
 
-/// One skier's day at one resort: an absolute value, written with the version (the WAL
-/// sequence of its last change) so that a stale flush can never overwrite a newer one.
+/// One skier's day at one resort: an absolute value, written with its version — the
+/// number of rides it holds, which only grows, whichever consumer node writes it — so
+/// that a stale flush can never overwrite a newer one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SkierDayItem {
     pub skier: u32,
