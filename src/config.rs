@@ -144,6 +144,9 @@ pub struct Config {
     /// refuses rides (503) and the sled tables skip flushes, before sled ever meets a full
     /// disk (sled needs a restart after an I/O error; refusing early recovers by itself).
     pub min_free_disk_bytes: u64,
+    /// When the consumer acks a batch: `wal` (after its fsync) or `table` (after the
+    /// flusher wrote it; exact failover to a standby on another machine). See ADR 002.
+    pub ack_after: crate::actors::consumer::AckAfter,
 }
 
 impl Default for Config {
@@ -191,6 +194,7 @@ impl Default for Config {
             shed_queue_depth: 200_000,
             shed_flush_lag_secs: 120,
             min_free_disk_bytes: 128 * 1024 * 1024,
+            ack_after: crate::actors::consumer::AckAfter::Wal,
         }
     }
 }
@@ -246,6 +250,10 @@ pub struct ServeArgs {
     pub table_prefix: Option<String>,
     #[arg(long, env = "LIFTLOG_ADMISSION_RATE")]
     pub admission_rate: Option<f64>,
+    #[arg(long, env = "LIFTLOG_ACK_AFTER", value_enum)]
+    pub ack_after: Option<crate::actors::consumer::AckAfter>,
+    #[arg(long, env = "LIFTLOG_PREFETCH")]
+    pub prefetch: Option<u16>,
 }
 
 impl Config {
@@ -263,7 +271,7 @@ impl Config {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = &args.$f { c.$f = v.clone(); } )* };
         }
-        over!(listen, admin_listen, data_dir, base_path, http_workers, bus_capacity, wal_max_bytes, durability, flush_interval_ms, max_resident_days, log_format, roles, partitions, amqp_prefix, tables, table_prefix, admission_rate);
+        over!(listen, admin_listen, data_dir, base_path, http_workers, bus_capacity, wal_max_bytes, durability, flush_interval_ms, max_resident_days, log_format, roles, partitions, amqp_prefix, tables, table_prefix, admission_rate, ack_after, prefetch);
         macro_rules! over_opt {
             ($($f:ident),*) => { $( if args.$f.is_some() { c.$f = args.$f.clone(); } )* };
         }

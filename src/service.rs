@@ -166,6 +166,7 @@ async fn start_consumer(
         max_batch: config.max_batch,
         abort_after_batches: std::env::var("LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES").ok().and_then(|v| v.parse().ok()),
         flush_after_rides: config.flush_after_rides,
+        ack_after: config.ack_after,
     };
     consumer.replay().await?;
 
@@ -185,7 +186,8 @@ async fn start_consumer(
     let source_stop = source.stop_handle();
     // On the system arbiter: activating an aggregator starts an actix actor.
     let consumer_task = actix_rt::spawn(consumer.run(source));
-    let node = ConsumerNode { registry, index, seasons, wal, recovery, progress, flusher, source_stats };
+    let index_complete = config.broker.is_none();
+    let node = ConsumerNode { registry, index, index_complete, seasons, wal, recovery, progress, flusher, source_stats };
     Ok((node, ConsumeTasks { source_stop, consumer_task, flusher_stop, flusher_task }))
 }
 

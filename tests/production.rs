@@ -280,3 +280,42 @@ fn rabbitmq_restart_during_ingest_answers_503_then_recovers_losing_nothing() {
     let bad = settle(&expected, &consumer.base, Duration::from_secs(90));
     assert!(bad.is_empty(), "{} mismatches after the broker restart, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
 }
+
+#[test]
+#[ignore = "needs RabbitMQ and DynamoDB Local: run scripts/test.sh"]
+fn active_consumer_killed_standby_takes_over_exactly_with_ack_after_table() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let b = Backends::new();
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let with = |role: &str, extra: &[&str]| -> Vec<String> {
+        let mut a = b.args(role, &b.dynamodb);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let policy = ["--ack-after", "table", "--prefetch", "20000"];
+    let start = |dir: &std::path::Path, args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start(dir, &args)
+    };
+    // The first consumer on the queues is the active one; the second waits as standby.
+    let mut active = start(dirs[0].path(), with("consume", &policy));
+    let standby = start(dirs[1].path(), with("consume", &policy));
+    let writer = start(dirs[2].path(), with("write", &[]));
+    let reader = start(dirs[3].path(), with("read", &[]));
+    let rides = random_rides(123, 8_000, 900);
+    let posting = {
+        let (base, rides) = (writer.base.clone(), rides.clone());
+        std::thread::spawn(move || post_all(&base, &rides, 8, Duration::from_secs(180)))
+    };
+    std::thread::sleep(Duration::from_millis(1200));
+    active.kill9(); // its WAL is gone with it as far as the standby is concerned
+    posting.join().expect("posting");
+    let expected = Expected::from(&rides);
+    let bad = settle(&expected, &standby.base, Duration::from_secs(90));
+    assert!(bad.is_empty(), "standby actors: {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    let bad = settle(&expected, &reader.base, Duration::from_secs(60));
+    assert!(bad.is_empty(), "tables: {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    let (_, body) = get(&agent(), &standby.url("/admin/wal"));
+    let deliveries = json(&body)["source"]["deliveries"].as_u64().unwrap_or(0);
+    assert!(deliveries > 0, "the standby must have taken over: {body}");
+}

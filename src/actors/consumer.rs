@@ -42,6 +42,37 @@ pub struct Progress {
     /// When each WAL batch not yet checkpointed was written, oldest first: the flush lag
     /// (age of the oldest ride not yet in the tables) is the age of the front entry.
     pub unflushed_batches: parking_lot::Mutex<std::collections::VecDeque<(u64, Instant)>>,
+    /// With `AckAfter::Table`: batches durable in the WAL whose ack waits for the tables,
+    /// oldest first. The flusher acks them once its checkpoint covers them.
+    pub held_acks: parking_lot::Mutex<std::collections::VecDeque<(u64, Box<dyn crate::bus::Acker>)>>,
+}
+
+impl Progress {
+    /// Takes the held acks a checkpoint at `upto` covers, oldest first.
+    pub fn release_acks(&self, upto: u64) -> Vec<Box<dyn crate::bus::Acker>> {
+        let mut held = self.held_acks.lock();
+        let mut out = Vec::new();
+        while held.front().is_some_and(|(seq, _)| *seq <= upto) {
+            if let Some((_, acker)) = held.pop_front() {
+                out.push(acker);
+            }
+        }
+        out
+    }
+}
+
+/// When a batch is acknowledged to the bus (ADR 002).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AckAfter {
+    /// After the WAL fsync and the apply: lowest latency. Exact across a crash of this
+    /// node as long as its WAL comes back with it (same disk, or the volume moved).
+    Wal,
+    /// After the tables hold the batch (the flusher's checkpoint): a standby on another
+    /// machine that takes the partitions over finds every acked ride in the tables and
+    /// gets the rest redelivered, so failover is exact without the dead node's disk.
+    /// Acks wait up to a flush interval: raise `prefetch` accordingly.
+    Table,
 }
 
 #[derive(Serialize)]
@@ -106,6 +137,7 @@ pub struct Consumer {
     pub abort_after_batches: Option<u64>,
     /// Size trigger of the flusher: rides consumed before a flush is started early.
     pub flush_after_rides: u64,
+    pub ack_after: AckAfter,
 }
 
 fn group(events: &[RideEvent]) -> FxHashMap<DayKey, Vec<RideEvent>> {
@@ -215,7 +247,10 @@ impl Consumer {
             self.progress.batches.fetch_add(1, Ordering::Relaxed);
             self.progress.events.fetch_add(n, Ordering::Relaxed);
             self.progress.last_batch_size.store(n, Ordering::Relaxed);
-            batch.acker.ack().await;
+            match self.ack_after {
+                AckAfter::Wal => batch.acker.ack().await,
+                AckAfter::Table => self.progress.held_acks.lock().push_back((seq, batch.acker)),
+            }
             if self.progress.unflushed_rides.fetch_add(n, Ordering::Relaxed) + n >= self.flush_after_rides {
                 self.progress.flush_kick.notify_one();
             }

@@ -163,6 +163,10 @@ impl Flusher {
             .map_err(|e| TableError::Unavailable(format!("WAL checkpoint: {e}")))?;
         report.checkpoint = checkpoint;
         self.progress.checkpointed(checkpoint);
+        // AckAfter::Table: these batches are in the tables now.
+        for acker in self.progress.release_acks(checkpoint) {
+            acker.ack().await;
+        }
         self.registry.passivate_idle();
         Ok(report)
     }

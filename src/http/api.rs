@@ -164,8 +164,8 @@ pub async fn skier_vertical(req: HttpRequest, state: State, path: web::Path<Stri
     resorts.sort_unstable();
     resorts.dedup();
     let totals: BTreeMap<u16, u64> = match &state.node {
-        Some(node) => node.index.totals(skier, &resorts, season),
-        None => {
+        Some(node) if node.index_complete => node.index.totals(skier, &resorts, season),
+        _ => {
             // One Query per asked resort on the tables' by-skier index.
             let mut totals = BTreeMap::new();
             for resort in &resorts {
@@ -244,7 +244,7 @@ pub async fn read_json<T: DeserializeOwned>(req: &HttpRequest, mut payload: web:
     // serde's derived structs also take a sequence (`[10,5]` as time 10, lift 5): a body in
     // the wrong shape must not become a ride by position.
     if *first != b'{' {
-        return Err(ApiError::BadRequest("the request body must be a JSON object, e.g. {\"time\":217,\"liftID\":21}".into()));
+        return Err(ApiError::BadRequest("the request body must be a JSON object".into()));
     }
     if nesting_depth(&body) > MAX_JSON_DEPTH {
         return Err(ApiError::BadRequest(format!("the request body nests deeper than {MAX_JSON_DEPTH} levels")));

@@ -73,6 +73,10 @@ pub struct AppState {
 pub struct ConsumerNode {
     pub registry: Arc<Registry>,
     pub index: Arc<SeasonIndex>,
+    /// Whether `index` holds every ride: only when this process is the one consumer of
+    /// every partition since it loaded (the embedded bus). With a broker, partitions can
+    /// move between consumers (standby takeover), so season totals come from the tables.
+    pub index_complete: bool,
     pub seasons: Arc<SeasonBook>,
     pub wal: Arc<Wal>,
     pub recovery: RecoveryReport,
