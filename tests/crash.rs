@@ -57,12 +57,14 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
     let kills: usize = std::env::var("CRASH_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
-    eprintln!("crash test seed {seed} (CRASH_SEED to repeat), {kills} kills");
+    // Enough rides that traffic is still flowing at every kill (about 1,500 per round).
+    let n_rides: usize = std::env::var("CRASH_RIDES").ok().and_then(|s| s.parse().ok()).unwrap_or(4_000);
+    eprintln!("crash test seed {seed} (CRASH_SEED to repeat), {kills} kills, {n_rides} rides");
     let mut rng = Rng(seed | 1);
     let dir = tempfile::tempdir().unwrap();
     // A short flush interval so that checkpoints and WAL truncation happen during the run.
     let mut server = Server::start(dir.path(), &["--flush-interval-ms", "40"]);
-    let rides = Arc::new(random_rides(seed, 4000, 300));
+    let rides = Arc::new(random_rides(seed, n_rides, 300));
     let acked: Arc<Vec<AtomicBool>> = Arc::new((0..rides.len()).map(|_| AtomicBool::new(false)).collect());
 
     for round in 0..kills + 20 {
@@ -92,6 +94,7 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
         server.restart();
     }
     assert!(acked.iter().all(|a| a.load(Ordering::SeqCst)), "every ride must get its 201 eventually");
+    eprintln!("all {} rides acknowledged after {kills} kills; reconciling", rides.len());
 
     let expected = Expected::from(&rides);
     let agent = agent();
