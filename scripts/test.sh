@@ -33,3 +33,9 @@ echo "== tests (embedded and production back ends)"
 # --include-ignored: the tests that need RabbitMQ/DynamoDB are #[ignore] so that a plain
 # `cargo test` without the services reports them as ignored, never as passed.
 cargo test --workspace --locked -- --include-ignored
+
+echo "== API fuzzing (schemathesis against /openapi.json)"
+scripts/fuzz-api.sh
+
+echo "== dependency audit (cargo audit; accepted advisories in .cargo/audit.toml)"
+scripts/audit.sh

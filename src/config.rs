@@ -10,6 +10,31 @@ use std::path::{Path, PathBuf};
 
 use crate::domain::Limits;
 
+/// A value that must not reach logs: an admin token, a broker URL with its password.
+/// `Debug` prints a placeholder; the value is read with [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
 /// How the WAL makes a batch durable before its rides are acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -80,7 +105,7 @@ pub struct Config {
     /// Time a client has to send its request head, ms; bounds slowloris-style clients.
     pub client_request_timeout_ms: u64,
     /// Bearer token for `/admin/*` and `/metrics`; none = open (bind admin to loopback).
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Rides queued between the HTTP workers and the consumer; beyond it POSTs get 503.
     pub bus_capacity: usize,
     /// Longest a POST waits for its ride to become durable before answering 503.
@@ -104,7 +129,7 @@ pub struct Config {
     /// Roles of this process; split roles need a broker and DynamoDB.
     pub roles: Vec<Role>,
     /// RabbitMQ URL (`amqp://` or `amqps://`); none = the embedded in-process bus.
-    pub broker: Option<String>,
+    pub broker: Option<Secret>,
     /// Name prefix of the exchange and queues.
     pub amqp_prefix: String,
     /// Partition queues; each resort-day maps to one, so one consumer owns an aggregate.
@@ -219,7 +244,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LIFTLOG_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
     #[arg(long, env = "LIFTLOG_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     #[arg(long, env = "LIFTLOG_BUS_CAPACITY")]
     pub bus_capacity: Option<usize>,
     #[arg(long, env = "LIFTLOG_WAL_MAX_BYTES")]
@@ -237,7 +262,7 @@ pub struct ServeArgs {
     pub roles: Option<Vec<Role>>,
     /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
     #[arg(long, env = "LIFTLOG_BROKER", hide_env_values = true)]
-    pub broker: Option<String>,
+    pub broker: Option<Secret>,
     #[arg(long, env = "LIFTLOG_PARTITIONS")]
     pub partitions: Option<u16>,
     #[arg(long, env = "LIFTLOG_AMQP_PREFIX")]

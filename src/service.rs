@@ -102,7 +102,7 @@ async fn open_bus(config: &Config) -> anyhow::Result<(Option<Arc<dyn Publisher>>
             Ok((Some(Arc::new(p)), Some(Box::new(s)), None))
         }
         Some(url) => {
-            let amqp = amqp_config(config, url);
+            let amqp = amqp_config(config, url.expose());
             amqp::declare_topology(&amqp).await?;
             let publisher: Option<Arc<dyn Publisher>> =
                 if write { Some(Arc::new(AmqpPublisher::connect(amqp.clone()).await?)) } else { None };
@@ -257,7 +257,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         roles: config.roles_label(),
         requests: Arc::new(RequestStats::new(&config.base_path)),
         max_body_bytes: config.max_body_bytes,
-        admin_token: config.admin_token.clone(),
+        admin_token: config.admin_token.as_ref().map(|t| t.expose().to_string()),
         ready: AtomicBool::new(false),
         started,
     });

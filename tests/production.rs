@@ -201,11 +201,13 @@ fn consumer_killed_after_wal_fsync_before_ack_counts_each_ride_once() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let b = Backends::new();
     let (dc, dw) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut consumer = b.start_at(dc.path(), "consume", &b.dynamodb.clone(), &[("LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES", "5")]);
+    // ABORT_AFTER_BATCHES moves the crash point for the long run (docs/reliability.md).
+    let after = std::env::var("ABORT_AFTER_BATCHES").unwrap_or_else(|_| "5".into());
+    let mut consumer = b.start_at(dc.path(), "consume", &b.dynamodb.clone(), &[("LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES", &after)]);
     let writer = b.start(dw.path(), "write");
     let rides = random_rides(9, 3_000, 500);
     post_all(&writer.base, &rides, 8, Duration::from_secs(60));
-    // The consumer aborted after its 5th WAL batch without acking it.
+    // The consumer aborted after its n-th WAL batch without acking it.
     let status = consumer.child.wait().unwrap();
     assert!(!status.success(), "the consumer should have aborted");
     consumer.restart();
@@ -231,8 +233,11 @@ fn dynamodb_outage_during_ingest_keeps_accepting_and_catches_up_exactly() {
     let rides = random_rides(5, 3_000, 400);
     post_all(&writer.base, &rides[..1_000], 8, Duration::from_secs(60));
     proxy.down();
+    let down_at = Instant::now();
     post_all(&writer.base, &rides[1_000..2_000], 8, Duration::from_secs(60));
-    std::thread::sleep(Duration::from_secs(2));
+    // Keep DynamoDB away for 30 s in all (OUTAGE_SECS to change), rides flowing throughout.
+    let outage = Duration::from_secs(std::env::var("OUTAGE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(30));
+    std::thread::sleep(outage.saturating_sub(down_at.elapsed()).max(Duration::from_secs(2)));
     let (_, body) = get(&agent(), &consumer.url("/admin/wal"));
     let v = json(&body);
     assert!(v["flusher"]["failures"].as_u64().unwrap() > 0, "flushes must fail while DynamoDB is away: {body}");

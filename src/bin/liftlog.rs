@@ -27,9 +27,11 @@ enum TablesAction {
     Create(ServeArgs),
 }
 
+/// Logs go to stderr. actix's HTTP/1 dispatcher logs every malformed request at ERROR,
+/// which would let any client flood the log; it is silenced by default (RUST_LOG overrides).
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,actix_server=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,actix_server=warn,actix_http::h1::dispatcher=off"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -1,0 +1,587 @@
+//! Hostile input against the real binary: oversized and endless bodies, deep and mistyped
+//! JSON, hostile ids and paths, wrong methods, huge URLs and headers, malformed heads,
+//! slow clients (head, body, slowloris) and more connections than the limit. Every case
+//! ends with the server still answering, and nothing a hostile request sent is counted.
+//! And the log, at its most verbose, holds no request body, token or idempotency key.
+//! Needs no services; runs in well under 30 s (the slow-client cases wait for timeouts, in
+//! parallel with the rest).
+
+mod common;
+
+use common::{agent, call, get, Server};
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const JSON: (&str, &str) = ("Content-Type", "application/json");
+const RIDE: &str = "/skiers/1/seasons/2025/days/1/skiers/7";
+
+/// A response read off a raw socket: status (None if the server sent none), head, body,
+/// and whether the server closed the connection afterwards.
+#[derive(Debug)]
+struct Raw {
+    status: Option<u16>,
+    head: String,
+    body: Vec<u8>,
+    closed: bool,
+}
+
+fn connect(s: &Server) -> TcpStream {
+    let addr = s.base.trim_start_matches("http://");
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).ok();
+    stream
+}
+
+/// Sends `bytes` (a write error — the server hung up mid-upload — is not a failure) and
+/// reads one response: its head, then Content-Length bytes of body, or up to EOF.
+fn raw(s: &Server, bytes: &[u8]) -> Raw {
+    let mut stream = connect(s);
+    let _ = stream.write_all(bytes);
+    read_response(&mut stream, Duration::from_secs(10))
+}
+
+fn read_response(stream: &mut TcpStream, timeout: Duration) -> Raw {
+    stream.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let mut closed = false;
+    loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len = header(&head, "content-length").and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = buf[end + 4..end + 4 + len].to_vec();
+                let status = head.split(' ').nth(1).and_then(|c| c.parse().ok());
+                // Did the server close after answering? (A reset counts as closed.) After
+                // `connection: close` actix may linger up to client_disconnect_timeout (1 s).
+                let says_close = header(&head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                let wait = if says_close { Duration::from_secs(3) } else { Duration::from_millis(200) };
+                stream.set_read_timeout(Some(wait)).unwrap();
+                let closed = match stream.read(&mut chunk) {
+                    Ok(0) => true,
+                    Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+                    Ok(_) => false,
+                };
+                return Raw { status, head, body, closed };
+            }
+        }
+        if closed {
+            break;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => closed = true,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => break,
+            Err(_) => closed = true,
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let status = head.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse().ok());
+    Raw { status, head, body: Vec::new(), closed }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// A JSON error body with a message a person can act on.
+fn message(body: &[u8]) -> String {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).unwrap_or_else(|e| panic!("error body is not JSON ({e}): {}", String::from_utf8_lossy(body)));
+    let m = v["message"].as_str().unwrap_or_else(|| panic!("no message in {v}")).to_string();
+    assert!(m.len() > 5, "message too short: {m}");
+    m
+}
+
+fn assert_healthy(s: &Server) {
+    let a = agent();
+    assert_eq!(get(&a, &s.url("/health")).0, 200, "the server must still answer");
+    let (code, body) = call(&a, "POST", &s.url("/skiers/2/seasons/2025/days/9/skiers/1"), &[JSON], Some(r#"{"time":1,"liftID":1}"#));
+    assert_eq!(code, 201, "a normal ride must still be accepted: {body}");
+}
+
+/// The skier-day of `RIDE` must hold exactly `want` metres (None = no rides).
+fn assert_ride_total(s: &Server, want: Option<u64>) {
+    let (code, body) = get(&agent(), &s.url(RIDE));
+    match want {
+        Some(v) => assert_eq!((code, body.trim()), (200, v.to_string().as_str())),
+        None => assert_eq!(code, 404, "nothing may have been counted: {body}"),
+    }
+}
+
+fn config_file(dir: &Path, text: &str) -> String {
+    let path = dir.join("liftlog.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn post_head(len: &str) -> String {
+    format!("POST {RIDE} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{len}\r\n")
+}
+
+#[test]
+fn oversized_bodies_get_413_by_length_and_by_chunks_and_the_limit_is_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let limit = 16 * 1024; // max_body_bytes default
+    // Declared too large: refused from the head, without waiting for 100 MB that never come.
+    let started = Instant::now();
+    let r = raw(&s, format!("{}\r\n{{\"time\":", post_head("Content-Length: 100000000")).as_bytes());
+    assert_eq!(r.status, Some(413), "{r:?}");
+    assert!(message(&r.body).contains("16384"));
+    assert!(started.elapsed() < Duration::from_secs(3), "413 must not wait for the body");
+    // No length, chunked: counted while it streams in.
+    let body = format!(r#"{{"time":10,"liftID":5,"pad":"{}"}}"#, "x".repeat(100_000));
+    let mut req = post_head("Transfer-Encoding: chunked").into_bytes();
+    req.extend_from_slice(b"\r\n");
+    for part in body.as_bytes().chunks(1000) {
+        req.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+        req.extend_from_slice(part);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let r = raw(&s, &req);
+    assert_eq!(r.status, Some(413), "{r:?}");
+    message(&r.body);
+    // A body of exactly the limit is read (and the ride counted); one byte more is not.
+    let exact = |n: usize| {
+        let fixed = r#"{"time":10,"liftID":5,"pad":""}"#.len();
+        format!(r#"{{"time":10,"liftID":5,"pad":"{}"}}"#, "x".repeat(n - fixed))
+    };
+    let a = agent();
+    let (code, text) = call(&a, "POST", &s.url(RIDE), &[JSON], Some(&exact(limit + 1)));
+    assert_eq!(code, 413, "{text}");
+    assert_ride_total(&s, None);
+    let (code, text) = call(&a, "POST", &s.url(RIDE), &[JSON], Some(&exact(limit)));
+    assert_eq!(code, 201, "{text}");
+    assert_ride_total(&s, Some(50));
+    assert_healthy(&s);
+}
+
+#[test]
+fn deep_and_mistyped_json_gets_400_and_counts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let a = agent();
+    let deep_obj = format!("{}1{}", r#"{"a":"#.repeat(2500), "}".repeat(2500)); // 15 KB: under the limit
+    let deep_arr = format!("{}{}", "[".repeat(8000), "]".repeat(8000));
+    let bodies: Vec<String> = vec![
+        // Deep nesting: in a known field, in an ignored extra field, and as the whole body.
+        format!(r#"{{"time":{deep_arr},"liftID":5}}"#),
+        format!(r#"{{"time":10,"liftID":5,"waitTime":{deep_arr}}}"#),
+        format!(r#"{{"time":10,"liftID":5,"x":{deep_obj}}}"#),
+        deep_obj.clone(),
+        // Wrong types and values.
+        r#"{"time":"10","liftID":5}"#.into(),
+        r#"{"time":true,"liftID":5}"#.into(),
+        r#"{"time":null,"liftID":5}"#.into(),
+        r#"{"time":[10],"liftID":5}"#.into(),
+        r#"{"time":{"v":10},"liftID":5}"#.into(),
+        r#"{"time":10.0,"liftID":5}"#.into(),
+        r#"{"time":-10,"liftID":5}"#.into(),
+        r#"{"time":10,"liftID":-5}"#.into(),
+        r#"{"time":10,"liftID":65541}"#.into(),
+        r#"{"time":9223372036854775808,"liftID":5}"#.into(),
+        r#"{"time":-9223372036854775809,"liftID":5}"#.into(),
+        r#"{"time":10,"liftID":18446744073709551621}"#.into(),
+        r#"{"time":NaN,"liftID":5}"#.into(),
+        r#"{"time":10,"time":11,"liftID":5}"#.into(),
+        r#"{"TIME":10,"LIFTID":5}"#.into(),
+        r#"[10,5]"#.into(),
+        r#""time=10&liftID=5""#.into(),
+        "\u{feff}{\"time\":10,\"liftID\":5}".into(),
+        r#"{"time":10,"liftID":5} {"time":11,"liftID":5}"#.into(),
+        r#"{"time":10,"liftID":5,"#.into(),
+    ];
+    for body in &bodies {
+        let (code, text) = call(&a, "POST", &s.url(RIDE), &[JSON], Some(body));
+        let shown: String = body.chars().take(60).collect();
+        assert_eq!(code, 400, "{shown}: {text}");
+        message(text.as_bytes());
+    }
+    // Invalid UTF-8 in a key is bad JSON too (sent raw: it cannot be a &str).
+    let bad_utf8 = b"{\"time\":10,\"liftID\":5,\"\xff\xfe\":1}";
+    let mut req = post_head(&format!("Content-Length: {}", bad_utf8.len())).into_bytes();
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(bad_utf8);
+    let r = raw(&s, &req);
+    assert_eq!(r.status, Some(400), "{r:?}");
+    // Seasons: the year must be a 4-digit string.
+    for body in [r#"{"year":2025}"#, r#"{"year":"２０２５"}"#, r#"{"year":"+202"}"#, r#"{"year":["2025"]}"#, r#"{"year":"20255"}"#] {
+        let (code, text) = call(&a, "POST", &s.url("/resorts/1/seasons"), &[JSON], Some(body));
+        assert_eq!(code, 400, "{body}: {text}");
+    }
+    assert_ride_total(&s, None);
+    let (_, text) = get(&a, &s.url("/resorts/1/seasons"));
+    assert_eq!(text, r#"{"seasons":[]}"#, "no season may have been created");
+    assert_healthy(&s);
+}
+
+#[test]
+fn hostile_ids_and_paths_get_400_or_404_never_5xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let a = agent();
+    let ride = r#"{"time":10,"liftID":5}"#;
+    let long_digits = "9".repeat(5000);
+    // (path, expected) for a POST of a valid ride body.
+    let posts: Vec<(String, u16)> = vec![
+        ("/skiers/1/seasons/2025/days/1/skiers/-7".into(), 400),
+        ("/skiers/-1/seasons/2025/days/1/skiers/7".into(), 400),
+        ("/skiers/1/seasons/2025/days/-1/skiers/7".into(), 400),
+        ("/skiers/1/seasons/-2025/days/1/skiers/7".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/0".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/+7".into(), 400),
+        ("/skiers/+1/seasons/2025/days/1/skiers/7".into(), 400),
+        ("/skiers/1/seasons/2025/days/+1/skiers/7".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/%207".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/7.0".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/7e0".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/0x7".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/2147483648".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/4294967303".into(), 400), // 2^32 + 7: must not wrap to 7
+        ("/skiers/1/seasons/2025/days/1/skiers/18446744073709551623".into(), 400), // 2^64 + 7
+        (format!("/skiers/1/seasons/2025/days/1/skiers/{long_digits}"), 400),
+        ("/skiers/4294967297/seasons/2025/days/1/skiers/7".into(), 400), // 2^32 + 1: must not wrap to resort 1
+        ("/skiers/1/seasons/2025/days/65537/skiers/7".into(), 400), // 2^16 + 1: must not wrap to day 1
+        ("/skiers/1/seasons/67561/days/1/skiers/7".into(), 400), // 2^16 + 2025
+        ("/skiers/1/seasons/0999/days/1/skiers/7".into(), 400),
+        ("/skiers/%F0%9F%98%80/seasons/2025/days/1/skiers/7".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/%FF".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/%00".into(), 400),
+        ("/skiers/1/seasons/2025/days/1/skiers/7%2F8".into(), 400),
+        ("/skiers/1/seasons/%EF%BC%92%EF%BC%90%EF%BC%92%EF%BC%95/days/1/skiers/7".into(), 400), // full-width ２０２５
+        ("/skiers/11/seasons/2025/days/1/skiers/7".into(), 404),
+        ("/skiers/4294967295/seasons/2025/days/1/skiers/7".into(), 404),
+        ("/skiers/1/seasons/2025/days/1/skiers/7/extra".into(), 404),
+        ("/skiers/1/seasons/2025/day/1/skiers/7".into(), 404),
+    ];
+    for (path, want) in &posts {
+        let (code, text) = call(&a, "POST", &s.url(path), &[JSON], Some(ride));
+        let shown: String = path.chars().take(80).collect();
+        assert_eq!(code, *want, "POST {shown}: {text}");
+        message(text.as_bytes());
+    }
+    assert_ride_total(&s, None);
+    let gets: Vec<(String, u16)> = vec![
+        ("/resorts/%F0%9F%98%80/seasons".into(), 400),
+        ("/resorts/%FF%FE/seasons".into(), 400),
+        ("/resorts/-1/seasons".into(), 400),
+        ("/resorts/+1/seasons".into(), 400),
+        ("/resorts/4294967296/seasons".into(), 400),
+        (format!("/resorts/{long_digits}/seasons"), 400),
+        ("/resorts/1/seasons/2025/day/%F0%9F%98%80/skiers".into(), 400),
+        ("/resorts/1/seasons/2%30%32%35x/day/1/skiers".into(), 400),
+        ("/skiers/%E2%80%AE7/vertical?resort=1".into(), 400), // right-to-left override
+        ("/skiers/7/vertical?resort=%F0%9F%98%80".into(), 400),
+        ("/skiers/7/vertical?resort=-1".into(), 400),
+        ("/skiers/7/vertical?resort=1&season=%FF%FF%FF%FF".into(), 400),
+        ("/skiers/7/vertical?resort=1&season=2025&season=2025".into(), 400),
+        ("/skiers/7/vertical?resort".into(), 400),
+        ("/%F0%9F%98%80".into(), 404),
+        ("/resorts/1/seasons/2025/days/1/skiers".into(), 404),
+    ];
+    for (path, want) in &gets {
+        let (code, text) = get(&a, &s.url(path));
+        let shown: String = path.chars().take(80).collect();
+        assert_eq!(code, *want, "GET {shown}: {text}");
+        message(text.as_bytes());
+    }
+    // Percent-encoded ASCII digits are those digits: %31 is "1", the same ride path.
+    let (code, text) = call(&a, "POST", &s.url("/skiers/%31/seasons/2025/days/%31/skiers/%37"), &[JSON], Some(ride));
+    assert_eq!(code, 201, "{text}");
+    assert_ride_total(&s, Some(50));
+    // Raw non-ASCII bytes and control characters in the request line (no client would
+    // send them unescaped): a clean 4xx or a closed connection, never a 5xx.
+    for target in [&b"/resorts/\xf0\x9f\x98\x80/seasons"[..], b"/resorts/\xff/seasons", b"/resorts/1\x00/seasons", b"/resorts/1\x7f/seasons"] {
+        let mut req = b"GET ".to_vec();
+        req.extend_from_slice(target);
+        req.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let r = raw(&s, &req);
+        assert!(r.status.is_none_or(|c| (400..500).contains(&c)), "{:?}: {r:?}", String::from_utf8_lossy(target));
+        assert!(r.status.is_some() || r.closed, "no answer and not closed: {r:?}");
+    }
+    assert_healthy(&s);
+}
+
+#[test]
+fn other_methods_get_405_with_allow() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let a = agent();
+    let paths = [
+        ("/resorts", "GET"),
+        ("/resorts/1/seasons", "GET, POST"),
+        ("/resorts/1/seasons/2025/day/1/skiers", "GET"),
+        (RIDE, "GET, POST"),
+        ("/skiers/7/vertical?resort=1", "GET"),
+        ("/statistics", "GET"),
+    ];
+    for (path, allow) in paths {
+        for method in ["PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"] {
+            let r = a.request(method, &s.url(path)).call();
+            let resp = match r {
+                Err(ureq::Error::Status(_, resp)) => resp,
+                other => panic!("{method} {path}: expected 405, got {other:?}"),
+            };
+            assert_eq!(resp.status(), 405, "{method} {path}");
+            assert_eq!(resp.header("allow"), Some(allow), "{method} {path}");
+            message(resp.into_string().unwrap().as_bytes());
+        }
+    }
+    // An extension method no client knows, with a body that must not be read as a ride.
+    let body = r#"{"time":10,"liftID":5}"#;
+    let r = raw(&s, format!("FROB {RIDE} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes());
+    assert_eq!(r.status, Some(405), "{r:?}");
+    assert_eq!(header(&r.head, "allow"), Some("GET, POST"));
+    assert_ride_total(&s, None);
+    assert_healthy(&s);
+}
+
+#[test]
+fn huge_urls_headers_and_malformed_heads_never_get_5xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let a = agent();
+    let is_client_error = |r: &Raw| r.status.is_some_and(|c| (400..500).contains(&c));
+    // Long URLs: a parsed 4xx (400, 404, 414 or 431 by size), or the connection closed
+    // after the answer; never a 5xx, never a hang.
+    for n in [8_000usize, 60_000, 200_000, 1_000_000] {
+        let req = format!("GET /resorts/{} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", "1".repeat(n));
+        let r = raw(&s, req.as_bytes());
+        assert!(is_client_error(&r) || (r.status.is_none() && r.closed), "URL of {n} bytes: {:?} {}", r.status, &r.head[..r.head.len().min(200)]);
+    }
+    // A long but legal query: 2,000 repetitions of the same resort count it once.
+    assert_eq!(call(&a, "POST", &s.url(RIDE), &[JSON], Some(r#"{"time":10,"liftID":5}"#)).0, 201);
+    let query = vec!["resort=1"; 2000].join("&");
+    let (code, text) = get(&a, &s.url(&format!("/skiers/7/vertical?{query}")));
+    assert_eq!((code, text.as_str()), (200, r#"{"resorts":[{"seasonID":"2025","totalVert":50}]}"#));
+    // Header floods: many headers, one huge header, many large headers.
+    let many: String = (0..500).map(|i| format!("X-Flood-{i}: v\r\n")).collect();
+    let huge = format!("X-Huge: {}\r\n", "a".repeat(300_000));
+    let large: String = (0..80).map(|i| format!("X-Large-{i}: {}\r\n", "b".repeat(4000))).collect();
+    for (name, extra) in [("500 headers", &many), ("one 300 KB header", &huge), ("80 headers of 4 KB", &large)] {
+        let r = raw(&s, format!("GET /resorts HTTP/1.1\r\nHost: t\r\n{extra}Connection: close\r\n\r\n").as_bytes());
+        assert!(is_client_error(&r), "{name}: {r:?}");
+        assert!(matches!(r.status, Some(400 | 413 | 431)), "{name}: {:?}", r.status);
+    }
+    // Malformed and ambiguous heads, including request-smuggling shapes: 4xx, never a ride.
+    let body = r#"{"time":10,"liftID":6}"#;
+    let heads: Vec<(&str, String)> = vec![
+        ("garbage", "\x00\x01\x02 hello\r\n\r\n".into()),
+        ("HTTP/0.9", "GET /resorts\r\n\r\n".into()),
+        ("HTTP/2 preface on HTTP/1", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".into()),
+        ("bad Content-Length", format!("{}Content-Length: 2x\r\nConnection: close\r\n\r\n{body}", post_head("X: y"))),
+        ("negative Content-Length", format!("{}Content-Length: -1\r\nConnection: close\r\n\r\n{body}", post_head("X: y"))),
+        ("two Content-Lengths", format!("{}Content-Length: 1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", post_head("X: y"), body.len())),
+        ("CL and TE", format!("{}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n{body}", post_head(&format!("Content-Length: {}", body.len())))),
+        ("bad chunk size", format!("{}Connection: close\r\n\r\nzz\r\n{body}\r\n0\r\n\r\n", post_head("Transfer-Encoding: chunked"))),
+        ("header without colon", "GET /resorts HTTP/1.1\r\nHost t\r\nConnection: close\r\n\r\n".into()),
+        ("space before colon", "GET /resorts HTTP/1.1\r\nHost : t\r\nConnection: close\r\n\r\n".into()),
+    ];
+    for (name, head) in &heads {
+        let r = raw(&s, head.as_bytes());
+        assert!(is_client_error(&r) || (r.status.is_none() && r.closed), "{name}: {r:?}");
+    }
+    let (code, text) = get(&a, &s.url(RIDE));
+    assert_eq!((code, text.as_str()), (200, "50"), "no smuggled ride may have been counted");
+    assert_healthy(&s);
+}
+
+#[test]
+fn a_stalled_request_head_is_closed_within_client_request_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(dir.path(), "client_request_timeout_ms = 1000\n");
+    let s = Server::start(&dir.path().join("data"), &["--config", &cfg]);
+    let partial = connect(&s);
+    (&partial).write_all(b"GET /resorts HTTP/1.1\r\nHost: t\r\nX-Slow: ").unwrap();
+    let silent = connect(&s); // connects and never sends a byte
+    for (name, mut stream) in [("partial head", partial), ("no bytes", silent)] {
+        let started = Instant::now();
+        let r = read_response(&mut stream, Duration::from_secs(8));
+        let took = started.elapsed();
+        assert!(r.closed, "{name}: still open after {took:?}: {r:?}");
+        assert!(r.status.is_none_or(|c| c == 408), "{name}: {r:?}");
+        assert!(took < Duration::from_secs(4), "{name}: closed only after {took:?} (timeout 1 s)");
+    }
+    assert_healthy(&s);
+}
+
+#[test]
+fn a_stalled_or_dripping_body_is_answered_and_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let limit = liftlog::http::api::BODY_READ_TIMEOUT;
+    // Declares 22 bytes, sends 8, stalls.
+    let stalled = connect(&s);
+    (&stalled).write_all(format!("{}\r\n{{\"time\":", post_head("Content-Length: 22")).as_bytes()).unwrap();
+    // Sends a 22-byte ride one byte every 400 ms: 8.8 s in all, past the deadline.
+    let dripping = connect(&s);
+    let drip = std::thread::spawn({
+        let mut stream = dripping.try_clone().unwrap();
+        move || {
+            let _ = stream.write_all(post_head("Content-Length: 22").as_bytes());
+            let _ = stream.write_all(b"\r\n");
+            for b in br#"{"time":10,"liftID":5}"# {
+                std::thread::sleep(Duration::from_millis(400));
+                if stream.write_all(&[*b]).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    for (name, mut stream) in [("stalled body", stalled), ("dripping body", dripping)] {
+        let started = Instant::now();
+        let r = read_response(&mut stream, limit + Duration::from_secs(5));
+        let took = started.elapsed();
+        assert_eq!(r.status, Some(400), "{name} after {took:?}: {r:?}");
+        assert!(message(&r.body).contains("did not arrive"), "{name}: {r:?}");
+        assert!(r.closed, "{name}: the connection must be closed after the timeout: {r:?}");
+        assert!(took < limit + Duration::from_secs(3), "{name}: answered only after {took:?}");
+    }
+    drip.join().unwrap();
+    assert_ride_total(&s, None);
+    assert_healthy(&s);
+}
+
+/// Writes one more header line to each still-open connection; returns how many are open.
+fn drip_headers(conns: &mut [Option<TcpStream>], line: usize) -> usize {
+    let mut buf = [0u8; 256];
+    for slot in conns.iter_mut() {
+        let Some(c) = slot else { continue };
+        let gone = match c.read(&mut buf) {
+            Ok(_) => true, // EOF or the 408: the server is done with it
+            Err(e) if e.kind() == ErrorKind::WouldBlock => c.write_all(format!("X-Drip-{line}: a\r\n").as_bytes()).is_err(),
+            Err(_) => true,
+        };
+        if gone {
+            *slot = None;
+        }
+    }
+    conns.iter().filter(|c| c.is_some()).count()
+}
+
+#[test]
+fn slowloris_does_not_block_normal_requests_and_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(dir.path(), "client_request_timeout_ms = 4000\nhttp_workers = 1\n");
+    let s = Server::start(&dir.path().join("data"), &["--config", &cfg]);
+    let started = Instant::now();
+    let mut conns: Vec<Option<TcpStream>> = (0..200)
+        .map(|_| {
+            let mut c = connect(&s);
+            c.write_all(b"GET /resorts HTTP/1.1\r\nHost: t\r\n").unwrap();
+            c.set_nonblocking(true).unwrap();
+            Some(c)
+        })
+        .collect();
+    // Normal clients are served at once while the 200 slow heads are held open.
+    let a = agent();
+    for i in 0..20 {
+        let t = Instant::now();
+        let (code, _) = call(&a, "POST", &s.url(&format!("/skiers/3/seasons/2025/days/1/skiers/{}", i + 1)), &[JSON], Some(r#"{"time":1,"liftID":2}"#));
+        assert_eq!(code, 201);
+        assert!(t.elapsed() < Duration::from_millis(1500), "a normal request took {:?} under slowloris", t.elapsed());
+    }
+    let open = drip_headers(&mut conns, 0);
+    assert!(started.elapsed() < Duration::from_millis(3500), "too slow to prove anything");
+    assert_eq!(open, 200, "the slow heads should still be open before their deadline");
+    // Dripping a header line every 250 ms does not extend the deadline: all are cut off.
+    let mut line = 1;
+    while drip_headers(&mut conns, line) > 0 {
+        assert!(started.elapsed() < Duration::from_secs(9), "{} slow heads still open after {:?}", conns.iter().flatten().count(), started.elapsed());
+        std::thread::sleep(Duration::from_millis(250));
+        line += 1;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(3500), "closed before the 4 s deadline?");
+    let (_, body) = get(&a, &s.url("/resorts/3/seasons/2025/day/1/skiers"));
+    assert_eq!(body, r#"{"time":"Crystal Mountain","numSkiers":20}"#);
+    assert_healthy(&s);
+}
+
+#[test]
+fn more_connections_than_the_limit_wait_their_turn_and_the_server_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_file(dir.path(), "max_connections = 50\nhttp_workers = 1\nclient_request_timeout_ms = 1000\n");
+    let s = Server::start(&dir.path().join("data"), &["--config", &cfg]);
+    let idle: Vec<TcpStream> = (0..200).map(|_| connect(&s)).collect();
+    // 50 are accepted and idle until their 1 s head deadline; the other 150 and ours wait
+    // in the backlog. Ours must be served (or refused cleanly), not lost.
+    let started = Instant::now();
+    let a = ureq::AgentBuilder::new().timeout(Duration::from_secs(20)).build();
+    let (code, body) = get(&a, &s.url("/resorts"));
+    let took = started.elapsed();
+    assert!(code == 200 || code == 0, "over the limit: {code} {body}");
+    assert!(took >= Duration::from_millis(800), "served after {took:?}: max_connections = 50 was not in force");
+    assert!(took < Duration::from_secs(15), "waited {took:?}");
+    drop(idle);
+    // Afterwards it is healthy and serves at once.
+    let t = Instant::now();
+    assert_healthy(&s);
+    assert!(t.elapsed() < Duration::from_secs(2), "slow after the flood: {:?}", t.elapsed());
+    // Below the limit, 30 keep-alive clients at once are all served without queueing.
+    let mut open: Vec<TcpStream> = (0..30).map(|_| connect(&s)).collect();
+    for c in &mut open {
+        c.write_all(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    }
+    for c in &mut open {
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 512];
+        let n = c.read(&mut buf).expect("an answer within 2 s");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    }
+}
+
+#[test]
+fn logs_hold_no_request_bodies_no_tokens_and_no_idempotency_keys() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    // The most verbose level an operator could turn on, every crate included.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_liftlog"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "trace")
+        .env("LIFTLOG_ADMIN_TOKEN", "tok-SECRET-4711")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("spawn liftlog");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let base = line.trim().strip_prefix("liftlog listening on ").expect("listening line").to_string();
+    let a = agent();
+    let url = |p: &str| format!("{base}{p}");
+    let key = ("Idempotency-Key", "idem-SECRET-0815");
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, Option<String>);
+    let cases: Vec<Case> = vec![
+        ("POST", url(RIDE), vec![JSON, key], Some(r#"{"time":10,"liftID":5,"note":"body-SECRET-1"}"#.into())),
+        ("POST", url(RIDE), vec![JSON], Some(r#"{"time":10,"liftID":5,"note":"body-SECRET-2""#.into())),
+        ("POST", url(RIDE), vec![JSON], Some(r#"{"time":"body-SECRET-3","liftID":5}"#.into())),
+        ("POST", url(RIDE), vec![JSON], Some(format!(r#"{{"note":"body-SECRET-4{}"}}"#, "x".repeat(20_000)))),
+        ("POST", url("/resorts/1/seasons"), vec![JSON], Some(r#"{"year":"body-SECRET-5"}"#.into())),
+        ("GET", url("/admin/wal"), vec![("Authorization", "Bearer tok-SECRET-4711")], None),
+        ("GET", url("/admin/wal"), vec![("Authorization", "Bearer wrong-SECRET-6")], None),
+        ("GET", url("/metrics"), vec![("Authorization", "Bearer tok-SECRET-4711")], None),
+    ];
+    for (method, u, headers, body) in &cases {
+        let (code, text) = call(&a, method, u, headers, body.as_deref());
+        assert!(code > 0 && code < 500, "{method} {u}: {code} {text}");
+    }
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("liftlog listening"), "the log was not captured: {log}");
+    let hits: Vec<&str> = log.lines().filter(|l| l.contains("SECRET")).take(5).collect();
+    assert!(hits.is_empty(), "request bodies, keys or tokens in the log:\n{}", hits.join("\n"));
+}
