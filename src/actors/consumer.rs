@@ -152,17 +152,34 @@ impl Consumer {
     /// Replays the WAL after its checkpoint into the actors and waits until they applied
     /// it. Must finish before the node serves reads.
     pub async fn replay(&self) -> Result<u64, WalError> {
+        /// Rides gathered across records before one dispatch: WAL records are as small as
+        /// the traffic made them (often a few dozen rides), and one actor message per
+        /// record per day would cost more than applying the rides.
+        const REPLAY_CHUNK: usize = 65_536;
         let started = Instant::now();
         let mut last = self.wal.checkpoint();
         let (mut records, mut events) = (0u64, 0u64);
+        // (sequence of the chunk's first record, rides). The first sequence is what the
+        // actors mark the rides with: conservative for the checkpoint, which then never
+        // passes a record whose raw rides are still pending.
+        let mut chunk: Option<(u64, Vec<RideEvent>)> = None;
         for record in self.wal.replay() {
             let record = record?;
             let batch: Vec<RideEvent> = Wal::decode(&record.payload)?;
             events += batch.len() as u64;
             records += 1;
-            self.dispatch(record.seq, &batch).await;
             self.progress.unflushed_batches.lock().push_back((record.seq, started));
             last = record.seq;
+            let (_, rides) = chunk.get_or_insert_with(|| (record.seq, Vec::with_capacity(REPLAY_CHUNK)));
+            rides.extend_from_slice(&batch);
+            if rides.len() >= REPLAY_CHUNK {
+                if let Some((first, rides)) = chunk.take() {
+                    self.dispatch(first, &rides).await;
+                }
+            }
+        }
+        if let Some((first, rides)) = chunk.take() {
+            self.dispatch(first, &rides).await;
         }
         // A round trip to every actor: all replayed batches are applied after it.
         for h in self.registry.all() {
