@@ -34,6 +34,9 @@ echo "== tests (embedded and production back ends)"
 # `cargo test` without the services reports them as ignored, never as passed.
 cargo test --workspace --locked -- --include-ignored
 
+echo "== deployment lint (cfn-lint on deploy/aws, systemd units, nginx config)"
+scripts/lint-deploy.sh
+
 echo "== API fuzzing (schemathesis against /openapi.json)"
 scripts/fuzz-api.sh
 

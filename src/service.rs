@@ -44,8 +44,13 @@ pub struct Running {
 
 /// The background tasks of a consuming node.
 struct ConsumeTasks {
+    /// Ends the source (embedded bus: after draining what is queued, whose POSTs wait).
     source_stop: Stop,
-    consumer_task: tokio::task::JoinHandle<()>,
+    /// Stops the consumer between batches, leaving the source connected (broker mode).
+    pause: Stop,
+    /// Broker mode: the partitions must stay ours until the final flush is done.
+    broker: bool,
+    consumer_task: tokio::task::JoinHandle<Box<dyn EventSource>>,
     flusher_stop: tokio::sync::watch::Sender<bool>,
     flusher_task: tokio::task::JoinHandle<()>,
 }
@@ -140,15 +145,19 @@ async fn start_consumer(
     tracing::info!(checkpoint = recovery.checkpoint, records = recovery.records, truncated = recovery.truncated_records, "WAL opened");
 
     // Season totals first, from the tables alone; the replay then adds only rides the
-    // tables do not hold (the actors drop the others as duplicates).
+    // tables do not hold (the actors drop the others as duplicates). Only the embedded
+    // node answers season totals from memory (see `index_complete`); with a broker they
+    // come from the tables, and a scan of every skier-day at each start would not scale.
     let index = Arc::new(SeasonIndex::new());
     let mut skier_days = 0u64;
-    tables
-        .scan_season_totals(&mut |skier, resort, season, vertical| {
-            index.add(skier, resort, season, vertical);
-            skier_days += 1;
-        })
-        .await?;
+    if config.broker.is_none() {
+        tables
+            .scan_season_totals(&mut |skier, resort, season, vertical| {
+                index.add(skier, resort, season, vertical);
+                skier_days += 1;
+            })
+            .await?;
+    }
     let seasons = Arc::new(SeasonBook::default());
     for (resort, season) in tables.scan_seasons().await? {
         seasons.observe(resort, season, true);
@@ -184,11 +193,13 @@ async fn start_consumer(
     let (flusher_stop, stop_rx) = tokio::sync::watch::channel(false);
     let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush_interval_ms.max(10)), stop_rx));
     let source_stop = source.stop_handle();
+    let pause = Stop::default();
     // On the system arbiter: activating an aggregator starts an actix actor.
-    let consumer_task = actix_rt::spawn(consumer.run(source));
+    let consumer_task = actix_rt::spawn(consumer.run(source, pause.clone()));
     let index_complete = config.broker.is_none();
     let node = ConsumerNode { registry, index, index_complete, seasons, wal, recovery, progress, flusher, source_stats };
-    Ok((node, ConsumeTasks { source_stop, consumer_task, flusher_stop, flusher_task }))
+    let broker = config.broker.is_some();
+    Ok((node, ConsumeTasks { source_stop, pause, broker, consumer_task, flusher_stop, flusher_task }))
 }
 
 /// Wraps the publisher in admission control whose pressure reads the bus, and the WAL and
@@ -336,8 +347,16 @@ impl Running {
             tracing::info!("shutdown complete");
             return Ok(());
         };
-        tasks.source_stop.stop();
-        let _ = tasks.consumer_task.await;
+        // Broker: stop between batches but keep the subscription, so a standby does not
+        // take the partitions while this node still writes its last rides; it does once
+        // the source is dropped after the final flush, and gets what was never applied.
+        // Embedded: drain the queue, whose POSTs are waiting for their 201.
+        if tasks.broker {
+            tasks.pause.stop();
+        } else {
+            tasks.source_stop.stop();
+        }
+        let source = tasks.consumer_task.await.ok();
         let _ = tasks.flusher_stop.send(true);
         let _ = tasks.flusher_task.await;
         tracing::info!("shutdown: consumer drained; final flush");
@@ -361,6 +380,7 @@ impl Running {
             }
         }
         node.wal.sync()?;
+        drop(source);
         tracing::info!("shutdown complete");
         Ok(())
     }

@@ -220,8 +220,19 @@ impl Consumer {
     }
 
     /// Consumes until the source is closed and drained.
-    pub async fn run(self, mut source: Box<dyn EventSource>) {
-        while let Some(batch) = source.next_batch(self.max_batch).await {
+    /// Consumes until the source is closed and drained, or until `pause` fires; then
+    /// hands the source back, still connected, so the caller can flush before letting it
+    /// go (a broker hands the partitions to a standby only once it is dropped).
+    pub async fn run(self, mut source: Box<dyn EventSource>, pause: crate::bus::Stop) -> Box<dyn EventSource> {
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = pause.stopped() => break,
+                batch = source.next_batch(self.max_batch) => match batch {
+                    Some(batch) => batch,
+                    None => break,
+                },
+            };
             let n = batch.events.len() as u64;
             let wal = self.wal.clone();
             let events = batch.events;
@@ -272,6 +283,7 @@ impl Consumer {
                 self.progress.flush_kick.notify_one();
             }
         }
-        tracing::info!("consumer drained");
+        tracing::info!("consumer stopped");
+        source
     }
 }
