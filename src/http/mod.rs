@@ -130,9 +130,17 @@ pub async fn no_such_endpoint() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NoSuchEndpoint)
 }
 
+/// The route template a resource was registered with, kept as its data so the accounting
+/// middleware reads it after routing instead of matching the path a second time (which
+/// `match_pattern` does: ~6 % of CPU under load).
+#[derive(Clone, Copy)]
+struct RouteTemplate(&'static str);
+
 /// A resource whose other methods get 405 with an `Allow` header.
-fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(move || async move { Err::<HttpResponse, _>(ApiError::MethodNotAllowed(allow)) }))
+fn resource(path: &'static str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path)
+        .app_data(RouteTemplate(path))
+        .default_service(web::to(move || async move { Err::<HttpResponse, _>(ApiError::MethodNotAllowed(allow)) }))
 }
 
 /// Wraps every request: latency per endpoint, status counters.
@@ -142,7 +150,7 @@ pub async fn account<B: MessageBody>(
 ) -> Result<ServiceResponse<B>, actix_web::Error> {
     let started = Instant::now();
     let stats = req.app_data::<web::Data<AppState>>().map(|s| s.requests.clone());
-    let endpoint = stats.as_ref().and_then(|s| s.endpoint(req.method().as_str(), req.match_pattern().as_deref()));
+    let method = req.method().clone();
     // Java's HttpClient asks to upgrade to h2c on the first request of a connection to a
     // new host. We answer in HTTP/1.1; actix would then echo `Connection: upgrade` and drop
     // the connection silently, so a client that reuses it sees EOF. `Connection: close`
@@ -154,6 +162,9 @@ pub async fn account<B: MessageBody>(
         res.response_mut().head_mut().set_connection_type(actix_web::http::ConnectionType::Close);
     }
     if let Some(s) = stats {
+        // The matched resource's data is on the request once it was routed.
+        let template = res.request().app_data::<RouteTemplate>().map(|t| t.0);
+        let endpoint = template.and_then(|t| RequestStats::endpoint_of(method.as_str(), t));
         s.record(endpoint, res.status().as_u16(), started.elapsed());
     }
     Ok(res)

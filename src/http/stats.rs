@@ -65,7 +65,12 @@ impl RequestStats {
     /// Index of the endpoint a request matched, if it is a public one.
     pub fn endpoint(&self, method: &str, pattern: Option<&str>) -> Option<usize> {
         let pattern = pattern?.strip_prefix(self.base_path.as_str())?;
-        PUBLIC_ENDPOINTS.iter().position(|(m, p)| *m == method && *p == pattern)
+        Self::endpoint_of(method, pattern)
+    }
+
+    /// Index of a public endpoint by method and template (without the base path).
+    pub fn endpoint_of(method: &str, template: &str) -> Option<usize> {
+        PUBLIC_ENDPOINTS.iter().position(|(m, p)| *m == method && *p == template)
     }
 
     pub fn record(&self, endpoint: Option<usize>, status: u16, elapsed: Duration) {
