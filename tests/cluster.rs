@@ -238,46 +238,9 @@ fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
 
 // -------------------------------------------------------------- reconciling ---
 
-/// `Expected::check` from `threads` clients at once, each on a share of the figures.
-fn check_parallel(expected: &Expected, base: &str, threads: usize) -> Vec<String> {
-    let mut parts: Vec<Expected> = (0..threads).map(|_| Expected::default()).collect();
-    for (i, (k, v)) in expected.day_skiers.iter().enumerate() {
-        parts[i % threads].day_skiers.insert(*k, v.clone());
-    }
-    for (i, (k, v)) in expected.skier_day.iter().enumerate() {
-        parts[i % threads].skier_day.insert(*k, *v);
-    }
-    for (i, (k, v)) in expected.skier_season.iter().enumerate() {
-        parts[i % threads].skier_season.insert(*k, *v);
-    }
-    std::thread::scope(|s| {
-        let handles: Vec<_> = parts.iter().map(|p| s.spawn(move || p.check(&agent(), base))).collect();
-        handles.into_iter().flat_map(|h| h.join().expect("checker")).collect()
-    })
-}
-
-/// Polls until every expected figure reads back through `base` (the tables are written
-/// by the consumers' flusher, so reads lag by a flush interval), then returns the
-/// mismatches left (empty on success).
-fn settle(expected: &Expected, base: &str, within: Duration) -> Vec<String> {
-    let agent = agent();
-    let started = Instant::now();
-    let days = Expected { day_skiers: expected.day_skiers.clone(), ..Default::default() };
-    while !days.check(&agent, base).is_empty() && started.elapsed() < within {
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    loop {
-        let bad = check_parallel(expected, base, 4);
-        if bad.is_empty() || started.elapsed() > within {
-            return bad;
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
 fn assert_exact(expected: &Expected, base: &str, what: &str) {
     let t = Instant::now();
-    let bad = settle(expected, base, Duration::from_secs(60));
+    let bad = expected.settle(base, Duration::from_secs(60), 4);
     assert!(bad.is_empty(), "{what}: {} mismatches through nginx, e.g. {:#?}", bad.len(), &bad[..bad.len().min(8)]);
     eprintln!(
         "{what}: exact through nginx ({} resort-days, {} skier-days, {} skier-seasons; settled in {:.1}s)",
@@ -348,7 +311,7 @@ fn readme_session(c: &Cluster) -> Ride {
     let ride = Ride { resort: 1, season: 2025, day: 1, skier: 7, time: 10, lift: 5, key: "gate-3-000123".into() };
     assert_eq!(ride.post(&a, &c.base), 201, "README POST through nginx");
     let expected = Expected::from(std::slice::from_ref(&ride));
-    assert!(settle(&expected, &c.base, Duration::from_secs(20)).is_empty(), "README GETs through nginx");
+    assert!(expected.settle(&c.base, Duration::from_secs(20), 4).is_empty(), "README GETs through nginx");
     assert_eq!(get(&a, &format!("{}/skiers/1/seasons/2025/days/1/skiers/7", c.base)), (200, "50".into()));
     assert_eq!(
         get(&a, &format!("{}/resorts/1/seasons/2025/day/1/skiers", c.base)),
@@ -463,7 +426,7 @@ fn rolling_restart_of_the_consumers_under_load_loses_nothing() {
         order
     });
     let expected = Expected::from(&accepted);
-    let bad = settle(&expected, &c.base, Duration::from_secs(60));
+    let bad = expected.settle(&c.base, Duration::from_secs(60), 4);
     assert!(
         bad.is_empty(),
         "after a rolling restart of the consumers: {} mismatches through nginx, e.g. {:#?}\nconsumers:\n{}",

@@ -112,26 +112,6 @@ fn post_all(base: &str, rides: &[Ride], threads: usize, deadline: Duration) -> u
     shed.load(Ordering::Relaxed)
 }
 
-/// Polls until the node answers every expected figure (reads are eventually consistent),
-/// then returns the remaining mismatches (empty on success).
-fn settle(expected: &Expected, base: &str, within: Duration) -> Vec<String> {
-    let agent = agent();
-    let started = Instant::now();
-    // The day counts are a handful of requests: wait on them first, then check everything
-    // (thousands of requests) only once they agree.
-    let days = Expected { day_skiers: expected.day_skiers.clone(), ..Default::default() };
-    while !days.check(&agent, base).is_empty() && started.elapsed() < within {
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    loop {
-        let bad = expected.check(&agent, base);
-        if bad.is_empty() || started.elapsed() > within {
-            return bad;
-        }
-        std::thread::sleep(Duration::from_millis(1000));
-    }
-}
-
 fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -151,8 +131,8 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
     let (code, _) = call(&a, "POST", &writer.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[("Content-Type", "application/json")], Some(r#"{"time":10,"liftID":5}"#));
     assert_eq!(code, 201);
     let first = Expected::from(&[Ride { resort: 1, season: 2025, day: 1, skier: 7, time: 10, lift: 5, key: String::new() }]);
-    assert!(settle(&first, &consumer.base, Duration::from_secs(10)).is_empty(), "consumer actors");
-    assert!(settle(&first, &reader.base, Duration::from_secs(10)).is_empty(), "reader via DynamoDB");
+    assert!(first.settle(&consumer.base, Duration::from_secs(10), 1).is_empty(), "consumer actors");
+    assert!(first.settle(&reader.base, Duration::from_secs(10), 1).is_empty(), "reader via DynamoDB");
     assert_eq!(get(&a, &reader.url("/resorts/1/seasons")).1, r#"{"seasons":["2025"]}"#);
     // A read node refuses rides with a reason, a write node reads from the tables.
     let (code, body) = call(&a, "POST", &reader.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[("Content-Type", "application/json")], Some(r#"{"time":10,"liftID":5}"#));
@@ -164,9 +144,9 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
     let mut all = rides.clone();
     all.push(Ride { resort: 1, season: 2025, day: 1, skier: 7, time: 10, lift: 5, key: String::new() });
     let expected = Expected::from(&all);
-    let bad = settle(&expected, &reader.base, Duration::from_secs(60));
+    let bad = expected.settle(&reader.base, Duration::from_secs(60), 1);
     assert!(bad.is_empty(), "reader (DynamoDB): {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
-    let bad = settle(&expected, &consumer.base, Duration::from_secs(10));
+    let bad = expected.settle(&consumer.base, Duration::from_secs(10), 1);
     assert!(bad.is_empty(), "consumer (actors): {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
 
     // The tables themselves, read directly.
@@ -191,7 +171,7 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
     consumer.kill9();
     let fresh = tempfile::tempdir().unwrap();
     consumer = b.start(fresh.path(), "consume");
-    let bad = settle(&expected, &consumer.base, Duration::from_secs(20));
+    let bad = expected.settle(&consumer.base, Duration::from_secs(20), 1);
     assert!(bad.is_empty(), "consumer after an empty-disk restart: {:?}", &bad[..bad.len().min(5)]);
 }
 
@@ -212,7 +192,7 @@ fn consumer_killed_after_wal_fsync_before_ack_counts_each_ride_once() {
     assert!(!status.success(), "the consumer should have aborted");
     consumer.restart();
     let expected = Expected::from(&rides);
-    let bad = settle(&expected, &consumer.base, Duration::from_secs(30));
+    let bad = expected.settle(&consumer.base, Duration::from_secs(30), 1);
     assert!(bad.is_empty(), "{} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
     let (_, body) = get(&agent(), &consumer.url("/admin/actors"));
     let dups: u64 = json(&body)["actors"].as_array().unwrap().iter().map(|a| a["duplicates"].as_u64().unwrap()).sum();
@@ -245,7 +225,7 @@ fn dynamodb_outage_during_ingest_keeps_accepting_and_catches_up_exactly() {
     proxy.up();
     post_all(&writer.base, &rides[2_000..], 8, Duration::from_secs(60));
     let expected = Expected::from(&rides);
-    let bad = settle(&expected, &reader.base, Duration::from_secs(90));
+    let bad = expected.settle(&reader.base, Duration::from_secs(90), 1);
     assert!(bad.is_empty(), "{} mismatches after the outage, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
 }
 
@@ -282,7 +262,7 @@ fn rabbitmq_restart_during_ingest_answers_503_then_recovers_losing_nothing() {
     eprintln!("{shed} retries during the broker restart");
     assert!(shed > 0, "the clients should have met the outage (503s) while posting");
     let expected = Expected::from(&rides);
-    let bad = settle(&expected, &consumer.base, Duration::from_secs(90));
+    let bad = expected.settle(&consumer.base, Duration::from_secs(90), 1);
     assert!(bad.is_empty(), "{} mismatches after the broker restart, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
 }
 
@@ -316,9 +296,9 @@ fn active_consumer_killed_standby_takes_over_exactly_with_ack_after_table() {
     active.kill9(); // its WAL is gone with it as far as the standby is concerned
     posting.join().expect("posting");
     let expected = Expected::from(&rides);
-    let bad = settle(&expected, &standby.base, Duration::from_secs(90));
+    let bad = expected.settle(&standby.base, Duration::from_secs(90), 1);
     assert!(bad.is_empty(), "standby actors: {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
-    let bad = settle(&expected, &reader.base, Duration::from_secs(60));
+    let bad = expected.settle(&reader.base, Duration::from_secs(60), 1);
     assert!(bad.is_empty(), "tables: {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
     let (_, body) = get(&agent(), &standby.url("/admin/wal"));
     let deliveries = json(&body)["source"]["deliveries"].as_u64().unwrap_or(0);

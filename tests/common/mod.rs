@@ -201,6 +201,47 @@ impl Expected {
     }
 }
 
+impl Expected {
+    /// `check` from `threads` clients at once, each on a share of the figures.
+    pub fn check_parallel(&self, base: &str, threads: usize) -> Vec<String> {
+        let threads = threads.max(1);
+        let mut parts: Vec<Expected> = (0..threads).map(|_| Expected::default()).collect();
+        for (i, (k, v)) in self.day_skiers.iter().enumerate() {
+            parts[i % threads].day_skiers.insert(*k, v.clone());
+        }
+        for (i, (k, v)) in self.skier_day.iter().enumerate() {
+            parts[i % threads].skier_day.insert(*k, *v);
+        }
+        for (i, (k, v)) in self.skier_season.iter().enumerate() {
+            parts[i % threads].skier_season.insert(*k, *v);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = parts.iter().map(|p| s.spawn(move || p.check(&agent(), base))).collect();
+            handles.into_iter().flat_map(|h| h.join().expect("checker")).collect()
+        })
+    }
+
+    /// Polls until the node answers every expected figure (reads are eventually
+    /// consistent), then returns the mismatches left (empty on success). The day counts
+    /// are a handful of requests: they are waited on first, and everything (thousands of
+    /// requests, from `threads` clients) is checked only once they agree.
+    pub fn settle(&self, base: &str, within: Duration, threads: usize) -> Vec<String> {
+        let agent = agent();
+        let started = std::time::Instant::now();
+        let days = Expected { day_skiers: self.day_skiers.clone(), ..Default::default() };
+        while !days.check(&agent, base).is_empty() && started.elapsed() < within {
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        loop {
+            let bad = self.check_parallel(base, threads);
+            if bad.is_empty() || started.elapsed() > within {
+                return bad;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
 /// A small deterministic PRNG so a failing run can be repeated from its seed.
 pub struct Rng(pub u64);
 
