@@ -108,11 +108,22 @@ impl SledTables {
     }
 }
 
-fn stored_version<T: DeserializeOwned>(tree: &sled::Tree, table: &'static str, key: &[u8], version: impl Fn(&T) -> u64) -> Result<Option<u64>, TableError> {
-    match tree.get(key).map_err(unavailable)? {
-        Some(v) => Ok(Some(version(&decode::<T>(table, &v)?))),
-        None => Ok(None),
+/// The conditional write of both versioned tables: stores `item` under `key` unless the
+/// stored item's version is already as new. Returns whether it was written.
+fn put_if_newer<T: Serialize + DeserializeOwned>(
+    tree: &sled::Tree,
+    table: &'static str,
+    key: &[u8],
+    item: &T,
+    version: impl Fn(&T) -> u64,
+) -> Result<bool, TableError> {
+    if let Some(stored) = tree.get(key).map_err(unavailable)? {
+        if version(&decode::<T>(table, &stored)?) >= version(item) {
+            return Ok(false);
+        }
     }
+    tree.insert(key, encode(item)?).map_err(unavailable)?;
+    Ok(true)
 }
 
 #[async_trait]
@@ -132,12 +143,10 @@ impl Tables for SledTables {
             let mut report = WriteReport::default();
             for item in &items {
                 let k = skier_day_key(item.skier, &item.key);
-                let old = stored_version::<SkierDayItem>(&me.skier_days, "SkierDays", &k, |i| i.version)?;
-                if old.is_some_and(|v| v >= item.version) {
+                if !put_if_newer(&me.skier_days, "SkierDays", &k, item, |i| i.version)? {
                     report.stale += 1;
                     continue;
                 }
-                me.skier_days.insert(k, encode(item)?).map_err(unavailable)?;
                 me.day_skiers.insert(day_skier_key(&item.key, item.skier), &[]).map_err(unavailable)?;
                 report.written += 1;
             }
@@ -152,14 +161,11 @@ impl Tables for SledTables {
         blocking(move || {
             let mut report = WriteReport::default();
             for item in &items {
-                let k = day_key_bytes(&item.key);
-                let old = stored_version::<DayCountItem>(&me.day_counts, "LiftRideCounts", &k, |i| i.version)?;
-                if old.is_some_and(|v| v >= item.version) {
+                if put_if_newer(&me.day_counts, "LiftRideCounts", &day_key_bytes(&item.key), item, |i| i.version)? {
+                    report.written += 1;
+                } else {
                     report.stale += 1;
-                    continue;
                 }
-                me.day_counts.insert(k, encode(item)?).map_err(unavailable)?;
-                report.written += 1;
             }
             Ok(report)
         })
