@@ -181,7 +181,7 @@ async fn start_consumer(
 
     let disk_guard = (config.tables == TableStore::Sled && config.min_free_disk_bytes > 0)
         .then(|| (config.data_dir.join("tables"), config.min_free_disk_bytes / 4));
-    let flusher = Arc::new(Flusher::new(
+    let flusher = Flusher::new(
         registry.clone(),
         tables,
         wal.clone(),
@@ -189,7 +189,9 @@ async fn start_consumer(
         progress.clone(),
         config.flush_rides_per_actor,
         disk_guard,
-    ));
+    )
+    .with_abort_mid_flush(std::env::var("LIFTLOG_FAULT_ABORT_MID_FLUSH").ok().and_then(|v| v.parse().ok()));
+    let flusher = Arc::new(flusher);
     let (flusher_stop, stop_rx) = tokio::sync::watch::channel(false);
     let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush_interval_ms.max(10)), stop_rx));
     let source_stop = source.stop_handle();

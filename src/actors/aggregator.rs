@@ -48,8 +48,16 @@ pub struct DayState {
 }
 
 impl DayState {
-    /// Rebuilds a day from its stored skier-day items (an activation).
-    pub fn from_items(key: DayKey, items: Vec<SkierDayItem>) -> Self {
+    /// Rebuilds a day from its stored skier-day items and its stored count (an
+    /// activation).
+    ///
+    /// The skier-day items are the truth; the count is derived from them. The two are
+    /// separate writes (separate items in DynamoDB, unsynced sled trees until the flush's
+    /// fsync), so a crash between them can leave the count behind its items. Replaying
+    /// the WAL then finds every ride already counted and would change nothing, leaving
+    /// the stale count in the table for good. So a count that disagrees with the items
+    /// is marked dirty here and the next flush rewrites it.
+    pub fn from_items(key: DayKey, items: Vec<SkierDayItem>, stored: Option<&DayCountItem>) -> Self {
         let mut st = DayState {
             key,
             skiers: FxHashMap::default(),
@@ -64,6 +72,12 @@ impl DayState {
             st.rides += item.ids.len() as u64;
             st.skiers.insert(item.skier, SkierDay { vertical: item.vertical as u32, ids: item.ids });
         }
+        let agrees = stored.map(|c| (c.unique_skiers, c.rides)) == Some((st.skiers.len() as u64, st.rides));
+        if !agrees && !st.skiers.is_empty() {
+            // Not a WAL sequence: the repair is owed to no record, and 1 is below every
+            // sequence a later ride brings, which supersedes it.
+            st.count_changed = 1;
+        }
         st
     }
 
@@ -77,11 +91,18 @@ impl DayState {
     }
 
     /// Applies one WAL record's rides for this day. Returns (applied, duplicates).
+    /// A duplicate changes no figure; it only queues its raw row again.
     fn apply(&mut self, seq: u64, events: &[RideEvent], index: &SeasonIndex) -> (u64, u64) {
         let (mut applied, mut dups) = (0, 0);
         for ev in events {
             let day = self.skiers.entry(ev.skier).or_default();
             if day.ids.contains(&ev.id) {
+                // Counted already, but its raw row may not be written: the skier-day
+                // item that holds its id can reach the tables before the raw rides do,
+                // and a crash in between (or a consumer that died with its WAL) leaves
+                // only this copy — a WAL replay or a broker redelivery — to write it.
+                // The write is idempotent (the key holds the id), so write it again.
+                self.pending.push_back((seq, *ev));
                 dups += 1;
                 continue;
             }
@@ -272,8 +293,8 @@ pub struct DayHandle {
 impl DayHandle {
     /// Starts the actor for a day rebuilt from its table items. Must run inside an actix
     /// system (the consumer's arbiter).
-    pub fn start(key: DayKey, items: Vec<SkierDayItem>, index: Arc<SeasonIndex>, now: u64) -> Self {
-        let state = Arc::new(RwLock::new(DayState::from_items(key, items)));
+    pub fn start(key: DayKey, items: Vec<SkierDayItem>, count: Option<DayCountItem>, index: Arc<SeasonIndex>, now: u64) -> Self {
+        let state = Arc::new(RwLock::new(DayState::from_items(key, items, count.as_ref())));
         let queued = Arc::new(AtomicU64::new(0));
         let actor = DayAggregator {
             state: state.clone(),
@@ -342,7 +363,7 @@ mod tests {
     fn duplicates_count_once_and_flush_marks_follow_versions() {
         let idx = SeasonIndex::new();
         let key = DayKey { resort: 1, season: 2025, day: 1 };
-        let mut st = DayState::from_items(key, vec![]);
+        let mut st = DayState::from_items(key, vec![], None);
         assert_eq!(st.apply(1, &[ev(1, 7, 50), ev(2, 7, 30), ev(1, 7, 50)], &idx), (2, 1));
         assert_eq!(st.apply(2, &[ev(2, 7, 30), ev(3, 8, 10)], &idx), (1, 1));
         assert_eq!(st.unique_skiers(), 2);
@@ -358,12 +379,36 @@ mod tests {
             .map(|(s, d)| SkierDayItem { skier: *s, key, vertical: d.vertical as u64, ids: d.ids.clone(), version: d.ids.len() as u64 })
             .collect();
         let idx2 = SeasonIndex::new();
-        let mut again = DayState::from_items(key, items);
+        let count = DayCountItem { key, unique_skiers: 2, rides: 3, version: 3 };
+        let mut again = DayState::from_items(key, items, Some(&count));
         assert!(again.is_clean());
         assert_eq!(again.apply(3, &[ev(3, 8, 10), ev(4, 8, 10)], &idx2), (1, 1));
         assert_eq!(again.rides, 4);
         assert_eq!(again.applied_seq, 3);
         // Versions are ride counts: node-independent and growing with every new ride.
         assert_eq!(again.skiers[&8].ids.len(), 2);
+    }
+
+    #[test]
+    fn a_count_behind_its_items_is_rewritten_after_activation() {
+        let key = DayKey { resort: 1, season: 2025, day: 1 };
+        let items = vec![
+            SkierDayItem { skier: 7, key, vertical: 80, ids: vec![1, 2], version: 2 },
+            SkierDayItem { skier: 8, key, vertical: 10, ids: vec![3], version: 1 },
+        ];
+        // A crash after the skier-days were written and before the count was: the count
+        // item is missing, or holds an older figure.
+        for stored in [None, Some(DayCountItem { key, unique_skiers: 1, rides: 2, version: 2 })] {
+            let mut st = DayState::from_items(key, items.clone(), stored.as_ref());
+            assert!(!st.is_clean(), "stale count {stored:?} must be flushed again");
+            // Replaying the WAL finds only rides already counted: still dirty, and their
+            // raw rows, which may be the part the crash lost, are queued again.
+            assert_eq!(st.apply(5, &[ev(1, 7, 50), ev(3, 8, 10)], &SeasonIndex::new()), (0, 2));
+            assert!(st.count_changed > st.count_flushed);
+            assert_eq!(st.pending.iter().map(|(_, r)| r.id).collect::<Vec<_>>(), vec![1, 3]);
+            assert_eq!((st.rides, st.skiers[&7].vertical), (3, 80));
+        }
+        // An empty day has nothing to repair.
+        assert!(DayState::from_items(key, vec![], None).is_clean());
     }
 }

@@ -63,6 +63,11 @@ pub struct Flusher {
     /// that would eat into that reserve is skipped, because sled cannot recover from a
     /// full disk without a restart. The WAL keeps the rides meanwhile.
     disk_guard: Option<(std::path::PathBuf, u64)>,
+    /// Fault injection for the crash tests (`LIFTLOG_FAULT_ABORT_MID_FLUSH=n`): the n-th
+    /// cycle that writes skier-days aborts the process once they are durable, before the
+    /// day counts and raw rides are written — the torn flush a crash can cause.
+    abort_mid_flush: Option<u64>,
+    torn_cycles: std::sync::atomic::AtomicU64,
     /// One cycle at a time: the interval timer and `POST /admin/flush` share it.
     lock: tokio::sync::Mutex<()>,
     stats: parking_lot::Mutex<FlushStats>,
@@ -86,9 +91,17 @@ impl Flusher {
             progress,
             rides_per_actor: rides_per_actor.max(1),
             disk_guard,
+            abort_mid_flush: None,
+            torn_cycles: std::sync::atomic::AtomicU64::new(0),
             lock: tokio::sync::Mutex::new(()),
             stats: parking_lot::Mutex::new(FlushStats::default()),
         }
+    }
+
+    /// Arms the torn-flush fault (see `abort_mid_flush`).
+    pub fn with_abort_mid_flush(mut self, nth_cycle: Option<u64>) -> Self {
+        self.abort_mid_flush = nth_cycle.filter(|n| *n > 0);
+        self
     }
 
     pub fn stats(&self) -> FlushStats {
@@ -180,6 +193,13 @@ impl Flusher {
         let days: Vec<_> = snaps.iter().flat_map(|(_, s)| s.skier_days.iter().cloned()).collect();
         for chunk in days.chunks(WRITE_CHUNK) {
             stale += self.tables.put_skier_days(chunk).await?.stale;
+        }
+        if let Some(n) = self.abort_mid_flush.filter(|_| !days.is_empty()) {
+            if self.torn_cycles.fetch_add(1, Ordering::Relaxed) + 1 >= n {
+                self.tables.sync().await?;
+                tracing::error!(skier_days = days.len(), "fault injection: aborting mid-flush; skier-days written, counts and raw rides not");
+                std::process::abort();
+            }
         }
         let counts: Vec<_> = snaps.iter().filter_map(|(_, s)| s.count.clone()).collect();
         for chunk in counts.chunks(WRITE_CHUNK) {

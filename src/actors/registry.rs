@@ -2,7 +2,7 @@
 //!
 //! Actors are activated on demand by the consumer (the only caller of [`Registry::activate`],
 //! so two activations of one key never race) by loading the day from the tables with one
-//! query, and passivated by the flusher when more than `max_resident` are held: the least
+//! query (and one get of its count, to repair a count a crash left stale), and passivated by the flusher when more than `max_resident` are held: the least
 //! recently used ones whose state is entirely in the tables are dropped. A read for a day
 //! that is not resident goes to the tables, which then hold all of it.
 
@@ -69,8 +69,9 @@ impl Registry {
         if self.days.read().contains_key(&key) {
             return Ok(());
         }
-        let items = self.tables.query_day(key).await?;
-        let handle = DayHandle::start(key, items, self.index.clone(), self.tick());
+        // The count too, to repair one a crash left behind its items (DayState::from_items).
+        let (items, count) = tokio::try_join!(self.tables.query_day(key), self.tables.get_day_count(key))?;
+        let handle = DayHandle::start(key, items, count, self.index.clone(), self.tick());
         self.days.write().insert(key, handle);
         self.activations.fetch_add(1, Ordering::Relaxed);
         Ok(())
