@@ -17,6 +17,8 @@
 
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use sled::Transactional;
 use serde::Serialize;
 use std::path::Path;
 
@@ -108,7 +110,7 @@ impl SledTables {
     }
 }
 
-/// The conditional write of both versioned tables: stores `item` under `key` unless the
+/// The conditional write of a versioned table: stores `item` under `key` unless the
 /// stored item's version is already as new. Returns whether it was written.
 fn put_if_newer<T: Serialize + DeserializeOwned>(
     tree: &sled::Tree,
@@ -136,21 +138,39 @@ impl Tables for SledTables {
         Ok(()) // trees are created by open()
     }
 
+    /// One sled transaction over the item tree and the by-day index, so that a crash can
+    /// never keep an item without its index entry. Such an orphan would be invisible to
+    /// `query_day`: the reloaded aggregate would miss the skier, and the skier's next
+    /// rides would lose every conditional write against the orphan's higher version —
+    /// rides acknowledged and then lost (found by tests/crash.rs). The index entry is
+    /// written even when the item is stale, which also mends any orphan older data has.
     async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError> {
         let me = self.clone();
-        let items = items.to_vec();
+        let items: Vec<([u8; 12], [u8; 12], u64, Vec<u8>)> = items
+            .iter()
+            .map(|i| Ok((skier_day_key(i.skier, &i.key), day_skier_key(&i.key, i.skier), i.version, encode(i)?)))
+            .collect::<Result<_, TableError>>()?;
         blocking(move || {
-            let mut report = WriteReport::default();
-            for item in &items {
-                let k = skier_day_key(item.skier, &item.key);
-                if !put_if_newer(&me.skier_days, "SkierDays", &k, item, |i| i.version)? {
-                    report.stale += 1;
-                    continue;
+            let outcome = (&me.skier_days, &me.day_skiers).transaction(|(days, by_day)| {
+                let mut report = WriteReport::default();
+                for (key, index_key, version, value) in &items {
+                    by_day.insert(&index_key[..], &[][..])?;
+                    if let Some(stored) = days.get(key)? {
+                        let stored: SkierDayItem = decode("SkierDays", &stored).map_err(ConflictableTransactionError::Abort)?;
+                        if stored.version >= *version {
+                            report.stale += 1;
+                            continue;
+                        }
+                    }
+                    days.insert(&key[..], value.as_slice())?;
+                    report.written += 1;
                 }
-                me.day_skiers.insert(day_skier_key(&item.key, item.skier), &[]).map_err(unavailable)?;
-                report.written += 1;
-            }
-            Ok(report)
+                Ok(report)
+            });
+            outcome.map_err(|e| match e {
+                TransactionError::Abort(e) => e,
+                TransactionError::Storage(e) => unavailable(e),
+            })
         })
         .await
     }
@@ -315,5 +335,20 @@ mod tests {
         let mut totals = Vec::new();
         t.scan_season_totals(&mut |s, r, y, v| totals.push((s, r, y, v))).await.unwrap();
         assert_eq!(totals.len(), 3);
+    }
+
+    #[actix_rt::test]
+    async fn a_skier_day_without_its_by_day_entry_is_mended_by_the_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = SledTables::open(dir.path()).unwrap();
+        let key = DayKey { resort: 1, season: 2025, day: 1 };
+        // An orphan as older code could leave after a crash: the item without the index.
+        let orphan = item(9, 1, 70, 3);
+        t.skier_days.insert(skier_day_key(9, &key), encode(&orphan).unwrap()).unwrap();
+        assert!(t.query_day(key).await.unwrap().is_empty());
+        // Rewriting it with the same version is stale for the item, yet mends the index.
+        let r = t.put_skier_days(&[orphan.clone()]).await.unwrap();
+        assert_eq!(r, WriteReport { written: 0, stale: 1 });
+        assert_eq!(t.query_day(key).await.unwrap(), vec![orphan]);
     }
 }
