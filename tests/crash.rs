@@ -56,9 +56,9 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
-    let kills: usize = std::env::var("CRASH_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    let kills: usize = std::env::var("CRASH_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     // Enough rides that traffic is still flowing at every kill (about 1,500 per round).
-    let n_rides: usize = std::env::var("CRASH_RIDES").ok().and_then(|s| s.parse().ok()).unwrap_or(4_000);
+    let n_rides: usize = std::env::var("CRASH_RIDES").ok().and_then(|s| s.parse().ok()).unwrap_or(6_000);
     eprintln!("crash test seed {seed} (CRASH_SEED to repeat), {kills} kills, {n_rides} rides");
     let mut rng = Rng(seed | 1);
     let dir = tempfile::tempdir().unwrap();
