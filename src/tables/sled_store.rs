@@ -347,7 +347,7 @@ mod tests {
         t.skier_days.insert(skier_day_key(9, &key), encode(&orphan).unwrap()).unwrap();
         assert!(t.query_day(key).await.unwrap().is_empty());
         // Rewriting it with the same version is stale for the item, yet mends the index.
-        let r = t.put_skier_days(&[orphan.clone()]).await.unwrap();
+        let r = t.put_skier_days(std::slice::from_ref(&orphan)).await.unwrap();
         assert_eq!(r, WriteReport { written: 0, stale: 1 });
         assert_eq!(t.query_day(key).await.unwrap(), vec![orphan]);
     }
