@@ -62,19 +62,12 @@ readonly SERVICES_MARK="$DIR/services.started-by-cluster"
 readonly NGINX_DIR="$DIR/nginx"
 readonly TEMPLATE="$ROOT/deploy/nginx/liftlog-cluster.conf"
 
-log() { printf '[cluster] %s\n' "$*"; }
-warn() { printf '[cluster] WARNING: %s\n' "$*" >&2; }
-die() {
-  printf '[cluster] ERROR: %s\n' "$*" >&2
-  exit 1
-}
-
-show_tail() {
-  if [[ -s $1 ]]; then
-    printf '[cluster] --- last lines of %s ---\n' "$1" >&2
-    tail -n 25 "$1" >&2 || true
-  fi
-}
+# The helpers shared with services.sh: log/warn/die/show_tail (tagged [cluster]), pid_alive,
+# wait_until (polling every 0.2 s), not, close_extra_fds.
+readonly LOG_TAG="cluster"
+readonly WAIT_UNTIL_INTERVAL=0.2
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 # ------------------------------------------------------------------ settings ---
 
@@ -193,44 +186,15 @@ node_args() {
 
 # ------------------------------------------------------------------- helpers ---
 
-pid_alive() {
-  local stat
-  [[ ${1:-} =~ ^[0-9]+$ ]] || return 1
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [[ ${stat%% *} != Z ]]
-}
-
 # cmdline_has PID TEXT: the process's command line contains TEXT (guards against pid reuse).
 cmdline_has() {
   tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null | grep -qF -- "$2"
 }
 
-wait_until() {
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@"; do
-    ((SECONDS < deadline)) || return 1
-    sleep 0.2
-  done
-}
-
-not() { ! "$@"; }
-
+# http_code URL: prints the HTTP status, 000 if no answer. Not in lib/common.sh: services.sh's
+# takes HOST PORT, waits 3 s and works without curl.
 http_code() {
   curl -s -o /dev/null -m 2 -w '%{http_code}' "$1" 2>/dev/null || true
-}
-
-# Closes every fd above 2 (in a subshell, right before exec'ing a daemon) so that a daemon
-# never holds our lock or a pipe our caller reads to its end.
-close_extra_fds() {
-  local f fd
-  for f in /proc/self/fd/*; do
-    fd=${f##*/}
-    if [[ $fd =~ ^[0-9]+$ ]] && ((fd > 2)); then
-      { exec {fd}>&-; } 2>/dev/null || true
-    fi
-  done
 }
 
 # ------------------------------------------------------------------- binary ---

@@ -4,8 +4,8 @@
 #      missing);
 #   2. the systemd unit and drop-in embedded in deploy/aws/liftlog.yaml's user data must be
 #      byte-identical to deploy/systemd/ (one unit, two places);
-#   3. shellcheck on each launch template's user data and on scripts/cluster.sh and this
-#      script (if shellcheck is installed);
+#   3. shellcheck on each launch template's user data, on scripts/cluster.sh, the
+#      scripts/lib/common.sh it sources, and this script (if shellcheck is installed);
 #   4. systemd-analyze verify on deploy/systemd/*.service with their drop-ins (if
 #      available; any warning fails);
 #   5. nginx -t on deploy/nginx/liftlog-cluster.conf rendered as scripts/cluster.sh renders
@@ -105,9 +105,10 @@ if [[ -f $work/embedded-unit ]]; then
 fi
 
 if command -v shellcheck >/dev/null 2>&1; then
-  for f in "$work"/userdata-*.sh scripts/cluster.sh scripts/lint-deploy.sh; do
+  for f in "$work"/userdata-*.sh scripts/cluster.sh scripts/lib/common.sh scripts/lint-deploy.sh; do
     [[ -f $f ]] || continue
-    if shellcheck -s bash "$f"; then
+    # -x: follow cluster.sh's `source` of lib/common.sh (where its log, die, ... are).
+    if shellcheck -x -s bash "$f"; then
       pass "shellcheck ${f##*/}"
     else
       fail "shellcheck ${f##*/}"

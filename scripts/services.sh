@@ -53,20 +53,12 @@ readonly DDB_LOG="$STATE_DIR/dynamodb.log"
 readonly NPM_LOG="$STATE_DIR/npm-install.log"
 readonly APT_LOG="$STATE_DIR/apt-install.log"
 
-log() { printf '[services] %s\n' "$*"; }
-warn() { printf '[services] WARNING: %s\n' "$*" >&2; }
-die() {
-  printf '[services] ERROR: %s\n' "$*" >&2
-  exit 1
-}
-
-# Shows the last lines of a log file on stderr (used before dying).
-show_tail() {
-  if [[ -s $1 ]]; then
-    printf '[services] --- last lines of %s ---\n' "$1" >&2
-    tail -n 20 "$1" >&2 || true
-  fi
-}
+# The helpers shared with cluster.sh: log/warn/die/show_tail (tagged [services]), pid_alive,
+# wait_until (polling every 0.5 s), not, close_extra_fds.
+readonly LOG_TAG="services"
+readonly WAIT_UNTIL_INTERVAL=0.5
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 # ---------------------------------------------------------------- helpers ---
 
@@ -89,39 +81,6 @@ http_code() {
       read -r _ code _ <&3 && printf "%s" "$code"' _ "$host" "$port" 2>/dev/null) || true
   fi
   printf '%s' "${code:-000}"
-}
-
-# pid_alive PID: true if the process exists and is not a zombie.
-pid_alive() {
-  local stat
-  [[ $1 =~ ^[0-9]+$ ]] || return 1
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [[ ${stat%% *} != Z ]]
-}
-
-# wait_until SECONDS CMD...: polls CMD every 0.5 s; false on timeout.
-wait_until() {
-  local deadline=$((SECONDS + $1))
-  shift
-  until "$@"; do
-    ((SECONDS < deadline)) || return 1
-    sleep 0.5
-  done
-}
-
-not() { ! "$@"; }
-
-# Closes every fd above 2 (call in a subshell right before exec'ing a daemon):
-# a daemon must not hold our lock (fd 9) nor any pipe a caller waits on.
-close_extra_fds() {
-  local f fd
-  for f in /proc/self/fd/*; do
-    fd=${f##*/}
-    if [[ $fd =~ ^[0-9]+$ ]] && ((fd > 2)); then
-      { exec {fd}>&-; } 2>/dev/null || true
-    fi
-  done
 }
 
 # --------------------------------------------------------------- RabbitMQ ---
