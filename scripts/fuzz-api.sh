@@ -104,7 +104,7 @@ args=(
   --workers 2
   --request-timeout 10
   --generation-database none
-  --suppress-health-check too_slow,filter_too_much
+  --suppress-health-check "too_slow,filter_too_much"
   --no-color
 )
 [ -n "$seed" ] && args+=(--seed "$seed")
