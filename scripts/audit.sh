@@ -13,20 +13,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! cargo audit --version >/dev/null 2>&1; then
-  echo "== installing cargo-audit"
-  cargo install cargo-audit --locked
-fi
-
 db="${CARGO_AUDIT_DB:-$HOME/.cargo/advisory-db}"
-args=(audit --db "$db")
-if [ "${CARGO_AUDIT_FETCH:-0}" = 1 ]; then
-  echo "== cargo audit (fetching the advisory database into $db)"
-elif [ -d "$db" ]; then
-  args+=(--no-fetch)
-  when="$(git -C "$db" log -1 --format=%cs 2>/dev/null || echo unknown)"
-  echo "== cargo audit (advisory database $db, last updated $when, not fetched)"
-else
+# Without a database there is nothing to audit against: say so before spending minutes
+# building cargo-audit (its TLS stack alone is a long C build on 2 cores).
+if [ "${CARGO_AUDIT_FETCH:-0}" != 1 ] && [ ! -d "$db" ]; then
   echo "== cargo audit: advisory database unavailable ($db does not exist and fetching is off)."
   echo "   NOT AUDITED: no advisory was checked. Provide the database (git clone"
   echo "   https://github.com/RustSec/advisory-db to $db, or set CARGO_AUDIT_DB) or run with"
@@ -35,6 +25,20 @@ else
     exit 3
   fi
   exit 0
+fi
+
+if ! cargo audit --version >/dev/null 2>&1; then
+  echo "== installing cargo-audit"
+  cargo install cargo-audit --locked
+fi
+
+args=(audit --db "$db")
+if [ "${CARGO_AUDIT_FETCH:-0}" = 1 ]; then
+  echo "== cargo audit (fetching the advisory database into $db)"
+else
+  args+=(--no-fetch)
+  when="$(git -C "$db" log -1 --format=%cs 2>/dev/null || echo unknown)"
+  echo "== cargo audit (advisory database $db, last updated $when, not fetched)"
 fi
 
 cargo "${args[@]}"

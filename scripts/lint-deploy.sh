@@ -4,8 +4,8 @@
 #      missing);
 #   2. the systemd unit and drop-in embedded in deploy/aws/liftlog.yaml's user data must be
 #      byte-identical to deploy/systemd/ (one unit, two places);
-#   3. shellcheck on each launch template's user data, on scripts/cluster.sh, the
-#      scripts/lib/common.sh it sources, and this script (if shellcheck is installed);
+#   3. shellcheck on each launch template's user data and on every script in scripts/
+#      (installed with apt-get when missing and we are root; skipped if still missing);
 #   4. systemd-analyze verify on deploy/systemd/*.service with their drop-ins (if
 #      available; any warning fails);
 #   5. nginx -t on deploy/nginx/liftlog-cluster.conf rendered as scripts/cluster.sh renders
@@ -104,10 +104,22 @@ if [[ -f $work/embedded-unit ]]; then
   fi
 fi
 
+# The shellcheck tool is one apt package (~10 s) on the Debian machines we run on; install it
+# when we can, so that CI checks the scripts rather than reporting the check skipped.
+if ! command -v shellcheck >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  echo "[lint-deploy] shellcheck not found: apt-get install -y shellcheck"
+  # A fresh machine's package lists may be empty: update once, then try again. A failure
+  # leaves the check skipped (reported below), never a failed run.
+  if ! apt-get install -y -qq shellcheck >/dev/null 2>&1; then
+    if apt-get update -qq >/dev/null 2>&1; then
+      apt-get install -y -qq shellcheck >/dev/null 2>&1 || true
+    fi
+  fi
+fi
 if command -v shellcheck >/dev/null 2>&1; then
-  for f in "$work"/userdata-*.sh scripts/cluster.sh scripts/lib/common.sh scripts/lint-deploy.sh; do
+  for f in "$work"/userdata-*.sh scripts/*.sh scripts/lib/*.sh; do
     [[ -f $f ]] || continue
-    # -x: follow cluster.sh's `source` of lib/common.sh (where its log, die, ... are).
+    # -x: follow the scripts' `source` of lib/common.sh (where their log, die, ... are).
     if shellcheck -x -s bash "$f"; then
       pass "shellcheck ${f##*/}"
     else
