@@ -6,19 +6,27 @@
 //!
 //! | tree | key | value |
 //! |---|---|---|
-//! | `skier_days` | skier u32, resort u32, season u16, day u16 | [`SkierDayItem`] |
-//! | `day_skiers` | resort u32, season u16, day u16, skier u32 | empty (the by-day index) |
+//! | `skier_days_by_day` | resort u32, season u16, day u16, skier u32 | [`SkierDayItem`] |
+//! | `skier_days_by_skier` | skier u32, resort u32, season u16, day u16 | empty (the index) |
 //! | `day_counts` | resort u32, season u16, day u16 | [`DayCountItem`] |
 //! | `rides` | skier u32, season u16, day u16, time u16, event id u64 | [`RideEvent`] |
 //! | `seasons` | resort u32, season u16 | empty |
 //!
-//! Conditional writes compare versions under a single writer (the flusher), so a plain
-//! read-compare-insert is enough here.
+//! Skier-day items are keyed by day: reloading an aggregate (`query_day`), the read that
+//! must be complete, scans the items themselves. Only the by-skier view goes through an
+//! index, written before its item, so a crash between the two leaves at worst an entry
+//! whose item is missing, which readers skip. (Items keyed by skier with a by-day index
+//! could lose the index entry of a written item; the reloaded aggregate then missed the
+//! skier, and acknowledged rides were lost. tests/crash.rs found it.)
+//!
+//! No `sled::Batch` and no transaction anywhere: in sled 0.34 the first of either in a
+//! process switches every later sled operation, the WAL's appends included, to a global
+//! lock, which a batch holds exclusively while it applies. Nothing here needs them:
+//! conditional writes compare versions under a single writer (the flusher), so a plain
+//! read-compare-insert is enough, and the raw rides are idempotent.
 
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::Transactional;
 use serde::Serialize;
 use std::path::Path;
 
@@ -32,8 +40,10 @@ const TABLES_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 #[derive(Clone)]
 pub struct SledTables {
     db: sled::Db,
-    skier_days: sled::Tree,
-    day_skiers: sled::Tree,
+    /// The skier-day items, keyed by day (`day_skier_key`).
+    days: sled::Tree,
+    /// The by-skier index of `days` (`skier_day_key`), for a skier's season totals.
+    by_skier: sled::Tree,
     day_counts: sled::Tree,
     rides: sled::Tree,
     seasons: sled::Tree,
@@ -94,14 +104,42 @@ impl SledTables {
         // Reads come from the actors; the tables are read on activation and fallback only,
         // so sled's 1 GiB default cache would mostly hold memory the actors need.
         let db = sled::Config::new().path(dir).cache_capacity(TABLES_CACHE_BYTES).open().map_err(unavailable)?;
-        Ok(SledTables {
-            skier_days: db.open_tree("skier_days").map_err(unavailable)?,
-            day_skiers: db.open_tree("day_skiers").map_err(unavailable)?,
+        let t = SledTables {
+            days: db.open_tree("skier_days_by_day").map_err(unavailable)?,
+            by_skier: db.open_tree("skier_days_by_skier").map_err(unavailable)?,
             day_counts: db.open_tree("day_counts").map_err(unavailable)?,
             rides: db.open_tree("rides").map_err(unavailable)?,
             seasons: db.open_tree("seasons").map_err(unavailable)?,
             db,
-        })
+        };
+        t.migrate_skier_first_layout()?;
+        Ok(t)
+    }
+
+    /// Data dirs written before 2026-11-28 keep the items keyed by skier in `skier_days`,
+    /// with a by-day index in `day_skiers`. Their items are copied into the current
+    /// layout, made durable, and only then are the old trees dropped; a crash before that
+    /// repeats the copy, which writes the same values again.
+    fn migrate_skier_first_layout(&self) -> Result<(), TableError> {
+        if !self.db.tree_names().iter().any(|name| name.as_ref() == b"skier_days") {
+            return Ok(());
+        }
+        let old = self.db.open_tree("skier_days").map_err(unavailable)?;
+        let mut moved = 0u64;
+        for kv in old.iter() {
+            let (_, value) = kv.map_err(unavailable)?;
+            let item: SkierDayItem = decode("SkierDays", &value)?;
+            self.by_skier.insert(skier_day_key(item.skier, &item.key), &[]).map_err(unavailable)?;
+            self.days.insert(day_skier_key(&item.key, item.skier), value).map_err(unavailable)?;
+            moved += 1;
+        }
+        self.db.flush().map_err(unavailable)?;
+        for name in ["skier_days", "day_skiers"] {
+            self.db.drop_tree(name).map_err(unavailable)?;
+        }
+        self.db.flush().map_err(unavailable)?;
+        tracing::info!(items = moved, "sled tables: skier-day items moved to the by-day layout");
+        Ok(())
     }
 
     /// Number of raw rides stored; for tests and the admin view.
@@ -138,39 +176,22 @@ impl Tables for SledTables {
         Ok(()) // trees are created by open()
     }
 
-    /// One sled transaction over the item tree and the by-day index, so that a crash can
-    /// never keep an item without its index entry. Such an orphan would be invisible to
-    /// `query_day`: the reloaded aggregate would miss the skier, and the skier's next
-    /// rides would lose every conditional write against the orphan's higher version —
-    /// rides acknowledged and then lost (found by tests/crash.rs). The index entry is
-    /// written even when the item is stale, which also mends any orphan older data has.
     async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError> {
         let me = self.clone();
-        let items: Vec<([u8; 12], [u8; 12], u64, Vec<u8>)> = items
-            .iter()
-            .map(|i| Ok((skier_day_key(i.skier, &i.key), day_skier_key(&i.key, i.skier), i.version, encode(i)?)))
-            .collect::<Result<_, TableError>>()?;
+        let items = items.to_vec();
         blocking(move || {
-            let outcome = (&me.skier_days, &me.day_skiers).transaction(|(days, by_day)| {
-                let mut report = WriteReport::default();
-                for (key, index_key, version, value) in &items {
-                    by_day.insert(&index_key[..], &[][..])?;
-                    if let Some(stored) = days.get(key)? {
-                        let stored: SkierDayItem = decode("SkierDays", &stored).map_err(ConflictableTransactionError::Abort)?;
-                        if stored.version >= *version {
-                            report.stale += 1;
-                            continue;
-                        }
-                    }
-                    days.insert(&key[..], value.as_slice())?;
+            let mut report = WriteReport::default();
+            for item in &items {
+                // The index entry first (see the module doc), and even for a stale item,
+                // so that an entry lost with an older write is mended by the next one.
+                me.by_skier.insert(skier_day_key(item.skier, &item.key), &[]).map_err(unavailable)?;
+                if put_if_newer(&me.days, "SkierDays", &day_skier_key(&item.key, item.skier), item, |i| i.version)? {
                     report.written += 1;
+                } else {
+                    report.stale += 1;
                 }
-                Ok(report)
-            });
-            outcome.map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => unavailable(e),
-            })
+            }
+            Ok(report)
         })
         .await
     }
@@ -196,11 +217,12 @@ impl Tables for SledTables {
         let me = self.clone();
         let rides = rides.to_vec();
         blocking(move || {
-            let mut batch = sled::Batch::default();
+            // One insert each, not a `sled::Batch` (see the module doc): a ride is
+            // idempotent on its own, the batch's atomicity buys nothing.
             for r in &rides {
-                batch.insert(&ride_key(r)[..], encode(r)?);
+                me.rides.insert(ride_key(r), encode(r)?).map_err(unavailable)?;
             }
-            me.rides.apply_batch(batch).map_err(unavailable)
+            Ok(())
         })
         .await
     }
@@ -235,7 +257,7 @@ impl Tables for SledTables {
 
     async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError> {
         let me = self.clone();
-        blocking(move || match me.skier_days.get(skier_day_key(skier, &key)).map_err(unavailable)? {
+        blocking(move || match me.days.get(day_skier_key(&key, skier)).map_err(unavailable)? {
             Some(v) => decode("SkierDays", &v).map(Some),
             None => Ok(None),
         })
@@ -248,10 +270,20 @@ impl Tables for SledTables {
             let mut prefix = [0u8; 8];
             prefix[..4].copy_from_slice(&skier.to_be_bytes());
             prefix[4..].copy_from_slice(&resort.to_be_bytes());
-            me.skier_days
-                .scan_prefix(prefix)
-                .map(|kv| kv.map_err(unavailable).and_then(|(_, v)| decode("SkierDays", &v)))
-                .collect()
+            let mut out = Vec::new();
+            for kv in me.by_skier.scan_prefix(prefix) {
+                let (k, _) = kv.map_err(unavailable)?;
+                let key = DayKey {
+                    resort: u32::from_be_bytes([k[4], k[5], k[6], k[7]]),
+                    season: u16::from_be_bytes([k[8], k[9]]),
+                    day: u16::from_be_bytes([k[10], k[11]]),
+                };
+                // An entry whose item never landed (a crash between the two writes).
+                if let Some(v) = me.days.get(day_skier_key(&key, skier)).map_err(unavailable)? {
+                    out.push(decode("SkierDays", &v)?);
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -259,15 +291,10 @@ impl Tables for SledTables {
     async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError> {
         let me = self.clone();
         blocking(move || {
-            let mut out = Vec::new();
-            for kv in me.day_skiers.scan_prefix(day_key_bytes(&key)) {
-                let (k, _) = kv.map_err(unavailable)?;
-                let skier = u32::from_be_bytes([k[8], k[9], k[10], k[11]]);
-                if let Some(v) = me.skier_days.get(skier_day_key(skier, &key)).map_err(unavailable)? {
-                    out.push(decode("SkierDays", &v)?);
-                }
-            }
-            Ok(out)
+            me.days
+                .scan_prefix(day_key_bytes(&key))
+                .map(|kv| kv.map_err(unavailable).and_then(|(_, v)| decode("SkierDays", &v)))
+                .collect()
         })
         .await
     }
@@ -300,7 +327,7 @@ impl Tables for SledTables {
     async fn scan_season_totals(&self, sink: &mut (dyn FnMut(u32, u32, u16, u64) + Send)) -> Result<(), TableError> {
         // Runs once at start-up before anything else touches the store, so iterating
         // on this thread is acceptable and avoids shipping the sink to the pool.
-        for kv in self.skier_days.iter() {
+        for kv in self.days.iter() {
             let (_, v) = kv.map_err(unavailable)?;
             let item: SkierDayItem = decode("SkierDays", &v)?;
             sink(item.skier, item.key.resort, item.key.season, item.vertical);
@@ -338,17 +365,47 @@ mod tests {
     }
 
     #[actix_rt::test]
-    async fn a_skier_day_without_its_by_day_entry_is_mended_by_the_next_write() {
+    async fn an_index_entry_without_its_item_is_skipped_and_a_lost_one_is_mended() {
         let dir = tempfile::tempdir().unwrap();
         let t = SledTables::open(dir.path()).unwrap();
         let key = DayKey { resort: 1, season: 2025, day: 1 };
-        // An orphan as older code could leave after a crash: the item without the index.
-        let orphan = item(9, 1, 70, 3);
-        t.skier_days.insert(skier_day_key(9, &key), encode(&orphan).unwrap()).unwrap();
+        // A crash between the two writes of a first flush: the index entry only.
+        t.by_skier.insert(skier_day_key(9, &key), &[]).unwrap();
+        assert!(t.query_skier_resort(9, 1).await.unwrap().is_empty());
         assert!(t.query_day(key).await.unwrap().is_empty());
-        // Rewriting it with the same version is stale for the item, yet mends the index.
-        let r = t.put_skier_days(std::slice::from_ref(&orphan)).await.unwrap();
+        // An item whose index entry was lost: the day still has it, and rewriting it
+        // (stale, same version) puts the entry back.
+        let item = item(8, 1, 70, 3);
+        t.days.insert(day_skier_key(&key, 8), encode(&item).unwrap()).unwrap();
+        assert_eq!(t.query_day(key).await.unwrap(), vec![item.clone()]);
+        assert!(t.query_skier_resort(8, 1).await.unwrap().is_empty());
+        let r = t.put_skier_days(std::slice::from_ref(&item)).await.unwrap();
         assert_eq!(r, WriteReport { written: 0, stale: 1 });
-        assert_eq!(t.query_day(key).await.unwrap(), vec![orphan]);
+        assert_eq!(t.query_skier_resort(8, 1).await.unwrap(), vec![item]);
+    }
+
+    #[actix_rt::test]
+    async fn a_data_dir_in_the_skier_first_layout_is_migrated_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let items = [item(7, 1, 50, 5), item(7, 2, 30, 2), item(8, 1, 10, 1)];
+        {
+            // The layout before 2026-11-28, written as that code wrote it.
+            let db = sled::open(dir.path()).unwrap();
+            let (old, old_index) = (db.open_tree("skier_days").unwrap(), db.open_tree("day_skiers").unwrap());
+            for i in &items {
+                old.insert(skier_day_key(i.skier, &i.key), encode(i).unwrap()).unwrap();
+                old_index.insert(day_skier_key(&i.key, i.skier), &[]).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        let t = SledTables::open(dir.path()).unwrap();
+        let day1 = DayKey { resort: 1, season: 2025, day: 1 };
+        assert_eq!(t.query_day(day1).await.unwrap(), vec![items[0].clone(), items[2].clone()]);
+        assert_eq!(t.query_skier_resort(7, 1).await.unwrap(), vec![items[0].clone(), items[1].clone()]);
+        assert!(!t.db.tree_names().iter().any(|n| n.as_ref() == b"skier_days" || n.as_ref() == b"day_skiers"));
+        drop(t);
+        // Opening again finds nothing left to move and the same items.
+        let t = SledTables::open(dir.path()).unwrap();
+        assert_eq!(t.query_day(day1).await.unwrap().len(), 2);
     }
 }

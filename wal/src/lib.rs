@@ -282,7 +282,11 @@ impl Wal {
         // Iterating the whole prefix (not just 8-byte keys) also removes any
         // garbled key that sorts before the first live record.
         let after_cp = checkpoint.checked_add(1).map(frame::key);
-        let mut stale = sled::Batch::default();
+        // Plain removes, never `sled::Batch`: sled 0.34's first batch or transaction in a
+        // process switches every later sled operation (the appends included) to a global
+        // lock, and a batch holds that lock exclusively while it applies. None of these
+        // deletions needs atomicity: a crash midway leaves leftovers the next open removes.
+        let mut stale: Vec<sled::IVec> = Vec::new();
         let mut stale_records = 0u64;
         let stale_iter = match after_cp {
             Some(k) => log.range(..k),
@@ -290,11 +294,13 @@ impl Wal {
         };
         for item in stale_iter {
             let (k, _) = item?;
-            stale.remove(k);
+            stale.push(k);
             stale_records += 1;
         }
         if stale_records > 0 {
-            log.apply_batch(stale)?;
+            for k in stale {
+                log.remove(k)?;
+            }
             info!(
                 stale_records,
                 checkpoint, "deleted WAL records at or below checkpoint"
@@ -304,7 +310,7 @@ impl Wal {
         let mut expected = checkpoint.saturating_add(1);
         let mut records = 0u64;
         let mut live_bytes = 0u64;
-        let mut truncate = sled::Batch::default();
+        let mut truncate: Vec<sled::IVec> = Vec::new();
         let mut truncated_records = 0u64;
         let mut truncated_bytes = 0u64;
         let mut first_bad: Option<(Vec<u8>, String)> = None;
@@ -327,7 +333,7 @@ impl Wal {
             }
             truncated_records += 1;
             truncated_bytes += v.len() as u64;
-            truncate.remove(k);
+            truncate.push(k);
         }
         if let Some((bad_key, reason)) = &first_bad {
             error!(
@@ -338,7 +344,11 @@ impl Wal {
                 reason = %reason,
                 "WAL tail truncated"
             );
-            log.apply_batch(truncate)?;
+            // A crash midway leaves a gap at or before the first bad record, which the
+            // next open truncates from again.
+            for k in truncate {
+                log.remove(k)?;
+            }
         }
         if first_bad.is_some() || stale_records > 0 {
             // Make the repair durable before new records reuse the freed
@@ -516,16 +526,20 @@ impl Wal {
         // Records <= target are never written again (seqs only grow), so the
         // deletion needs no lock; if it fails or is lost in a crash, `open`
         // deletes the leftovers.
-        let mut batch = sled::Batch::default();
+        // One remove at a time rather than a `sled::Batch` (see `open`): a batch would
+        // stall every append of the process while it applies.
         let mut freed_bytes = 0u64;
         let mut freed_records = 0u64;
-        for item in self.log.range(..=frame::key(target)) {
-            let (k, v) = item?;
-            freed_bytes += v.len() as u64;
+        let doomed: Vec<(sled::IVec, usize)> = self
+            .log
+            .range(..=frame::key(target))
+            .map(|item| item.map(|(k, v)| (k, v.len())))
+            .collect::<Result<_, _>>()?;
+        for (k, len) in doomed {
+            self.log.remove(k)?;
+            freed_bytes += len as u64;
             freed_records += 1;
-            batch.remove(k);
         }
-        self.log.apply_batch(batch)?;
         let live_bytes = {
             let mut st = lock(&self.state);
             st.live_bytes = st.live_bytes.saturating_sub(freed_bytes);
