@@ -252,6 +252,17 @@ fn open_db(dir: &Path) -> Result<sled::Db, WalError> {
     }
 }
 
+/// Deletes `keys` one remove at a time, never as a `sled::Batch`: in sled 0.34 the first
+/// batch or transaction in a process switches every later sled operation (the appends
+/// included) to a global lock, and a batch holds that lock exclusively while it applies.
+/// No WAL deletion needs atomicity: a crash midway leaves leftovers that `open` handles.
+fn remove_all(tree: &sled::Tree, keys: Vec<sled::IVec>) -> Result<(), WalError> {
+    for k in keys {
+        tree.remove(k)?;
+    }
+    Ok(())
+}
+
 fn read_checkpoint(meta: &sled::Tree) -> Result<u64, WalError> {
     match meta.get(CHECKPOINT_KEY)? {
         None => Ok(0),
@@ -282,25 +293,14 @@ impl Wal {
         // Iterating the whole prefix (not just 8-byte keys) also removes any
         // garbled key that sorts before the first live record.
         let after_cp = checkpoint.checked_add(1).map(frame::key);
-        // Plain removes, never `sled::Batch`: sled 0.34's first batch or transaction in a
-        // process switches every later sled operation (the appends included) to a global
-        // lock, and a batch holds that lock exclusively while it applies. None of these
-        // deletions needs atomicity: a crash midway leaves leftovers the next open removes.
-        let mut stale: Vec<sled::IVec> = Vec::new();
-        let mut stale_records = 0u64;
         let stale_iter = match after_cp {
             Some(k) => log.range(..k),
             None => log.iter(),
         };
-        for item in stale_iter {
-            let (k, _) = item?;
-            stale.push(k);
-            stale_records += 1;
-        }
+        let stale: Vec<sled::IVec> = stale_iter.map(|item| item.map(|(k, _)| k)).collect::<Result<_, _>>()?;
+        let stale_records = stale.len() as u64;
         if stale_records > 0 {
-            for k in stale {
-                log.remove(k)?;
-            }
+            remove_all(&log, stale)?;
             info!(
                 stale_records,
                 checkpoint, "deleted WAL records at or below checkpoint"
@@ -311,7 +311,6 @@ impl Wal {
         let mut records = 0u64;
         let mut live_bytes = 0u64;
         let mut truncate: Vec<sled::IVec> = Vec::new();
-        let mut truncated_records = 0u64;
         let mut truncated_bytes = 0u64;
         let mut first_bad: Option<(Vec<u8>, String)> = None;
         let live_iter = match after_cp {
@@ -331,10 +330,10 @@ impl Wal {
                     Err(reason) => first_bad = Some((k.to_vec(), reason)),
                 }
             }
-            truncated_records += 1;
             truncated_bytes += v.len() as u64;
             truncate.push(k);
         }
+        let truncated_records = truncate.len() as u64;
         if let Some((bad_key, reason)) = &first_bad {
             error!(
                 truncated_records,
@@ -346,9 +345,7 @@ impl Wal {
             );
             // A crash midway leaves a gap at or before the first bad record, which the
             // next open truncates from again.
-            for k in truncate {
-                log.remove(k)?;
-            }
+            remove_all(&log, truncate)?;
         }
         if first_bad.is_some() || stale_records > 0 {
             // Make the repair durable before new records reuse the freed
@@ -526,20 +523,15 @@ impl Wal {
         // Records <= target are never written again (seqs only grow), so the
         // deletion needs no lock; if it fails or is lost in a crash, `open`
         // deletes the leftovers.
-        // One remove at a time rather than a `sled::Batch` (see `open`): a batch would
-        // stall every append of the process while it applies.
         let mut freed_bytes = 0u64;
-        let mut freed_records = 0u64;
-        let doomed: Vec<(sled::IVec, usize)> = self
-            .log
-            .range(..=frame::key(target))
-            .map(|item| item.map(|(k, v)| (k, v.len())))
-            .collect::<Result<_, _>>()?;
-        for (k, len) in doomed {
-            self.log.remove(k)?;
-            freed_bytes += len as u64;
-            freed_records += 1;
+        let mut doomed: Vec<sled::IVec> = Vec::new();
+        for item in self.log.range(..=frame::key(target)) {
+            let (k, v) = item?;
+            freed_bytes += v.len() as u64;
+            doomed.push(k);
         }
+        let freed_records = doomed.len() as u64;
+        remove_all(&self.log, doomed)?;
         let live_bytes = {
             let mut st = lock(&self.state);
             st.live_bytes = st.live_bytes.saturating_sub(freed_bytes);
