@@ -380,3 +380,86 @@ fn consumer_crash_mid_flush_still_completes_counts_and_raw_rides() {
     let bad = expected.settle(&reader.base, Duration::from_secs(30), 1);
     assert!(bad.is_empty(), "read from the tables: {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
 }
+
+/// Closes a consumer process's broker connection from the broker's side, as a network
+/// blip or missed heartbeats would: its partitions go to the standby at once, and the
+/// consumer reconnects and queues up behind it.
+fn close_consumer_connection(prefix: &str, os_pid: u32) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "--no-table-headers", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl list_connections");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The connection name is "liftlog consumer {prefix}.{pid}" (src/bus/amqp.rs `connect`).
+    let name = format!("liftlog consumer {prefix}.{os_pid}\"");
+    let conn = text
+        .lines()
+        .find(|l| l.contains(&name))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("no broker connection named {name} in:\n{text}"))
+        .to_string();
+    let closed = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "close_connection", &conn, "liftlog test: connection lost"])
+        .status()
+        .expect("rabbitmqctl close_connection");
+    assert!(closed.success(), "rabbitmqctl close_connection {conn} failed");
+}
+
+/// `source` and `consumer` figures of a node's `GET /admin/wal`.
+fn source_figure(node: &Server, section: &str, field: &str) -> u64 {
+    let (_, body) = get(&agent(), &node.url("/admin/wal"));
+    json(&body)[section][field].as_u64().unwrap_or(0)
+}
+
+fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Partitions that leave a live consumer and come back to it: A owns them, loses its
+/// broker connection (B takes over and writes its rides to DynamoDB), then B loses its
+/// own and they return to A. A's resident days are stale by then. Applying the next
+/// rides on top of them loses rides: A's items carry as many rides as B's and lose to
+/// them, or carry more and overwrite B's. So A must reload from the tables. Every figure
+/// is checked in the tables after each phase.
+#[test]
+#[ignore = "needs RabbitMQ and DynamoDB Local: run scripts/test.sh"]
+fn partitions_that_return_to_a_consumer_are_reloaded_from_the_tables() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let b = Backends::new();
+    let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let consume = |dir: &std::path::Path| {
+        let mut args = b.args("consume", &b.dynamodb);
+        args.extend(["--ack-after", "table", "--prefetch", "20000"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Server::start(dir, &args)
+    };
+    let a = consume(dirs[0].path()); // first on the queues: the active one
+    let sb = consume(dirs[1].path());
+    let writer = b.start(dirs[2].path(), "write");
+    let reader = b.start(dirs[3].path(), "read");
+    // Few skiers, so that most skier-days get rides in every phase.
+    let phases: Vec<Vec<Ride>> = (0..3u64).map(|i| random_rides(4_100 + i, 1_500, 200)).collect();
+    let mut sent: Vec<Ride> = Vec::new();
+    let run_phase = |i: usize, owner: &Server, sent: &mut Vec<Ride>| {
+        let before = source_figure(owner, "consumer", "events");
+        post_all(&writer.base, &phases[i], 8, Duration::from_secs(120));
+        sent.extend(phases[i].iter().cloned());
+        let bad = Expected::from(sent).settle(&reader.base, Duration::from_secs(120), 2);
+        assert!(bad.is_empty(), "phase {}: {} mismatches in the tables, e.g. {:?}", i + 1, bad.len(), &bad[..bad.len().min(5)]);
+        let took = source_figure(owner, "consumer", "events") - before;
+        assert!(took >= phases[i].len() as u64, "phase {}: the expected owner applied {took} of {} rides", i + 1, phases[i].len());
+    };
+
+    run_phase(0, &a, &mut sent);
+    close_consumer_connection(&b.prefix, a.child.id());
+    wait_until("A reconnected", Duration::from_secs(30), || source_figure(&a, "source", "reconnects") >= 1);
+    run_phase(1, &sb, &mut sent);
+    close_consumer_connection(&b.prefix, sb.child.id());
+    wait_until("B reconnected", Duration::from_secs(30), || source_figure(&sb, "source", "reconnects") >= 1);
+    run_phase(2, &a, &mut sent);
+    assert!(source_figure(&a, "consumer", "ownership_resets") >= 1, "A must have dropped its stale days");
+}

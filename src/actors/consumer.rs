@@ -35,6 +35,9 @@ pub struct Progress {
     pub replayed_records: AtomicU64,
     pub replayed_events: AtomicU64,
     pub replay_micros: AtomicU64,
+    /// Times the resident days were dropped because the broker subscription was lost and
+    /// taken again (`AckAfter::Table`; see `Consumer::run`).
+    pub ownership_resets: AtomicU64,
     /// Rides consumed since the flusher last ran; past `flush_after_rides` the consumer
     /// wakes the flusher early instead of waiting for its interval.
     pub unflushed_rides: AtomicU64,
@@ -87,6 +90,7 @@ pub struct ProgressView {
     pub replayed_records: u64,
     pub replayed_events: u64,
     pub replay_millis: u64,
+    pub ownership_resets: u64,
     /// Age of the oldest ride not yet in the tables, ms (0 when all are).
     pub flush_lag_ms: u64,
 }
@@ -107,6 +111,7 @@ impl Progress {
             replayed_records: self.replayed_records.load(Ordering::Relaxed),
             replayed_events: self.replayed_events.load(Ordering::Relaxed),
             replay_millis: self.replay_micros.load(Ordering::Relaxed) / 1000,
+            ownership_resets: self.ownership_resets.load(Ordering::Relaxed),
             flush_lag_ms: self.flush_lag().as_millis() as u64,
         }
     }
@@ -219,11 +224,22 @@ impl Consumer {
         futures_util::future::join_all(applied).await;
     }
 
-    /// Consumes until the source is closed and drained.
     /// Consumes until the source is closed and drained, or until `pause` fires; then
     /// hands the source back, still connected, so the caller can flush before letting it
     /// go (a broker hands the partitions to a standby only once it is dropped).
+    ///
+    /// A batch of a new epoch (the broker connection was lost and opened again) may come
+    /// after another consumer owned these partitions: the standby takes them the moment
+    /// the connection drops, and they come back when it loses its own. Resident days are
+    /// then stale: their next write would carry as many rides as the other owner's and
+    /// lose to it, or win over rides only the tables hold. With `AckAfter::Table` they
+    /// are dropped, unflushed changes included, before the batch is applied: whatever
+    /// they held that the tables lack was never acked, so the broker redelivers it to
+    /// whoever owns the partition now, and the days reload from the tables. Held acks go
+    /// too: their connection is gone. With `AckAfter::Wal` acked rides may exist only
+    /// here, so nothing is dropped (ADR 002: `wal` is for a consumer without a standby).
     pub async fn run(self, mut source: Box<dyn EventSource>, pause: crate::bus::Stop) -> Box<dyn EventSource> {
+        let mut epoch = None;
         loop {
             let batch = tokio::select! {
                 biased;
@@ -233,6 +249,18 @@ impl Consumer {
                     None => break,
                 },
             };
+            if epoch.is_some_and(|e| e != batch.epoch) && self.ack_after == AckAfter::Table {
+                let dropped_acks = std::mem::take(&mut *self.progress.held_acks.lock()).len();
+                let days = self.registry.clear();
+                self.progress.ownership_resets.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    epoch = batch.epoch,
+                    days,
+                    dropped_acks,
+                    "broker subscription taken again: resident days dropped, to be reloaded from the tables"
+                );
+            }
+            epoch = Some(batch.epoch);
             let n = batch.events.len() as u64;
             let wal = self.wal.clone();
             let events = batch.events;

@@ -87,6 +87,15 @@ impl Registry {
         Some(h.apply(seq, events))
     }
 
+    /// Drops every resident day, flushed or not; returns how many. For a consumer whose
+    /// partitions may have had another owner meanwhile (see `Consumer::run`): its days
+    /// are reloaded from the tables on their next ride.
+    pub fn clear(&self) -> usize {
+        let dropped = std::mem::take(&mut *self.days.write()).len();
+        self.passivations.fetch_add(dropped as u64, Ordering::Relaxed);
+        dropped
+    }
+
     pub fn all(&self) -> Vec<DayHandle> {
         self.days.read().values().cloned().collect()
     }

@@ -942,6 +942,9 @@ struct AckGroup {
 fn make_batch(items: Vec<Item>, counters: Arc<SourceCounters>) -> Batch {
     let mut groups: Vec<AckGroup> = Vec::new();
     let mut events = Vec::with_capacity(items.len());
+    // A batch never mixes connections: a lost one's deliveries are dropped as stale
+    // before the next connection is opened.
+    let epoch = items.iter().map(|i| i.session.generation).max().unwrap_or(0);
     for item in items {
         events.push(item.event);
         let found = groups.iter_mut().find(|g| g.part == item.part && Arc::ptr_eq(&g.session, &item.session));
@@ -953,7 +956,7 @@ fn make_batch(items: Vec<Item>, counters: Arc<SourceCounters>) -> Batch {
             None => groups.push(AckGroup { session: item.session, part: item.part, max_tag: item.tag, count: 1 }),
         }
     }
-    Batch { events, acker: Box::new(AmqpAcker { groups, counters }) }
+    Batch { events, acker: Box::new(AmqpAcker { groups, counters }), epoch }
 }
 
 struct AmqpAcker {

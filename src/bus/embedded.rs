@@ -143,7 +143,7 @@ impl EventSource for EmbeddedSource {
                 Err(_) => break,
             }
         }
-        Some(Batch { events, acker: Box::new(ReplyAcker(replies)) })
+        Some(Batch { events, acker: Box::new(ReplyAcker(replies)), epoch: 0 })
     }
 
     fn stop_handle(&self) -> Stop {

@@ -87,6 +87,11 @@ impl Stop {
 pub struct Batch {
     pub events: Vec<RideEvent>,
     pub acker: Box<dyn Acker>,
+    /// The subscription the deliveries came through: the broker connection's generation
+    /// (0 for the embedded bus, which has one for its lifetime). A new epoch means the
+    /// subscription was lost and taken again, and the partitions may have had another
+    /// owner in between: see [`crate::actors::consumer::Consumer::run`].
+    pub epoch: u64,
 }
 
 /// Settles a batch: `ack` once it is durable in the WAL, `nack` when it could not be made
