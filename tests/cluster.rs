@@ -17,10 +17,9 @@
 //!   move to the other consumer. The cluster's consumers run with `--ack-after table`
 //!   (`CLUSTER_ACK_AFTER`), as consumers on separate machines must.
 //!
-//! Left to add (issue 7): `kill -9` of the ACTIVE consumer mid-run. [`active_consumer`]
-//! finds it (the one whose `source.deliveries` in `GET /admin/wal` grows under load); the
-//! test is the consumers' rolling restart below with `c.must(&["stop", &active, "--kill"])`
-//! in place of the restarts, then `assert_exact` through nginx.
+//! - `kill -9` of the active consumer mid-run: the standby takes its partitions and the
+//!   counts through nginx are exact with the dead node still down; then the dead node
+//!   comes back (replaying its WAL) as the new standby, and they are still exact.
 
 mod common;
 
@@ -239,7 +238,12 @@ fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
 // -------------------------------------------------------------- reconciling ---
 
 fn assert_exact(c: &Cluster, expected: &Expected, what: &str) {
-    let drained = wait_drained(c, what);
+    assert_exact_with_down(c, expected, what, &[]);
+}
+
+/// [`assert_exact`] while the consumers named in `down` are stopped on purpose.
+fn assert_exact_with_down(c: &Cluster, expected: &Expected, what: &str, down: &[&str]) {
+    let drained = wait_drained(c, what, down);
     let t = Instant::now();
     let bad = expected.settle(&c.base, Duration::from_secs(30), 4);
     assert!(
@@ -289,15 +293,16 @@ fn consumer_backlog(agent: &ureq::Agent, node_url: &str) -> Option<(u64, u64, u6
 
 /// Waits until every consumer has taken all rides from its queues, dispatched them and
 /// written them to the tables (twice in a row, 1 s apart); returns the seconds it took.
+/// The consumers in `down` are stopped on purpose and not asked.
 ///
 /// Convergence comes from the consumers' own progress figures, not from a fixed timeout
 /// on the reads: a slow machine (a debug build flushing to DynamoDB Local on two shared
 /// cores) needs longer to catch up after a takeover, and a mismatch seen while a consumer
 /// is still flushing says nothing. The exactness check that follows is strict.
-fn wait_drained(c: &Cluster, what: &str) -> f64 {
+fn wait_drained(c: &Cluster, what: &str, down: &[&str]) -> f64 {
     const WITHIN: Duration = Duration::from_secs(300);
     let agent = agent();
-    let urls: Vec<String> = c.nodes("consume").iter().map(|n| c.admin_url(n)).collect();
+    let urls: Vec<String> = c.nodes("consume").iter().filter(|n| !down.contains(&n.as_str())).map(|n| c.admin_url(n)).collect();
     let started = Instant::now();
     let mut quiet = 0;
     loop {
@@ -483,4 +488,39 @@ fn rolling_restart_of_the_consumers_under_load_loses_nothing() {
     let (ok, status) = c.sh(&["status"]);
     assert!(ok, "every node ready:\n{status}");
     eprintln!("rolling restart (consumers): {:.1}s in all", started.elapsed().as_secs_f64());
+}
+
+#[test]
+#[ignore = "needs RabbitMQ, DynamoDB Local and nginx: run scripts/test.sh"]
+fn active_consumer_killed_mid_run_the_standby_takes_over_and_counts_are_exact() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let started = Instant::now();
+    let c = Cluster::up();
+    let rides = Arc::new(random_rides(7004, 200_000, 2_000));
+    let stats = Arc::new(LoadStats::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = start_load(&c.base, rides.clone(), 6, Duration::from_millis(10), stop.clone(), stats.clone());
+    let accepted = || stats.accepted.load(Ordering::Relaxed);
+    wait_for("the first 500 rides", Duration::from_secs(60), || accepted() >= 500);
+    let active = active_consumer(&c);
+    let standby = c.nodes("consume").into_iter().find(|n| *n != active).expect("a standby consumer");
+    let taken_before = deliveries(&agent(), &c.admin_url(&standby)).unwrap_or(0);
+    c.must(&["stop", &active, "--kill"]);
+    let at_kill = accepted();
+    wait_for("1000 rides after the kill", Duration::from_secs(120), || accepted() >= at_kill + 1_000);
+    stop.store(true, Ordering::Relaxed);
+    let accepted = finish_load(clients, &rides, &stats);
+    eprintln!("{} rides accepted; {active} killed (kill -9) after {at_kill}", accepted.len());
+    let taken = deliveries(&agent(), &c.admin_url(&standby)).unwrap_or(0);
+    assert!(taken > taken_before, "{standby} must have taken the partitions over: deliveries {taken_before} -> {taken}");
+
+    let expected = Expected::from(&accepted);
+    assert_exact_with_down(&c, &expected, &format!("with {active} killed and {standby} the owner"), &[active.as_str()]);
+    // The dead node comes back with its WAL (replayed into days loaded from the tables)
+    // and queues up as the standby: nothing it replays may change a figure.
+    c.must(&["start", &active]);
+    assert_exact(&c, &expected, &format!("after {active} came back"));
+    let (ok, status) = c.sh(&["status"]);
+    assert!(ok, "every node ready:\n{status}");
+    eprintln!("active consumer kill -9: {:.1}s in all", started.elapsed().as_secs_f64());
 }
