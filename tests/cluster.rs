@@ -23,7 +23,7 @@
 
 mod common;
 
-use common::{agent, call, get, random_rides, Expected, Ride};
+use common::{agent, call, get, random_rides, wait_for, Expected, Ride};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -227,14 +227,6 @@ fn finish_load(handles: Vec<JoinHandle<()>>, rides: &[Ride], stats: &LoadStats) 
     rides[..n].to_vec()
 }
 
-fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < within, "timed out after {within:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 // -------------------------------------------------------------- reconciling ---
 
 fn assert_exact(c: &Cluster, expected: &Expected, what: &str) {
@@ -264,24 +256,25 @@ fn assert_exact_with_down(c: &Cluster, expected: &Expected, what: &str, down: &[
 
 // ---------------------------------------------------------------- consumers ---
 
-/// `source.deliveries` of a consumer node from `GET /admin/wal` (None if unreachable).
-fn deliveries(agent: &ureq::Agent, node_url: &str) -> Option<u64> {
+/// A node's `GET /admin/wal` (None if it does not answer).
+fn admin_wal(agent: &ureq::Agent, node_url: &str) -> Option<serde_json::Value> {
     let (code, body) = get(agent, &format!("{node_url}/admin/wal"));
     if code != 200 {
         return None;
     }
-    serde_json::from_str::<serde_json::Value>(&body).ok()?["source"]["deliveries"].as_u64()
+    serde_json::from_str(&body).ok()
+}
+
+/// `source.deliveries` of a consumer node (None if unreachable).
+fn deliveries(agent: &ureq::Agent, node_url: &str) -> Option<u64> {
+    admin_wal(agent, node_url)?["source"]["deliveries"].as_u64()
 }
 
 /// Where a consumer node stands: (rides waiting in its partition queues, rides received
 /// but not yet dispatched, age of its oldest ride not yet in the tables in ms); None if
 /// its admin endpoint does not answer.
 fn consumer_backlog(agent: &ureq::Agent, node_url: &str) -> Option<(u64, u64, u64)> {
-    let (code, body) = get(agent, &format!("{node_url}/admin/wal"));
-    if code != 200 {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let v = admin_wal(agent, node_url)?;
     let num = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
     let queued = v["source"]["queue_depths"].as_array().map_or(0, |d| d.iter().map(num).sum());
     // Every delivery ends as a dispatched ride, a stale one dropped after a reconnect (the

@@ -6,7 +6,7 @@
 mod common;
 
 use common::proxy::Proxy;
-use common::{agent, call, get, random_rides, Expected, Ride, Server};
+use common::{agent, call, get, random_rides, wait_for, Expected, Ride, Server};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -405,18 +405,10 @@ fn close_consumer_connection(prefix: &str, os_pid: u32) {
     assert!(closed.success(), "rabbitmqctl close_connection {conn} failed");
 }
 
-/// `source` and `consumer` figures of a node's `GET /admin/wal`.
-fn source_figure(node: &Server, section: &str, field: &str) -> u64 {
+/// One figure of a node's `GET /admin/wal`, e.g. `("source", "reconnects")` (0 if absent).
+fn wal_figure(node: &Server, section: &str, field: &str) -> u64 {
     let (_, body) = get(&agent(), &node.url("/admin/wal"));
     json(&body)[section][field].as_u64().unwrap_or(0)
-}
-
-fn wait_until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < within, "timed out after {within:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Partitions that leave a live consumer and come back to it: A owns them, loses its
@@ -445,21 +437,21 @@ fn partitions_that_return_to_a_consumer_are_reloaded_from_the_tables() {
     let phases: Vec<Vec<Ride>> = (0..3u64).map(|i| random_rides(4_100 + i, 1_500, 200)).collect();
     let mut sent: Vec<Ride> = Vec::new();
     let run_phase = |i: usize, owner: &Server, sent: &mut Vec<Ride>| {
-        let before = source_figure(owner, "consumer", "events");
+        let before = wal_figure(owner, "consumer", "events");
         post_all(&writer.base, &phases[i], 8, Duration::from_secs(120));
         sent.extend(phases[i].iter().cloned());
         let bad = Expected::from(sent).settle(&reader.base, Duration::from_secs(120), 2);
         assert!(bad.is_empty(), "phase {}: {} mismatches in the tables, e.g. {:?}", i + 1, bad.len(), &bad[..bad.len().min(5)]);
-        let took = source_figure(owner, "consumer", "events") - before;
+        let took = wal_figure(owner, "consumer", "events") - before;
         assert!(took >= phases[i].len() as u64, "phase {}: the expected owner applied {took} of {} rides", i + 1, phases[i].len());
     };
 
     run_phase(0, &a, &mut sent);
     close_consumer_connection(&b.prefix, a.child.id());
-    wait_until("A reconnected", Duration::from_secs(30), || source_figure(&a, "source", "reconnects") >= 1);
+    wait_for("A reconnected", Duration::from_secs(30), || wal_figure(&a, "source", "reconnects") >= 1);
     run_phase(1, &sb, &mut sent);
     close_consumer_connection(&b.prefix, sb.child.id());
-    wait_until("B reconnected", Duration::from_secs(30), || source_figure(&sb, "source", "reconnects") >= 1);
+    wait_for("B reconnected", Duration::from_secs(30), || wal_figure(&sb, "source", "reconnects") >= 1);
     run_phase(2, &a, &mut sent);
-    assert!(source_figure(&a, "consumer", "ownership_resets") >= 1, "A must have dropped its stale days");
+    assert!(wal_figure(&a, "consumer", "ownership_resets") >= 1, "A must have dropped its stale days");
 }

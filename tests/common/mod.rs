@@ -257,6 +257,15 @@ impl Rng {
     }
 }
 
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `within`.
+pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < within, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn random_rides(seed: u64, n: usize, skiers: u32) -> Vec<Ride> {
     let mut rng = Rng(seed | 1);
     (0..n)
