@@ -309,16 +309,17 @@ stop_pid "$EMB_PID"
 # run on the flushed tables, and the consumer restarts with the default flusher for the
 # 201-to-visible probe.
 log "5. liftlog production mode: consume :$CONS_PORT, write :$WRITE_PORT, read :$READ_PORT"
-PROD=(--broker "$AMQP_URL" --dynamodb-endpoint "$DDB_URL" --amqp-prefix "$AMQP_PREFIX" --table-prefix "$TABLE_PREFIX"
-  --partitions "$PARTITIONS" --admin-listen main)
+PROD=(--broker "$AMQP_URL" --dynamodb-endpoint "$DDB_URL" --set "bus.amqp.prefix=$AMQP_PREFIX" --set "tables.prefix=$TABLE_PREFIX"
+  --set "bus.amqp.partitions=$PARTITIONS" --admin-listen main)
 cat >"$RUN/deferred-flush.toml" <<'EOF'
 # The flusher runs only when asked (POST /admin/flush).
-flush_interval_ms = 600000
-flush_after_rides = 1000000000000
+[flush]
+interval_ms = 600000
+after_rides = 1000000000000
 EOF
 PROD_DECLARED=1
 start consume env RUST_LOG="info,actix_server=warn,liftlog::actors::flusher=debug" \
-  "$BIN/liftlog" serve --config "$RUN/deferred-flush.toml" --log-format json --role consume \
+  "$BIN/liftlog" serve --config "$RUN/deferred-flush.toml" --set log.format=json --role consume \
   --listen "127.0.0.1:$CONS_PORT" --data-dir "$RUN/prod/consume" "${PROD[@]}"
 CONS_PID=$LAST_PID
 prod_ok=0
@@ -387,9 +388,11 @@ for pid in ${WRITE_PID:-} ${READ_PID:-} "$CONS_PID"; do stop_pid "$pid" TERM 10;
 # restarts it and reads the replay figures, the cold start and VmRSS.
 cat >"$RUN/replay.toml" <<'EOF'
 # No flush during the fill: every ride stays in the WAL until the kill -9.
-flush_interval_ms = 600000
-flush_after_rides = 1000000000000
-wal_max_bytes = 68719476736
+[flush]
+interval_ms = 600000
+after_rides = 1000000000000
+[wal]
+max_bytes = 68719476736
 EOF
 replay_run() {
   local name=$1 dir=$2 rides=$3 fill=$4 pid rss_empty=0 rss_filled=0 mean_batch=null fill_rate=null t0 t1

@@ -29,15 +29,16 @@
 # Environment (read by `up`, remembered in $LIFTLOG_CLUSTER_DIR/cluster.env for the other
 # commands, so later commands need only LIFTLOG_CLUSTER_DIR):
 #   LIFTLOG_CLUSTER_DIR     state dir: pids, logs, data dirs, nginx files (/tmp/liftlog-cluster)
-#   LIFTLOG_CLUSTER_PREFIX  --amqp-prefix, and --table-prefix "<prefix>_" (cluster)
+#   LIFTLOG_CLUSTER_PREFIX  bus.amqp.prefix, and tables.prefix "<prefix>_" (cluster)
 #   CLUSTER_PORT            nginx listens on 127.0.0.1:$CLUSTER_PORT (9080)
 #   CLUSTER_NODE_PORT       first node port (CLUSTER_PORT+1): write nodes from it, consumers
 #                           from +10, read nodes from +20; admin listeners 50 above each
 #   CLUSTER_WRITERS, CLUSTER_CONSUMERS, CLUSTER_READERS   node counts (2, 2, 2; at most 9 each)
 #   CLUSTER_PARTITIONS      partition queues (4)
-#   CLUSTER_FLUSH_MS        --flush-interval-ms of the consumers (1000)
-#   CLUSTER_ACK_AFTER       --ack-after of the consumers: table (default), wal, or empty for
-#                           the binary's default; CLUSTER_PREFETCH their --prefetch (20000)
+#   CLUSTER_FLUSH_MS        flush.interval_ms of the consumers (1000)
+#   CLUSTER_ACK_AFTER       consumer.ack_after of the consumers: table (default), wal, or
+#                           empty for the binary's default; CLUSTER_PREFETCH their
+#                           bus.amqp.prefetch (20000)
 #   CLUSTER_NODE_ARGS       extra flags for every node (word-split)
 #   CLUSTER_BROKER          amqp://guest:guest@127.0.0.1:5672/%2f
 #   CLUSTER_DYNAMODB        http://127.0.0.1:${DYNAMODB_PORT:-8000}
@@ -168,16 +169,16 @@ node_args() {
   local name=$1
   NODE_ARGV=(serve --role "$(node_role "$name")" --listen "127.0.0.1:$(node_port "$name")"
     --data-dir "$(node_dir "$name")/data" --broker "$BROKER" --dynamodb-endpoint "$DYNAMODB"
-    --amqp-prefix "$PREFIX" --table-prefix "${PREFIX}_" --partitions "$PARTITIONS"
-    --flush-interval-ms "$FLUSH_MS")
+    --set "bus.amqp.prefix=$PREFIX" --set "tables.prefix=${PREFIX}_" --set "bus.amqp.partitions=$PARTITIONS"
+    --set "flush.interval_ms=$FLUSH_MS")
   if has_admin_listener; then
     NODE_ARGV+=(--admin-listen "127.0.0.1:$(($(node_port "$name") + 50))")
   fi
   # Consumers ack after the tables hold a batch (ack_after = table): the standby on the
   # same queues takes over exactly without the active one's WAL, as on separate machines.
   # Acks then wait up to a flush interval, so the prefetch is raised to keep rides flowing.
-  if [[ $(node_role "$name") == consume && -n $ACK_AFTER ]] && has_flag --ack-after; then
-    NODE_ARGV+=(--ack-after "$ACK_AFTER" --prefetch "$PREFETCH")
+  if [[ $(node_role "$name") == consume && -n $ACK_AFTER ]]; then
+    NODE_ARGV+=(--set "consumer.ack_after=$ACK_AFTER" --set "bus.amqp.prefetch=$PREFETCH")
   fi
   local -a extra=()
   read -r -a extra <<<"$NODE_ARGS"
@@ -445,7 +446,7 @@ cmd_up() {
   resolve_binary
   save_settings
   log "tables: $BIN tables create (prefix ${PREFIX}_)"
-  RUST_LOG=warn "$BIN" tables create --dynamodb-endpoint "$DYNAMODB" --table-prefix "${PREFIX}_" \
+  RUST_LOG=warn "$BIN" tables create --dynamodb-endpoint "$DYNAMODB" --set "tables.prefix=${PREFIX}_" \
     --data-dir "$DIR/tables-create" >>"$DIR/tables-create.log" 2>&1 ||
     { show_tail "$DIR/tables-create.log"; die "tables create failed"; }
   local name

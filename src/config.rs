@@ -1,13 +1,30 @@
-//! One typed configuration. Defaults live in `Default`; a TOML file (`--config`) overrides
-//! them, `LIFTLOG_*` environment variables override the file, and flags override both.
-//! Unknown keys in the file are rejected so that a typo never silently means a default.
-//! `deploy/liftlog.toml` is the commented sample.
+//! The configuration: one typed tree of sections, one per subsystem (`[http]`, `[admin]`,
+//! `[bus]`/`[bus.amqp]`, `[consumer]`, `[wal]`, `[flush]`, `[actors]`,
+//! `[tables]`/`[tables.dynamodb]`, `[admission]`, `[limits]`, `[log]`), read by one loader:
+//!
+//! defaults (`Default` of each section) ← TOML file (`--config`) ← environment ← flags.
+//!
+//! Every key has an environment variable, derived from its path and never listed by hand:
+//! `wal.max_bytes` is `LIFTLOG_WAL__MAX_BYTES`, `bus.amqp.prefetch` is
+//! `LIFTLOG_BUS__AMQP__PREFETCH`, `data_dir` is `LIFTLOG_DATA_DIR`. Every key can also be set
+//! on the command line with `--set wal.max_bytes=1000000`; a few common ones have flags of
+//! their own (`--listen`, `--data-dir`, `--role`, `--broker`, …). All layers are merged as a
+//! TOML tree before one deserialisation, so a new key costs one field with a default, one
+//! line in `deploy/liftlog.toml` and one row in the README (tests compare both with the
+//! types). Unknown keys are rejected in every layer, with the layer named, so a typo never
+//! silently means a default.
+//!
+//! The flat keys of the previous release (`wal_max_bytes`, `LIFTLOG_WAL_MAX_BYTES`,
+//! `--flush-interval-ms`) still work for one release and each use logs a warning that names
+//! the new key: see [`LEGACY_KEYS`].
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use crate::actors::consumer::AckAfter;
 use crate::domain::Limits;
 
 /// A value that must not reach logs: an admin token, a broker URL with its password.
@@ -36,7 +53,7 @@ impl std::str::FromStr for Secret {
 }
 
 /// How the WAL makes a batch durable before its rides are acknowledged.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DurabilityPolicy {
     /// fsync once per batch, then acknowledge: a 201 survives a process or power loss.
@@ -47,7 +64,7 @@ pub enum DurabilityPolicy {
 }
 
 /// What a process does. `all` is every role in one process (the default).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     /// HTTP POST → bus (publish, 201 after the confirm).
@@ -60,41 +77,76 @@ pub enum Role {
 }
 
 /// Where the tables live.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum TableStore {
     /// sled trees in `data_dir/tables`: local to one process.
     Sled,
-    /// DynamoDB (AWS, or DynamoDB Local with `dynamodb_endpoint`).
+    /// DynamoDB (AWS, or DynamoDB Local with `tables.dynamodb.endpoint`).
     Dynamodb,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
+/// The whole configuration of one node.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address of the public HTTP listener.
-    pub listen: SocketAddr,
-    /// Where `/admin/*` and `/metrics` are served: an address of their own (the sample
-    /// config and the systemd unit use loopback `127.0.0.1:9090`, so operators reach it on
-    /// the host and the load balancer never exposes it), or `main`, the built-in default
-    /// for a developer's single process, to serve them on the public listener
-    /// (token-guarded if `admin_token` is set).
-    pub admin_listen: String,
+    /// Roles of this process; split roles need a broker and DynamoDB.
+    pub roles: Vec<Role>,
     /// Where the WAL (`wal/`) and the embedded tables (`tables/`) live.
     pub data_dir: PathBuf,
-    /// A context path that clients prefix to every route (e.g. `/skiers-app`); empty = none.
-    pub base_path: String,
     /// A TOML resort catalog; none = the default 10 resorts with 40 lifts each.
     pub catalog: Option<PathBuf>,
+    pub http: HttpConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub bus: BusConfig,
+    pub consumer: ConsumerConfig,
+    pub wal: WalSection,
+    pub flush: FlushConfig,
+    pub actors: ActorsConfig,
+    pub tables: TablesConfig,
+    pub admission: AdmissionSection,
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            roles: vec![Role::All],
+            data_dir: PathBuf::from("./data"),
+            catalog: None,
+            http: HttpConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            bus: BusConfig::default(),
+            consumer: ConsumerConfig::default(),
+            wal: WalSection::default(),
+            flush: FlushConfig::default(),
+            actors: ActorsConfig::default(),
+            tables: TablesConfig::default(),
+            admission: AdmissionSection::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// `[http]`: the public listener.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the public HTTP listener.
+    pub listen: SocketAddr,
+    /// A context path that clients prefix to every route (e.g. `/skiers-app`); empty = none.
+    pub base_path: String,
     /// HTTP worker threads; 0 = one per core.
-    pub http_workers: usize,
+    pub workers: usize,
     /// Largest accepted request body. A ride is ~30 bytes; 16 KiB leaves room for clients
     /// that pretty-print while keeping a flood of large bodies cheap to refuse.
     pub max_body_bytes: usize,
@@ -104,34 +156,82 @@ pub struct Config {
     pub keep_alive_secs: u64,
     /// Time a client has to send its request head, ms; bounds slowloris-style clients.
     pub client_request_timeout_ms: u64,
-    /// Bearer token for `/admin/*` and `/metrics`; none = open (bind admin to loopback).
-    pub admin_token: Option<Secret>,
-    /// Rides queued between the HTTP workers and the consumer; beyond it POSTs get 503.
-    pub bus_capacity: usize,
-    /// Longest a POST waits for its ride to become durable before answering 503.
-    pub publish_deadline_ms: u64,
-    /// Most rides per WAL record (one fsync).
-    pub max_batch: usize,
-    /// Bound on un-checkpointed WAL bytes: beyond it POSTs get 503 until the flusher
-    /// catches up (the alarm for a table outage that lasts too long).
-    pub wal_max_bytes: u64,
-    pub durability: DurabilityPolicy,
-    /// How often the flusher writes dirty aggregates and raw rides to the tables.
-    pub flush_interval_ms: u64,
-    /// Raw rides taken per actor per flush; aggregates never wait behind more than this.
-    pub flush_rides_per_actor: usize,
-    /// Size trigger: a flush starts early once this many rides arrived since the last.
-    pub flush_after_rides: u64,
-    /// Resident aggregator actors before idle ones are passivated.
-    pub max_resident_days: usize,
-    pub log_format: LogFormat,
-    pub limits: Limits,
-    /// Roles of this process; split roles need a broker and DynamoDB.
-    pub roles: Vec<Role>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "0.0.0.0:8080".parse().expect("valid default address"),
+            base_path: String::new(),
+            workers: 0,
+            max_body_bytes: 16 * 1024,
+            max_connections: 25_000,
+            keep_alive_secs: 75,
+            client_request_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// `[admin]`: `/admin/*` and `/metrics`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// An address of their own (the default, loopback: operators reach it on the host and a
+    /// load balancer never exposes it), or `main` to serve them on the public listener.
+    /// Admin on a non-loopback address needs `admin.token`: the node refuses to start
+    /// otherwise, so no default leaves `POST /admin/flush` open to the internet.
+    pub listen: String,
+    /// Bearer token for `/admin/*` and `/metrics`; none = open (only allowed on loopback).
+    pub token: Option<Secret>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: "127.0.0.1:9090".into(), token: None }
+    }
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json` (level via `RUST_LOG`).
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text }
+    }
+}
+
+/// `[bus]`: between the HTTP writers and the consumer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
     /// RabbitMQ URL (`amqp://` or `amqps://`); none = the embedded in-process bus.
     pub broker: Option<Secret>,
+    /// Embedded bus: rides queued between the HTTP workers and the consumer; beyond it
+    /// POSTs get 503.
+    pub capacity: usize,
+    /// Longest a POST waits for its ride to become durable before answering 503: the
+    /// embedded bus's deadline and the broker's publisher-confirm timeout alike.
+    pub publish_deadline_ms: u64,
+    pub amqp: AmqpSection,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig { broker: None, capacity: 50_000, publish_deadline_ms: 10_000, amqp: AmqpSection::default() }
+    }
+}
+
+/// `[bus.amqp]`: RabbitMQ topology and flow control.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSection {
     /// Name prefix of the exchange and queues.
-    pub amqp_prefix: String,
+    pub prefix: String,
     /// Partition queues; each resort-day maps to one, so one consumer owns an aggregate.
     pub partitions: u16,
     /// Confirm-mode channels the publisher spreads over.
@@ -140,23 +240,130 @@ pub struct Config {
     pub max_in_flight: usize,
     /// Deliveries a consumer may hold unacked per partition (AMQP prefetch).
     pub prefetch: u16,
-    /// Table store; `dynamodb_endpoint` implies `dynamodb`.
-    pub tables: TableStore,
-    /// DynamoDB endpoint override (DynamoDB Local); none = AWS's, from the standard config.
-    pub dynamodb_endpoint: Option<String>,
-    pub dynamodb_region: String,
+}
+
+impl Default for AmqpSection {
+    fn default() -> Self {
+        AmqpSection { prefix: "liftlog".into(), partitions: 4, publish_channels: 4, max_in_flight: 8192, prefetch: 2000 }
+    }
+}
+
+/// `[consumer]`: bus → WAL → actors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerConfig {
+    /// Most rides per WAL record (one fsync).
+    pub max_batch: usize,
+    /// When the consumer acks a batch: `wal` (after its fsync) or `table` (after the
+    /// flusher wrote it; exact failover to a standby on another machine). See ADR 002.
+    pub ack_after: AckAfter,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig { max_batch: 8_192, ack_after: AckAfter::Wal }
+    }
+}
+
+/// `[wal]`: the write-ahead log in `data_dir/wal` (crate `liftlog-wal`, which stays free of
+/// this file format: [`Config::wal_config`] hands it its own `WalConfig`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WalSection {
+    pub durability: DurabilityPolicy,
+    /// Bound on un-checkpointed WAL bytes: beyond it POSTs get 503 until the flusher
+    /// catches up (the alarm for a table outage that lasts too long).
+    pub max_bytes: u64,
+    /// Free disk space kept in reserve on the data dir's filesystem: below it the WAL
+    /// refuses rides (503) and the sled tables skip flushes, before sled ever meets a full
+    /// disk (sled needs a restart after an I/O error; refusing early recovers by itself).
+    pub min_free_disk_bytes: u64,
+}
+
+impl Default for WalSection {
+    fn default() -> Self {
+        WalSection { durability: DurabilityPolicy::GroupCommit, max_bytes: 2 * 1024 * 1024 * 1024, min_free_disk_bytes: 128 * 1024 * 1024 }
+    }
+}
+
+/// `[flush]`: actors → tables, then the WAL checkpoint.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlushConfig {
+    /// How often the flusher writes dirty aggregates and raw rides to the tables, ms.
+    pub interval_ms: u64,
+    /// Raw rides taken per actor per flush; aggregates never wait behind more than this.
+    pub rides_per_actor: usize,
+    /// Size trigger: a flush starts early once this many rides arrived since the last.
+    pub after_rides: u64,
+}
+
+impl Default for FlushConfig {
+    fn default() -> Self {
+        FlushConfig { interval_ms: 1_000, rides_per_actor: 20_000, after_rides: 50_000 }
+    }
+}
+
+/// `[actors]`: the resident aggregator actors.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActorsConfig {
+    /// Resident aggregator actors before idle ones are passivated.
+    pub max_resident_days: usize,
+}
+
+impl Default for ActorsConfig {
+    fn default() -> Self {
+        ActorsConfig { max_resident_days: 8_192 }
+    }
+}
+
+/// `[tables]`: the table store.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TablesConfig {
+    /// `sled` or `dynamodb`; `tables.dynamodb.endpoint` implies `dynamodb`.
+    pub store: TableStore,
     /// Prefix of every table name (one account, several deployments).
-    pub table_prefix: String,
+    pub prefix: String,
     /// Concurrent requests to the table store: the connection bound of the design.
-    pub table_concurrency: usize,
+    pub concurrency: usize,
     /// Create missing tables at start.
-    pub create_tables: bool,
-    /// Admission token bucket: base refill in rides/s (0 = off). The refill slows as the
-    /// queue, the WAL or the flush lag approach their bounds, so load is shed with 429
-    /// before the queue is full. High by default: it only bites under pressure.
-    pub admission_rate: f64,
-    /// Admission bucket size (burst).
-    pub admission_burst: f64,
+    pub create: bool,
+    pub dynamodb: DynamodbSection,
+}
+
+impl Default for TablesConfig {
+    fn default() -> Self {
+        TablesConfig { store: TableStore::Sled, prefix: String::new(), concurrency: 16, create: true, dynamodb: DynamodbSection::default() }
+    }
+}
+
+/// `[tables.dynamodb]`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DynamodbSection {
+    /// Endpoint override (DynamoDB Local); none = AWS's, from the standard config.
+    pub endpoint: Option<String>,
+    pub region: String,
+}
+
+impl Default for DynamodbSection {
+    fn default() -> Self {
+        DynamodbSection { endpoint: None, region: "us-east-1".into() }
+    }
+}
+
+/// `[admission]`: load shedding on the write path.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionSection {
+    /// Token bucket base refill in rides/s (0 = off). The refill slows as the queue, the
+    /// WAL or the flush lag approach their bounds, so load is shed with 429 before the
+    /// queue is full. High by default: it only bites under pressure.
+    pub rate: f64,
+    /// Bucket size (burst).
+    pub burst: f64,
     /// Consecutive bus failures that open the write path's circuit breaker.
     pub breaker_failures: u32,
     /// How long the breaker stays open before one probe is let through, ms.
@@ -165,147 +372,411 @@ pub struct Config {
     pub shed_queue_depth: u64,
     /// Flush lag counted as "full" for admission, seconds.
     pub shed_flush_lag_secs: u64,
-    /// Free disk space kept in reserve on the data dir's filesystem: below it the WAL
-    /// refuses rides (503) and the sled tables skip flushes, before sled ever meets a full
-    /// disk (sled needs a restart after an I/O error; refusing early recovers by itself).
-    pub min_free_disk_bytes: u64,
-    /// When the consumer acks a batch: `wal` (after its fsync) or `table` (after the
-    /// flusher wrote it; exact failover to a standby on another machine). See ADR 002.
-    pub ack_after: crate::actors::consumer::AckAfter,
 }
 
-impl Default for Config {
+impl Default for AdmissionSection {
     fn default() -> Self {
-        Config {
-            listen: "0.0.0.0:8080".parse().expect("valid default address"),
-            admin_listen: "main".into(),
-            data_dir: PathBuf::from("./data"),
-            base_path: String::new(),
-            catalog: None,
-            http_workers: 0,
-            max_body_bytes: 16 * 1024,
-            max_connections: 25_000,
-            keep_alive_secs: 75,
-            client_request_timeout_ms: 5_000,
-            admin_token: None,
-            bus_capacity: 50_000,
-            publish_deadline_ms: 10_000,
-            max_batch: 8_192,
-            wal_max_bytes: 2 * 1024 * 1024 * 1024,
-            durability: DurabilityPolicy::GroupCommit,
-            flush_interval_ms: 1_000,
-            flush_rides_per_actor: 20_000,
-            flush_after_rides: 50_000,
-            max_resident_days: 8_192,
-            log_format: LogFormat::Text,
-            limits: Limits::default(),
-            roles: vec![Role::All],
-            broker: None,
-            amqp_prefix: "liftlog".into(),
-            partitions: 4,
-            publish_channels: 4,
-            max_in_flight: 8192,
-            prefetch: 2000,
-            tables: TableStore::Sled,
-            dynamodb_endpoint: None,
-            dynamodb_region: "us-east-1".into(),
-            table_prefix: String::new(),
-            table_concurrency: 16,
-            create_tables: true,
-            admission_rate: 100_000.0,
-            admission_burst: 10_000.0,
+        AdmissionSection {
+            rate: 100_000.0,
+            burst: 10_000.0,
             breaker_failures: 5,
             breaker_open_ms: 2_000,
             shed_queue_depth: 200_000,
             shed_flush_lag_secs: 120,
-            min_free_disk_bytes: 128 * 1024 * 1024,
-            ack_after: crate::actors::consumer::AckAfter::Wal,
         }
     }
 }
 
-/// Flags of `liftlog serve`; each also reads `LIFTLOG_<NAME>` from the environment.
+/// Why a configuration was refused. Each names the layer and the key, so the operator
+/// knows which line, variable or flag to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("flag {flag}: {message}")]
+    Flag { flag: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The flat keys of the previous release and where each lives now. They are accepted for
+/// one release — in the file, as `LIFTLOG_<FLAT_KEY>` and as the old flags — with a warning.
+pub const LEGACY_KEYS: &[(&str, &str)] = &[
+    ("listen", "http.listen"),
+    ("base_path", "http.base_path"),
+    ("http_workers", "http.workers"),
+    ("max_body_bytes", "http.max_body_bytes"),
+    ("max_connections", "http.max_connections"),
+    ("keep_alive_secs", "http.keep_alive_secs"),
+    ("client_request_timeout_ms", "http.client_request_timeout_ms"),
+    ("admin_listen", "admin.listen"),
+    ("admin_token", "admin.token"),
+    ("log_format", "log.format"),
+    ("broker", "bus.broker"),
+    ("bus_capacity", "bus.capacity"),
+    ("publish_deadline_ms", "bus.publish_deadline_ms"),
+    ("amqp_prefix", "bus.amqp.prefix"),
+    ("partitions", "bus.amqp.partitions"),
+    ("publish_channels", "bus.amqp.publish_channels"),
+    ("max_in_flight", "bus.amqp.max_in_flight"),
+    ("prefetch", "bus.amqp.prefetch"),
+    ("max_batch", "consumer.max_batch"),
+    ("ack_after", "consumer.ack_after"),
+    ("durability", "wal.durability"),
+    ("wal_max_bytes", "wal.max_bytes"),
+    ("min_free_disk_bytes", "wal.min_free_disk_bytes"),
+    ("flush_interval_ms", "flush.interval_ms"),
+    ("flush_rides_per_actor", "flush.rides_per_actor"),
+    ("flush_after_rides", "flush.after_rides"),
+    ("max_resident_days", "actors.max_resident_days"),
+    ("tables", "tables.store"),
+    ("table_prefix", "tables.prefix"),
+    ("table_concurrency", "tables.concurrency"),
+    ("create_tables", "tables.create"),
+    ("dynamodb_endpoint", "tables.dynamodb.endpoint"),
+    ("dynamodb_region", "tables.dynamodb.region"),
+    ("admission_rate", "admission.rate"),
+    ("admission_burst", "admission.burst"),
+    ("breaker_failures", "admission.breaker_failures"),
+    ("breaker_open_ms", "admission.breaker_open_ms"),
+    ("shed_queue_depth", "admission.shed_queue_depth"),
+    ("shed_flush_lag_secs", "admission.shed_flush_lag_secs"),
+    // The old flag `--role` read `LIFTLOG_ROLE`.
+    ("role", "roles"),
+];
+
+/// `LIFTLOG_*` variables that are not configuration keys: the test harness's and the
+/// fault injection's. They are left alone instead of being refused as unknown keys.
+const NOT_CONFIG_VARS: &[&str] = &["LIFTLOG_CONFIG", "LIFTLOG_BIN", "LIFTLOG_CLUSTER_DIR", "LIFTLOG_CLUSTER_PREFIX", "LIFTLOG_STATE_DIR", "LIFTLOG_CACHE_DIR", "LIFTLOG_SERVICES_TIMEOUT"];
+const NOT_CONFIG_PREFIXES: &[&str] = &["LIFTLOG_FAULT_", "LIFTLOG_TEST_"];
+
+/// Flags of `liftlog serve`: the config file, the few keys every deployment sets, and
+/// `--set` for any other. Environment variables are read by [`Config::resolve`], not here.
 #[derive(Args, Debug, Default)]
 pub struct ServeArgs {
-    /// TOML config file (see deploy/liftlog.toml).
+    /// TOML config file (see deploy/liftlog.toml); also `LIFTLOG_CONFIG`.
     #[arg(long, env = "LIFTLOG_CONFIG")]
     pub config: Option<PathBuf>,
-    #[arg(long, env = "LIFTLOG_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// Admin listener address, or `main` for the public listener.
-    #[arg(long, env = "LIFTLOG_ADMIN_LISTEN")]
+    /// `http.listen`: the public listener.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// `admin.listen`: the admin listener's address, or `main` for the public listener.
+    #[arg(long)]
     pub admin_listen: Option<String>,
-    #[arg(long, env = "LIFTLOG_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    #[arg(long, env = "LIFTLOG_BASE_PATH")]
-    pub base_path: Option<String>,
-    #[arg(long, env = "LIFTLOG_CATALOG")]
-    pub catalog: Option<PathBuf>,
-    #[arg(long, env = "LIFTLOG_HTTP_WORKERS")]
-    pub http_workers: Option<usize>,
-    #[arg(long, env = "LIFTLOG_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<Secret>,
-    #[arg(long, env = "LIFTLOG_BUS_CAPACITY")]
-    pub bus_capacity: Option<usize>,
-    #[arg(long, env = "LIFTLOG_WAL_MAX_BYTES")]
-    pub wal_max_bytes: Option<u64>,
-    #[arg(long, env = "LIFTLOG_DURABILITY", value_enum)]
-    pub durability: Option<DurabilityPolicy>,
-    #[arg(long, env = "LIFTLOG_FLUSH_INTERVAL_MS")]
-    pub flush_interval_ms: Option<u64>,
-    #[arg(long, env = "LIFTLOG_MAX_RESIDENT_DAYS")]
-    pub max_resident_days: Option<usize>,
-    #[arg(long, env = "LIFTLOG_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Roles, comma separated: write, consume, read, all.
-    #[arg(long = "role", env = "LIFTLOG_ROLE", value_enum, value_delimiter = ',')]
-    pub roles: Option<Vec<Role>>,
-    /// RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
-    #[arg(long, env = "LIFTLOG_BROKER", hide_env_values = true)]
-    pub broker: Option<Secret>,
-    #[arg(long, env = "LIFTLOG_PARTITIONS")]
-    pub partitions: Option<u16>,
-    #[arg(long, env = "LIFTLOG_AMQP_PREFIX")]
-    pub amqp_prefix: Option<String>,
-    #[arg(long, env = "LIFTLOG_TABLES", value_enum)]
-    pub tables: Option<TableStore>,
-    #[arg(long, env = "LIFTLOG_DYNAMODB_ENDPOINT")]
+    /// `admin.token` (prefer LIFTLOG_ADMIN__TOKEN: a flag shows in `ps`).
+    #[arg(long)]
+    pub admin_token: Option<String>,
+    /// `data_dir`.
+    #[arg(long)]
+    pub data_dir: Option<String>,
+    /// `roles`, comma separated: write, consume, read, all.
+    #[arg(long = "role")]
+    pub roles: Option<String>,
+    /// `bus.broker`: RabbitMQ URL, e.g. amqp://guest:guest@127.0.0.1:5672/%2f
+    #[arg(long)]
+    pub broker: Option<String>,
+    /// `tables.store`: sled or dynamodb.
+    #[arg(long)]
+    pub tables: Option<String>,
+    /// `tables.dynamodb.endpoint` (implies `--tables dynamodb`).
+    #[arg(long)]
     pub dynamodb_endpoint: Option<String>,
-    #[arg(long, env = "LIFTLOG_TABLE_PREFIX")]
+    /// Any key by its path, e.g. `--set flush.interval_ms=200` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+
+    // The previous release's flags, kept for one release (hidden; each use warns).
+    #[arg(long, hide = true)]
+    pub base_path: Option<String>,
+    #[arg(long, hide = true)]
+    pub catalog: Option<String>,
+    #[arg(long, hide = true)]
+    pub http_workers: Option<String>,
+    #[arg(long, hide = true)]
+    pub bus_capacity: Option<String>,
+    #[arg(long, hide = true)]
+    pub wal_max_bytes: Option<String>,
+    #[arg(long, hide = true)]
+    pub durability: Option<String>,
+    #[arg(long, hide = true)]
+    pub flush_interval_ms: Option<String>,
+    #[arg(long, hide = true)]
+    pub max_resident_days: Option<String>,
+    #[arg(long, hide = true)]
+    pub log_format: Option<String>,
+    #[arg(long, hide = true)]
+    pub partitions: Option<String>,
+    #[arg(long, hide = true)]
+    pub amqp_prefix: Option<String>,
+    #[arg(long, hide = true)]
     pub table_prefix: Option<String>,
-    #[arg(long, env = "LIFTLOG_ADMISSION_RATE")]
-    pub admission_rate: Option<f64>,
-    #[arg(long, env = "LIFTLOG_ACK_AFTER", value_enum)]
-    pub ack_after: Option<crate::actors::consumer::AckAfter>,
-    #[arg(long, env = "LIFTLOG_PREFETCH")]
-    pub prefetch: Option<u16>,
+    #[arg(long, hide = true)]
+    pub admission_rate: Option<String>,
+    #[arg(long, hide = true)]
+    pub ack_after: Option<String>,
+    #[arg(long, hide = true)]
+    pub prefetch: Option<String>,
+}
+
+/// One flag's assignment: the flag as given, the key path it sets, the raw value.
+struct Assignment {
+    flag: String,
+    path: String,
+    value: String,
+}
+
+impl ServeArgs {
+    /// The assignments of every flag given, the `--set`s last, and the deprecation warnings.
+    fn assignments(&self) -> Result<(Vec<Assignment>, Vec<String>), ConfigError> {
+        let mut out = Vec::new();
+        let mut warnings = Vec::new();
+        let current = [
+            ("--listen", "http.listen", &self.listen),
+            ("--admin-listen", "admin.listen", &self.admin_listen),
+            ("--admin-token", "admin.token", &self.admin_token),
+            ("--data-dir", "data_dir", &self.data_dir),
+            ("--role", "roles", &self.roles),
+            ("--broker", "bus.broker", &self.broker),
+            ("--tables", "tables.store", &self.tables),
+            ("--dynamodb-endpoint", "tables.dynamodb.endpoint", &self.dynamodb_endpoint),
+        ];
+        for (flag, path, value) in current {
+            if let Some(v) = value {
+                out.push(Assignment { flag: flag.to_string(), path: path.to_string(), value: v.clone() });
+            }
+        }
+        let legacy = [
+            ("--base-path", "http.base_path", &self.base_path),
+            ("--catalog", "catalog", &self.catalog),
+            ("--http-workers", "http.workers", &self.http_workers),
+            ("--bus-capacity", "bus.capacity", &self.bus_capacity),
+            ("--wal-max-bytes", "wal.max_bytes", &self.wal_max_bytes),
+            ("--durability", "wal.durability", &self.durability),
+            ("--flush-interval-ms", "flush.interval_ms", &self.flush_interval_ms),
+            ("--max-resident-days", "actors.max_resident_days", &self.max_resident_days),
+            ("--log-format", "log.format", &self.log_format),
+            ("--partitions", "bus.amqp.partitions", &self.partitions),
+            ("--amqp-prefix", "bus.amqp.prefix", &self.amqp_prefix),
+            ("--table-prefix", "tables.prefix", &self.table_prefix),
+            ("--admission-rate", "admission.rate", &self.admission_rate),
+            ("--ack-after", "consumer.ack_after", &self.ack_after),
+            ("--prefetch", "bus.amqp.prefetch", &self.prefetch),
+        ];
+        for (flag, path, value) in legacy {
+            if let Some(v) = value {
+                warnings.push(format!("flag {flag} is deprecated; use --set {path}={v} (or {})", env_var_of(path)));
+                out.push(Assignment { flag: flag.to_string(), path: path.to_string(), value: v.clone() });
+            }
+        }
+        for s in &self.set {
+            let Some((k, v)) = s.split_once('=') else {
+                return Err(ConfigError::Flag { flag: format!("--set {s}"), message: "expected KEY=VALUE, e.g. flush.interval_ms=200".into() });
+            };
+            out.push(Assignment { flag: format!("--set {k}"), path: k.trim().to_string(), value: v.to_string() });
+        }
+        Ok((out, warnings))
+    }
+}
+
+/// A resolved configuration and what the loader wants said once logging is up.
+#[derive(Debug)]
+pub struct Resolved {
+    pub config: Config,
+    /// Deprecated keys, variables and flags that were used, each naming its replacement.
+    pub warnings: Vec<String>,
+}
+
+/// The environment variable of a key path: `bus.amqp.prefetch` → `LIFTLOG_BUS__AMQP__PREFETCH`.
+pub fn env_var_of(path: &str) -> String {
+    format!("LIFTLOG_{}", path.split('.').map(|s| s.to_ascii_uppercase()).collect::<Vec<_>>().join("__"))
+}
+
+/// The shape of the tree: every key with its default, Options included (as JSON null),
+/// which is what a string from the environment or a flag is typed against.
+fn schema() -> serde_json::Value {
+    serde_json::to_value(Config::default()).expect("the config serialises")
+}
+
+fn schema_at<'a>(schema: &'a serde_json::Value, path: &str) -> Option<&'a serde_json::Value> {
+    path.split('.').try_fold(schema, |node, seg| node.as_object()?.get(seg))
+}
+
+/// Every key path of the schema, sections excluded: `http.listen`, `limits.max_day`, ….
+pub fn key_paths() -> Vec<String> {
+    fn walk(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+        if let Some(map) = v.as_object() {
+            for (k, child) in map {
+                let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                if child.is_object() {
+                    walk(&path, child, out);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", &schema(), &mut out);
+    out
+}
+
+/// A string from the environment or a flag, typed by the key's default: numbers and
+/// booleans parsed, `roles` split at commas, strings (and unset Options) kept as they are.
+fn typed_value(schema: &serde_json::Value, path: &str, raw: &str) -> Result<toml::Value, String> {
+    let Some(default) = schema_at(schema, path) else {
+        return Err(format!("`{path}` is not a configuration key"));
+    };
+    let raw_t = raw.trim();
+    Ok(match default {
+        serde_json::Value::Object(_) => return Err(format!("`{path}` is a section; set one of its keys")),
+        serde_json::Value::Bool(_) => toml::Value::Boolean(raw_t.parse().map_err(|_| format!("`{path}` expects true or false, got {raw:?}"))?),
+        serde_json::Value::Number(n) if n.is_f64() => {
+            toml::Value::Float(raw_t.parse().map_err(|_| format!("`{path}` expects a number, got {raw:?}"))?)
+        }
+        serde_json::Value::Number(_) => toml::Value::Integer(raw_t.parse().map_err(|_| format!("`{path}` expects an integer, got {raw:?}"))?),
+        serde_json::Value::Array(_) => toml::Value::Array(raw.split(',').map(|s| toml::Value::String(s.trim().to_string())).filter(|v| v.as_str() != Some("")).collect()),
+        serde_json::Value::String(_) | serde_json::Value::Null => toml::Value::String(raw.to_string()),
+    })
+}
+
+/// Sets `path` in the tree, creating sections on the way.
+fn set_path(tree: &mut toml::Table, path: &str, value: toml::Value) -> Result<(), String> {
+    let mut segs: Vec<&str> = path.split('.').collect();
+    let last = segs.pop().expect("split yields one segment at least");
+    let mut node = tree;
+    for seg in segs {
+        let entry = node.entry(seg.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = entry.as_table_mut().ok_or_else(|| format!("`{seg}` in `{path}` is set to a value, not a section"))?;
+    }
+    node.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Unknown keys of a tree, by path, against the schema.
+fn unknown_keys(schema: &serde_json::Value, tree: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    for (k, v) in tree {
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match schema_at(schema, &path) {
+            None => out.push(path),
+            Some(serde_json::Value::Object(_)) => match v.as_table() {
+                Some(t) => unknown_keys(schema, t, &path, out),
+                None => out.push(format!("{path} (a section, given a value)")),
+            },
+            Some(_) => {}
+        }
+    }
+}
+
+/// The file's flat keys of the previous release moved to their sections, with a warning
+/// each. `tables = "sled"` is the old key, `[tables]` the new section.
+fn migrate_legacy_file_keys(tree: &mut toml::Table, warnings: &mut Vec<String>) -> Result<(), String> {
+    for (old, new) in LEGACY_KEYS {
+        let is_legacy = match tree.get(*old) {
+            None => false,
+            Some(v) => !v.is_table(),
+        };
+        if !is_legacy {
+            continue;
+        }
+        let value = tree.remove(*old).expect("checked above");
+        warnings.push(format!("config key `{old}` is deprecated; write `{new}` (section [{}])", new.rsplit_once('.').map_or("", |(s, _)| s)));
+        set_path(tree, new, value)?;
+    }
+    Ok(())
 }
 
 impl Config {
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    /// A config file alone over the defaults (no environment, no flags).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let mut warnings = Vec::new();
+        let tree = Self::file_tree(path, &mut warnings)?;
+        Self::finish(tree)
     }
 
-    /// Defaults ← file ← environment ← flags (clap resolves the last two).
-    pub fn resolve(args: &ServeArgs) -> Result<Self, String> {
-        let mut c = match &args.config {
-            Some(p) => Self::from_file(p)?,
-            None => Config::default(),
+    fn file_tree(path: &Path, warnings: &mut Vec<String>) -> Result<toml::Table, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let file_err = |message: String| ConfigError::File { path: path.into(), message };
+        let mut tree: toml::Table = toml::from_str(&text).map_err(|e| file_err(e.to_string()))?;
+        migrate_legacy_file_keys(&mut tree, warnings).map_err(file_err)?;
+        let mut unknown = Vec::new();
+        unknown_keys(&schema(), &tree, "", &mut unknown);
+        if !unknown.is_empty() {
+            return Err(file_err(format!("unknown key(s): {}", unknown.join(", "))));
+        }
+        Ok(tree)
+    }
+
+    /// Defaults ← file ← environment ← flags, then the checks of combinations that cannot
+    /// work. Warnings (deprecated keys) come back for the caller to log.
+    pub fn resolve(args: &ServeArgs) -> Result<Resolved, ConfigError> {
+        Self::resolve_with_env(args, std::env::vars())
+    }
+
+    /// [`Config::resolve`] with the environment given (tests).
+    pub fn resolve_with_env(args: &ServeArgs, env: impl IntoIterator<Item = (String, String)>) -> Result<Resolved, ConfigError> {
+        let mut warnings = Vec::new();
+        let mut tree = match &args.config {
+            Some(p) => Self::file_tree(p, &mut warnings)?,
+            None => toml::Table::new(),
         };
-        macro_rules! over {
-            ($($f:ident),*) => { $( if let Some(v) = &args.$f { c.$f = v.clone(); } )* };
+        let schema = schema();
+
+        // Environment: legacy flat names first, so that a new-style variable for the same
+        // key wins when both are set. Sorted, so the outcome never depends on env order.
+        let mut env: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("LIFTLOG_")).collect();
+        env.sort();
+        let mut new_style = Vec::new();
+        for (var, value) in env {
+            if NOT_CONFIG_VARS.contains(&var.as_str()) || NOT_CONFIG_PREFIXES.iter().any(|p| var.starts_with(p)) {
+                continue;
+            }
+            let key = var["LIFTLOG_".len()..].to_ascii_lowercase();
+            let path = key.replace("__", ".");
+            // `LIFTLOG_TABLES=dynamodb` is the old flat key, not the `[tables]` section.
+            if schema_at(&schema, &path).is_some_and(|v| !v.is_object()) {
+                new_style.push((var, path, value));
+                continue;
+            }
+            match LEGACY_KEYS.iter().find(|(old, _)| *old == key) {
+                Some((_, new)) => {
+                    warnings.push(format!("environment variable {var} is deprecated; use {}", env_var_of(new)));
+                    let v = typed_value(&schema, new, &value).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+                    set_path(&mut tree, new, v).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+                }
+                None => {
+                    return Err(ConfigError::Env {
+                        var,
+                        message: format!("`{path}` is not a configuration key (sections join with a double underscore: LIFTLOG_WAL__MAX_BYTES)"),
+                    })
+                }
+            }
         }
-        over!(listen, admin_listen, data_dir, base_path, http_workers, bus_capacity, wal_max_bytes, durability, flush_interval_ms, max_resident_days, log_format, roles, partitions, amqp_prefix, tables, table_prefix, admission_rate, ack_after, prefetch);
-        macro_rules! over_opt {
-            ($($f:ident),*) => { $( if args.$f.is_some() { c.$f = args.$f.clone(); } )* };
+        for (var, path, value) in new_style {
+            let v = typed_value(&schema, &path, &value).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+            set_path(&mut tree, &path, v).map_err(|message| ConfigError::Env { var, message })?;
         }
-        over_opt!(catalog, admin_token, broker, dynamodb_endpoint);
-        if c.dynamodb_endpoint.is_some() {
-            c.tables = TableStore::Dynamodb;
+
+        let (flags, flag_warnings) = args.assignments()?;
+        warnings.extend(flag_warnings);
+        for Assignment { flag, path, value } in flags {
+            let v = typed_value(&schema, &path, &value).map_err(|message| ConfigError::Flag { flag: flag.clone(), message })?;
+            set_path(&mut tree, &path, v).map_err(|message| ConfigError::Flag { flag, message })?;
         }
-        c.base_path = normalize_base_path(&c.base_path)?;
-        c.check()?;
+        let config = Self::finish(tree)?;
+        Ok(Resolved { config, warnings })
+    }
+
+    fn finish(tree: toml::Table) -> Result<Self, ConfigError> {
+        let mut c: Config = toml::Value::Table(tree).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        if c.tables.dynamodb.endpoint.is_some() {
+            c.tables.store = TableStore::Dynamodb;
+        }
+        c.http.base_path = normalize_base_path(&c.http.base_path).map_err(ConfigError::Invalid)?;
+        c.check().map_err(ConfigError::Invalid)?;
         Ok(c)
     }
 
@@ -330,27 +801,92 @@ impl Config {
 
     /// The admin listener's address; `None` = on the public listener.
     pub fn admin_addr(&self) -> Result<Option<SocketAddr>, String> {
-        match self.admin_listen.as_str() {
+        match self.admin.listen.as_str() {
             "main" => Ok(None),
-            a => a.parse().map(Some).map_err(|e| format!("admin_listen {a:?}: {e} (an address, or \"main\")")),
+            a => a.parse().map(Some).map_err(|e| format!("admin.listen {a:?}: {e} (an address, or \"main\")")),
         }
     }
 
-    /// Combinations that cannot work, refused at start with the reason.
+    /// The broker's publisher-confirm timeout and the embedded bus's deadline: one key, so
+    /// the two bus ends cannot drift apart.
+    pub fn publish_deadline(&self) -> Duration {
+        Duration::from_millis(self.bus.publish_deadline_ms)
+    }
+
+    /// The RabbitMQ settings of the bus ends, for the broker at `url`.
+    pub fn amqp_config(&self, url: &str) -> crate::bus::amqp::AmqpConfig {
+        let a = &self.bus.amqp;
+        crate::bus::amqp::AmqpConfig {
+            url: url.to_string(),
+            prefix: a.prefix.clone(),
+            partitions: a.partitions,
+            publish_channels: a.publish_channels,
+            max_in_flight: a.max_in_flight,
+            confirm_timeout: self.publish_deadline(),
+            prefetch: a.prefetch,
+        }
+    }
+
+    pub fn dynamo_config(&self) -> crate::tables::dynamo::DynamoConfig {
+        crate::tables::dynamo::DynamoConfig {
+            endpoint: self.tables.dynamodb.endpoint.clone(),
+            region: self.tables.dynamodb.region.clone(),
+            table_prefix: self.tables.prefix.clone(),
+            max_concurrency: self.tables.concurrency,
+        }
+    }
+
+    pub fn wal_config(&self) -> liftlog_wal::WalConfig {
+        liftlog_wal::WalConfig {
+            dir: self.data_dir.join("wal"),
+            durability: match self.wal.durability {
+                DurabilityPolicy::GroupCommit => liftlog_wal::Durability::GroupCommit,
+                DurabilityPolicy::NoSync => liftlog_wal::Durability::NoSync,
+            },
+            max_bytes: self.wal.max_bytes,
+            min_free_bytes: self.wal.min_free_disk_bytes,
+        }
+    }
+
+    pub fn admission_config(&self) -> crate::bus::admission::AdmissionConfig {
+        let a = &self.admission;
+        crate::bus::admission::AdmissionConfig {
+            rate: a.rate,
+            burst: a.burst.max(1.0),
+            breaker_failures: a.breaker_failures.max(1),
+            breaker_open: Duration::from_millis(a.breaker_open_ms),
+        }
+    }
+
+    /// Combinations that cannot work, or that would be unsafe, refused at start with the
+    /// reason.
     fn check(&self) -> Result<(), String> {
-        self.admin_addr()?;
+        let admin = self.admin_addr()?;
+        if self.admin.token.is_none() {
+            // Admin can flush, and shows every resident day: never open beyond the host.
+            let exposed = match admin {
+                None => (!self.http.listen.ip().is_loopback()).then_some(self.http.listen),
+                Some(a) => (!a.ip().is_loopback()).then_some(a),
+            };
+            if let Some(at) = exposed {
+                return Err(format!(
+                    "admin routes would be served without a token on {at}, which is not a loopback address: set admin.token \
+                     (LIFTLOG_ADMIN__TOKEN), or put admin.listen on a loopback address such as 127.0.0.1:9090"
+                ));
+            }
+        }
         if self.roles.is_empty() {
             return Err("at least one role is needed".into());
         }
         let (write, consume) = (self.has_role(Role::Write), self.has_role(Role::Consume));
-        if self.broker.is_none() && write != consume {
+        if self.bus.broker.is_none() && write != consume {
             return Err("the embedded bus lives in one process: a write role without consume (or the reverse) needs --broker".into());
         }
-        if self.tables == TableStore::Sled && !consume {
+        if self.tables.store == TableStore::Sled && !consume {
             return Err("sled tables are local to the consuming process: a node without the consume role needs --tables dynamodb".into());
         }
-        if self.partitions == 0 {
-            return Err("partitions must be at least 1".into());
+        if self.bus.amqp.partitions == 0 {
+            return Err("bus.amqp.partitions must be at least 1".into());
         }
         Ok(())
     }
@@ -363,7 +899,7 @@ fn normalize_base_path(p: &str) -> Result<String, String> {
         return Ok(String::new());
     }
     if trimmed.contains(|c: char| c.is_whitespace() || c == '?' || c == '#' || c == '{') {
-        return Err(format!("base_path {p:?} is not a plain path"));
+        return Err(format!("http.base_path {p:?} is not a plain path"));
     }
     Ok(format!("/{trimmed}"))
 }
@@ -372,26 +908,182 @@ fn normalize_base_path(p: &str) -> Result<String, String> {
 mod tests {
     use super::*;
 
+    fn no_env() -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn loopback() -> ServeArgs {
+        ServeArgs { listen: Some("127.0.0.1:0".into()), ..Default::default() }
+    }
+
     #[test]
     fn file_then_flags_and_unknown_keys_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");
-        std::fs::write(&f, "listen = \"127.0.0.1:9000\"\nbase_path = \"skiers-app/\"\n[limits]\nmax_day = 200\n").unwrap();
+        std::fs::write(&f, "[http]\nlisten = \"127.0.0.1:9000\"\nbase_path = \"skiers-app/\"\n[limits]\nmax_day = 200\n").unwrap();
         let args = ServeArgs { config: Some(f.clone()), data_dir: Some("/x".into()), ..Default::default() };
-        let c = Config::resolve(&args).unwrap();
-        assert_eq!(c.listen.port(), 9000);
-        assert_eq!(c.base_path, "/skiers-app");
+        let c = Config::resolve_with_env(&args, no_env()).unwrap().config;
+        assert_eq!(c.http.listen.port(), 9000);
+        assert_eq!(c.http.base_path, "/skiers-app");
         assert_eq!(c.limits.max_day, 200);
         assert_eq!(c.limits.max_time, 360);
         assert_eq!(c.data_dir, PathBuf::from("/x"));
-        std::fs::write(&f, "lisen = \"127.0.0.1:9000\"\n").unwrap();
-        let err = Config::resolve(&args).unwrap_err();
-        assert!(err.contains("lisen"), "{err}");
+        std::fs::write(&f, "[http]\nlisen = \"127.0.0.1:9000\"\n").unwrap();
+        let err = Config::resolve_with_env(&args, no_env()).unwrap_err().to_string();
+        assert!(err.contains("http.lisen"), "{err}");
     }
 
     #[test]
-    fn sample_config_parses() {
-        let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/liftlog.toml");
-        Config::from_file(Path::new(sample)).expect("deploy/liftlog.toml must stay valid");
+    fn every_key_has_an_environment_variable() {
+        // Each key, set through its variable to a value that differs from the default,
+        // must come out changed: no key is left without a variable.
+        let defaults = schema();
+        for path in key_paths() {
+            let default = schema_at(&defaults, &path).unwrap().clone();
+            let value = match (&path[..], &default) {
+                ("roles", _) => "consume".to_string(),
+                ("http.listen", _) => "127.0.0.1:1234".to_string(),
+                ("admin.listen", _) => "127.0.0.1:1235".to_string(),
+                ("log.format", _) => "json".to_string(),
+                ("wal.durability", _) => "no-sync".to_string(),
+                ("consumer.ack_after", _) => "table".to_string(),
+                ("tables.store", _) => "dynamodb".to_string(),
+                ("http.base_path", _) => "/ctx".to_string(),
+                (_, serde_json::Value::Bool(b)) => (!b).to_string(),
+                (_, serde_json::Value::Number(n)) if n.is_f64() => "7.5".to_string(),
+                (_, serde_json::Value::Number(_)) => "7".to_string(),
+                _ => "http://127.0.0.1:1/x".to_string(),
+            };
+            let mut vars = vec![(env_var_of(&path), value)];
+            // A consume-only node needs a broker and DynamoDB: give both unless under test.
+            if path != "bus.broker" {
+                vars.push(("LIFTLOG_BUS__BROKER".into(), "amqp://u:p@127.0.0.1:5672/%2f".into()));
+            }
+            if path != "tables.dynamodb.endpoint" {
+                vars.push(("LIFTLOG_TABLES__DYNAMODB__ENDPOINT".into(), "http://127.0.0.1:8000".into()));
+            }
+            let r = Config::resolve_with_env(&ServeArgs::default(), vars.clone()).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(r.warnings.is_empty(), "{path}: {:?}", r.warnings);
+            let got = serde_json::to_value(&r.config).unwrap();
+            assert_ne!(schema_at(&got, &path), Some(&default), "{path} was not changed by {}", env_var_of(&path));
+        }
+    }
+
+    #[test]
+    fn legacy_flat_variable_works_with_a_warning() {
+        // The defect of the previous release: LIFTLOG_MAX_BODY_BYTES was silently ignored.
+        let r = Config::resolve_with_env(&loopback(), env(&[("LIFTLOG_MAX_BODY_BYTES", "100")])).unwrap();
+        assert_eq!(r.config.http.max_body_bytes, 100);
+        assert!(r.warnings.iter().any(|w| w.contains("LIFTLOG_HTTP__MAX_BODY_BYTES")), "{:?}", r.warnings);
+        let r = Config::resolve_with_env(&loopback(), env(&[("LIFTLOG_HTTP__MAX_BODY_BYTES", "200"), ("LIFTLOG_MAX_BODY_BYTES", "100")])).unwrap();
+        assert_eq!(r.config.http.max_body_bytes, 200, "the new-style variable wins");
+    }
+
+    #[test]
+    fn unknown_or_malformed_variables_are_refused_with_their_name() {
+        let err = Config::resolve_with_env(&loopback(), env(&[("LIFTLOG_WAL__MAX_BYTE", "1")])).unwrap_err().to_string();
+        assert!(err.contains("LIFTLOG_WAL__MAX_BYTE"), "{err}");
+        let err = Config::resolve_with_env(&loopback(), env(&[("LIFTLOG_WAL__MAX_BYTES", "lots")])).unwrap_err().to_string();
+        assert!(err.contains("LIFTLOG_WAL__MAX_BYTES") && err.contains("integer"), "{err}");
+        // Harness and fault-injection variables are not configuration.
+        Config::resolve_with_env(&loopback(), env(&[("LIFTLOG_TEST_AMQP", "x"), ("LIFTLOG_FAULT_ABORT_MID_FLUSH", "1"), ("LIFTLOG_BIN", "x")])).unwrap();
+    }
+
+    #[test]
+    fn legacy_file_keys_and_flags_still_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("old.toml");
+        std::fs::write(&f, "listen = \"127.0.0.1:9000\"\nwal_max_bytes = 4096\ntables = \"sled\"\nprefetch = 10\n").unwrap();
+        let args = ServeArgs { config: Some(f), flush_interval_ms: Some("250".into()), ..Default::default() };
+        let r = Config::resolve_with_env(&args, no_env()).unwrap();
+        assert_eq!(r.config.http.listen.port(), 9000);
+        assert_eq!(r.config.wal.max_bytes, 4096);
+        assert_eq!(r.config.bus.amqp.prefetch, 10);
+        assert_eq!(r.config.flush.interval_ms, 250);
+        assert_eq!(r.warnings.len(), 5, "{:?}", r.warnings);
+    }
+
+    #[test]
+    fn layers_in_order_and_set_reaches_any_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.toml");
+        std::fs::write(&f, "[flush]\ninterval_ms = 100\nafter_rides = 5\n[bus.amqp]\nprefetch = 3\n").unwrap();
+        let args = ServeArgs {
+            config: Some(f),
+            listen: Some("127.0.0.1:0".into()),
+            set: vec!["flush.after_rides=9".into(), "limits.max_day=100".into()],
+            ..Default::default()
+        };
+        let c = Config::resolve_with_env(&args, env(&[("LIFTLOG_FLUSH__INTERVAL_MS", "200"), ("LIFTLOG_FLUSH__AFTER_RIDES", "7")])).unwrap().config;
+        assert_eq!(c.flush.interval_ms, 200, "env over file");
+        assert_eq!(c.flush.after_rides, 9, "flag over env");
+        assert_eq!(c.bus.amqp.prefetch, 3, "file over default");
+        assert_eq!(c.limits.max_day, 100);
+        let bad = ServeArgs { set: vec!["flush.nope=1".into()], ..loopback() };
+        assert!(Config::resolve_with_env(&bad, no_env()).unwrap_err().to_string().contains("flush.nope"));
+    }
+
+    #[test]
+    fn admin_is_never_open_beyond_loopback_without_a_token() {
+        // The default: admin on its own loopback listener, public listener on 0.0.0.0.
+        let c = Config::resolve_with_env(&ServeArgs::default(), no_env()).unwrap().config;
+        assert_eq!(c.admin_addr().unwrap(), Some("127.0.0.1:9090".parse().unwrap()));
+        let public_main = ServeArgs { admin_listen: Some("main".into()), ..Default::default() };
+        let err = Config::resolve_with_env(&public_main, no_env()).unwrap_err().to_string();
+        assert!(err.contains("admin.token"), "{err}");
+        let public_admin = ServeArgs { admin_listen: Some("0.0.0.0:9090".into()), ..Default::default() };
+        assert!(Config::resolve_with_env(&public_admin, no_env()).is_err());
+        let with_token = ServeArgs { admin_listen: Some("main".into()), admin_token: Some("t0ken".into()), ..Default::default() };
+        Config::resolve_with_env(&with_token, no_env()).unwrap();
+        let loopback_main = ServeArgs { admin_listen: Some("main".into()), ..loopback() };
+        Config::resolve_with_env(&loopback_main, no_env()).unwrap();
+    }
+
+    #[test]
+    fn both_bus_ends_share_one_deadline() {
+        // The drift of the previous release: AmqpConfig defaulted to a 5 s confirm timeout
+        // while the service used 10 s, so tests exercised a default the service never ran.
+        let c = Config::default();
+        let from_service = c.amqp_config("amqp://x");
+        assert_eq!(from_service.confirm_timeout, c.publish_deadline());
+        assert_eq!(crate::bus::amqp::AmqpConfig::default().confirm_timeout, c.publish_deadline());
+        assert_eq!(crate::bus::amqp::AmqpConfig::default().prefetch, c.bus.amqp.prefetch);
+        assert_eq!(crate::tables::dynamo::DynamoConfig::default(), c.dynamo_config());
+    }
+
+    #[test]
+    fn sample_config_is_the_defaults_written_out() {
+        // deploy/liftlog.toml says its values are the defaults: every key is in it (Options
+        // as comments), with the default value, and nothing else.
+        let sample = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/liftlog.toml"));
+        let c = Config::from_file(sample).expect("deploy/liftlog.toml must stay valid");
+        assert_eq!(serde_json::to_value(&c).unwrap(), schema(), "deploy/liftlog.toml must hold the defaults");
+        let text = std::fs::read_to_string(sample).unwrap();
+        let mut section = String::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let l = line.trim_start_matches('#').trim();
+            if let Some(s) = l.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+                section = s.to_string();
+            } else if let Some((k, _)) = l.split_once(" = ") {
+                if k.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                    seen.insert(if section.is_empty() { k.to_string() } else { format!("{section}.{k}") });
+                }
+            }
+        }
+        let keys: std::collections::BTreeSet<String> = key_paths().into_iter().collect();
+        let missing: Vec<_> = keys.difference(&seen).collect();
+        assert!(missing.is_empty(), "deploy/liftlog.toml lacks {missing:?}");
+    }
+
+    #[test]
+    fn readme_table_lists_every_key() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let missing: Vec<String> = key_paths().into_iter().filter(|k| !readme.contains(&format!("`{k}`"))).collect();
+        assert!(missing.is_empty(), "README.md's configuration table lacks {missing:?}");
     }
 }

@@ -20,15 +20,15 @@ use crate::actors::flusher::Flusher;
 use crate::actors::registry::Registry;
 use crate::actors::season_index::SeasonIndex;
 use crate::actors::seasons::SeasonBook;
-use crate::bus::admission::{AdmissionConfig, Admitted, Pressure};
-use crate::bus::amqp::{self, AmqpConfig, AmqpPublisher, AmqpSource};
+use crate::bus::admission::{Admitted, Pressure};
+use crate::bus::amqp::{self, AmqpPublisher, AmqpSource};
 use crate::bus::{embedded, EventSource, Publisher, Stop};
 use crate::catalog::Catalog;
-use crate::config::{Config, DurabilityPolicy, Role, TableStore};
+use crate::config::{Config, Role, TableStore};
 use crate::http::{self, stats::RequestStats, AppState, ConsumerNode};
-use crate::tables::dynamo::{DynamoConfig, DynamoTables};
+use crate::tables::dynamo::DynamoTables;
 use crate::tables::{sled_store::SledTables, Tables};
-use liftlog_wal::{Durability, Wal, WalConfig};
+use liftlog_wal::Wal;
 
 /// A started node. `addr` is the bound listener (useful with port 0).
 pub struct Running {
@@ -56,19 +56,11 @@ struct ConsumeTasks {
 }
 
 async fn open_tables(config: &Config) -> anyhow::Result<Arc<dyn Tables>> {
-    let tables: Arc<dyn Tables> = match config.tables {
+    let tables: Arc<dyn Tables> = match config.tables.store {
         TableStore::Sled => Arc::new(SledTables::open(&config.data_dir.join("tables"))?),
-        TableStore::Dynamodb => Arc::new(
-            DynamoTables::connect(DynamoConfig {
-                endpoint: config.dynamodb_endpoint.clone(),
-                region: config.dynamodb_region.clone(),
-                table_prefix: config.table_prefix.clone(),
-                max_concurrency: config.table_concurrency,
-            })
-            .await?,
-        ),
+        TableStore::Dynamodb => Arc::new(DynamoTables::connect(config.dynamo_config()).await?),
     };
-    if config.create_tables {
+    if config.tables.create {
         tables.create().await?;
     }
     Ok(tables)
@@ -77,22 +69,10 @@ async fn open_tables(config: &Config) -> anyhow::Result<Arc<dyn Tables>> {
 /// Creates the tables of the configured store (`liftlog tables create`).
 pub async fn create_tables(config: &Config) -> anyhow::Result<()> {
     let mut config = config.clone();
-    config.create_tables = true;
+    config.tables.create = true;
     let tables = open_tables(&config).await?;
     tracing::info!(store = tables.name(), "tables ready");
     Ok(())
-}
-
-fn amqp_config(config: &Config, url: &str) -> AmqpConfig {
-    AmqpConfig {
-        url: url.to_string(),
-        prefix: config.amqp_prefix.clone(),
-        partitions: config.partitions,
-        publish_channels: config.publish_channels,
-        max_in_flight: config.max_in_flight,
-        confirm_timeout: Duration::from_millis(config.publish_deadline_ms),
-        prefetch: config.prefetch,
-    }
 }
 
 type SourceStatsFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
@@ -100,14 +80,14 @@ type SourceStatsFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 /// The bus ends this node needs: a publisher if it writes, a source if it consumes.
 async fn open_bus(config: &Config) -> anyhow::Result<(Option<Arc<dyn Publisher>>, Option<Box<dyn EventSource>>, Option<SourceStatsFn>)> {
     let (write, consume) = (config.has_role(Role::Write), config.has_role(Role::Consume));
-    match &config.broker {
+    match &config.bus.broker {
         None => {
             // Config::check guarantees write == consume here.
-            let (p, s) = embedded::channel(config.bus_capacity, Duration::from_millis(config.publish_deadline_ms));
+            let (p, s) = embedded::channel(config.bus.capacity, config.publish_deadline());
             Ok((Some(Arc::new(p)), Some(Box::new(s)), None))
         }
         Some(url) => {
-            let amqp = amqp_config(config, url.expose());
+            let amqp = config.amqp_config(url.expose());
             amqp::declare_topology(&amqp).await?;
             let publisher: Option<Arc<dyn Publisher>> =
                 if write { Some(Arc::new(AmqpPublisher::connect(amqp.clone()).await?)) } else { None };
@@ -132,15 +112,7 @@ async fn start_consumer(
     source: Box<dyn EventSource>,
     source_stats: Option<SourceStatsFn>,
 ) -> anyhow::Result<(ConsumerNode, ConsumeTasks)> {
-    let (wal, recovery) = Wal::open(WalConfig {
-        dir: config.data_dir.join("wal"),
-        durability: match config.durability {
-            DurabilityPolicy::GroupCommit => Durability::GroupCommit,
-            DurabilityPolicy::NoSync => Durability::NoSync,
-        },
-        max_bytes: config.wal_max_bytes,
-        min_free_bytes: config.min_free_disk_bytes,
-    })?;
+    let (wal, recovery) = Wal::open(config.wal_config())?;
     let wal = Arc::new(wal);
     tracing::info!(checkpoint = recovery.checkpoint, records = recovery.records, truncated = recovery.truncated_records, "WAL opened");
 
@@ -150,7 +122,7 @@ async fn start_consumer(
     // come from the tables, and a scan of every skier-day at each start would not scale.
     let index = Arc::new(SeasonIndex::new());
     let mut skier_days = 0u64;
-    if config.broker.is_none() {
+    if config.bus.broker.is_none() {
         tables
             .scan_season_totals(&mut |skier, resort, season, vertical| {
                 index.add(skier, resort, season, vertical);
@@ -164,7 +136,7 @@ async fn start_consumer(
     }
     tracing::info!(skier_days, skiers = index.skiers(), "season totals loaded");
 
-    let registry = Arc::new(Registry::new(tables.clone(), index.clone(), config.max_resident_days));
+    let registry = Arc::new(Registry::new(tables.clone(), index.clone(), config.actors.max_resident_days));
     let progress = Arc::new(Progress::default());
     progress.dispatched_seq.store(wal.checkpoint(), Ordering::Release);
     let consumer = Consumer {
@@ -172,35 +144,35 @@ async fn start_consumer(
         registry: registry.clone(),
         seasons: seasons.clone(),
         progress: progress.clone(),
-        max_batch: config.max_batch,
+        max_batch: config.consumer.max_batch,
         abort_after_batches: std::env::var("LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES").ok().and_then(|v| v.parse().ok()),
-        flush_after_rides: config.flush_after_rides,
-        ack_after: config.ack_after,
+        flush_after_rides: config.flush.after_rides,
+        ack_after: config.consumer.ack_after,
     };
     consumer.replay().await?;
 
-    let disk_guard = (config.tables == TableStore::Sled && config.min_free_disk_bytes > 0)
-        .then(|| (config.data_dir.join("tables"), config.min_free_disk_bytes / 4));
+    let disk_guard = (config.tables.store == TableStore::Sled && config.wal.min_free_disk_bytes > 0)
+        .then(|| (config.data_dir.join("tables"), config.wal.min_free_disk_bytes / 4));
     let flusher = Flusher::new(
         registry.clone(),
         tables,
         wal.clone(),
         seasons.clone(),
         progress.clone(),
-        config.flush_rides_per_actor,
+        config.flush.rides_per_actor,
         disk_guard,
     )
     .with_abort_mid_flush(std::env::var("LIFTLOG_FAULT_ABORT_MID_FLUSH").ok().and_then(|v| v.parse().ok()));
     let flusher = Arc::new(flusher);
     let (flusher_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush_interval_ms.max(10)), stop_rx));
+    let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush.interval_ms.max(10)), stop_rx));
     let source_stop = source.stop_handle();
     let pause = Stop::default();
     // On the system arbiter: activating an aggregator starts an actix actor.
     let consumer_task = actix_rt::spawn(consumer.run(source, pause.clone()));
-    let index_complete = config.broker.is_none();
+    let index_complete = config.bus.broker.is_none();
     let node = ConsumerNode { registry, index, index_complete, seasons, wal, recovery, progress, flusher, source_stats };
-    let broker = config.broker.is_some();
+    let broker = config.bus.broker.is_some();
     Ok((node, ConsumeTasks { source_stop, pause, broker, consumer_task, flusher_stop, flusher_task }))
 }
 
@@ -208,11 +180,11 @@ async fn start_consumer(
 /// flush lag when this process also consumes. Re-read at most every 5 ms: a POST should
 /// not take the WAL's lock.
 fn admit(config: &Config, publisher: Arc<dyn Publisher>, node: Option<&ConsumerNode>) -> Arc<dyn Publisher> {
-    let queue_bound = match config.broker {
-        None => config.bus_capacity as f64,
-        Some(_) => config.shed_queue_depth as f64,
+    let queue_bound = match config.bus.broker {
+        None => config.bus.capacity as f64,
+        Some(_) => config.admission.shed_queue_depth as f64,
     };
-    let lag_bound = config.shed_flush_lag_secs.max(1) as f64;
+    let lag_bound = config.admission.shed_flush_lag_secs.max(1) as f64;
     let bus = publisher.clone();
     let local = node.map(|n| (n.wal.clone(), n.progress.clone()));
     let cache = parking_lot::Mutex::new((Instant::now() - Duration::from_secs(1), Pressure::default()));
@@ -229,16 +201,7 @@ fn admit(config: &Config, publisher: Arc<dyn Publisher>, node: Option<&ConsumerN
         }
         c.1
     };
-    Arc::new(Admitted::new(
-        publisher,
-        AdmissionConfig {
-            rate: config.admission_rate,
-            burst: config.admission_burst.max(1.0),
-            breaker_failures: config.breaker_failures.max(1),
-            breaker_open: Duration::from_millis(config.breaker_open_ms),
-        },
-        Box::new(pressure),
-    ))
+    Arc::new(Admitted::new(publisher, config.admission_config(), Box::new(pressure)))
 }
 
 /// Opens everything this node's roles need and starts serving. Must run inside an actix
@@ -268,17 +231,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         publisher,
         node,
         roles: config.roles_label(),
-        requests: Arc::new(RequestStats::new(&config.base_path)),
-        max_body_bytes: config.max_body_bytes,
-        admin_token: config.admin_token.as_ref().map(|t| t.expose().to_string()),
+        requests: Arc::new(RequestStats::new(&config.http.base_path)),
+        max_body_bytes: config.http.max_body_bytes,
+        admin_token: config.admin.token.as_ref().map(|t| t.expose().to_string()),
         ready: AtomicBool::new(false),
         started,
     });
     let admin_addr = config.admin_addr().map_err(anyhow::Error::msg)?;
-    let base_path = config.base_path.clone();
+    let base_path = config.http.base_path.clone();
     let app_state = state.clone();
     let admin_on_main = admin_addr.is_none();
-    let workers = if config.http_workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { config.http_workers };
+    let http = &config.http;
+    let workers = if http.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { http.workers };
     let server = HttpServer::new(move || {
         let base_path = base_path.clone();
         App::new()
@@ -288,15 +252,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             .default_service(web::to(http::no_such_endpoint))
     })
     .workers(workers)
-    .max_connections(config.max_connections)
+    .max_connections(http.max_connections)
     .backlog(4096)
-    .keep_alive(Duration::from_secs(config.keep_alive_secs))
-    .client_request_timeout(Duration::from_millis(config.client_request_timeout_ms))
+    .keep_alive(Duration::from_secs(http.keep_alive_secs))
+    .client_request_timeout(Duration::from_millis(http.client_request_timeout_ms))
     .client_disconnect_timeout(Duration::from_secs(1))
     .shutdown_timeout(30)
     .disable_signals()
-    .bind(config.listen)
-    .with_context(|| format!("binding {}", config.listen))?;
+    .bind(http.listen)
+    .with_context(|| format!("binding {}", http.listen))?;
     let addr = *server.addrs().first().context("no bound address")?;
     let server = server.run();
     let handle = server.handle();

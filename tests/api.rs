@@ -40,7 +40,7 @@ fn readme_session_and_restart() {
 #[test]
 fn every_bad_input_gets_its_4xx_with_a_message_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &["--base-path", "skiers-app"]);
+    let s = Server::start(dir.path(), &["--set", "http.base_path=skiers-app"]);
     let a = agent();
     let ride = "/skiers-app/skiers/1/seasons/2025/days/1/skiers/7";
     assert_eq!(call(&a, "POST", &s.url(ride), &[JSON], Some(r#"{"time":10,"liftID":5}"#)).0, 201);
@@ -228,7 +228,7 @@ fn admin_routes_live_on_their_own_loopback_listener() {
 fn passivated_days_answer_from_the_tables_and_reload_exactly() {
     let dir = tempfile::tempdir().unwrap();
     // At most 2 resident days: most of the 9 days of this test live in the tables.
-    let s = Server::start(dir.path(), &["--max-resident-days", "2", "--flush-interval-ms", "20"]);
+    let s = Server::start(dir.path(), &["--set", "actors.max_resident_days=2", "--set", "flush.interval_ms=20"]);
     let a = agent();
     let rides = random_rides(11, 600, 40);
     for r in &rides[..300] {
@@ -252,7 +252,7 @@ fn passivated_days_answer_from_the_tables_and_reload_exactly() {
 #[test]
 fn sigterm_is_graceful_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Server::start(dir.path(), &["--flush-interval-ms", "60000"]);
+    let mut s = Server::start(dir.path(), &["--set", "flush.interval_ms=60000"]);
     let a = agent();
     let rides = random_rides(3, 200, 30);
     for r in &rides {
@@ -265,4 +265,44 @@ fn sigterm_is_graceful_and_loses_nothing() {
     assert_eq!(json(&body)["recovery"]["records"], 0, "{body}");
     let bad = Expected::from(&rides).check(&a, &s.base);
     assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
+}
+
+#[test]
+fn every_config_key_reaches_the_node_through_its_environment_variable() {
+    // The previous release ignored LIFTLOG_MAX_BODY_BYTES (about 20 keys had no variable);
+    // now the sectioned name and, for one release, the flat name both reach the node.
+    let a = agent();
+    let body = format!(r#"{{"time":10,"liftID":5,"pad":"{}"}}"#, "x".repeat(120));
+    for var in ["LIFTLOG_HTTP__MAX_BODY_BYTES", "LIFTLOG_MAX_BODY_BYTES"] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Server::start_with_env(dir.path(), &[], &[(var, "100")]);
+        let (code, msg) = call(&a, "POST", &s.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[JSON], Some(&body));
+        assert_eq!(code, 413, "{var}=100 must refuse a {}-byte body: {msg}", body.len());
+        let (code, _) = call(&a, "POST", &s.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[JSON], Some(r#"{"time":10,"liftID":5}"#));
+        assert_eq!(code, 201, "a small body still passes under {var}=100");
+    }
+    // A misspelt key is refused at start, naming the variable.
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_liftlog"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "main", "--data-dir"])
+        .arg(dir.path())
+        .env("LIFTLOG_HTTP__MAX_BODY_BYTE", "100")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("LIFTLOG_HTTP__MAX_BODY_BYTE"), "{err}");
+}
+
+#[test]
+fn admin_routes_open_beyond_loopback_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_liftlog"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--admin-listen", "main", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "admin on a public listener without a token must not start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("admin.token"), "{err}");
 }

@@ -14,7 +14,7 @@
 //! - a rolling restart (SIGTERM, start, wait for `/ready`, next) of the write and read
 //!   nodes under load loses nothing;
 //! - the same for the consumers: the standby first, then the active one, whose partitions
-//!   move to the other consumer. The cluster's consumers run with `--ack-after table`
+//!   move to the other consumer. The cluster's consumers run with `consumer.ack_after = table`
 //!   (`CLUSTER_ACK_AFTER`), as consumers on separate machines must.
 //!
 //! - `kill -9` of the active consumer mid-run: the standby takes its partitions and the

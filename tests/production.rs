@@ -51,14 +51,14 @@ impl Backends {
             role.into(),
             "--broker".into(),
             self.amqp.clone(),
-            "--amqp-prefix".into(),
-            self.prefix.clone(),
+            "--set".into(),
+            format!("bus.amqp.prefix={}", self.prefix),
             "--dynamodb-endpoint".into(),
             dynamodb.into(),
-            "--table-prefix".into(),
-            format!("{}_", self.prefix),
-            "--flush-interval-ms".into(),
-            "200".into(),
+            "--set".into(),
+            format!("tables.prefix={}_", self.prefix),
+            "--set".into(),
+            "flush.interval_ms=200".into(),
         ]
     }
 
@@ -277,7 +277,7 @@ fn active_consumer_killed_standby_takes_over_exactly_with_ack_after_table() {
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
-    let policy = ["--ack-after", "table", "--prefetch", "20000"];
+    let policy = ["--set", "consumer.ack_after=table", "--set", "bus.amqp.prefetch=20000"];
     let start = |dir: &std::path::Path, args: Vec<String>| {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Server::start(dir, &args)
@@ -317,8 +317,8 @@ fn consumer_crash_mid_flush_still_completes_counts_and_raw_rides() {
     let (dc, dw, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // The consumer flushes only when asked, so the torn flush comes after the last ride.
     let mut args = b.args("consume", &b.dynamodb);
-    let at = args.iter().position(|a| a == "--flush-interval-ms").expect("flush flag") + 1;
-    args[at] = "600000".into();
+    let at = args.iter().position(|a| a == "flush.interval_ms=200").expect("flush setting");
+    args[at] = "flush.interval_ms=600000".into();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut consumer = Server::start_with_env(dc.path(), &args, &[("LIFTLOG_FAULT_ABORT_MID_FLUSH", "1")]);
     let writer = b.start(dw.path(), "write");
@@ -425,7 +425,7 @@ fn partitions_that_return_to_a_consumer_are_reloaded_from_the_tables() {
     let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
     let consume = |dir: &std::path::Path| {
         let mut args = b.args("consume", &b.dynamodb);
-        args.extend(["--ack-after", "table", "--prefetch", "20000"].map(String::from));
+        args.extend(["--set", "consumer.ack_after=table", "--set", "bus.amqp.prefetch=20000"].map(String::from));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Server::start(dir, &args)
     };

@@ -106,7 +106,7 @@ fn overload_is_shed_with_429_and_retry_after_and_nothing_accepted_is_lost() {
 #[test]
 fn sigterm_under_load_is_graceful_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Server::start(dir.path(), &["--flush-interval-ms", "100"]);
+    let mut s = Server::start(dir.path(), &["--set", "flush.interval_ms=100"]);
     let rides = random_rides(13, 40_000, 2_000);
     let acked = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));

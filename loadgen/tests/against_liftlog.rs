@@ -57,7 +57,8 @@ fn start_server() -> Server {
     let dir = tempfile::tempdir().expect("temp dir");
     let log = dir.path().join("server.log");
     let mut cmd = Command::new(liftlog_binary());
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+    // Admin on the public (loopback) port: the default 127.0.0.1:9090 could be taken.
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "main", "--data-dir"])
         .arg(dir.path().join("data"))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

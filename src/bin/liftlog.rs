@@ -39,12 +39,22 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The configuration, then logging in its format, then the loader's warnings (deprecated
+/// keys) through that logging.
+fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
+    let resolved = Config::resolve(args)?;
+    init_logging(resolved.config.log.format);
+    for w in &resolved.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(resolved.config)
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let config = Config::resolve(&args).map_err(anyhow::Error::msg)?;
-            init_logging(config.log_format);
+            let config = resolve(&args)?;
             actix_rt::System::new().block_on(async move {
                 let running = liftlog::service::start(config).await?;
                 // One line on stdout for scripts and tests that start us on port 0.
@@ -57,8 +67,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Tables { action: TablesAction::Create(args) } => {
-            let config = Config::resolve(&args).map_err(anyhow::Error::msg)?;
-            init_logging(config.log_format);
+            let config = resolve(&args)?;
             actix_rt::System::new().block_on(liftlog::service::create_tables(&config))
         }
     }

@@ -144,15 +144,9 @@ pub struct AmqpConfig {
 
 impl Default for AmqpConfig {
     fn default() -> Self {
-        AmqpConfig {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            prefix: "liftlog".into(),
-            partitions: 4,
-            publish_channels: 4,
-            max_in_flight: 8192,
-            confirm_timeout: Duration::from_secs(5),
-            prefetch: 2000,
-        }
+        // The service's own defaults (config `[bus]`/`[bus.amqp]`), so that tests built on
+        // `AmqpConfig::default()` exercise what a node actually runs.
+        crate::config::Config::default().amqp_config("amqp://guest:guest@127.0.0.1:5672/%2f")
     }
 }
 
