@@ -1,7 +1,8 @@
 //! Our operational endpoints, outside the SkiDataAPI paths: health and readiness for the
 //! load balancer, Prometheus metrics, the OpenAPI document, and the admin views of the
 //! actors, the WAL and the flusher. Admin routes and metrics need the bearer token when
-//! one is configured.
+//! one is configured: [`require_token`] wraps every admin resource (see
+//! `http::admin_resource`), so a handler here never checks it by hand.
 
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use serde::Serialize;
@@ -16,6 +17,27 @@ type Reply = Result<HttpResponse, ApiError>;
 
 /// The OpenAPI 3 document of every route, served as is.
 pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// The admin scope guard: every admin resource is wrapped in it, before routing reaches
+/// the handler, so an admin route cannot forget the token.
+pub async fn require_token<B: actix_web::body::MessageBody + 'static>(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<B>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::EitherBody<B>>, actix_web::Error> {
+    let verdict = match req.app_data::<State>() {
+        Some(state) => authorize(req.request(), state),
+        // No state means a misconfigured App: fail closed.
+        None => Err(ApiError::Unauthorized),
+    };
+    match verdict {
+        Ok(()) => Ok(next.call(req).await?.map_into_left_body()),
+        Err(e) => {
+            let (req, _) = req.into_parts();
+            let res = actix_web::ResponseError::error_response(&e);
+            Ok(actix_web::dev::ServiceResponse::new(req, res).map_into_right_body())
+        }
+    }
+}
 
 /// Constant-time check of `Authorization: Bearer <token>` when a token is configured.
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
@@ -64,8 +86,7 @@ struct ActorsView {
     actors: Vec<crate::actors::aggregator::ActorStats>,
 }
 
-pub async fn actors(req: HttpRequest, state: State) -> Reply {
-    authorize(&req, &state)?;
+pub async fn actors(state: State) -> Reply {
     let node = consumer(&state)?;
     fresh_json(&ActorsView {
         roles: state.roles.clone(),
@@ -86,8 +107,7 @@ struct WalView {
     bus: Option<crate::bus::BusStats>,
 }
 
-pub async fn wal(req: HttpRequest, state: State) -> Reply {
-    authorize(&req, &state)?;
+pub async fn wal(state: State) -> Reply {
     let node = state.node.as_ref();
     fresh_json(&WalView {
         roles: state.roles.clone(),
@@ -100,16 +120,14 @@ pub async fn wal(req: HttpRequest, state: State) -> Reply {
     })
 }
 
-pub async fn flush(req: HttpRequest, state: State) -> Reply {
-    authorize(&req, &state)?;
+pub async fn flush(state: State) -> Reply {
     let report = consumer(&state)?.flusher.flush().await?;
     fresh_json(&report)
 }
 
 /// Prometheus text format, written by hand: a handful of gauges and counters do not
 /// justify a metrics framework on the hot path.
-pub async fn metrics(req: HttpRequest, state: State) -> Reply {
-    authorize(&req, &state)?;
+pub async fn metrics(state: State) -> Reply {
     let mut out = String::with_capacity(4096);
     let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
         let _ = writeln!(out, "# HELP liftlog_{name} {help}\n# TYPE liftlog_{name} {kind}\nliftlog_{name} {value}");

@@ -119,10 +119,27 @@ pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str, with_admin: bool
 /// when `admin_listen = "main"`; otherwise on their own (loopback by default) listener,
 /// with health and readiness too so an agent on the host needs one port.
 pub fn configure_admin(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/metrics", "GET").route(web::get().to(admin::metrics)))
-        .service(resource("/admin/actors", "GET").route(web::get().to(admin::actors)))
-        .service(resource("/admin/wal", "GET").route(web::get().to(admin::wal)))
-        .service(resource("/admin/flush", "POST").route(web::post().to(admin::flush)));
+    cfg.service(admin_resource("/metrics", "GET").route(web::get().to(admin::metrics)))
+        .service(admin_resource("/admin/actors", "GET").route(web::get().to(admin::actors)))
+        .service(admin_resource("/admin/wal", "GET").route(web::get().to(admin::wal)))
+        .service(admin_resource("/admin/flush", "POST").route(web::post().to(admin::flush)));
+}
+
+/// An admin resource: [`resource`] behind the token guard. The only way admin routes are
+/// built, so a new one cannot be served without the token check.
+fn admin_resource(
+    path: &'static str,
+    allow: &'static str,
+) -> actix_web::Resource<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    resource(path, allow).wrap(actix_web::middleware::from_fn(admin::require_token))
 }
 
 /// The JSON 404 for paths outside every route (also outside the base path).
