@@ -7,7 +7,7 @@
 //! tables for days that are not resident.
 //!
 //! Module map:
-//! - [`config`]: the one typed configuration (defaults ← file ← env ← flags).
+//! - [`config`]: the configuration, one section per subsystem (defaults ← file ← env ← flags).
 //! - [`catalog`]: resorts and their lifts' vertical rise.
 //! - [`domain`]: ride events, aggregate keys, validation, event ids.
 //! - [`error`]: error enums per layer and the one mapping to HTTP.
@@ -16,6 +16,7 @@
 //! - [`tables`]: the table-store trait and its sled implementation.
 //! - [`http`]: public API, admin endpoints, request statistics, OpenAPI document.
 //! - [`service`]: wiring, start-up (replay) and ordered shutdown.
+//! - [`retry`]: the one backoff every retry loop waits by.
 //! - `liftlog_wal` (crate `wal/`): the write-ahead log.
 
 pub mod actors;
@@ -25,5 +26,6 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod retry;
 pub mod service;
 pub mod tables;
