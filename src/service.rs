@@ -243,25 +243,48 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let admin_on_main = admin_addr.is_none();
     let http = &config.http;
     let workers = if http.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { http.workers };
-    let server = HttpServer::new(move || {
-        let base_path = base_path.clone();
-        App::new()
-            .app_data(app_state.clone())
-            .wrap(middleware::from_fn(http::account))
-            .configure(move |cfg| http::configure(cfg, &base_path, admin_on_main))
-            .default_service(web::to(http::no_such_endpoint))
-    })
-    .workers(workers)
-    .max_connections(http.max_connections)
-    .backlog(4096)
-    .keep_alive(Duration::from_secs(http.keep_alive_secs))
-    .client_request_timeout(Duration::from_millis(http.client_request_timeout_ms))
-    .client_disconnect_timeout(Duration::from_secs(1))
-    .shutdown_timeout(30)
-    .disable_signals()
-    .bind(http.listen)
-    .with_context(|| format!("binding {}", http.listen))?;
-    let addr = *server.addrs().first().context("no bound address")?;
+    // The public listener: actix-web's App on actix-http's HTTP/1 service, built by hand
+    // (not `HttpServer`) so that each connection's stream is wrapped in `HeadDeadline`,
+    // which times every request head, not only the first (see `http::conn`).
+    let head_limit = Duration::from_millis(http.client_request_timeout_ms);
+    let builder = actix_server::Server::build()
+        .workers(workers)
+        .max_concurrent_connections(http.max_connections)
+        .backlog(4096)
+        .shutdown_timeout(30)
+        .disable_signals();
+    let graceful = builder.graceful_shutdown_signal();
+    let (keep_alive, client_request_timeout) = (Duration::from_secs(http.keep_alive_secs), head_limit);
+    let listener = std::net::TcpListener::bind(http.listen).with_context(|| format!("binding {}", http.listen))?;
+    let addr = listener.local_addr().context("no bound address")?;
+    let server = builder
+        .listen("liftlog-http", listener, move || {
+            let base_path = base_path.clone();
+            let app = App::new()
+                .app_data(app_state.clone())
+                .wrap(middleware::from_fn(http::account))
+                .configure(move |cfg| http::configure(cfg, &base_path, admin_on_main))
+                .default_service(web::to(http::no_such_endpoint));
+            let graceful = graceful.clone();
+            let service = actix_http::HttpService::build()
+                .graceful_shutdown_signal(move || {
+                    // Idle keep-alive connections close at once when a graceful stop begins.
+                    let graceful = graceful.clone();
+                    async move { graceful.notified().await }
+                })
+                .keep_alive(keep_alive)
+                .client_request_timeout(client_request_timeout)
+                .client_disconnect_timeout(Duration::from_secs(1))
+                .local_addr(addr)
+                .finish(actix_service::map_config(app, |_| actix_web::dev::AppConfig::default()));
+            use actix_service::ServiceFactoryExt as _;
+            actix_service::fn_service(move |io: actix_rt::net::TcpStream| async move {
+                let peer = io.peer_addr().ok();
+                Ok::<_, actix_http::error::DispatchError>((http::conn::HeadDeadline::new(io, head_limit), actix_http::Protocol::Http1, peer))
+            })
+            .and_then(service)
+        })
+        .with_context(|| format!("serving {}", http.listen))?;
     let server = server.run();
     let handle = server.handle();
     let server_task = actix_rt::spawn(server);

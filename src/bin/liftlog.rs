@@ -57,11 +57,16 @@ fn main() -> anyhow::Result<()> {
             let config = resolve(&args)?;
             actix_rt::System::new().block_on(async move {
                 let running = liftlog::service::start(config).await?;
-                // One line on stdout for scripts and tests that start us on port 0.
-                println!("liftlog listening on http://{}", running.addr);
+                // One line on stdout for scripts and tests that start us on port 0 (two with an
+                // admin listener). Written without `println!`: a reader that closed the pipe
+                // after the first line must not make the node panic on a broken pipe.
+                use std::io::Write as _;
+                let mut out = std::io::stdout();
+                let _ = writeln!(out, "liftlog listening on http://{}", running.addr);
                 if let Some(admin) = running.admin_addr {
-                    println!("liftlog admin on http://{admin}");
+                    let _ = writeln!(out, "liftlog admin on http://{admin}");
                 }
+                let _ = out.flush();
                 liftlog::service::wait_for_signal().await;
                 running.shutdown().await
             })

@@ -1,5 +1,6 @@
 //! The HTTP layer (actix-web): the public SkiDataAPI 2.0 in [`api`], our operational
-//! endpoints in [`admin`], request accounting in [`stats`].
+//! endpoints in [`admin`], request accounting in [`stats`], the public listener's
+//! connections (a deadline on every request head) in [`conn`].
 //!
 //! Handlers read the aggregators' state through the registry and publish rides through
 //! the bus; they hold no state of their own. Errors are [`ApiError`]s, whose one mapping
@@ -7,6 +8,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod conn;
 pub mod stats;
 
 use actix_web::body::MessageBody;
