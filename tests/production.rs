@@ -245,7 +245,8 @@ fn rabbitmq_restart_during_ingest_answers_503_then_recovers_losing_nothing() {
         let rides = rides.clone();
         std::thread::spawn(move || post_all(&base, &rides, 8, Duration::from_secs(180)))
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // Stop the broker once rides are flowing (the writer's own count), not after a fixed time.
+    common::wait_for("the writer's first 500 published rides", Duration::from_secs(60), || wal_figure(&writer, "bus", "published") >= 500);
     let ok = std::process::Command::new(services).arg("rabbitmq-stop").status().unwrap().success();
     assert!(ok, "rabbitmq-stop");
     // While the broker is away the write path answers 503 fast.
@@ -292,7 +293,8 @@ fn active_consumer_killed_standby_takes_over_exactly_with_ack_after_table() {
         let (base, rides) = (writer.base.clone(), rides.clone());
         std::thread::spawn(move || post_all(&base, &rides, 8, Duration::from_secs(180)))
     };
-    std::thread::sleep(Duration::from_millis(1200));
+    // Kill once the active consumer is applying (its own count), not after a fixed time.
+    common::wait_for("the active consumer's first 1,000 applied rides", Duration::from_secs(60), || wal_figure(&active, "consumer", "events") >= 1_000);
     active.kill9(); // its WAL is gone with it as far as the standby is concerned
     posting.join().expect("posting");
     let expected = Expected::from(&rides);

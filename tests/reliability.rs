@@ -114,7 +114,8 @@ fn sigterm_under_load_is_graceful_and_loses_nothing() {
         let (base, rides, acked, stop) = (s.base.clone(), rides.clone(), acked.clone(), stop.clone());
         std::thread::spawn(move || hammer(&base, &rides, 16, &acked, &stop))
     };
-    std::thread::sleep(Duration::from_millis(800));
+    // SIGTERM once rides are flowing (the clients' own count), not after a fixed time.
+    common::wait_for("the first 300 acknowledged rides", Duration::from_secs(60), || acked.lock().unwrap().len() >= 300);
     assert_eq!(s.terminate(), Some(0), "SIGTERM must end in a clean exit");
     stop.store(true, Ordering::Relaxed);
     let seen = poster.join().unwrap();

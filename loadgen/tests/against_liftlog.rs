@@ -157,6 +157,17 @@ fn posts_reconcile_and_reads_against_the_real_server() {
     for r in &out4.runs {
         let s = &r.summaries[0];
         assert_eq!((s.requests, s.failures), (400, 0), "{}: {:?}", r.label, s.status);
+        // 404 counts as an answer for a skier without rides, so it must not hide a broken
+        // endpoint. Resort-day answers 200 always (0 skiers is an answer); a season vertical
+        // at a random resort about half of the time here, a skier-day (a random skier on a
+        // random day) about a fifth; a broken endpoint answers 404 to all.
+        let ok = s.status.iter().find(|(code, _)| *code == 200).map_or(0, |(_, n)| *n);
+        let least = match s.kind {
+            liftlog_load::stats::OpKind::SkierDay => 20,
+            liftlog_load::stats::OpKind::Vertical => 100,
+            _ => 390,
+        };
+        assert!(ok >= least, "{} {:?}: only {ok} of 400 answered 200: {:?}", r.label, s.kind, s.status);
     }
 
     // Mixed, briefly.
