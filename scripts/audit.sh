@@ -145,7 +145,7 @@ fi
 echo "== cargo audit took $((SECONDS - t0)) s"
 
 if [ "$status" -ne 0 ]; then
-  echo "FAIL: cargo audit found advisories not accepted in .cargo/audit.toml, or failed (exit $status)" >&2
+  echo "FAIL: cargo audit found advisories (or yanked crates) not accepted in .cargo/audit.toml, or failed (exit $status)" >&2
   exit 1
 fi
 if [ "$check" -ne 0 ]; then
