@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
 # Lints the deployment files:
-#   1. cfn-lint on deploy/aws/*.yaml (installed with `pip install --quiet cfn-lint` when
-#      missing);
+#   1. cfn-lint $CFN_LINT_VERSION (pinned below) on deploy/aws/*.yaml, from a virtualenv kept
+#      in ~/.cache/liftlog (installed with pip when missing or at another version);
 #   2. the systemd unit and drop-in embedded in deploy/aws/liftlog.yaml's user data must be
 #      byte-identical to deploy/systemd/ (one unit, two places);
-#   3. shellcheck on each launch template's user data and on every script in scripts/
-#      (installed with apt-get when missing and we are root; skipped if still missing);
-#   4. systemd-analyze verify on deploy/systemd/*.service with their drop-ins (if
-#      available; any warning fails);
+#   3. shellcheck on each launch template's user data, on every script in scripts/ and on
+#      .ci/run;
+#   4. systemd-analyze verify on deploy/systemd/*.service with their drop-ins (any warning
+#      fails);
 #   5. nginx -t on deploy/nginx/liftlog-cluster.conf rendered as scripts/cluster.sh renders
-#      it (if nginx is installed).
-# A check whose tool is missing is reported as skipped, never as passed.
+#      it.
+# A tool that is missing is installed (shellcheck, systemd-analyze and nginx with apt-get, as
+# root: Debian packages shellcheck, systemd and nginx); if it cannot be, its check FAILS.
+# No check is ever skipped.
 #
 # Usage: scripts/lint-deploy.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+CFN_LINT_VERSION=1.58.0
+
 failed=0
 pass() { printf '[lint-deploy] ok: %s\n' "$*"; }
-skip() { printf '[lint-deploy] SKIPPED: %s\n' "$*"; }
 fail() {
   printf '[lint-deploy] FAILED: %s\n' "$*" >&2
   failed=1
@@ -27,33 +30,72 @@ fail() {
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# ------------------------------------------------------------------ cfn-lint ---
-if ! command -v cfn-lint >/dev/null 2>&1; then
-  echo "[lint-deploy] cfn-lint not found: pip install --quiet cfn-lint"
-  if command -v pip >/dev/null 2>&1; then
-    pip install --quiet cfn-lint
-  elif command -v pip3 >/dev/null 2>&1; then
-    pip3 install --quiet cfn-lint
-  else
-    python3 -m pip install --quiet cfn-lint
+# apt_install PKG...: installs Debian packages (root only). A fresh machine's package lists
+# may be empty or old: on a first failure, update them once and try again. Waits for the
+# dpkg lock rather than failing while another install holds it.
+apt_updated=0
+apt_install() {
+  if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "[lint-deploy] cannot install $* (not root, or no apt-get)" >&2
+    return 1
   fi
+  echo "[lint-deploy] installing $* with apt-get (log: $work/apt.log)"
+  local opts=(-y -qq -o DPkg::Lock::Timeout=300
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+  if DEBIAN_FRONTEND=noninteractive apt-get install "${opts[@]}" "$@" >>"$work/apt.log" 2>&1 </dev/null; then
+    return 0
+  fi
+  if ((apt_updated == 0)); then
+    apt_updated=1
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq -o DPkg::Lock::Timeout=300 >>"$work/apt.log" 2>&1 </dev/null || true
+    if DEBIAN_FRONTEND=noninteractive apt-get install "${opts[@]}" "$@" >>"$work/apt.log" 2>&1 </dev/null; then
+      return 0
+    fi
+  fi
+  tail -n 20 "$work/apt.log" >&2
+  return 1
+}
+
+# need CMD PKG: true if CMD is there, installing Debian package PKG first when it is not.
+need() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  echo "[lint-deploy] $1 not found"
+  apt_install "$2" || true
   hash -r
+  command -v "$1" >/dev/null 2>&1
+}
+
+# ------------------------------------------------------------------ cfn-lint ---
+# The pinned version in its own virtualenv, whatever cfn-lint is (or is not) on PATH: a
+# newer cfn-lint brings new rules, and the result must not depend on the machine.
+cfn_venv="${XDG_CACHE_HOME:-$HOME/.cache}/liftlog/cfn-lint-$CFN_LINT_VERSION"
+cfn_lint="$cfn_venv/bin/cfn-lint"
+cfn_pinned() { [[ $("$cfn_lint" --version 2>/dev/null) == "cfn-lint $CFN_LINT_VERSION" ]]; }
+if ! cfn_pinned; then
+  echo "[lint-deploy] installing cfn-lint $CFN_LINT_VERSION with pip into $cfn_venv"
+  rm -rf "$cfn_venv"
+  { python3 -m venv "$cfn_venv" &&
+    "$cfn_venv/bin/python" -m pip install --quiet --disable-pip-version-check "cfn-lint==$CFN_LINT_VERSION"; } ||
+    true
 fi
 templates=(deploy/aws/*.yaml)
-if cfn-lint --version >/dev/null 2>&1; then
-  if cfn-lint -- "${templates[@]}"; then
-    pass "cfn-lint $(cfn-lint --version 2>&1 | awk '{print $2}') on ${templates[*]}"
+if cfn_pinned; then
+  if "$cfn_lint" -- "${templates[@]}"; then
+    pass "cfn-lint $CFN_LINT_VERSION on ${templates[*]}"
   else
-    fail "cfn-lint on ${templates[*]}"
+    fail "cfn-lint $CFN_LINT_VERSION on ${templates[*]}"
   fi
 else
-  fail "cfn-lint could not be installed"
+  fail "cfn-lint $CFN_LINT_VERSION could not be installed"
 fi
+# PyYAML (for reading the template below) comes with cfn-lint.
+py=python3
+[[ -x $cfn_venv/bin/python ]] && py="$cfn_venv/bin/python"
 
 # ------------------------------------------ user data: embedded unit, shell ---
 # Extracts from the template: the unit and drop-in embedded in the bootstrap, and each
 # launch template's user data (header with ${...} replaced by dummy values, then the body).
-python3 - "$work" <<'PY' || fail "could not read deploy/aws/liftlog.yaml's user data"
+"$py" - "$work" <<'PY' || fail "could not read deploy/aws/liftlog.yaml's user data"
 import re, sys
 import yaml
 
@@ -104,34 +146,24 @@ if [[ -f $work/embedded-unit ]]; then
   fi
 fi
 
-# The shellcheck tool is one apt package (~10 s) on the Debian machines we run on; install it
-# when we can, so that CI checks the scripts rather than reporting the check skipped.
-if ! command -v shellcheck >/dev/null 2>&1 && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then
-  echo "[lint-deploy] shellcheck not found: apt-get install -y shellcheck"
-  # A fresh machine's package lists may be empty: update once, then try again. A failure
-  # leaves the check skipped (reported below), never a failed run.
-  if ! apt-get install -y -qq shellcheck >/dev/null 2>&1; then
-    if apt-get update -qq >/dev/null 2>&1; then
-      apt-get install -y -qq shellcheck >/dev/null 2>&1 || true
-    fi
-  fi
-fi
-if command -v shellcheck >/dev/null 2>&1; then
-  for f in "$work"/userdata-*.sh scripts/*.sh scripts/lib/*.sh; do
+# ---------------------------------------------------------------- shellcheck ---
+if need shellcheck shellcheck; then
+  for f in "$work"/userdata-*.sh scripts/*.sh scripts/lib/*.sh .ci/run; do
     [[ -f $f ]] || continue
     # -x: follow the scripts' `source` of lib/common.sh (where their log, die, ... are).
     if shellcheck -x -s bash "$f"; then
-      pass "shellcheck ${f##*/}"
+      pass "shellcheck ${f#"$work"/}"
     else
-      fail "shellcheck ${f##*/}"
+      fail "shellcheck ${f#"$work"/}"
     fi
   done
 else
-  skip "shellcheck not installed"
+  fail "shellcheck is not installed and could not be installed (apt-get install shellcheck)"
 fi
 
 # ------------------------------------------------------------------- systemd ---
-if command -v systemd-analyze >/dev/null 2>&1; then
+# systemd-analyze verify works without systemd running as PID 1 (as in a container).
+if need systemd-analyze systemd; then
   # verify insists that ExecStart's binary exists: point the units at a stub.
   units="$work/units"
   mkdir -p "$units"
@@ -155,11 +187,19 @@ if command -v systemd-analyze >/dev/null 2>&1; then
     fi
   done
 else
-  skip "systemd-analyze not available"
+  fail "systemd-analyze is not installed and could not be installed (apt-get install systemd)"
 fi
 
 # --------------------------------------------------------------------- nginx ---
-if command -v nginx >/dev/null 2>&1; then
+nginx_started_before=0
+[[ -s /run/nginx.pid ]] && nginx_started_before=1
+if need nginx nginx; then
+  # Without a policy-rc.d that forbids it, installing the package starts the system nginx on
+  # :80. If we caused that, undo it: only `nginx -t` is wanted here.
+  if ((nginx_started_before == 0)) && [[ -s /run/nginx.pid ]]; then
+    echo "[lint-deploy] the nginx package started the system nginx; stopping it (nginx -s quit)"
+    nginx -s quit 2>/dev/null || true
+  fi
   ng="$work/nginx"
   mkdir -p "$ng"/tmp/{client_body,proxy,fastcgi,uwsgi,scgi}
   user_directive=""
@@ -176,7 +216,7 @@ if command -v nginx >/dev/null 2>&1; then
     fail "nginx -t on deploy/nginx/liftlog-cluster.conf (rendered)"
   fi
 else
-  skip "nginx not installed"
+  fail "nginx is not installed and could not be installed (apt-get install nginx)"
 fi
 
 if ((failed)); then

@@ -23,11 +23,16 @@ echo "== build"
 cargo build --workspace --all-targets --locked
 
 echo "== lint"
-if cargo clippy --version >/dev/null 2>&1; then
-  cargo clippy --workspace --all-targets --locked -- -D warnings
-else
-  echo "clippy is not installed on this machine; lint not run"
+# clippy is a rustup component: add it when missing; a lint that cannot run fails the run.
+if ! cargo clippy --version >/dev/null 2>&1; then
+  echo "clippy not found: rustup component add clippy"
+  rustup component add clippy || true
 fi
+if ! cargo clippy --version >/dev/null 2>&1; then
+  echo "FAIL: clippy is not installed and could not be installed (rustup component add clippy)" >&2
+  exit 1
+fi
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "== tests (embedded and production back ends)"
 # --include-ignored: the tests that need RabbitMQ/DynamoDB are #[ignore] so that a plain
