@@ -353,18 +353,23 @@ impl Handler<GetStats> for DayAggregator {
     }
 }
 
-/// Stops the actor as a panic in a handler would: its mailbox closes, queued and later
-/// messages fail. For the fail-closed tests only.
+/// Stops the actor, or makes its handler panic (as the u32 vertical sum did): either way
+/// its mailbox closes and queued and later messages fail. For the fail-closed tests only.
 #[cfg(test)]
 #[derive(Message)]
 #[rtype(result = "()")]
-struct Kill;
+struct Kill {
+    panic: bool,
+}
 
 #[cfg(test)]
 impl Handler<Kill> for DayAggregator {
     type Result = ();
 
-    fn handle(&mut self, _: Kill, ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Kill, ctx: &mut Self::Context) {
+        if msg.panic {
+            panic!("test: an aggregator handler panics");
+        }
         ctx.stop();
     }
 }
@@ -442,10 +447,10 @@ impl DayHandle {
         self.addr.send(GetStats).await.ok()
     }
 
-    /// Stops the actor (see [`Kill`]) and waits until its mailbox is closed.
+    /// Stops the actor, or panics it (see [`Kill`]), and waits until its mailbox is closed.
     #[cfg(test)]
-    pub(crate) async fn kill(&self) {
-        let _ = self.addr.send(Kill).await;
+    pub(crate) async fn kill(&self, panic: bool) {
+        let _ = self.addr.send(Kill { panic }).await;
         while self.addr.connected() {
             tokio::task::yield_now().await;
         }
@@ -525,6 +530,18 @@ mod tests {
         // Other skiers of the day are not affected.
         let _ = st.apply(2, &[ev(5_000, 8, 10)], &idx);
         assert_eq!((st.rides, st.unique_skiers()), (MAX as u64 + 1, 2));
+    }
+
+    #[test]
+    fn ids_stored_in_arrival_order_still_deduplicate_after_a_reload() {
+        let key = DayKey { resort: 1, season: 2025, day: 1 };
+        // As items were written before the ids were kept sorted.
+        let items = vec![SkierDayItem { skier: 7, key, vertical: 30, ids: vec![9, 2, 5], version: 3 }];
+        let mut st = DayState::from_items(key, items, None);
+        let out = st.apply(4, &[ev(2, 7, 10), ev(9, 7, 10), ev(5, 7, 10), ev(4, 7, 10)], &SeasonIndex::new());
+        assert_eq!((out.applied, out.duplicates), (1, 3));
+        assert_eq!(st.skiers[&7].ids, vec![2, 4, 5, 9]);
+        assert_eq!(st.oldest_unflushed(), Some(4));
     }
 
     #[test]

@@ -380,6 +380,15 @@ mod tests {
 
     #[actix_rt::test]
     async fn a_dead_actors_batch_is_not_acknowledged_and_the_checkpoint_stays_before_it() {
+        dead_actor_fails_closed(false).await;
+    }
+
+    #[actix_rt::test]
+    async fn a_panicked_actors_batch_is_not_acknowledged_and_the_checkpoint_stays_before_it() {
+        dead_actor_fails_closed(true).await;
+    }
+
+    async fn dead_actor_fails_closed(panic: bool) {
         let dir = tempfile::tempdir().unwrap();
         let n = node(dir.path());
         let day1 = DayKey { resort: 1, season: 2025, day: 1 };
@@ -388,7 +397,7 @@ mod tests {
 
         // The day's actor dies (a panic in a handler does the same). A ride for it reaches
         // the WAL but no actor: it must not get its 201, and no checkpoint may pass it.
-        n.registry.resident(&day1).unwrap().kill().await;
+        n.registry.resident(&day1).unwrap().kill(panic).await;
         let refused = n.publisher.publish(ride(2, 1, 7)).await;
         assert!(refused.is_err(), "a ride no actor applied must not be acknowledged: {refused:?}");
         // Other days go on.
