@@ -511,4 +511,63 @@ mod tests {
         assert_eq!(sled.get_skier_day(13, day1).await.unwrap().map(|d| d.vertical), Some(50));
         assert_eq!(n.flusher.stats().checkpoint_held, None);
     }
+
+    /// A broker's batch: the publisher got its 201 at the broker's confirm, so the acker
+    /// has no way to answer a ride refused at apply. Records how the batch was settled.
+    struct BrokerBatch {
+        batch: Option<Vec<RideEvent>>,
+        settled: Arc<parking_lot::Mutex<Vec<&'static str>>>,
+    }
+
+    struct BrokerAcker(Arc<parking_lot::Mutex<Vec<&'static str>>>);
+
+    #[async_trait::async_trait]
+    impl crate::bus::Acker for BrokerAcker {
+        async fn ack(self: Box<Self>) {
+            self.0.lock().push("ack");
+        }
+        async fn nack(self: Box<Self>, _: crate::error::PublishError) {
+            self.0.lock().push("nack");
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl crate::bus::EventSource for BrokerBatch {
+        async fn next_batch(&mut self, _: usize) -> Option<crate::bus::Batch> {
+            let events = self.batch.take()?;
+            Some(crate::bus::Batch { events, acker: Box::new(BrokerAcker(self.settled.clone())), epoch: 1 })
+        }
+        fn stop_handle(&self) -> crate::bus::Stop {
+            crate::bus::Stop::default()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn with_a_broker_a_ride_past_the_bound_is_acked_dropped_and_counted() {
+        use crate::domain::MAX_RIDES_PER_SKIER_DAY as MAX;
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path());
+        let wal_cfg = WalConfig { dir: dir.path().join("wal2"), durability: Durability::GroupCommit, max_bytes: 1 << 30, min_free_bytes: 0 };
+        let consumer = Consumer {
+            wal: Arc::new(Wal::open(wal_cfg).unwrap().0),
+            registry: n.registry.clone(),
+            seasons: Arc::new(SeasonBook::default()),
+            progress: n.progress.clone(),
+            max_batch: 10_000,
+            abort_after_batches: None,
+            flush_after_rides: u64::MAX,
+            ack_after: AckAfter::Wal,
+        };
+        let settled = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let rides: Vec<RideEvent> = (1..=MAX as u64 + 1).map(|id| ride(id, 1, 7)).collect();
+        let source = BrokerBatch { batch: Some(rides), settled: settled.clone() };
+        consumer.run(Box::new(source), crate::bus::Stop::default()).await;
+        // Acked, not nacked: a requeue would only be refused again, forever.
+        assert_eq!(*settled.lock(), vec!["ack"]);
+        assert_eq!(n.progress.view().rides_refused, 1);
+        let day1 = DayKey { resort: 1, season: 2025, day: 1 };
+        let h = n.registry.resident(&day1).unwrap();
+        assert_eq!(h.read(|st| st.rides), MAX as u64);
+        assert_eq!(h.stats().await.unwrap().rides_refused, 1);
+    }
 }
