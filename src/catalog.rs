@@ -41,6 +41,15 @@ struct ResortFile {
     lift_count: Option<u16>,
 }
 
+/// Highest vertical rise of one lift, metres. The highest lift rises are around 2,000 m
+/// (aerial tramways in the Alps); 3,000 m leaves room and still catches a unit mistake (feet,
+/// centimetres) or a typo. Bounded so that a ride's vertical stays a plausible figure and
+/// the sums of a skier-day (≤ [`crate::domain::MAX_RIDES_PER_SKIER_DAY`] rides) stay small.
+pub const MAX_LIFT_RISE_M: u32 = 3_000;
+
+/// Longest resort name, bytes: it is sent in every `GET .../day/{dayID}/skiers` answer.
+pub const MAX_NAME_BYTES: usize = 200;
+
 const DEFAULT_NAMES: [&str; 10] = [
     "Alpine Meadows", "Brighton", "Crystal Mountain", "Deer Valley", "Eagle Crest",
     "Fernie Alpine", "Grand Targhee", "Heavenly", "Iron Peak", "Jackson Hole",
@@ -66,7 +75,9 @@ fn default_lifts(count: u16) -> Vec<u32> {
 }
 
 impl Catalog {
-    /// Loads a TOML catalog file (`[[resorts]] id, name, lifts | lift_count`).
+    /// Loads a TOML catalog file (`[[resorts]] id, name, lifts | lift_count`) and checks
+    /// it: ids > 0 and unique, 1..65535 lifts, each rising 1..=[`MAX_LIFT_RISE_M`] m, a name.
+    /// A bad catalog stops the start with a message naming the resort and lift.
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("reading catalog {}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("catalog {}: {e}", path.display()))
@@ -83,6 +94,16 @@ impl Catalog {
             };
             if r.id == 0 || lifts.is_empty() || lifts.len() > u16::MAX as usize {
                 return Err(format!("resort {}: id must be > 0 and it needs 1..65535 lifts", r.id));
+            }
+            if r.name.trim().is_empty() || r.name.len() > MAX_NAME_BYTES {
+                return Err(format!("resort {}: the name must be 1 to {MAX_NAME_BYTES} bytes, not blank", r.id));
+            }
+            if let Some((i, rise)) = lifts.iter().enumerate().find(|(_, rise)| !(1..=MAX_LIFT_RISE_M).contains(*rise)) {
+                return Err(format!(
+                    "resort {}: lift {} rises {rise} m; a lift's vertical rise must be 1 to {MAX_LIFT_RISE_M} m (with `lift_count`, lift n rises n×10 m)",
+                    r.id,
+                    i + 1
+                ));
             }
             if resorts.insert(r.id, Resort { id: r.id, name: r.name, lifts }).is_some() {
                 return Err(format!("resort {} is listed twice", r.id));
@@ -120,5 +141,25 @@ mod tests {
         assert_eq!(c.resort(3).unwrap().lifts, vec![100, 250]);
         assert!(Catalog::parse("[[resorts]]\nid = 3\nname = \"X\"\n").is_err());
         assert!(Catalog::parse("[[resorts]]\nid = 3\nname = \"X\"\nlift_count = 2\ncolour = 1\n").is_err());
+    }
+
+    #[test]
+    fn rejects_rises_no_lift_has_with_a_message_naming_the_lift() {
+        let one = |lifts: &str| Catalog::parse(&format!("[[resorts]]\nid = 3\nname = \"X\"\n{lifts}\n"));
+        for (lifts, names) in [
+            ("lifts = [100, 0]", "lift 2"),
+            ("lifts = [3001]", "lift 1"),
+            ("lifts = [100, 200, 4294967295]", "lift 3"),
+            // The default rise is n × 10 m: lift 301 would rise 3,010 m.
+            ("lift_count = 301", "lift 301"),
+        ] {
+            match one(lifts) {
+                Err(e) => assert!(e.contains("resort 3") && e.contains(names), "{lifts}: {e}"),
+                Ok(_) => panic!("{lifts} must be refused"),
+            }
+        }
+        assert_eq!(one("lifts = [1, 3000]").unwrap().resort(3).unwrap().lifts, vec![1, 3000]);
+        assert_eq!(one("lift_count = 300").unwrap().resort(3).unwrap().lifts[299], 3000);
+        assert!(Catalog::parse("[[resorts]]\nid = 3\nname = \"\"\nlift_count = 2\n").is_err(), "a resort needs a name");
     }
 }

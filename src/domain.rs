@@ -47,6 +47,25 @@ impl RideEvent {
     }
 }
 
+/// Most rides one skier-day may hold; a ride past it is refused (409) and changes nothing.
+///
+/// Why a bound at all: every counted ride keeps its 8-byte id in the skier-day (ADR 003), so
+/// without one a single client sending keyless POSTs for one skier-day grows that item until
+/// DynamoDB refuses it (400 KB, ~50,000 ids) and makes the day's dedup ever slower. Why 2,000:
+/// a lift ride takes minutes and a ski day is at most 360 minutes (`max_time`), so a real
+/// skier-day holds well under 100 rides; 2,000 is a ride every 11 seconds all day, which no
+/// lift allows, while 2,000 ids (16 KB) keep the item at 4% of DynamoDB's item limit.
+/// Not configurable yet: it protects the table format, so raising it needs thought, not a flag.
+pub const MAX_RIDES_PER_SKIER_DAY: usize = 2_000;
+
+/// Why a ride past [`MAX_RIDES_PER_SKIER_DAY`] was refused, for the client (409).
+pub fn full_day_message(ride: &RideEvent) -> String {
+    format!(
+        "This skier-day is full: skier {} already has {MAX_RIDES_PER_SKIER_DAY} rides on day {} of season {} at resort {}, the most one skier-day may hold; this ride was not recorded",
+        ride.skier, ride.day, ride.season, ride.resort
+    )
+}
+
 /// Numeric ranges that API.md gives as defaults; configurable per deployment.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -41,6 +41,9 @@ pub enum PublishError {
     /// The admission token bucket is empty: downstream pressure is high. `429`.
     #[error("too many rides right now")]
     RateLimited { retry_after_secs: u32 },
+    /// Durable but refused when applied, for good (a full skier-day): `409`, no retry.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// What a client sees. Each variant maps to exactly one status code in `status_code`.
@@ -64,6 +67,8 @@ pub enum ApiError {
     UnsupportedMediaType,
     /// 503 + Retry-After: load shed, bus or store unavailable, shutting down.
     Unavailable { message: String, retry_after_secs: u32 },
+    /// 409: the ride conflicts with what the skier-day already holds (it is full).
+    Conflict(String),
     /// 429 + Retry-After: admission control refused the request to keep latency bounded.
     TooManyRequests { message: String, retry_after_secs: u32 },
     /// 500: a bug of ours. Never produced by client input; logged where it happens.
@@ -78,7 +83,7 @@ struct Message<'a> {
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ApiError::BadRequest(m) => f.write_str(m),
+            ApiError::BadRequest(m) | ApiError::Conflict(m) => f.write_str(m),
             ApiError::ResortNotFound => f.write_str("Resort not found"),
             ApiError::DataNotFound => f.write_str("Data not found"),
             ApiError::NoSuchEndpoint => f.write_str("No such endpoint; see /openapi.json for the API"),
@@ -98,6 +103,7 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::ResortNotFound | ApiError::DataNotFound | ApiError::NoSuchEndpoint => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -128,6 +134,9 @@ impl ResponseError for ApiError {
 
 impl From<PublishError> for ApiError {
     fn from(e: PublishError) -> Self {
+        if let PublishError::Refused(message) = e {
+            return ApiError::Conflict(message);
+        }
         if let PublishError::RateLimited { retry_after_secs } = e {
             return ApiError::TooManyRequests {
                 message: "Too many rides right now; retry after the Retry-After delay with the same Idempotency-Key".into(),

@@ -585,3 +585,45 @@ fn logs_hold_no_request_bodies_no_tokens_and_no_idempotency_keys() {
     let hits: Vec<&str> = log.lines().filter(|l| l.contains("SECRET")).take(5).collect();
     assert!(hits.is_empty(), "request bodies, keys or tokens in the log:\n{}", hits.join("\n"));
 }
+
+/// Keyless POSTs for one skier-day beyond any real day (issue 13, item 1): past the bound
+/// each gets a 409 with a message and counts nothing, the accepted ones all count, a
+/// keyed retry of a counted ride is still a 201, and every other skier-day goes on.
+#[test]
+fn a_full_skier_day_refuses_more_rides_with_409_and_counts_nothing() {
+    const BOUND: u64 = 2_000; // liftlog::domain::MAX_RIDES_PER_SKIER_DAY
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let keyed = [JSON, ("Idempotency-Key", "full-day-1")];
+    assert_eq!(call(&agent(), "POST", &s.url(RIDE), &keyed, Some(r#"{"time":10,"liftID":5}"#)).0, 201);
+    let threads = 8;
+    let per = (BOUND - 1) / threads;
+    let codes: Vec<u16> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let s = &s;
+                let n = if t == threads - 1 { BOUND - 1 - per * (threads - 1) } else { per };
+                scope.spawn(move || {
+                    let a = agent();
+                    (0..n).map(|_| call(&a, "POST", &s.url(RIDE), &[JSON], Some(r#"{"time":10,"liftID":5}"#)).0).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    });
+    assert!(codes.iter().all(|c| *c == 201), "every ride up to the bound is accepted: {:?}", codes.iter().filter(|c| **c != 201).take(5).collect::<Vec<_>>());
+    assert_ride_total(&s, Some(BOUND * 50));
+    let a = agent();
+    for _ in 0..3 {
+        let (code, text) = call(&a, "POST", &s.url(RIDE), &[JSON], Some(r#"{"time":11,"liftID":5}"#));
+        assert_eq!(code, 409, "a ride past the bound: {text}");
+        let m = message(text.as_bytes());
+        assert!(m.contains("2000") && m.contains("skier 7"), "the message says why: {m}");
+    }
+    // A retry of a ride that was counted is recognised, not refused.
+    assert_eq!(call(&a, "POST", &s.url(RIDE), &keyed, Some(r#"{"time":10,"liftID":5}"#)).0, 201);
+    assert_ride_total(&s, Some(BOUND * 50));
+    // The same skier on another day, and the node as a whole, are unaffected.
+    assert_eq!(call(&a, "POST", &s.url("/skiers/1/seasons/2025/days/2/skiers/7"), &[JSON], Some(r#"{"time":11,"liftID":5}"#)).0, 201);
+    assert_healthy(&s);
+}

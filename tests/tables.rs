@@ -108,7 +108,7 @@ async fn conformance(t: Arc<dyn Tables>) {
         skier_day(70, d1, 3, vec![8], 1),
     ];
     let r = t.put_skier_days(&first).await.unwrap();
-    assert_eq!(r, WriteReport { written: first.len(), stale: 0 }, "{name}");
+    assert_eq!(r, WriteReport { written: first.len(), stale: 0, ..Default::default() }, "{name}");
     for d in &first {
         model.insert((d.skier, d.key), d.clone());
     }
@@ -125,13 +125,13 @@ async fn conformance(t: Arc<dyn Tables>) {
         ])
         .await
         .unwrap();
-    assert_eq!(r, WriteReport { written: 0, stale: 3 }, "{name}");
+    assert_eq!(r, WriteReport { written: 0, stale: 3, ..Default::default() }, "{name}");
     assert_eq!(t.get_skier_day(7, d1).await.unwrap().unwrap(), first[0]);
 
     // A newer version wins; mixed with a stale one in the same call.
     let newer = skier_day(7, d1, 80, vec![1, 2, u64::MAX, 1 << 63, 0, 11], 6);
     let r = t.put_skier_days(&[newer.clone(), skier_day(8, d1, 1, vec![], 5)]).await.unwrap();
-    assert_eq!(r, WriteReport { written: 1, stale: 1 }, "{name}");
+    assert_eq!(r, WriteReport { written: 1, stale: 1, ..Default::default() }, "{name}");
     model.insert((7, d1), newer.clone());
     assert_eq!(t.get_skier_day(7, d1).await.unwrap(), Some(newer.clone()));
 
@@ -158,13 +158,13 @@ async fn conformance(t: Arc<dyn Tables>) {
     // put_day_counts: same version rules, get_day_count.
     let c1 = DayCountItem { key: d1, unique_skiers: 3, rides: 8, version: 5 };
     let c10 = DayCountItem { key: key(10, 2025, 1), unique_skiers: 1, rides: 2, version: 5 };
-    assert_eq!(t.put_day_counts(&[c1.clone(), c10.clone()]).await.unwrap(), WriteReport { written: 2, stale: 0 });
+    assert_eq!(t.put_day_counts(&[c1.clone(), c10.clone()]).await.unwrap(), WriteReport { written: 2, stale: 0, ..Default::default() });
     let older = DayCountItem { unique_skiers: 99, rides: 99, version: 4, ..c1.clone() };
     let equal = DayCountItem { unique_skiers: 99, rides: 99, version: 5, ..c1.clone() };
-    assert_eq!(t.put_day_counts(&[older, equal]).await.unwrap(), WriteReport { written: 0, stale: 2 });
+    assert_eq!(t.put_day_counts(&[older, equal]).await.unwrap(), WriteReport { written: 0, stale: 2, ..Default::default() });
     assert_eq!(t.get_day_count(d1).await.unwrap(), Some(c1.clone()));
     let c1b = DayCountItem { unique_skiers: 4, rides: 9, version: 6, ..c1 };
-    assert_eq!(t.put_day_counts(std::slice::from_ref(&c1b)).await.unwrap(), WriteReport { written: 1, stale: 0 });
+    assert_eq!(t.put_day_counts(std::slice::from_ref(&c1b)).await.unwrap(), WriteReport { written: 1, stale: 0, ..Default::default() });
     assert_eq!(t.get_day_count(d1).await.unwrap(), Some(c1b));
     assert_eq!(t.get_day_count(c10.key).await.unwrap(), Some(c10));
     assert_eq!(t.get_day_count(key(1, 2025, 2)).await.unwrap(), None);
@@ -196,7 +196,7 @@ async fn conformance(t: Arc<dyn Tables>) {
     let started = Instant::now();
     let r = t.put_skier_days(&big).await.unwrap();
     eprintln!("{name}: {} conditional puts of ~4 KB in {:?}", big.len(), started.elapsed());
-    assert_eq!(r, WriteReport { written: big.len(), stale: 0 });
+    assert_eq!(r, WriteReport { written: big.len(), stale: 0, ..Default::default() });
     assert_eq!(t.put_skier_days(&neighbours).await.unwrap().written, 2);
     for d in big.iter().chain(&neighbours) {
         model.insert((d.skier, d.key), d.clone());
@@ -226,12 +226,51 @@ async fn conformance(t: Arc<dyn Tables>) {
     t.sync().await.unwrap();
 }
 
+/// One skier-day item larger than a DynamoDB item may be (60,000 ids, 480 KB), between two
+/// ordinary ones in one call: the store must write the others and say which one it could
+/// not hold, instead of failing the call (issue 13, item 1: that failure stopped every flush).
+async fn an_item_the_store_cannot_hold_does_not_fail_the_others(t: Arc<dyn Tables>) -> WriteReport {
+    let name = t.name();
+    let day = key(3, 2025, 7);
+    let items = [
+        skier_day(1, day, 50, vec![11], 1),
+        skier_day(2, day, 60_000 * 10, (1..=60_000).collect(), 60_000),
+        skier_day(3, day, 70, vec![31], 1),
+    ];
+    let r = t.put_skier_days(&items).await.unwrap_or_else(|e| panic!("{name}: one item failed the whole call: {e}"));
+    for skier in [1, 3] {
+        assert_eq!(t.get_skier_day(skier, day).await.unwrap().as_ref(), Some(&items[skier as usize - 1]), "{name}: skier {skier}");
+    }
+    r
+}
+
 #[actix_rt::test]
 async fn sled_conforms() {
     let dir = tempfile::tempdir().unwrap();
     let t = SledTables::open(dir.path()).unwrap();
     conformance(Arc::new(t.clone())).await;
     assert_eq!(t.ride_count(), 120);
+}
+
+#[actix_rt::test]
+async fn sled_holds_a_skier_day_dynamodb_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = an_item_the_store_cannot_hold_does_not_fail_the_others(Arc::new(SledTables::open(dir.path()).unwrap())).await;
+    assert_eq!((r.written, r.refused.len()), (3, 0), "sled has no item size limit");
+}
+
+#[actix_rt::test]
+#[ignore = "needs DynamoDB Local: run scripts/test.sh"]
+async fn dynamodb_reports_an_item_it_cannot_hold_and_writes_the_others() {
+    let endpoint = std::env::var("LIFTLOG_TEST_DYNAMODB").unwrap_or_else(|_| panic!("{IGNORE_MSG}"));
+    let t = dynamo(&endpoint, &unique_prefix(), 16).await;
+    t.create().await.unwrap();
+    let r = an_item_the_store_cannot_hold_does_not_fail_the_others(Arc::new(t.clone())).await;
+    assert_eq!(r.written, 2);
+    assert_eq!(r.refused.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1], "{r:?}");
+    assert!(r.refused[0].1.contains("size"), "the reason is DynamoDB's: {r:?}");
+    assert!(t.get_skier_day(2, key(3, 2025, 7)).await.unwrap().is_none());
+    delete_tables(&t).await;
 }
 
 fn unique_prefix() -> String {
@@ -513,7 +552,7 @@ async fn dynamodb_client_retries_throttling_5xx_and_unprocessed_items() {
     ]);
     let t = dynamo(&fake.url, "fake_", 4).await;
     let r = t.put_skier_days(&[skier_day(7, key(1, 2025, 1), 5, vec![1], 3)]).await.unwrap();
-    assert_eq!(r, WriteReport { written: 0, stale: 1 });
+    assert_eq!(r, WriteReport { written: 0, stale: 1, ..Default::default() });
     let requests = fake.requests();
     assert_eq!(requests.len(), 2);
     assert!(requests[1].contains("attribute_not_exists(#v) OR #v < :v"), "{}", requests[1]);

@@ -18,15 +18,43 @@ use std::sync::Arc;
 
 use super::season_index::SeasonIndex;
 use super::unix_ms;
-use crate::domain::{DayKey, RideEvent};
+use crate::domain::{DayKey, RideEvent, MAX_RIDES_PER_SKIER_DAY};
 use crate::tables::{DayCountItem, SkierDayItem};
 
 /// One skier's day. 32 bytes plus 8 per ride: the ids are what makes de-duplication exact
 /// after a restart or a reload, and they cost less than a separate id set would.
 #[derive(Clone, Debug, Default)]
 pub struct SkierDay {
-    pub vertical: u32,
+    /// A u64: a sum of rises. A u32 panicked (debug) or wrapped (release) once a stored
+    /// vertical came near 4.29e9; with rises ≤ 3,000 m and the ride bound it stays far below.
+    pub vertical: u64,
+    /// Sorted, so a duplicate is found by binary search: a linear scan made a full day's
+    /// dedup quadratic under the day's write lock. The order is not part of any stored
+    /// format (stored items written in arrival order are sorted on load).
     pub ids: Vec<u64>,
+}
+
+impl SkierDay {
+    fn contains(&self, id: u64) -> bool {
+        self.ids.binary_search(&id).is_ok()
+    }
+
+    /// Inserts an id known to be absent, keeping the order. The move is at most
+    /// [`MAX_RIDES_PER_SKIER_DAY`] × 8 bytes: cheaper than a hash set's memory per id.
+    fn insert(&mut self, id: u64) {
+        let at = self.ids.partition_point(|x| *x < id);
+        self.ids.insert(at, id);
+    }
+}
+
+/// What one apply did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub applied: u64,
+    pub duplicates: u64,
+    /// Indexes (into the applied slice) of rides refused because their skier-day already
+    /// holds [`MAX_RIDES_PER_SKIER_DAY`] rides. They change nothing and are in no table.
+    pub refused: Vec<usize>,
 }
 
 /// The state of one resort-day, shared between its actor (writer) and readers.
@@ -37,9 +65,11 @@ pub struct DayState {
     /// Highest WAL sequence applied (this node's WAL; passivation compares it with what
     /// was dispatched).
     pub applied_seq: u64,
-    /// Skiers changed since their last successful flush, with the WAL sequence of the
-    /// change: the mark that tells a flushed change from a newer one.
-    dirty: FxHashMap<u32, u64>,
+    /// Skiers changed since their last successful flush, with the WAL sequences of the
+    /// first and of the latest such change. The latest is the mark that tells a flushed
+    /// change from a newer one; the first is how far back the WAL must be kept while the
+    /// item cannot be written (a refused item, a dead actor: see the flusher).
+    dirty: FxHashMap<u32, Unflushed>,
     /// Sequence of the last change to the count, and of the last one flushed.
     count_changed: u64,
     count_flushed: u64,
@@ -68,9 +98,11 @@ impl DayState {
             count_flushed: 0,
             pending: VecDeque::new(),
         };
-        for item in items {
+        for mut item in items {
             st.rides += item.ids.len() as u64;
-            st.skiers.insert(item.skier, SkierDay { vertical: item.vertical as u32, ids: item.ids });
+            // Items written before the ids were kept sorted hold them in arrival order.
+            item.ids.sort_unstable();
+            st.skiers.insert(item.skier, SkierDay { vertical: item.vertical, ids: item.ids });
         }
         let agrees = stored.map(|c| (c.unique_skiers, c.rides)) == Some((st.skiers.len() as u64, st.rides));
         if !agrees && !st.skiers.is_empty() {
@@ -90,36 +122,68 @@ impl DayState {
         self.dirty.is_empty() && self.pending.is_empty() && self.count_changed <= self.count_flushed
     }
 
-    /// Applies one WAL record's rides for this day. Returns (applied, duplicates).
-    /// A duplicate changes no figure; it only queues its raw row again.
-    fn apply(&mut self, seq: u64, events: &[RideEvent], index: &SeasonIndex) -> (u64, u64) {
-        let (mut applied, mut dups) = (0, 0);
-        for ev in events {
+    /// The WAL sequence of the oldest change this state holds that the tables may lack:
+    /// the WAL must be kept from there while the state cannot be flushed. `None` when
+    /// everything is in the tables (a count change alone needs no WAL: activation rebuilds
+    /// the count from the items, see [`Self::from_items`]).
+    pub fn oldest_unflushed(&self) -> Option<u64> {
+        let dirty = self.dirty.values().map(|m| m.first).min();
+        let pending = self.pending.front().map(|(seq, _)| *seq);
+        dirty.into_iter().chain(pending).min()
+    }
+
+    /// Applies one WAL record's rides for this day. A duplicate changes no figure; it only
+    /// queues its raw row again. A new ride for a skier-day that is full is refused and
+    /// changes nothing at all, so that replaying the same WAL refuses it again.
+    fn apply(&mut self, seq: u64, events: &[RideEvent], index: &SeasonIndex) -> Applied {
+        let mut out = Applied::default();
+        for (i, ev) in events.iter().enumerate() {
             let day = self.skiers.entry(ev.skier).or_default();
-            if day.ids.contains(&ev.id) {
+            if day.contains(ev.id) {
                 // Counted already, but its raw row may not be written: the skier-day
                 // item that holds its id can reach the tables before the raw rides do,
                 // and a crash in between (or a consumer that died with its WAL) leaves
                 // only this copy — a WAL replay or a broker redelivery — to write it.
                 // The write is idempotent (the key holds the id), so write it again.
                 self.pending.push_back((seq, *ev));
-                dups += 1;
+                out.duplicates += 1;
                 continue;
             }
-            day.ids.push(ev.id);
-            day.vertical += ev.vertical;
+            if day.ids.len() >= MAX_RIDES_PER_SKIER_DAY {
+                // Checked after the duplicate test: a retry of a counted ride is still
+                // recognised (and answered 201) on a full day.
+                out.refused.push(i);
+                continue;
+            }
+            day.insert(ev.id);
+            day.vertical += u64::from(ev.vertical);
             self.rides += 1;
-            self.dirty.insert(ev.skier, seq);
+            self.dirty.entry(ev.skier).and_modify(|m| m.last = seq).or_insert(Unflushed { first: seq, last: seq });
             self.pending.push_back((seq, *ev));
-            index.add(ev.skier, ev.resort, ev.season, ev.vertical as u64);
-            applied += 1;
+            index.add(ev.skier, ev.resort, ev.season, u64::from(ev.vertical));
+            out.applied += 1;
         }
-        if applied > 0 {
+        if out.applied > 0 {
             self.count_changed = seq;
         }
         self.applied_seq = self.applied_seq.max(seq);
-        (applied, dups)
+        out
     }
+}
+
+/// A skier's unflushed changes: WAL sequences of the first and of the latest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyMark {
+    pub skier: u32,
+    pub first: u64,
+    pub last: u64,
+}
+
+/// The value of [`DayState::dirty`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Unflushed {
+    first: u64,
+    last: u64,
 }
 
 /// What changed since the last flush, as table items.
@@ -131,8 +195,9 @@ impl DayState {
 #[derive(Default)]
 pub struct DirtySnapshot {
     pub skier_days: Vec<SkierDayItem>,
-    /// (skier, WAL sequence of the change) for each item, to clear exactly these marks.
-    pub marks: Vec<(u32, u64)>,
+    /// One per item, in the same order: to clear exactly these marks once written, or to
+    /// keep the WAL from `first` on while an item cannot be written.
+    pub marks: Vec<DirtyMark>,
     pub count: Option<DayCountItem>,
     /// WAL sequence of the count change the snapshot holds.
     pub count_mark: Option<u64>,
@@ -148,6 +213,8 @@ pub struct ActorStats {
     pub key: String,
     pub events_applied: u64,
     pub duplicates: u64,
+    /// Rides refused because their skier-day was full ([`MAX_RIDES_PER_SKIER_DAY`]).
+    pub rides_refused: u64,
     pub unique_skiers: usize,
     pub rides: u64,
     pub mailbox_depth: u64,
@@ -177,20 +244,29 @@ impl Actor for DayAggregator {
 }
 
 #[derive(Message)]
-#[rtype(result = "()")]
+#[rtype(result = "Applied")]
 struct Apply {
     seq: u64,
     events: Vec<RideEvent>,
 }
 
 impl Handler<Apply> for DayAggregator {
-    type Result = ();
+    type Result = MessageResult<Apply>;
 
-    fn handle(&mut self, msg: Apply, _: &mut Self::Context) {
+    fn handle(&mut self, msg: Apply, _: &mut Self::Context) -> Self::Result {
         self.queued.fetch_sub(1, Ordering::Relaxed);
-        let (applied, dups) = self.state.write().apply(msg.seq, &msg.events, &self.index);
-        self.stats.events_applied += applied;
-        self.stats.duplicates += dups;
+        let out = self.state.write().apply(msg.seq, &msg.events, &self.index);
+        self.stats.events_applied += out.applied;
+        self.stats.duplicates += out.duplicates;
+        if !out.refused.is_empty() {
+            self.stats.rides_refused += out.refused.len() as u64;
+            // One line per batch and day, not per ride: a client hammering a full day must
+            // not flood the log.
+            let skier = msg.events[out.refused[0]].skier;
+            tracing::warn!(key = %self.stats.key, seq = msg.seq, refused = out.refused.len(), skier,
+                bound = MAX_RIDES_PER_SKIER_DAY, "rides refused: their skier-day is full");
+        }
+        MessageResult(out)
     }
 }
 
@@ -213,11 +289,11 @@ impl Handler<TakeDirty> for DayAggregator {
                 skier_days.push(SkierDayItem {
                     skier: *skier,
                     key,
-                    vertical: d.vertical as u64,
+                    vertical: d.vertical,
                     ids: d.ids.clone(),
                     version: d.ids.len() as u64,
                 });
-                marks.push((*skier, *mark));
+                marks.push(DirtyMark { skier: *skier, first: mark.first, last: mark.last });
             }
         }
         let changed = st.count_changed > st.count_flushed;
@@ -244,7 +320,7 @@ impl Handler<Committed> for DayAggregator {
         let mut st = self.state.write();
         for (skier, version) in msg.skiers {
             // Only if unchanged since the snapshot; a newer change stays dirty.
-            if st.dirty.get(&skier) == Some(&version) {
+            if st.dirty.get(&skier).is_some_and(|m| m.last == version) {
                 st.dirty.remove(&skier);
             }
         }
@@ -274,6 +350,27 @@ impl Handler<GetStats> for DayAggregator {
         s.applied_seq = st.applied_seq;
         s.mailbox_depth = self.queued.load(Ordering::Relaxed);
         MessageResult(s)
+    }
+}
+
+/// Stops the actor, or makes its handler panic (as the u32 vertical sum did): either way
+/// its mailbox closes and queued and later messages fail. For the fail-closed tests only.
+#[cfg(test)]
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Kill {
+    panic: bool,
+}
+
+#[cfg(test)]
+impl Handler<Kill> for DayAggregator {
+    type Result = ();
+
+    fn handle(&mut self, msg: Kill, ctx: &mut Self::Context) {
+        if msg.panic {
+            panic!("test: an aggregator handler panics");
+        }
+        ctx.stop();
     }
 }
 
@@ -312,14 +409,18 @@ impl DayHandle {
     }
 
     /// Enqueues a batch at once (ordering with later calls is preserved); the returned
-    /// future resolves when the actor has applied it.
-    pub fn apply(&self, seq: u64, events: Vec<RideEvent>) -> impl std::future::Future<Output = ()> {
+    /// future resolves when the actor has applied it, or with an error when the actor is
+    /// dead (stopped, or a handler panicked) and so never will: the caller must then not
+    /// acknowledge the batch (issue 13, item 6).
+    pub fn apply(&self, seq: u64, events: Vec<RideEvent>) -> impl std::future::Future<Output = Result<Applied, MailboxError>> {
         self.queued.fetch_add(1, Ordering::Relaxed);
         self.dispatched.fetch_max(seq, Ordering::AcqRel);
-        let applied = self.addr.send(Apply { seq, events });
-        async move {
-            let _ = applied.await;
-        }
+        self.addr.send(Apply { seq, events })
+    }
+
+    /// False once the actor is dead: its state can be read but will never change again.
+    pub fn alive(&self) -> bool {
+        self.addr.connected()
     }
 
     /// Read access to the state: the GET path.
@@ -331,9 +432,14 @@ impl DayHandle {
         self.addr.send(TakeDirty { max_rides }).await.ok()
     }
 
-    /// Tells the actor which snapshot reached the tables.
-    pub fn committed(&self, snap: &DirtySnapshot) {
-        self.addr.do_send(Committed { skiers: snap.marks.clone(), count_version: snap.count_mark, rides: snap.rides.len() });
+    /// Tells the actor which snapshot reached the tables: all of it but the skier-days of
+    /// `refused` (skiers whose item the store refused for good) and, if `count_refused`,
+    /// the day count. Those stay dirty, so they are tried again and the day is never
+    /// passivated with them (its state is then their only copy besides the WAL).
+    pub fn committed(&self, snap: &DirtySnapshot, refused: &[u32], count_refused: bool) {
+        let skiers = snap.marks.iter().filter(|m| !refused.contains(&m.skier)).map(|m| (m.skier, m.last)).collect();
+        let count_version = snap.count_mark.filter(|_| !count_refused);
+        self.addr.do_send(Committed { skiers, count_version, rides: snap.rides.len() });
     }
 
     /// Waits until everything sent before has been applied, then returns the counters.
@@ -341,11 +447,23 @@ impl DayHandle {
         self.addr.send(GetStats).await.ok()
     }
 
+    /// Stops the actor, or panics it (see [`Kill`]), and waits until its mailbox is closed.
+    #[cfg(test)]
+    pub(crate) async fn kill(&self, panic: bool) {
+        let _ = self.addr.send(Kill { panic }).await;
+        while self.addr.connected() {
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// True when the actor holds nothing the tables lack and has no work queued: safe to
     /// drop. Called under the registry's write lock, so no new batch can slip in.
     pub fn passivatable(&self) -> bool {
         let st = self.state.read();
-        self.queued.load(Ordering::Acquire) == 0
+        // A dead actor may have dropped batches it never applied: dropping it would let a
+        // fresh activation lose them, while keeping it holds the checkpoint (the flusher).
+        self.alive()
+            && self.queued.load(Ordering::Acquire) == 0
             && st.applied_seq >= self.dispatched.load(Ordering::Acquire)
             && st.is_clean()
     }
@@ -364,8 +482,9 @@ mod tests {
         let idx = SeasonIndex::new();
         let key = DayKey { resort: 1, season: 2025, day: 1 };
         let mut st = DayState::from_items(key, vec![], None);
-        assert_eq!(st.apply(1, &[ev(1, 7, 50), ev(2, 7, 30), ev(1, 7, 50)], &idx), (2, 1));
-        assert_eq!(st.apply(2, &[ev(2, 7, 30), ev(3, 8, 10)], &idx), (1, 1));
+        let counts = |a: Applied| (a.applied, a.duplicates);
+        assert_eq!(counts(st.apply(1, &[ev(1, 7, 50), ev(2, 7, 30), ev(1, 7, 50)], &idx)), (2, 1));
+        assert_eq!(counts(st.apply(2, &[ev(2, 7, 30), ev(3, 8, 10)], &idx)), (1, 1));
         assert_eq!(st.unique_skiers(), 2);
         assert_eq!(st.rides, 3);
         assert_eq!(st.skiers[&7].vertical, 80);
@@ -376,17 +495,64 @@ mod tests {
         let items: Vec<SkierDayItem> = st
             .skiers
             .iter()
-            .map(|(s, d)| SkierDayItem { skier: *s, key, vertical: d.vertical as u64, ids: d.ids.clone(), version: d.ids.len() as u64 })
+            .map(|(s, d)| SkierDayItem { skier: *s, key, vertical: d.vertical, ids: d.ids.clone(), version: d.ids.len() as u64 })
             .collect();
         let idx2 = SeasonIndex::new();
         let count = DayCountItem { key, unique_skiers: 2, rides: 3, version: 3 };
         let mut again = DayState::from_items(key, items, Some(&count));
         assert!(again.is_clean());
-        assert_eq!(again.apply(3, &[ev(3, 8, 10), ev(4, 8, 10)], &idx2), (1, 1));
+        assert_eq!(counts(again.apply(3, &[ev(3, 8, 10), ev(4, 8, 10)], &idx2)), (1, 1));
         assert_eq!(again.rides, 4);
         assert_eq!(again.applied_seq, 3);
         // Versions are ride counts: node-independent and growing with every new ride.
         assert_eq!(again.skiers[&8].ids.len(), 2);
+    }
+
+    #[test]
+    fn a_skier_day_holds_at_most_the_bound_and_a_refused_ride_changes_nothing() {
+        use crate::domain::MAX_RIDES_PER_SKIER_DAY as MAX;
+        let idx = SeasonIndex::new();
+        let key = DayKey { resort: 1, season: 2025, day: 1 };
+        let mut st = DayState::from_items(key, vec![], None);
+        // One more distinct ride than the bound, in one batch, plus a retry of the first.
+        let mut rides: Vec<RideEvent> = (1..=MAX as u64 + 1).map(|id| ev(id, 7, 10)).collect();
+        rides.push(ev(1, 7, 10));
+        let out = st.apply(1, &rides, &idx);
+        assert_eq!((out.applied, out.duplicates, out.refused), (MAX as u64, 1, vec![MAX]));
+        assert_eq!(st.rides, MAX as u64, "the skier-day must stop at the bound");
+        assert_eq!(st.skiers[&7].ids.len(), MAX);
+        assert_eq!(st.skiers[&7].vertical, MAX as u64 * 10);
+        assert!(st.skiers[&7].ids.windows(2).all(|w| w[0] < w[1]), "ids stay sorted");
+        assert_eq!(idx.totals(7, &[1], None)[&2025], MAX as u64 * 10, "a refused ride must not reach the season total");
+        // The refused ride queues no raw row (it is in no table), the retry of a counted one does.
+        assert_eq!(st.pending.len(), MAX + 1);
+        assert!(st.pending.iter().all(|(_, r)| r.id != MAX as u64 + 1));
+        // Other skiers of the day are not affected.
+        let _ = st.apply(2, &[ev(5_000, 8, 10)], &idx);
+        assert_eq!((st.rides, st.unique_skiers()), (MAX as u64 + 1, 2));
+    }
+
+    #[test]
+    fn ids_stored_in_arrival_order_still_deduplicate_after_a_reload() {
+        let key = DayKey { resort: 1, season: 2025, day: 1 };
+        // As items were written before the ids were kept sorted.
+        let items = vec![SkierDayItem { skier: 7, key, vertical: 30, ids: vec![9, 2, 5], version: 3 }];
+        let mut st = DayState::from_items(key, items, None);
+        let out = st.apply(4, &[ev(2, 7, 10), ev(9, 7, 10), ev(5, 7, 10), ev(4, 7, 10)], &SeasonIndex::new());
+        assert_eq!((out.applied, out.duplicates), (1, 3));
+        assert_eq!(st.skiers[&7].ids, vec![2, 4, 5, 9]);
+        assert_eq!(st.oldest_unflushed(), Some(4));
+    }
+
+    #[test]
+    fn verticals_sum_past_u32_without_overflow() {
+        let key = DayKey { resort: 1, season: 2025, day: 1 };
+        // A stored skier-day near u32::MAX (its vertical is a u64 in the tables).
+        let big = u32::MAX as u64 - 10;
+        let items = vec![SkierDayItem { skier: 7, key, vertical: big, ids: vec![1], version: 1 }];
+        let mut st = DayState::from_items(key, items, None);
+        let _ = st.apply(2, &[ev(2, 7, 3_000), ev(3, 7, 3_000)], &SeasonIndex::new());
+        assert_eq!(st.skiers[&7].vertical, big + 6_000);
     }
 
     #[test]
@@ -403,7 +569,8 @@ mod tests {
             assert!(!st.is_clean(), "stale count {stored:?} must be flushed again");
             // Replaying the WAL finds only rides already counted: still dirty, and their
             // raw rows, which may be the part the crash lost, are queued again.
-            assert_eq!(st.apply(5, &[ev(1, 7, 50), ev(3, 8, 10)], &SeasonIndex::new()), (0, 2));
+            let replayed = st.apply(5, &[ev(1, 7, 50), ev(3, 8, 10)], &SeasonIndex::new());
+            assert_eq!((replayed.applied, replayed.duplicates), (0, 2));
             assert!(st.count_changed > st.count_flushed);
             assert_eq!(st.pending.iter().map(|(_, r)| r.id).collect::<Vec<_>>(), vec![1, 3]);
             assert_eq!((st.rides, st.skiers[&7].vertical), (3, 80));

@@ -48,9 +48,30 @@ pub struct Progress {
     /// With `AckAfter::Table`: batches durable in the WAL whose ack waits for the tables,
     /// oldest first. The flusher acks them once its checkpoint covers them.
     pub held_acks: parking_lot::Mutex<std::collections::VecDeque<(u64, Box<dyn crate::bus::Acker>)>>,
+    /// Lowest WAL sequence of a batch some actor did not apply because it was dead
+    /// (0: none). The checkpoint stays below it until a restart replays the WAL.
+    pub unapplied_floor: AtomicU64,
+    /// Batches not acknowledged because an owning actor was dead.
+    pub actor_failures: AtomicU64,
+    /// Rides durable in the WAL but refused at apply (their skier-day was full).
+    pub rides_refused: AtomicU64,
 }
 
 impl Progress {
+    /// How far the WAL may be checkpointed as far as the consumer knows: what it dispatched,
+    /// but never past a batch a dead actor did not apply (its rides are only in the WAL).
+    pub fn checkpoint_limit(&self) -> u64 {
+        let upto = self.dispatched_seq.load(Ordering::Acquire);
+        match self.unapplied_floor.load(Ordering::Acquire) {
+            0 => upto,
+            floor => upto.min(floor - 1),
+        }
+    }
+
+    fn note_unapplied(&self, seq: u64) {
+        let _ = self.unapplied_floor.fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| (f == 0 || seq < f).then_some(seq));
+    }
+
     /// Takes the held acks a checkpoint at `upto` covers, oldest first.
     pub fn release_acks(&self, upto: u64) -> Vec<Box<dyn crate::bus::Acker>> {
         let mut held = self.held_acks.lock();
@@ -91,6 +112,9 @@ pub struct ProgressView {
     pub replayed_events: u64,
     pub replay_millis: u64,
     pub ownership_resets: u64,
+    pub actor_failures: u64,
+    pub unapplied_floor: u64,
+    pub rides_refused: u64,
     /// Age of the oldest ride not yet in the tables, ms (0 when all are).
     pub flush_lag_ms: u64,
 }
@@ -112,6 +136,9 @@ impl Progress {
             replayed_events: self.replayed_events.load(Ordering::Relaxed),
             replay_millis: self.replay_micros.load(Ordering::Relaxed) / 1000,
             ownership_resets: self.ownership_resets.load(Ordering::Relaxed),
+            actor_failures: self.actor_failures.load(Ordering::Relaxed),
+            unapplied_floor: self.unapplied_floor.load(Ordering::Relaxed),
+            rides_refused: self.rides_refused.load(Ordering::Relaxed),
             flush_lag_ms: self.flush_lag().as_millis() as u64,
         }
     }
@@ -145,12 +172,55 @@ pub struct Consumer {
     pub ack_after: AckAfter,
 }
 
-fn group(events: &[RideEvent]) -> FxHashMap<DayKey, Vec<RideEvent>> {
-    let mut groups: FxHashMap<DayKey, Vec<RideEvent>> = FxHashMap::default();
-    for e in events {
-        groups.entry(e.key()).or_default().push(*e);
+/// The batch per day, each ride with its index in the batch (to answer it).
+fn group(events: &[RideEvent]) -> FxHashMap<DayKey, (Vec<usize>, Vec<RideEvent>)> {
+    let mut groups: FxHashMap<DayKey, (Vec<usize>, Vec<RideEvent>)> = FxHashMap::default();
+    for (i, e) in events.iter().enumerate() {
+        let (at, rides) = groups.entry(e.key()).or_default();
+        at.push(i);
+        rides.push(*e);
     }
     groups
+}
+
+/// An acker for a batch some of whose rides were refused at apply: acking it answers
+/// those with their refusal (see [`crate::bus::Acker::ack_refusing`]).
+struct Refusing {
+    inner: Box<dyn crate::bus::Acker>,
+    refused: Vec<(usize, PublishError)>,
+}
+
+impl Refusing {
+    fn wrap(inner: Box<dyn crate::bus::Acker>, refused: Vec<usize>, events: &[RideEvent]) -> Box<dyn crate::bus::Acker> {
+        if refused.is_empty() {
+            return inner;
+        }
+        let refused = refused.into_iter().map(|i| (i, PublishError::Refused(crate::domain::full_day_message(&events[i])))).collect();
+        Box::new(Refusing { inner, refused })
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::bus::Acker for Refusing {
+    async fn ack(self: Box<Self>) {
+        self.inner.ack_refusing(self.refused).await
+    }
+    async fn nack(self: Box<Self>, error: PublishError) {
+        self.inner.nack(error).await
+    }
+}
+
+/// A batch some of whose rides no actor applied: the owning actors were dead.
+#[derive(Debug)]
+struct Unapplied {
+    days: Vec<DayKey>,
+}
+
+impl std::fmt::Display for Unapplied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let days: Vec<String> = self.days.iter().map(|k| k.to_string()).collect();
+        write!(f, "the aggregator of {} is not running; the node needs a restart to replay its WAL", days.join(", "))
+    }
 }
 
 impl Consumer {
@@ -179,12 +249,12 @@ impl Consumer {
             rides.extend_from_slice(&batch);
             if rides.len() >= REPLAY_CHUNK {
                 if let Some((first, rides)) = chunk.take() {
-                    self.dispatch(first, &rides).await;
+                    self.replay_chunk(first, &rides).await;
                 }
             }
         }
         if let Some((first, rides)) = chunk.take() {
-            self.dispatch(first, &rides).await;
+            self.replay_chunk(first, &rides).await;
         }
         // A round trip to every actor: all replayed batches are applied after it.
         for h in self.registry.all() {
@@ -198,12 +268,24 @@ impl Consumer {
         Ok(events)
     }
 
+    /// A replayed ride that is refused again (its day was full when it was first applied)
+    /// had its answer then; an actor that dies during the replay holds the checkpoint.
+    async fn replay_chunk(&self, first: u64, rides: &[RideEvent]) {
+        if let Err(e) = self.dispatch(first, rides).await {
+            tracing::error!(seq = first, cause = %e, "WAL replay: rides not applied; the WAL keeps them");
+        }
+    }
+
     /// Activates the owners (retrying while the tables are unreachable: the rides are
     /// already durable, so giving up is not an option), dispatches the batch and waits
     /// until the actors applied it, so that a 201 is visible to the very next GET.
-    async fn dispatch(&self, seq: u64, events: &[RideEvent]) {
+    /// Returns the indexes (into `events`) of the rides refused at apply, or an error if
+    /// an actor was dead: then the batch is not applied, `seq` is noted so that no
+    /// checkpoint passes it, and the caller must not acknowledge it.
+    async fn dispatch(&self, seq: u64, events: &[RideEvent]) -> Result<Vec<usize>, Unapplied> {
         let mut applied = Vec::new();
-        for (key, group) in group(events) {
+        let mut dead = Vec::new();
+        for (key, (at, group)) in group(events) {
             self.seasons.observe(key.resort, key.season, false);
             let mut backoff = Duration::from_millis(50);
             loop {
@@ -217,11 +299,31 @@ impl Consumer {
                 }
             }
             match self.registry.dispatch(&key, seq, group) {
-                Some(done) => applied.push(done),
-                None => tracing::error!(%key, seq, "aggregator vanished between activation and dispatch"),
+                Some(done) => applied.push(async move { (key, at, done.await) }),
+                None => {
+                    tracing::error!(%key, seq, "aggregator vanished between activation and dispatch");
+                    dead.push(key);
+                }
             }
         }
-        futures_util::future::join_all(applied).await;
+        let mut refused = Vec::new();
+        for (key, at, result) in futures_util::future::join_all(applied).await {
+            match result {
+                Ok(out) => refused.extend(out.refused.iter().map(|i| at[*i])),
+                Err(e) => {
+                    tracing::error!(%key, seq, cause = %e, "aggregator is dead; its rides stay in the WAL, unacknowledged");
+                    dead.push(key);
+                }
+            }
+        }
+        if !dead.is_empty() {
+            self.progress.note_unapplied(seq);
+            self.progress.actor_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(Unapplied { days: dead });
+        }
+        self.progress.rides_refused.fetch_add(refused.len() as u64, Ordering::Relaxed);
+        refused.sort_unstable();
+        Ok(refused)
     }
 
     /// Consumes until the source is closed and drained, or until `pause` fires; then
@@ -298,14 +400,24 @@ impl Consumer {
                 std::process::abort();
             }
             self.progress.unflushed_batches.lock().push_back((seq, started));
-            self.dispatch(seq, &events).await;
+            let refused = match self.dispatch(seq, &events).await {
+                Ok(refused) => refused,
+                Err(e) => {
+                    // Fail closed (issue 13, item 6): rides no actor applied get no 201 and
+                    // no broker ack; the WAL keeps them (see `Progress::checkpoint_limit`).
+                    batch.acker.nack(PublishError::Unavailable(e.to_string())).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
             self.progress.dispatched_seq.store(seq, Ordering::Release);
             self.progress.batches.fetch_add(1, Ordering::Relaxed);
             self.progress.events.fetch_add(n, Ordering::Relaxed);
             self.progress.last_batch_size.store(n, Ordering::Relaxed);
+            let acker = Refusing::wrap(batch.acker, refused, &events);
             match self.ack_after {
-                AckAfter::Wal => batch.acker.ack().await,
-                AckAfter::Table => self.progress.held_acks.lock().push_back((seq, batch.acker)),
+                AckAfter::Wal => acker.ack().await,
+                AckAfter::Table => self.progress.held_acks.lock().push_back((seq, acker)),
             }
             if self.progress.unflushed_rides.fetch_add(n, Ordering::Relaxed) + n >= self.flush_after_rides {
                 self.progress.flush_kick.notify_one();

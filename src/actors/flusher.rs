@@ -6,6 +6,18 @@
 //! raw rides, make the writes durable, tell the actors what was committed, and only then
 //! move the WAL checkpoint. A failed cycle changes nothing: the actors keep their dirty
 //! marks, the WAL keeps its records, and the next cycle tries again with backoff.
+//!
+//! Two things hold the checkpoint back without failing the cycle (issue 13, items 1, 6):
+//! - an item the store refuses for good (`WriteReport::refused`): the others are written
+//!   and committed; that item stays dirty (tried again each cycle, counted and logged in
+//!   [`FlushStats`]), and the checkpoint stays below the first WAL record of its
+//!   unflushed changes, so its rides stay replayable until it is written or an operator
+//!   steps in. Its raw rides are written all the same. The WAL then grows behind it, and
+//!   its own bound turns that into 503s, not into lost rides: a checkpoint past the item
+//!   would delete the only copy that can rebuild it (the raw rows alone are not reloaded).
+//! - a dead actor (a handler panicked): its state is read under its lock but not flushed,
+//!   since a panic may have left it half-applied; the checkpoint stays below its oldest
+//!   unflushed change and below any batch it did not apply, until a restart replays.
 
 use serde::Serialize;
 use std::sync::atomic::Ordering;
@@ -34,6 +46,14 @@ pub struct FlushStats {
     pub counts_written: u64,
     pub rides_written: u64,
     pub stale_skipped: u64,
+    /// Items the store refused for good, over all cycles (each cycle tries them again).
+    pub items_refused: u64,
+    /// The latest such refusal: which item and why.
+    pub last_refused: Option<String>,
+    /// Resident aggregators found dead in the last cycle; their days are not flushed.
+    pub dead_actors: usize,
+    /// Where the last cycle held the checkpoint below what was dispatched, and why.
+    pub checkpoint_held: Option<String>,
     pub last_flush_unix_ms: Option<u64>,
     pub last_duration_ms: u64,
     pub last_error: Option<String>,
@@ -46,8 +66,19 @@ pub struct FlushReport {
     pub skier_days: usize,
     pub counts: usize,
     pub rides: usize,
+    /// Items refused for good in this cycle (see the module doc).
+    pub refused: usize,
     pub checkpoint: u64,
     pub millis: u64,
+}
+
+/// What the store refused in one cycle: skiers per snapshot, and snapshots whose day count
+/// it refused.
+#[derive(Default)]
+struct Refusals {
+    skiers: Vec<Vec<u32>>,
+    counts: Vec<bool>,
+    total: usize,
 }
 
 pub struct Flusher {
@@ -122,6 +153,7 @@ impl Flusher {
                 s.skier_days_written += r.skier_days as u64;
                 s.counts_written += r.counts as u64;
                 s.rides_written += r.rides as u64;
+                s.items_refused += r.refused as u64;
                 s.last_flush_unix_ms = Some(unix_ms());
                 s.checkpoint = r.checkpoint;
                 s.last_error = None;
@@ -145,29 +177,58 @@ impl Flusher {
             }
         }
         self.progress.unflushed_rides.store(0, Ordering::Relaxed);
-        let upto = self.progress.dispatched_seq.load(Ordering::Acquire);
+        // Never past a batch a dead actor did not apply (`Progress::checkpoint_limit`).
+        let upto = self.progress.checkpoint_limit();
+        let mut checkpoint = upto;
+        let mut held: Option<String> = (upto < self.progress.dispatched_seq.load(Ordering::Acquire))
+            .then(|| format!("below WAL record {}, which a dead aggregator did not apply", upto + 1));
         let handles = self.registry.all();
         let mut snaps = Vec::with_capacity(handles.len());
+        let mut dead = 0;
         for h in handles {
-            if let Some(s) = h.take_dirty(self.rides_per_actor).await {
-                snaps.push((h, s));
+            match h.take_dirty(self.rides_per_actor).await {
+                Some(s) => snaps.push((h, s)),
+                None => {
+                    // Dead: what it holds that the tables lack exists only in the WAL now.
+                    dead += 1;
+                    let (key, oldest) = h.read(|st| (st.key, st.oldest_unflushed()));
+                    if let Some(oldest) = oldest {
+                        checkpoint = checkpoint.min(oldest.saturating_sub(1));
+                        held = Some(format!("below WAL record {oldest}: the aggregator of {key} is dead"));
+                    }
+                    tracing::error!(%key, oldest_unflushed = ?oldest, "aggregator is dead; its day is not flushed and the WAL keeps its rides");
+                }
             }
         }
         let seasons = self.seasons.take_dirty();
-        if let Err(e) = self.write(&seasons, &snaps).await {
-            self.seasons.restore_dirty(seasons);
-            return Err(e);
-        }
-        let mut report = FlushReport::default();
-        let mut checkpoint = upto;
-        for (h, s) in &snaps {
-            report.skier_days += s.skier_days.len();
-            report.counts += s.count.is_some() as usize;
+        let refusals = match self.write(&seasons, &snaps).await {
+            Ok(refusals) => refusals,
+            Err(e) => {
+                self.seasons.restore_dirty(seasons);
+                return Err(e);
+            }
+        };
+        let mut report = FlushReport { refused: refusals.total, ..FlushReport::default() };
+        for (i, (h, s)) in snaps.iter().enumerate() {
+            report.skier_days += s.skier_days.len() - refusals.skiers[i].len();
+            report.counts += (s.count.is_some() && !refusals.counts[i]) as usize;
             report.rides += s.rides.len();
             if let Some(oldest) = s.oldest_left {
                 checkpoint = checkpoint.min(oldest.saturating_sub(1));
             }
-            h.committed(s);
+            for m in s.marks.iter().filter(|m| refusals.skiers[i].contains(&m.skier)) {
+                // Its rides since its last write are in no item: keep their WAL records.
+                if m.first <= checkpoint {
+                    checkpoint = m.first.saturating_sub(1);
+                    held = Some(format!("below WAL record {}: the store refused skier {}'s item of {}", m.first, m.skier, s.skier_days[0].key));
+                }
+            }
+            h.committed(s, &refusals.skiers[i], refusals.counts[i]);
+        }
+        {
+            let mut stats = self.stats.lock();
+            stats.dead_actors = dead;
+            stats.checkpoint_held = held;
         }
         let wal = self.wal.clone();
         tokio::task::spawn_blocking(move || wal.set_checkpoint(checkpoint))
@@ -184,15 +245,30 @@ impl Flusher {
         Ok(report)
     }
 
-    async fn write(&self, seasons: &[(u32, u16)], snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)]) -> Result<(), TableError> {
+    /// Writes the snapshots; returns what the store refused for good (see the module doc).
+    async fn write(&self, seasons: &[(u32, u16)], snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)]) -> Result<Refusals, TableError> {
         if !seasons.is_empty() {
             self.tables.put_seasons(seasons).await?;
         }
+        let mut refusals = Refusals { skiers: vec![Vec::new(); snaps.len()], counts: vec![false; snaps.len()], total: 0 };
+        let refused = |what: String, why: &str| {
+            tracing::error!(item = %what, cause = why, "the table store refused an item for good; it stays dirty and the WAL keeps its rides");
+            self.stats.lock().last_refused = Some(format!("{what}: {why}"));
+        };
         let mut stale = 0;
         let t0 = Instant::now();
+        // Which snapshot each item comes from, to keep a refused one dirty.
+        let owners: Vec<usize> = snaps.iter().enumerate().flat_map(|(i, (_, s))| std::iter::repeat_n(i, s.skier_days.len())).collect();
         let days: Vec<_> = snaps.iter().flat_map(|(_, s)| s.skier_days.iter().cloned()).collect();
-        for chunk in days.chunks(WRITE_CHUNK) {
-            stale += self.tables.put_skier_days(chunk).await?.stale;
+        for (c, chunk) in days.chunks(WRITE_CHUNK).enumerate() {
+            let r = self.tables.put_skier_days(chunk).await?;
+            stale += r.stale;
+            for (at, why) in r.refused {
+                let item = &chunk[at];
+                refusals.skiers[owners[c * WRITE_CHUNK + at]].push(item.skier);
+                refusals.total += 1;
+                refused(format!("SkierDays {} skier {} ({} ids)", item.key, item.skier, item.ids.len()), &why);
+            }
         }
         if let Some(n) = self.abort_mid_flush.filter(|_| !days.is_empty()) {
             if self.torn_cycles.fetch_add(1, Ordering::Relaxed) + 1 >= n {
@@ -201,9 +277,17 @@ impl Flusher {
                 std::process::abort();
             }
         }
+        let counted: Vec<usize> = snaps.iter().enumerate().filter(|(_, (_, s))| s.count.is_some()).map(|(i, _)| i).collect();
         let counts: Vec<_> = snaps.iter().filter_map(|(_, s)| s.count.clone()).collect();
-        for chunk in counts.chunks(WRITE_CHUNK) {
-            stale += self.tables.put_day_counts(chunk).await?.stale;
+        for (c, chunk) in counts.chunks(WRITE_CHUNK).enumerate() {
+            let r = self.tables.put_day_counts(chunk).await?;
+            stale += r.stale;
+            for (at, why) in r.refused {
+                // A count needs no WAL record: activation rebuilds it from the items.
+                refusals.counts[counted[c * WRITE_CHUNK + at]] = true;
+                refusals.total += 1;
+                refused(format!("LiftRideCounts {}", chunk[at].key), &why);
+            }
         }
         let t1 = Instant::now();
         for (_, s) in snaps {
@@ -215,7 +299,7 @@ impl Flusher {
         self.tables.sync().await?;
         tracing::debug!(days = days.len(), aggregates_ms = (t1 - t0).as_millis() as u64, rides_ms = (t2 - t1).as_millis() as u64, sync_ms = t2.elapsed().as_millis() as u64, "flush phases");
         self.stats.lock().stale_skipped += stale as u64;
-        Ok(())
+        Ok(refusals)
     }
 
     /// Flushes every `interval`, or earlier when the consumer signals that many rides are
@@ -238,5 +322,252 @@ impl Flusher {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actors::consumer::{AckAfter, Consumer};
+    use crate::actors::season_index::SeasonIndex;
+    use crate::bus::{embedded, Publisher};
+    use crate::domain::{DayKey, RideEvent};
+    use crate::tables::sled_store::SledTables;
+    use crate::tables::{DayCountItem, SkierDayItem, WriteReport};
+    use liftlog_wal::{Durability, WalConfig};
+
+    /// A consuming node in one process: WAL and sled tables in `dir`, the embedded bus.
+    struct Node {
+        publisher: Arc<embedded::EmbeddedPublisher>,
+        registry: Arc<Registry>,
+        tables: Arc<SledTables>,
+        wal: Arc<Wal>,
+        progress: Arc<Progress>,
+        flusher: Flusher,
+    }
+
+    fn node(dir: &std::path::Path) -> Node {
+        let tables = Arc::new(SledTables::open(&dir.join("tables")).unwrap());
+        node_with(dir, tables.clone(), tables)
+    }
+
+    /// A node whose flusher and registry use `store`, read back through `tables`.
+    fn node_with(dir: &std::path::Path, tables: Arc<SledTables>, store: Arc<dyn Tables>) -> Node {
+        let wal_cfg = WalConfig { dir: dir.join("wal"), durability: Durability::GroupCommit, max_bytes: 1 << 30, min_free_bytes: 0 };
+        let wal = Arc::new(Wal::open(wal_cfg).unwrap().0);
+        let registry = Arc::new(Registry::new(store.clone(), Arc::new(SeasonIndex::new()), 100));
+        let seasons = Arc::new(SeasonBook::default());
+        let progress = Arc::new(Progress::default());
+        let (publisher, source) = embedded::channel(1_000, Duration::from_secs(5));
+        let consumer = Consumer {
+            wal: wal.clone(),
+            registry: registry.clone(),
+            seasons: seasons.clone(),
+            progress: progress.clone(),
+            max_batch: 1_000,
+            abort_after_batches: None,
+            flush_after_rides: u64::MAX,
+            ack_after: AckAfter::Wal,
+        };
+        actix_rt::spawn(consumer.run(Box::new(source), crate::bus::Stop::default()));
+        let flusher = Flusher::new(registry.clone(), store, wal.clone(), seasons, progress.clone(), 10_000, None);
+        Node { publisher: Arc::new(publisher), registry, tables, wal, progress, flusher }
+    }
+
+    fn ride(id: u64, day: u16, skier: u32) -> RideEvent {
+        RideEvent { id, resort: 1, season: 2025, day, skier, time: 1, lift: 5, vertical: 50 }
+    }
+
+    #[actix_rt::test]
+    async fn a_dead_actors_batch_is_not_acknowledged_and_the_checkpoint_stays_before_it() {
+        dead_actor_fails_closed(false).await;
+    }
+
+    #[actix_rt::test]
+    async fn a_panicked_actors_batch_is_not_acknowledged_and_the_checkpoint_stays_before_it() {
+        dead_actor_fails_closed(true).await;
+    }
+
+    async fn dead_actor_fails_closed(panic: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path());
+        let day1 = DayKey { resort: 1, season: 2025, day: 1 };
+        n.publisher.publish(ride(1, 1, 7)).await.expect("a ride to a live actor is accepted");
+        assert_eq!(n.flusher.flush().await.unwrap().checkpoint, 1);
+
+        // The day's actor dies (a panic in a handler does the same). A ride for it reaches
+        // the WAL but no actor: it must not get its 201, and no checkpoint may pass it.
+        n.registry.resident(&day1).unwrap().kill(panic).await;
+        let refused = n.publisher.publish(ride(2, 1, 7)).await;
+        assert!(refused.is_err(), "a ride no actor applied must not be acknowledged: {refused:?}");
+        // Other days go on.
+        n.publisher.publish(ride(3, 2, 7)).await.expect("a ride for another day is accepted");
+        let flushed = n.flusher.flush().await;
+        let checkpoint = n.wal.checkpoint();
+        assert!(checkpoint < 2, "the checkpoint passed the dead actor's batch (2): {checkpoint}, {:?}", flushed.map(|r| r.checkpoint));
+        // What the WAL still holds replays the refused ride at the next start.
+        let held: Vec<u64> = n.wal.replay().map(|r| r.unwrap().seq).collect();
+        assert!(held.contains(&2), "{held:?}");
+        // The other day's ride reached the tables all the same.
+        let day2 = DayKey { day: 2, ..day1 };
+        assert_eq!(n.tables.get_skier_day(7, day2).await.unwrap().map(|d| d.vertical), Some(50));
+        let seen = n.progress.view();
+        assert_eq!((seen.actor_failures, seen.unapplied_floor), (1, 2), "the refusal is counted and its record noted");
+        assert_eq!(n.flusher.stats().dead_actors, 1);
+        assert!(!n.registry.resident(&day1).unwrap().passivatable(), "a dead actor is kept: it holds the checkpoint");
+    }
+
+    /// The sled store, except that it refuses skier 13's skier-day items for good while
+    /// `refuse` is set, as DynamoDB refuses an item larger than 400 KB.
+    struct Refusing {
+        inner: Arc<SledTables>,
+        refuse: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl Tables for Refusing {
+        fn name(&self) -> &'static str {
+            "refusing"
+        }
+        async fn create(&self) -> Result<(), TableError> {
+            self.inner.create().await
+        }
+        async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError> {
+            let refuse = |d: &SkierDayItem| d.skier == 13 && self.refuse.load(Ordering::Relaxed);
+            let ok: Vec<SkierDayItem> = items.iter().filter(|d| !refuse(d)).cloned().collect();
+            let mut r = self.inner.put_skier_days(&ok).await?;
+            r.refused = items.iter().enumerate().filter(|(_, d)| refuse(d)).map(|(i, _)| (i, "Item size has exceeded the maximum allowed size".to_string())).collect();
+            Ok(r)
+        }
+        async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError> {
+            self.inner.put_day_counts(items).await
+        }
+        async fn put_rides(&self, rides: &[RideEvent]) -> Result<(), TableError> {
+            self.inner.put_rides(rides).await
+        }
+        async fn put_seasons(&self, seasons: &[(u32, u16)]) -> Result<(), TableError> {
+            self.inner.put_seasons(seasons).await
+        }
+        async fn sync(&self) -> Result<(), TableError> {
+            self.inner.sync().await
+        }
+        async fn get_day_count(&self, key: DayKey) -> Result<Option<DayCountItem>, TableError> {
+            self.inner.get_day_count(key).await
+        }
+        async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError> {
+            self.inner.get_skier_day(skier, key).await
+        }
+        async fn query_skier_resort(&self, skier: u32, resort: u32) -> Result<Vec<SkierDayItem>, TableError> {
+            self.inner.query_skier_resort(skier, resort).await
+        }
+        async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError> {
+            self.inner.query_day(key).await
+        }
+        async fn query_seasons(&self, resort: u32) -> Result<Vec<u16>, TableError> {
+            self.inner.query_seasons(resort).await
+        }
+        async fn scan_seasons(&self) -> Result<Vec<(u32, u16)>, TableError> {
+            self.inner.scan_seasons().await
+        }
+        async fn scan_season_totals(&self, sink: &mut (dyn FnMut(u32, u32, u16, u64) + Send)) -> Result<(), TableError> {
+            self.inner.scan_season_totals(sink).await
+        }
+    }
+
+    #[actix_rt::test]
+    async fn an_item_the_store_refuses_is_isolated_and_holds_only_its_own_wal_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Arc::new(SledTables::open(&dir.path().join("tables")).unwrap());
+        let store = Arc::new(Refusing { inner: sled.clone(), refuse: true.into() });
+        let n = node_with(dir.path(), sled.clone(), store.clone());
+        let day1 = DayKey { resort: 1, season: 2025, day: 1 };
+        let day2 = DayKey { day: 2, ..day1 };
+        // One WAL record each: skier 13 (refused by the store) first, then two others.
+        for r in [ride(1, 1, 13), ride(2, 1, 7), ride(3, 2, 8)] {
+            n.publisher.publish(r).await.unwrap();
+        }
+        let report = n.flusher.flush().await.expect("one refused item must not fail the cycle");
+        assert_eq!(report.refused, 1);
+        // Everything else reached the tables, raw rides included.
+        assert_eq!(sled.get_skier_day(7, day1).await.unwrap().map(|d| d.vertical), Some(50));
+        assert_eq!(sled.get_skier_day(8, day2).await.unwrap().map(|d| d.vertical), Some(50));
+        assert_eq!(sled.get_day_count(day1).await.unwrap().map(|c| c.rides), Some(2));
+        assert!(sled.get_skier_day(13, day1).await.unwrap().is_none());
+        assert_eq!(sled.ride_count(), 3);
+        // The checkpoint stays below the refused item's record (1): it is the only copy of
+        // that ride that can rebuild the item.
+        assert_eq!((report.checkpoint, n.wal.checkpoint()), (0, 0));
+        let stats = n.flusher.stats();
+        assert_eq!(stats.items_refused, 1);
+        assert!(stats.last_refused.as_deref().is_some_and(|m| m.contains("skier 13") && m.contains("size")), "{stats:?}");
+        assert!(stats.checkpoint_held.as_deref().is_some_and(|m| m.contains("skier 13")), "{stats:?}");
+        // The day keeps the item dirty, so it is never passivated, and every cycle retries.
+        assert!(!n.registry.resident(&day1).unwrap().passivatable());
+        assert_eq!(n.flusher.flush().await.unwrap().refused, 1);
+        // Once the store takes it, the checkpoint moves on past everything.
+        store.refuse.store(false, Ordering::Relaxed);
+        let report = n.flusher.flush().await.unwrap();
+        assert_eq!((report.refused, report.checkpoint), (0, 3));
+        assert_eq!(sled.get_skier_day(13, day1).await.unwrap().map(|d| d.vertical), Some(50));
+        assert_eq!(n.flusher.stats().checkpoint_held, None);
+    }
+
+    /// A broker's batch: the publisher got its 201 at the broker's confirm, so the acker
+    /// has no way to answer a ride refused at apply. Records how the batch was settled.
+    struct BrokerBatch {
+        batch: Option<Vec<RideEvent>>,
+        settled: Arc<parking_lot::Mutex<Vec<&'static str>>>,
+    }
+
+    struct BrokerAcker(Arc<parking_lot::Mutex<Vec<&'static str>>>);
+
+    #[async_trait::async_trait]
+    impl crate::bus::Acker for BrokerAcker {
+        async fn ack(self: Box<Self>) {
+            self.0.lock().push("ack");
+        }
+        async fn nack(self: Box<Self>, _: crate::error::PublishError) {
+            self.0.lock().push("nack");
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl crate::bus::EventSource for BrokerBatch {
+        async fn next_batch(&mut self, _: usize) -> Option<crate::bus::Batch> {
+            let events = self.batch.take()?;
+            Some(crate::bus::Batch { events, acker: Box::new(BrokerAcker(self.settled.clone())), epoch: 1 })
+        }
+        fn stop_handle(&self) -> crate::bus::Stop {
+            crate::bus::Stop::default()
+        }
+    }
+
+    #[actix_rt::test]
+    async fn with_a_broker_a_ride_past_the_bound_is_acked_dropped_and_counted() {
+        use crate::domain::MAX_RIDES_PER_SKIER_DAY as MAX;
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path());
+        let wal_cfg = WalConfig { dir: dir.path().join("wal2"), durability: Durability::GroupCommit, max_bytes: 1 << 30, min_free_bytes: 0 };
+        let consumer = Consumer {
+            wal: Arc::new(Wal::open(wal_cfg).unwrap().0),
+            registry: n.registry.clone(),
+            seasons: Arc::new(SeasonBook::default()),
+            progress: n.progress.clone(),
+            max_batch: 10_000,
+            abort_after_batches: None,
+            flush_after_rides: u64::MAX,
+            ack_after: AckAfter::Wal,
+        };
+        let settled = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let rides: Vec<RideEvent> = (1..=MAX as u64 + 1).map(|id| ride(id, 1, 7)).collect();
+        let source = BrokerBatch { batch: Some(rides), settled: settled.clone() };
+        consumer.run(Box::new(source), crate::bus::Stop::default()).await;
+        // Acked, not nacked: a requeue would only be refused again, forever.
+        assert_eq!(*settled.lock(), vec!["ack"]);
+        assert_eq!(n.progress.view().rides_refused, 1);
+        let day1 = DayKey { resort: 1, season: 2025, day: 1 };
+        let h = n.registry.resident(&day1).unwrap();
+        assert_eq!(h.read(|st| st.rides), MAX as u64);
+        assert_eq!(h.stats().await.unwrap().rides_refused, 1);
     }
 }

@@ -11,7 +11,7 @@ use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::aggregator::{ActorStats, DayHandle};
+use super::aggregator::{ActorStats, Applied, DayHandle};
 use super::season_index::SeasonIndex;
 use crate::domain::{DayKey, RideEvent};
 use crate::error::TableError;
@@ -79,8 +79,13 @@ impl Registry {
 
     /// Hands a batch to the day's actor, which must be resident (see [`Self::activate`]).
     /// Enqueued under the read lock, so passivation (under the write lock) sees it; the
-    /// future resolves once the actor applied the batch.
-    pub fn dispatch(&self, key: &DayKey, seq: u64, events: Vec<RideEvent>) -> Option<impl std::future::Future<Output = ()>> {
+    /// future resolves once the actor applied the batch, or fails if the actor is dead.
+    pub fn dispatch(
+        &self,
+        key: &DayKey,
+        seq: u64,
+        events: Vec<RideEvent>,
+    ) -> Option<impl std::future::Future<Output = Result<Applied, actix::MailboxError>>> {
         let days = self.days.read();
         let h = days.get(key)?;
         h.last_touch.store(self.tick(), Ordering::Relaxed);

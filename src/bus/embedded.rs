@@ -109,6 +109,16 @@ impl Acker for ReplyAcker {
             let _ = r.send(Err(error.clone()));
         }
     }
+    async fn ack_refusing(self: Box<Self>, refused: Vec<(usize, PublishError)>) {
+        let mut refused = refused.into_iter().peekable();
+        for (i, r) in self.0.into_iter().enumerate() {
+            let answer = match refused.next_if(|(at, _)| *at == i) {
+                Some((_, error)) => Err(error),
+                None => Ok(()),
+            };
+            let _ = r.send(answer);
+        }
+    }
 }
 
 #[async_trait]

@@ -100,4 +100,13 @@ pub struct Batch {
 pub trait Acker: Send {
     async fn ack(self: Box<Self>);
     async fn nack(self: Box<Self>, error: PublishError);
+    /// Acks a batch durable in the WAL some of whose rides (`(index in the batch, why)`)
+    /// were refused when applied, e.g. for a full skier-day. A publisher that waits for its
+    /// ride (the embedded bus) answers those with the error (a 409); a broker's publisher
+    /// was confirmed long ago, so by default the batch is simply acked: the refused rides
+    /// are dropped at apply, counted and logged there.
+    async fn ack_refusing(self: Box<Self>, refused: Vec<(usize, PublishError)>) {
+        let _ = refused;
+        self.ack().await
+    }
 }

@@ -125,7 +125,7 @@ pub async fn skier_day_vertical(req: HttpRequest, state: State, path: web::Path<
     let key = day_key(&state, &resort, &season, &day)?;
     let skier = parse_id("skierID", &skier, state.limits.max_skier as u64)? as u32;
     let vertical = match state.resident(&key) {
-        Some(h) => h.read(|d| d.skiers.get(&skier).map(|s| s.vertical as u64)),
+        Some(h) => h.read(|d| d.skiers.get(&skier).map(|s| s.vertical)),
         None => state.tables.get_skier_day(skier, key).await?.map(|i| i.vertical),
     };
     cached_json(&req, &vertical.ok_or(ApiError::DataNotFound)?)

@@ -10,7 +10,9 @@
 //!
 //! Numbers in string keys are not zero-padded (as [`DayKey`]'s `Display` writes them), so
 //! string sort keys order lexicographically; no reader depends on that order. An item is
-//! at most 400 KB, which bounds `Ids` at about 50 000 rides per skier-day.
+//! at most 400 KB, which would bound `Ids` at about 50 000 rides per skier-day; the
+//! aggregator stops at [`crate::domain::MAX_RIDES_PER_SKIER_DAY`] (16 KB of ids) first.
+//! `Ids` are written sorted since the aggregator keeps them so; readers accept any order.
 //!
 //! All tables are PAY_PER_REQUEST. Reads:
 //! - `get_*`: GetItem with `ConsistentRead`.
@@ -38,8 +40,11 @@
 //! makes a GET — or the load of a day whose first ride just arrived, which holds up the
 //! consumer — wait behind it (measured: 5.4 s of lag when they shared one queue). A request keeps its permit through its retries (and a batch through its
 //! unprocessed-item rounds), so a retry never queues behind the rest of a large write.
-//! Multi-item writes return at the first item that fails for good, dropping the others
-//! (some items may be written by then; the versions make the flusher's retry safe).
+//! Multi-item writes return at the first item that fails after its retries, dropping the
+//! others (some items may be written by then; the versions make the flusher's retry
+//! safe). An item DynamoDB refuses for good (`ValidationException`, e.g. larger than
+//! 400 KB) fails no call: it is reported in [`WriteReport::refused`] and the others are
+//! written, so one item cannot stop every flush.
 //!
 //! Failures: the SDK's own retries are off; every call goes through one retry loop
 //! (throttling, 5xx, timeouts, connection errors; exponential backoff with full jitter,
@@ -317,6 +322,22 @@ fn retryable<E: ProvideErrorMetadata>(e: &SdkError<E>) -> bool {
     }
 }
 
+/// The outcome of one conditional put.
+enum Put {
+    Written,
+    Stale,
+    Refused(String),
+}
+
+/// An error that belongs to the item, so that every retry fails the same way and the
+/// other items of the call are unaffected: a `ValidationException` on a PutItem (the item
+/// is larger than 400 KB, or an attribute is malformed) or an item collection past its
+/// limit. Unlike a missing table or bad credentials, which fail every item alike.
+fn refused_item<E: ProvideErrorMetadata>(e: &SdkError<E>) -> bool {
+    matches!(e, SdkError::ServiceError(_))
+        && matches!(e.code(), Some("ValidationException" | "ItemCollectionSizeLimitExceededException"))
+}
+
 /// Runs the futures concurrently and returns their outputs (in completion order), or the
 /// first error as soon as it happens, dropping the rest. (`try_join_all` would hold an
 /// error back until every earlier future finished.)
@@ -488,14 +509,14 @@ impl DynamoTables {
         }
     }
 
-    /// Conditional put; `Ok(false)` if the stored version is as new (stale).
+    /// Conditional put: written, stale (the stored version is as new), or refused for good.
     async fn put_versioned(
         &self,
         table: &'static str,
         name: &str,
         item: Item,
         version: u64,
-    ) -> Result<bool, TableError> {
+    ) -> Result<Put, TableError> {
         self.call(table, "PutItem", || {
             let request = self
                 .inner
@@ -508,9 +529,13 @@ impl DynamoTables {
                 .expression_attribute_values(":v", n(version));
             async move {
                 match request.send().await {
-                    Ok(_) => Ok(true),
+                    Ok(_) => Ok(Put::Written),
                     Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => {
-                        Ok(false)
+                        Ok(Put::Stale)
+                    }
+                    Err(e) if refused_item(&e) => {
+                        warn!(table, cause = %DisplayErrorContext(&e), "dynamodb refused an item for good");
+                        Ok(Put::Refused(format!("dynamodb PutItem on {table}: {}", e.meta().message().unwrap_or("ValidationException"))))
                     }
                     Err(e) => Err(e),
                 }
@@ -525,12 +550,17 @@ impl DynamoTables {
         name: &str,
         items: impl Iterator<Item = (Item, u64)>,
     ) -> Result<WriteReport, TableError> {
-        let written = all_ok(items.map(|(item, version)| self.put_versioned(table, name, item, version))).await?;
-        let report = WriteReport {
-            written: written.iter().filter(|w| **w).count(),
-            stale: written.iter().filter(|w| !**w).count(),
-        };
-        debug!(table, written = report.written, stale = report.stale, "dynamodb conditional puts");
+        let puts = items.enumerate().map(|(i, (item, version))| async move { Ok((i, self.put_versioned(table, name, item, version).await?)) });
+        let mut report = WriteReport::default();
+        for (i, put) in all_ok(puts).await? {
+            match put {
+                Put::Written => report.written += 1,
+                Put::Stale => report.stale += 1,
+                Put::Refused(why) => report.refused.push((i, why)),
+            }
+        }
+        report.refused.sort_unstable();
+        debug!(table, written = report.written, stale = report.stale, refused = report.refused.len(), "dynamodb conditional puts");
         Ok(report)
     }
 

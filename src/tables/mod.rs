@@ -49,12 +49,18 @@ pub struct DayCountItem {
 }
 
 /// What a conditional batch write did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteReport {
     pub written: usize,
     /// Items skipped because the stored version was already as new: a retried flush or a
     /// stale owner. Not an error.
     pub stale: usize,
+    /// Items the store refused for good, as (index in the call's items, why): an item it
+    /// cannot hold (DynamoDB: larger than 400 KB). Reported instead of failing the call so
+    /// that one such item cannot stop the writes of every other (issue 13, item 1); a
+    /// retry would fail the same way. Failures that may pass (an outage, throttling)
+    /// still fail the call.
+    pub refused: Vec<(usize, String)>,
 }
 
 /// One sink for the flusher and one source for the read fallback.
@@ -64,7 +70,8 @@ pub trait Tables: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Creates the tables if they do not exist. Idempotent.
     async fn create(&self) -> Result<(), TableError>;
-    /// Conditional on each stored version being older than the item's.
+    /// Conditional on each stored version being older than the item's. An item the store
+    /// cannot hold is reported in [`WriteReport::refused`]; the others are written.
     async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError>;
     /// Conditional on each stored version being older than the item's.
     async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError>;

@@ -349,9 +349,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = SledTables::open(dir.path()).unwrap();
         let r = t.put_skier_days(&[item(7, 1, 50, 5), item(7, 2, 30, 5), item(8, 1, 10, 5)]).await.unwrap();
-        assert_eq!(r, WriteReport { written: 3, stale: 0 });
+        assert_eq!(r, WriteReport { written: 3, stale: 0, ..Default::default() });
         let r = t.put_skier_days(&[item(7, 1, 20, 4)]).await.unwrap();
-        assert_eq!(r, WriteReport { written: 0, stale: 1 });
+        assert_eq!(r, WriteReport { written: 0, stale: 1, ..Default::default() });
         assert_eq!(t.get_skier_day(7, DayKey { resort: 1, season: 2025, day: 1 }).await.unwrap().unwrap().vertical, 50);
         let days = t.query_skier_resort(7, 1).await.unwrap();
         assert_eq!(days.iter().map(|d| d.vertical).sum::<u64>(), 80);
@@ -380,7 +380,7 @@ mod tests {
         assert_eq!(t.query_day(key).await.unwrap(), vec![item.clone()]);
         assert!(t.query_skier_resort(8, 1).await.unwrap().is_empty());
         let r = t.put_skier_days(std::slice::from_ref(&item)).await.unwrap();
-        assert_eq!(r, WriteReport { written: 0, stale: 1 });
+        assert_eq!(r, WriteReport { written: 0, stale: 1, ..Default::default() });
         assert_eq!(t.query_skier_resort(8, 1).await.unwrap(), vec![item]);
     }
 
