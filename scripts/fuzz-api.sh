@@ -117,8 +117,9 @@ token="fuzz-$RANDOM$RANDOM"
 # as the server's own default filter (src/bin/liftlog.rs): a malformed request is the
 # client's fault and is answered 4xx, not an ERROR of ours. Any other ERROR fails the run
 # (so a RUST_LOG of your own should keep actix_http::h1::dispatcher=off).
-# The token goes in the environment, not on the command line (where `ps` shows it).
-RUST_LOG="${RUST_LOG:-warn,actix_http::h1::dispatcher=off}" NO_COLOR=1 LIFTLOG_ADMIN_TOKEN="$token" "$bin" serve --listen 127.0.0.1:0 --data-dir "$work/data" \
+# The token goes in the environment, not on the command line (where `ps` shows it); the
+# admin routes are on the public (loopback) listener so that the document's every route is fuzzed.
+RUST_LOG="${RUST_LOG:-warn,actix_http::h1::dispatcher=off}" NO_COLOR=1 LIFTLOG_ADMIN__TOKEN="$token" "$bin" serve --listen 127.0.0.1:0 --admin-listen main --data-dir "$work/data" \
   >"$work/stdout" 2>"$work/server.log" &
 server_pid=$!
 addr=""
