@@ -140,6 +140,7 @@ async fn start_consumer(
         },
         max_bytes: config.wal_max_bytes,
         min_free_bytes: config.min_free_disk_bytes,
+        truncate_corrupt: std::env::var("LIFTLOG_WAL__TRUNCATE_CORRUPT").is_ok_and(|v| v == "true" || v == "1"), // TEMPORARY (bus-wal): the lead moves this into Config
     })?;
     let wal = Arc::new(wal);
     tracing::info!(checkpoint = recovery.checkpoint, records = recovery.records, truncated = recovery.truncated_records, "WAL opened");
