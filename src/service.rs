@@ -92,6 +92,7 @@ fn amqp_config(config: &Config, url: &str) -> AmqpConfig {
         max_in_flight: config.max_in_flight,
         confirm_timeout: Duration::from_millis(config.publish_deadline_ms),
         prefetch: config.prefetch,
+        delivery_limit: amqp::DEFAULT_DELIVERY_LIMIT, // TEMPORARY (bus-wal): the lead wires this into Config
     }
 }
 
