@@ -224,3 +224,58 @@ fn sled_open_retrying(path: &std::path::Path) -> sled::Db {
         }
     }
 }
+
+/// Issue 13 item 5: a POST that passes its publish deadline is answered 503 while its ride
+/// is still queued for the WAL, and the ride is recorded after the answer. The 503 used to
+/// say "Ride not recorded", and a keyless client that believed it posted the ride again and
+/// counted it twice. Now `Ride-Outcome: unknown` and the message say what is true, and a
+/// `not-recorded` answer (here: the circuit breaker, open after consecutive timeouts) is
+/// one whose ride really is absent.
+#[test]
+fn a_503_says_whether_the_ride_may_have_been_recorded_and_is_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("liftlog.toml");
+    // Shorter than one WAL fsync: most POSTs answer before their ride is durable.
+    std::fs::write(&config, "publish_deadline_ms = 1\n").unwrap();
+    let server = Server::start(&dir.path().join("data"), &["--config", config.to_str().unwrap()]);
+    let agent = agent();
+    let (mut created, mut unknown, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    // Until enough POSTs passed the deadline (how many do depends on the disk's fsync time).
+    for skier in 1..=20_000u32 {
+        if unknown.len() >= 10 {
+            break;
+        }
+        let url = server.url(&format!("/skiers/1/seasons/2025/days/1/skiers/{skier}"));
+        // Keyless, as the clients the issue is about.
+        match agent.post(&url).set("Content-Type", "application/json").send_string(r#"{"time":10,"liftID":5}"#) {
+            Ok(r) if r.status() == 201 => created.push(skier),
+            Err(ureq::Error::Status(503, r)) => {
+                let outcome = r.header("Ride-Outcome").map(str::to_string);
+                let body = r.into_string().unwrap_or_default();
+                match outcome.as_deref() {
+                    Some("unknown") => {
+                        assert!(body.contains("may have been recorded") && body.contains("count it twice"), "{body}");
+                        unknown.push(skier);
+                    }
+                    Some("not-recorded") => {
+                        assert!(body.contains("Ride not recorded"), "{body}");
+                        refused.push(skier);
+                    }
+                    other => panic!("a 503 to a POSTed ride without a valid Ride-Outcome ({other:?}): {body}"),
+                }
+            }
+            other => panic!("skier {skier}: {other:?}"),
+        }
+    }
+    eprintln!("1 ms deadline: {} created, {} unknown, {} not recorded", created.len(), unknown.len(), refused.len());
+    assert!(!unknown.is_empty(), "no POST passed its 1 ms deadline: nothing was tested");
+    let vertical = |skier: u32| common::get(&agent, &server.url(&format!("/skiers/1/seasons/2025/days/1/skiers/{skier}")));
+    // "unknown" was right to warn: those rides were recorded after the 503 (a keyless retry
+    // would have counted them twice).
+    common::wait_for("the rides answered 'unknown' to be counted", Duration::from_secs(20), || {
+        unknown.iter().chain(&created).all(|&s| vertical(s) == (200, "50".to_string()))
+    });
+    for &skier in &refused {
+        assert_eq!(vertical(skier).0, 404, "skier {skier}'s ride was answered 'not recorded' but is counted");
+    }
+}
