@@ -28,7 +28,9 @@
 //! in a loop (on a WAL failure it holds the batch unacked and pauses, see
 //! [`crate::actors::consumer`]), so what remains to count are returns by a consumer that
 //! died or lost its connection with up to `prefetch` rides unacked, all of which count
-//! together, the innocent ones too. The limit is therefore declared as
+//! together, the innocent ones too (4.0-4.2 count every return; 4.3 stopped counting
+//! `basic.nack` with requeue, but still counts a consumer that went away, rabbitmq-server
+//! PR 15387). The limit is therefore declared as
 //! [`DEFAULT_DELIVERY_LIMIT`] = 1,000,000: valid on 3.x and 4.x alike (4.x's "unlimited",
 //! -1, is refused by 3.x, and one value everywhere survives an in-place 3.13 → 4.x upgrade),
 //! and out of reach of any incident (a consumer crash-looping every 5 s for two months).
