@@ -409,3 +409,19 @@ impl Consumer {
         source
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the embedded bus's clients are told when the WAL refuses their batch: a failed
+    /// append wrote nothing, a failed fsync after the append may still surface at replay.
+    #[test]
+    fn a_fsync_failing_after_the_append_is_an_unknown_outcome() {
+        let io = || WalError::Io(std::io::Error::other("EIO"));
+        assert!(refusal(true, io()).may_be_recorded());
+        assert!(!refusal(false, io()).may_be_recorded());
+        assert!(matches!(refusal(false, WalError::Full { live_bytes: 1, max_bytes: 1 }), PublishError::Overloaded));
+        assert!(!refusal(false, WalError::DiskLow { free_bytes: 0, reserve_bytes: 1 }).may_be_recorded());
+    }
+}
