@@ -537,10 +537,9 @@ async fn broker_outage_fails_fast_then_recovers() {
 /// as printed). AMQP 0-9-1 has no way to read a queue's arguments back (a passive declare
 /// answers only counts), and the management plugin is not enabled here.
 fn queue_arguments(prefix: &str) -> Vec<(String, String)> {
-    let out = Command::new("rabbitmqctl")
-        .args(["list_queues", "name", "arguments", "--no-table-headers", "--quiet"])
-        .output()
-        .expect("run rabbitmqctl (it must be on PATH, as for scripts/services.sh)");
+    // /usr/sbin is where the Debian package puts it, and not on every user's PATH.
+    let run = |ctl: &str| Command::new(ctl).args(["list_queues", "name", "arguments", "--no-table-headers", "--quiet"]).output();
+    let out = run("rabbitmqctl").or_else(|_| run("/usr/sbin/rabbitmqctl")).expect("run rabbitmqctl (as scripts/services.sh does)");
     assert!(out.status.success(), "rabbitmqctl failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout)
         .lines()
