@@ -240,11 +240,23 @@ pub struct AmqpSection {
     pub max_in_flight: usize,
     /// Deliveries a consumer may hold unacked per partition (AMQP prefetch).
     pub prefetch: u16,
+    /// `x-delivery-limit` of the partition queues; 0 declares none. RabbitMQ 4.x quorum
+    /// queues dead-letter a message after 20 deliveries by default, and nothing reads the
+    /// dead letters: this is far above what crashes and lost connections can use up, so a
+    /// ride that got its 201 is never moved aside (4.x's "unlimited", -1, is refused by 3.x).
+    pub delivery_limit: u32,
 }
 
 impl Default for AmqpSection {
     fn default() -> Self {
-        AmqpSection { prefix: "liftlog".into(), partitions: 4, publish_channels: 4, max_in_flight: 8192, prefetch: 2000 }
+        AmqpSection {
+            prefix: "liftlog".into(),
+            partitions: 4,
+            publish_channels: 4,
+            max_in_flight: 8192,
+            prefetch: 2000,
+            delivery_limit: crate::bus::amqp::DEFAULT_DELIVERY_LIMIT,
+        }
     }
 }
 
@@ -278,11 +290,20 @@ pub struct WalSection {
     /// refuses rides (503) and the sled tables skip flushes, before sled ever meets a full
     /// disk (sled needs a restart after an I/O error; refusing early recovers by itself).
     pub min_free_disk_bytes: u64,
+    /// A corrupt record followed by intact ones is not a torn tail: the node refuses to start
+    /// rather than delete acknowledged rides. `true` truncates at the corrupt record anyway
+    /// (an operator's decision, for one start: set it, start, unset it).
+    pub truncate_corrupt: bool,
 }
 
 impl Default for WalSection {
     fn default() -> Self {
-        WalSection { durability: DurabilityPolicy::GroupCommit, max_bytes: 2 * 1024 * 1024 * 1024, min_free_disk_bytes: 128 * 1024 * 1024 }
+        WalSection {
+            durability: DurabilityPolicy::GroupCommit,
+            max_bytes: 2 * 1024 * 1024 * 1024,
+            min_free_disk_bytes: 128 * 1024 * 1024,
+            truncate_corrupt: false,
+        }
     }
 }
 
@@ -824,6 +845,7 @@ impl Config {
             max_in_flight: a.max_in_flight,
             confirm_timeout: self.publish_deadline(),
             prefetch: a.prefetch,
+            delivery_limit: a.delivery_limit,
         }
     }
 
@@ -845,6 +867,7 @@ impl Config {
             },
             max_bytes: self.wal.max_bytes,
             min_free_bytes: self.wal.min_free_disk_bytes,
+            truncate_corrupt: self.wal.truncate_corrupt,
         }
     }
 

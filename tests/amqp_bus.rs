@@ -1,6 +1,6 @@
 //! The RabbitMQ bus against a real broker: round trip, redelivery without ack, single
-//! active consumer, poison messages, load shedding, a broker outage, and a quick
-//! throughput measurement.
+//! active consumer, poison messages, load shedding, a broker outage, the delivery limit of
+//! the partition queues, a consumer whose WAL fails, and a quick throughput measurement.
 //!
 //! Needs RabbitMQ (the URL in `LIFTLOG_TEST_AMQP`), so every test is `#[ignore]`:
 //! `LIFTLOG_TEST_AMQP=amqp://guest:guest@127.0.0.1:5672/%2f cargo test --test amqp_bus -- --include-ignored`
@@ -19,10 +19,17 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use liftlog::bus::amqp::{declare_topology, partition_of, AmqpConfig, AmqpPublisher, AmqpSource};
-use liftlog::bus::{Batch, EventSource, Publisher};
+use liftlog::actors::consumer::{AckAfter, Consumer, Progress};
+use liftlog::actors::registry::Registry;
+use liftlog::actors::season_index::SeasonIndex;
+use liftlog::actors::seasons::SeasonBook;
+use liftlog::bus::amqp::{declare_topology, partition_of, AmqpConfig, AmqpPublisher, AmqpSource, DEFAULT_DELIVERY_LIMIT};
+use liftlog::bus::{Batch, EventSource, Publisher, Stop};
 use liftlog::domain::RideEvent;
 use liftlog::error::PublishError;
+use liftlog::tables::sled_store::SledTables;
+use liftlog::tables::Tables;
+use liftlog_wal::{Durability, Wal, WalConfig};
 
 /// One test of this file at a time (an async mutex: each test has its own runtime, and a
 /// failed test does not poison it).
@@ -453,7 +460,10 @@ async fn broker_outage_fails_fast_then_recovers() {
         let result = publisher.publish(ride(id)).await;
         let took = started.elapsed();
         eprintln!("outage: publish -> {result:?} after {took:?}");
-        assert!(matches!(result, Err(PublishError::Unavailable(_)) | Err(PublishError::Timeout)), "{result:?}");
+        assert!(
+            matches!(result, Err(PublishError::Unavailable(_) | PublishError::Uncertain(_) | PublishError::Timeout)),
+            "{result:?}"
+        );
         assert!(took <= cfg.confirm_timeout + Duration::from_secs(1), "publish hung for {took:?}");
     }
 
@@ -521,6 +531,169 @@ async fn broker_outage_fails_fast_then_recovers() {
     assert_eq!(ids_of(&batches), vec![50_201]);
     ack_all(batches).await;
     assert!(quiet_for(&mut source, Duration::from_millis(500)).await, "nothing acked was delivered again");
+}
+
+/// `rabbitmqctl list_queues name arguments` for the queues of `prefix`: (name, arguments
+/// as printed). AMQP 0-9-1 has no way to read a queue's arguments back (a passive declare
+/// answers only counts), and the management plugin is not enabled here.
+fn queue_arguments(prefix: &str) -> Vec<(String, String)> {
+    // /usr/sbin is where the Debian package puts it, and not on every user's PATH.
+    let run = |ctl: &str| Command::new(ctl).args(["list_queues", "name", "arguments", "--no-table-headers", "--quiet"]).output();
+    let out = run("rabbitmqctl").or_else(|_| run("/usr/sbin/rabbitmqctl")).expect("run rabbitmqctl (as scripts/services.sh does)");
+    assert!(out.status.success(), "rabbitmqctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(name, _)| name.starts_with(prefix))
+        .map(|(n, a)| (n.to_string(), a.to_string()))
+        .collect()
+}
+
+/// Issue 13 item 2: RabbitMQ 4.x dead-letters a quorum queue message after 20 returns by
+/// default, and nothing reads the dead-letter queue. The partition queues must declare a
+/// limit of their own (and the dead-letter queue, which nothing consumes, none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs RabbitMQ: run scripts/test.sh"]
+async fn partition_queues_declare_the_delivery_limit() {
+    let _serial = SERIAL.lock().await;
+    let topo = Topology::new("limit");
+    declare_topology(&topo.0).await.unwrap();
+    let queues = queue_arguments(&topo.0.prefix);
+    eprintln!("delivery limit: {queues:?}");
+    assert_eq!(queues.len(), topo.0.partitions as usize + 1, "{queues:?}");
+    for p in 0..topo.0.partitions {
+        let (_, args) = queues.iter().find(|(n, _)| *n == topo.0.partition_queue(p)).expect("partition queue");
+        assert!(args.contains(&format!("{{\"x-delivery-limit\",{DEFAULT_DELIVERY_LIMIT}}}")), "queue {p}: {args}");
+    }
+    let (_, dead) = queues.iter().find(|(n, _)| *n == topo.0.dead_queue()).expect("dead-letter queue");
+    assert!(!dead.contains("x-delivery-limit"), "{dead}");
+    // Idempotent: declaring again, and from both ends, is fine.
+    declare_topology(&topo.0).await.unwrap();
+    drop(AmqpPublisher::connect(topo.cfg()).await.unwrap());
+}
+
+/// Queues declared by a liftlog from before the limit have none, and RabbitMQ refuses to
+/// redeclare them with one. Starting must fail with what to do, and the documented way out
+/// (`delivery_limit = 0`, the limit set by a policy) must work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs RabbitMQ: run scripts/test.sh"]
+async fn queues_without_the_limit_are_explained_not_redeclared() {
+    let _serial = SERIAL.lock().await;
+    let topo = Topology::new("oldqueues");
+    let old = AmqpConfig { delivery_limit: 0, ..topo.cfg() };
+    declare_topology(&old).await.unwrap();
+    assert!(queue_arguments(&topo.0.prefix).iter().all(|(_, a)| !a.contains("x-delivery-limit")));
+
+    let err = declare_topology(&topo.0).await.expect_err("redeclared with another x-delivery-limit").to_string();
+    eprintln!("existing queues: {err}");
+    assert!(err.contains("inequivalent arg 'x-delivery-limit'"), "{err}");
+    assert!(err.contains("delivery_limit to 0") && err.contains("set_policy"), "the error must say what to do: {err}");
+    let err = AmqpSource::connect(topo.cfg()).await.err().expect("the source declares too").to_string();
+    assert!(err.contains("delivery_limit to 0"), "{err}");
+
+    // The way out keeps the queues and their rides.
+    declare_topology(&old).await.unwrap();
+    let publisher = Arc::new(AmqpPublisher::connect(old.clone()).await.unwrap());
+    publisher.publish(ride(70_001)).await.unwrap();
+    let mut source = AmqpSource::connect(old).await.unwrap();
+    ack_all(take_events(&mut source, 1, Duration::from_secs(10)).await).await;
+}
+
+/// Waits until `cond` holds, checking every 20 ms, or panics after `within`.
+async fn until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 13 item 2: a consumer whose WAL refuses writes nack-requeued its batch every
+/// 100 ms, so two seconds of disk trouble was 20 redeliveries, the default limit of
+/// RabbitMQ 4.x, after which rides that got their 201 are dead-lettered. The consumer must
+/// pause and hold the batch instead: nothing nacked, nothing redelivered while the WAL
+/// fails, and every ride counted once it takes writes again.
+#[actix_rt::test]
+#[ignore = "needs RabbitMQ: run scripts/test.sh"]
+async fn a_failing_wal_pauses_the_consumer_instead_of_requeueing() {
+    let _serial = SERIAL.lock().await;
+    let topo = Topology::new("walpause");
+    let cfg = AmqpConfig { prefetch: 300, ..topo.cfg() };
+    let dir = tempfile::tempdir().unwrap();
+    // A WAL that fails on command: filled to its bound, every append is `Full` until the
+    // test checkpoints the filler away (what the flusher does after a table outage).
+    let (wal, _) = Wal::open(WalConfig {
+        dir: dir.path().join("wal"),
+        durability: Durability::GroupCommit,
+        max_bytes: 256 * 1024,
+        min_free_bytes: 0,
+        truncate_corrupt: false,
+    })
+    .unwrap();
+    let wal = Arc::new(wal);
+    while wal.append(&[0u8; 1024]).is_ok() {}
+    // Then with empty records (17-byte frames): less than any batch of rides is left.
+    while wal.append(&[]).is_ok() {}
+    wal.sync().unwrap();
+    let filler = wal.last_seq();
+
+    let tables: Arc<dyn Tables> = Arc::new(SledTables::open(&dir.path().join("tables")).unwrap());
+    let registry = Arc::new(Registry::new(tables, Arc::new(SeasonIndex::new()), 100_000));
+    let progress = Arc::new(Progress::default());
+    let consumer = Consumer {
+        wal: wal.clone(),
+        registry: registry.clone(),
+        seasons: Arc::new(SeasonBook::default()),
+        progress: progress.clone(),
+        max_batch: 500,
+        abort_after_batches: None,
+        flush_after_rides: u64::MAX,
+        ack_after: AckAfter::Wal,
+    };
+    let source = AmqpSource::connect(cfg.clone()).await.unwrap();
+    let stats = source.stats_handle();
+    let pause = Stop::default();
+    let task = actix_rt::spawn(consumer.run(Box::new(source), pause.clone()));
+
+    let publisher = Arc::new(AmqpPublisher::connect(cfg.clone()).await.unwrap());
+    let ids: Vec<u64> = (60_001..=61_000).collect();
+    publish_all(&publisher, ids.clone(), 16).await;
+
+    let failures = || progress.wal_failures.load(Ordering::Relaxed);
+    until("the WAL refusing the first batch", Duration::from_secs(10), || failures() >= 1).await;
+    let failing_since = Instant::now();
+    // Longer than the 2 s it took to exhaust 4.x's limit of 20 before the fix.
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let during = stats.snapshot();
+    eprintln!("WAL failing for {:?}: {} attempts, source {during:?}", failing_since.elapsed(), failures());
+    assert!(failures() >= 3, "the consumer must keep probing the WAL while paused ({} attempts)", failures());
+    assert_eq!((during.nacked, during.redelivered), (0, 0), "rides were requeued while the WAL failed: {during:?}");
+    assert_eq!(progress.events.load(Ordering::Relaxed), 0);
+    assert!(during.deliveries <= 4 * 300, "consumption went on past the prefetch: {during:?}");
+
+    // The WAL takes writes again: consumption resumes within the backoff's bound.
+    wal.set_checkpoint(filler).unwrap();
+    let resumed = Instant::now();
+    until("every ride consumed after the WAL recovered", Duration::from_secs(30), || {
+        progress.events.load(Ordering::Relaxed) >= ids.len() as u64
+    })
+    .await;
+    until("every ride acked", Duration::from_secs(10), || stats.snapshot().acked >= ids.len() as u64).await;
+    let after = stats.snapshot();
+    eprintln!("WAL back: all {} rides consumed {:?} later; source {after:?}", ids.len(), resumed.elapsed());
+    assert_eq!((after.acked, after.nacked, after.redelivered, after.dead_lettered), (1_000, 0, 0, 0), "{after:?}");
+    assert_eq!(progress.events.load(Ordering::Relaxed), 1_000, "each ride once");
+
+    // Counted: every ride's vertical is in its skier-day.
+    let counted: u64 = registry.all().iter().map(|h| h.read(|d| d.skiers.values().map(|s| s.vertical as u64).sum::<u64>())).sum();
+    let want: u64 = ids.iter().map(|&id| ride(id).vertical as u64).sum();
+    assert_eq!(counted, want);
+    for p in 0..cfg.partitions {
+        assert_eq!(ready_in(&cfg, &cfg.partition_queue(p)).await, 0);
+    }
+    assert_eq!(ready_in(&cfg, &cfg.dead_queue()).await, 0, "nothing dead-lettered");
+    pause.stop();
+    drop(task.await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

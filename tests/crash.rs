@@ -146,3 +146,136 @@ fn a_flush_torn_between_skier_days_and_counts_is_completed_after_restart() {
     let stored = tables.open_tree("rides").unwrap().len();
     assert_eq!(stored, rides.len(), "raw rides in the table");
 }
+
+/// A WAL record damaged in the middle (intact, acknowledged records after it) is storage
+/// corruption, not a crash: the node must refuse to start and say how to override, rather
+/// than truncate the acknowledged rides after the damage. With the operator override it
+/// starts, and `/admin/wal` says how many intact records it dropped.
+#[test]
+fn a_corrupt_wal_record_in_the_middle_stops_the_node_unless_overridden() {
+    let dir = tempfile::tempdir().unwrap();
+    let quiet = ["--flush-interval-ms", "600000"];
+    let mut server = Server::start(dir.path(), &quiet);
+    let agent = agent();
+    // One at a time: each ride is a WAL record of its own.
+    let rides = random_rides(11, 6, 6);
+    for r in &rides {
+        assert_eq!(r.post(&agent, &server.base), 201);
+    }
+    server.kill9();
+
+    // Flip one payload byte of record 2: its CRC fails, records 3.. are intact.
+    {
+        let db = sled_open_retrying(&dir.path().join("wal"));
+        let log = db.open_tree("log").unwrap();
+        assert!(log.len() >= 4, "expected a WAL record per ride, found {}", log.len());
+        let mut frame = log.get(2u64.to_be_bytes()).unwrap().expect("record 2").to_vec();
+        let last = frame.len() - 1;
+        frame[last] ^= 0xFF;
+        log.insert(2u64.to_be_bytes(), frame).unwrap();
+        db.flush().unwrap();
+    }
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_liftlog"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "main", "--data-dir"])
+        .arg(dir.path())
+        .args(quiet)
+        .env("RUST_LOG", "error")
+        .env_remove("LIFTLOG_WAL__TRUNCATE_CORRUPT")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run liftlog");
+    // A node that starts anyway keeps running: give it a bounded time to refuse.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the node started on a WAL damaged in the middle (still running after 30 s)");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the node exited 0 on a WAL damaged in the middle; stderr: {stderr}");
+    assert!(stderr.contains("LIFTLOG_WAL__TRUNCATE_CORRUPT=true"), "the refusal must name the override: {stderr}");
+
+    let server = Server::start_with_env(dir.path(), &quiet, &[("LIFTLOG_WAL__TRUNCATE_CORRUPT", "true")]);
+    let (code, body) = common::get(&agent, &server.url("/admin/wal"));
+    assert_eq!(code, 200, "{body}");
+    let wal: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let recovery = &wal["recovery"];
+    assert_eq!(recovery["records"], 1, "{body}");
+    assert_eq!(recovery["truncated_intact_records"].as_u64(), Some(rides.len() as u64 - 2), "{body}");
+}
+
+/// sled releases its lock a little after the process is gone.
+fn sled_open_retrying(path: &std::path::Path) -> sled::Db {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match sled::open(path) {
+            Ok(db) => return db,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("opening {}: {e}; retrying", path.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("opening {}: {e}", path.display()),
+        }
+    }
+}
+
+/// Issue 13 item 5: a POST that passes its publish deadline is answered 503 while its ride
+/// is still queued for the WAL, and the ride is recorded after the answer. The 503 used to
+/// say "Ride not recorded", and a keyless client that believed it posted the ride again and
+/// counted it twice. Now `Ride-Outcome: unknown` and the message say what is true, and a
+/// `not-recorded` answer (here: the circuit breaker, open after consecutive timeouts) is
+/// one whose ride really is absent.
+#[test]
+fn a_503_says_whether_the_ride_may_have_been_recorded_and_is_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("liftlog.toml");
+    // Shorter than one WAL fsync: most POSTs answer before their ride is durable.
+    std::fs::write(&config, "publish_deadline_ms = 1\n").unwrap();
+    let server = Server::start(&dir.path().join("data"), &["--config", config.to_str().unwrap()]);
+    let agent = agent();
+    let (mut created, mut unknown, mut refused) = (Vec::new(), Vec::new(), Vec::new());
+    // Until enough POSTs passed the deadline (how many do depends on the disk's fsync time).
+    for skier in 1..=20_000u32 {
+        if unknown.len() >= 10 {
+            break;
+        }
+        let url = server.url(&format!("/skiers/1/seasons/2025/days/1/skiers/{skier}"));
+        // Keyless, as the clients the issue is about.
+        match agent.post(&url).set("Content-Type", "application/json").send_string(r#"{"time":10,"liftID":5}"#) {
+            Ok(r) if r.status() == 201 => created.push(skier),
+            Err(ureq::Error::Status(503, r)) => {
+                let outcome = r.header("Ride-Outcome").map(str::to_string);
+                let body = r.into_string().unwrap_or_default();
+                match outcome.as_deref() {
+                    Some("unknown") => {
+                        assert!(body.contains("may have been recorded") && body.contains("count it twice"), "{body}");
+                        unknown.push(skier);
+                    }
+                    Some("not-recorded") => {
+                        assert!(body.contains("Ride not recorded"), "{body}");
+                        refused.push(skier);
+                    }
+                    other => panic!("a 503 to a POSTed ride without a valid Ride-Outcome ({other:?}): {body}"),
+                }
+            }
+            other => panic!("skier {skier}: {other:?}"),
+        }
+    }
+    eprintln!("1 ms deadline: {} created, {} unknown, {} not recorded", created.len(), unknown.len(), refused.len());
+    assert!(!unknown.is_empty(), "no POST passed its 1 ms deadline: nothing was tested");
+    let vertical = |skier: u32| common::get(&agent, &server.url(&format!("/skiers/1/seasons/2025/days/1/skiers/{skier}")));
+    // "unknown" was right to warn: those rides were recorded after the 503 (a keyless retry
+    // would have counted them twice).
+    common::wait_for("the rides answered 'unknown' to be counted", Duration::from_secs(20), || {
+        unknown.iter().chain(&created).all(|&s| vertical(s) == (200, "50".to_string()))
+    });
+    for &skier in &refused {
+        assert_eq!(vertical(skier).0, 404, "skier {skier}'s ride was answered 'not recorded' but is counted");
+    }
+}

@@ -223,7 +223,101 @@ impl std::fmt::Display for Unapplied {
     }
 }
 
+/// First and longest wait between two attempts to write a batch the WAL refused, while the
+/// consumer holds it (broker). Bounded so that consumption resumes within seconds of the
+/// WAL taking writes again (a full WAL frees space at the flusher's next checkpoint).
+const WAL_RETRY_FIRST: Duration = Duration::from_millis(100);
+const WAL_RETRY_CAP: Duration = Duration::from_secs(2);
+/// How often a consumer still holding a batch says so.
+const WAL_HOLD_LOG_EVERY: Duration = Duration::from_secs(30);
+
+/// How holding a batch the WAL refused ended.
+enum Held {
+    /// The WAL took it: record `seq`.
+    Written(u64, Vec<RideEvent>),
+    /// The consumer was paused first; the batch is still unacked.
+    Paused,
+    /// The writer task panicked and took the rides with it.
+    TaskFailed,
+}
+
+/// A fsync's result, with the rides handed back: the seq, or the error with the record's
+/// seq when the append got that far (then only the fsync is retried).
+type WalWrite = (Vec<RideEvent>, Result<u64, (Option<u64>, WalError)>);
+
+/// What the clients of a batch the WAL refused are told (embedded bus). A failed append
+/// wrote nothing: not recorded. A fsync that failed after the append leaves a record that
+/// may survive and be replayed at the next start: outcome unknown.
+fn refusal(appended: bool, e: WalError) -> PublishError {
+    match e {
+        e if appended => PublishError::Uncertain(format!("write-ahead log fsync failed after the append: {e}")),
+        WalError::Full { .. } => PublishError::Overloaded,
+        WalError::DiskLow { .. } => PublishError::Unavailable("the WAL's disk is nearly full".into()),
+        other => PublishError::Unavailable(format!("write-ahead log: {other}")),
+    }
+}
+
 impl Consumer {
+    /// Appends `events` as one WAL record (unless an earlier attempt did: `appended`) and
+    /// fsyncs, on the blocking pool.
+    async fn write_wal(&self, events: Vec<RideEvent>, appended: Option<u64>) -> Result<WalWrite, tokio::task::JoinError> {
+        let wal = self.wal.clone();
+        tokio::task::spawn_blocking(move || {
+            let seq = match appended {
+                Some(seq) => seq,
+                None => match wal.append_serde(&events) {
+                    Ok(seq) => seq,
+                    Err(e) => return (events, Err((None, e))),
+                },
+            };
+            let synced = wal.sync().map(|()| seq).map_err(|e| (Some(seq), e));
+            (events, synced)
+        })
+        .await
+    }
+
+    /// A WAL failure with a broker: consumption pauses (no next batch is taken, the broker
+    /// sends nothing past the prefetch) and the held batch is written again with a bounded
+    /// backoff until the WAL takes it. Nacking instead redelivered it every 100 ms, and
+    /// RabbitMQ 4.x dead-letters a ride after 20 redeliveries by default: two seconds of
+    /// disk trouble moved rides that got their 201 into a queue nobody reads.
+    async fn hold_until_durable(&self, mut events: Vec<RideEvent>, mut appended: Option<u64>, first: WalError, pause: &crate::bus::Stop) -> Held {
+        let held = Instant::now();
+        let (mut backoff, mut attempts, mut logged) = (WAL_RETRY_FIRST, 1u64, Instant::now());
+        self.progress.wal_failures.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(cause = %first, rides = events.len(), "WAL refused a batch: consumption paused; the batch is held unacked and written again with backoff");
+        loop {
+            tokio::select! {
+                biased;
+                _ = pause.stopped() => {
+                    tracing::warn!(attempts, "consumer paused while holding a batch the WAL refused; the broker redelivers it");
+                    return Held::Paused;
+                }
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(WAL_RETRY_CAP);
+            attempts += 1;
+            match self.write_wal(events, appended).await {
+                Ok((events, Ok(seq))) => {
+                    tracing::warn!(attempts, paused_ms = held.elapsed().as_millis() as u64, "WAL takes writes again: consumption resumed");
+                    return Held::Written(seq, events);
+                }
+                Ok((again, Err((seq, e)))) => {
+                    self.progress.wal_failures.fetch_add(1, Ordering::Relaxed);
+                    if logged.elapsed() >= WAL_HOLD_LOG_EVERY {
+                        logged = Instant::now();
+                        tracing::error!(cause = %e, attempts, paused_ms = held.elapsed().as_millis() as u64, "WAL still refuses the held batch; consumption stays paused");
+                    }
+                    (events, appended) = (again, seq);
+                }
+                Err(join) => {
+                    tracing::error!(cause = %join, "WAL writer task failed");
+                    return Held::TaskFailed;
+                }
+            }
+        }
+    }
+
     /// Replays the WAL after its checkpoint into the actors and waits until they applied
     /// it. Must finish before the node serves reads.
     pub async fn replay(&self) -> Result<u64, WalError> {
@@ -364,33 +458,33 @@ impl Consumer {
             }
             epoch = Some(batch.epoch);
             let n = batch.events.len() as u64;
-            let wal = self.wal.clone();
-            let events = batch.events;
             let started = Instant::now();
-            let written = tokio::task::spawn_blocking(move || {
-                let seq = wal.append_serde(&events)?;
-                wal.sync()?;
-                Ok::<_, WalError>((seq, events))
-            })
-            .await;
-            let (seq, events) = match written {
-                Ok(Ok(v)) => v,
-                Ok(Err(e)) => {
+            let (seq, events) = match self.write_wal(batch.events, None).await {
+                Ok((events, Ok(seq))) => (seq, events),
+                // A broker: pause consuming and hold the batch until the WAL takes it, rather
+                // than nack it into a redelivery loop (see `Acker::hold_on_wal_failure`).
+                Ok((events, Err((appended, e)))) if batch.acker.hold_on_wal_failure() => {
+                    match self.hold_until_durable(events, appended, e, &pause).await {
+                        Held::Written(seq, events) => (seq, events),
+                        // Dropped unacked: the broker redelivers it to whoever consumes next.
+                        Held::Paused => break,
+                        Held::TaskFailed => {
+                            batch.acker.nack(PublishError::Uncertain("write-ahead log task failed".into())).await;
+                            continue;
+                        }
+                    }
+                }
+                Ok((_, Err((appended, e)))) => {
                     self.progress.wal_failures.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(cause = %e, rides = n, "WAL append failed; rides refused");
-                    let err = match e {
-                        WalError::Full { .. } => PublishError::Overloaded,
-                        WalError::DiskLow { .. } => PublishError::Unavailable("the WAL's disk is nearly full".into()),
-                        other => PublishError::Unavailable(format!("write-ahead log: {other}")),
-                    };
-                    batch.acker.nack(err).await;
-                    // A broker requeues at once: pause so a failing disk is not a busy loop.
+                    batch.acker.nack(refusal(appended.is_some(), e)).await;
+                    // The clients have their answer; this only keeps a failing disk from being a busy loop.
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
                 Err(join) => {
                     tracing::error!(cause = %join, "WAL writer task failed");
-                    batch.acker.nack(PublishError::Unavailable("write-ahead log task failed".into())).await;
+                    batch.acker.nack(PublishError::Uncertain("write-ahead log task failed".into())).await;
                     continue;
                 }
             };
@@ -425,5 +519,21 @@ impl Consumer {
         }
         tracing::info!("consumer stopped");
         source
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the embedded bus's clients are told when the WAL refuses their batch: a failed
+    /// append wrote nothing, a failed fsync after the append may still surface at replay.
+    #[test]
+    fn a_fsync_failing_after_the_append_is_an_unknown_outcome() {
+        let io = || WalError::Io(std::io::Error::other("EIO"));
+        assert!(refusal(true, io()).may_be_recorded());
+        assert!(!refusal(false, io()).may_be_recorded());
+        assert!(matches!(refusal(false, WalError::Full { live_bytes: 1, max_bytes: 1 }), PublishError::Overloaded));
+        assert!(!refusal(false, WalError::DiskLow { free_bytes: 0, reserve_bytes: 1 }).may_be_recorded());
     }
 }

@@ -353,7 +353,7 @@ mod tests {
 
     /// A node whose flusher and registry use `store`, read back through `tables`.
     fn node_with(dir: &std::path::Path, tables: Arc<SledTables>, store: Arc<dyn Tables>) -> Node {
-        let wal_cfg = WalConfig { dir: dir.join("wal"), durability: Durability::GroupCommit, max_bytes: 1 << 30, min_free_bytes: 0 };
+        let wal_cfg = WalConfig { dir: dir.join("wal"), durability: Durability::GroupCommit, max_bytes: 1 << 30, min_free_bytes: 0, truncate_corrupt: false };
         let wal = Arc::new(Wal::open(wal_cfg).unwrap().0);
         let registry = Arc::new(Registry::new(store.clone(), Arc::new(SeasonIndex::new()), 100));
         let seasons = Arc::new(SeasonBook::default());
@@ -547,7 +547,7 @@ mod tests {
         use crate::domain::MAX_RIDES_PER_SKIER_DAY as MAX;
         let dir = tempfile::tempdir().unwrap();
         let n = node(dir.path());
-        let wal_cfg = WalConfig { dir: dir.path().join("wal2"), durability: Durability::GroupCommit, max_bytes: 1 << 30, min_free_bytes: 0 };
+        let wal_cfg = WalConfig { dir: dir.path().join("wal2"), durability: Durability::GroupCommit, max_bytes: 1 << 30, min_free_bytes: 0, truncate_corrupt: false };
         let consumer = Consumer {
             wal: Arc::new(Wal::open(wal_cfg).unwrap().0),
             registry: n.registry.clone(),

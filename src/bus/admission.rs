@@ -151,7 +151,7 @@ impl Admitted {
     }
 
     fn breaker_record(&self, result: &Result<(), PublishError>) {
-        let failed = matches!(result, Err(PublishError::Unavailable(_) | PublishError::Timeout));
+        let failed = matches!(result, Err(PublishError::Unavailable(_) | PublishError::Uncertain(_) | PublishError::Timeout));
         let mut br = self.breaker.lock();
         br.probe_in_flight = false;
         if !failed {

@@ -9,8 +9,9 @@
 //!   (`x-queue-type: quorum`, replicated, fsynced before the confirm), with
 //!   `x-single-active-consumer: true` (one consumer per partition at a time: a standby
 //!   node takes over when the active one dies, so per-key order and the one-owner-per-
-//!   aggregate rule hold across nodes), and `x-dead-letter-exchange: {prefix}.dlx`. Each is
-//!   bound to `{prefix}.rides` with its partition number.
+//!   aggregate rule hold across nodes), `x-dead-letter-exchange: {prefix}.dlx` and
+//!   `x-delivery-limit: delivery_limit` (see below). Each is bound to `{prefix}.rides` with
+//!   its partition number.
 //! - exchange `{prefix}.dlx` (fanout, durable) bound to the quorum queue
 //!   `{prefix}.rides.dead`: where undecodable messages go. Nothing consumes it; an operator
 //!   inspects it.
@@ -18,9 +19,29 @@
 //! `partitions` is fixed per deployment: every node must use the same value (it is part of
 //! the routing function). Growing it later is possible (new queues are declared) but keys
 //! move between partitions, so per-key order is only guaranteed once the old queues drained.
-//! On RabbitMQ 4.x quorum queues have a default `delivery-limit` of 20: a ride nacked
-//! (requeued) 20 times is dead-lettered into `{prefix}.rides.dead` instead of being retried
-//! forever; 3.x has no default limit.
+//!
+//! ## The delivery limit
+//!
+//! A quorum queue dead-letters a message returned more often than its delivery limit. On
+//! RabbitMQ 4.x the default is 20 (3.x has none), and a ride in `{prefix}.rides.dead` got
+//! its 201 and is never counted: nothing reads that queue. Our own consumer never requeues
+//! in a loop (on a WAL failure it holds the batch unacked and pauses, see
+//! [`crate::actors::consumer`]), so what remains to count are returns by a consumer that
+//! died or lost its connection with up to `prefetch` rides unacked, all of which count
+//! together, the innocent ones too (4.0-4.2 count every return; 4.3 stopped counting
+//! `basic.nack` with requeue, but still counts a consumer that went away, rabbitmq-server
+//! PR 15387). The limit is therefore declared as
+//! [`DEFAULT_DELIVERY_LIMIT`] = 1,000,000: valid on 3.x and 4.x alike (4.x's "unlimited",
+//! -1, is refused by 3.x, and one value everywhere survives an in-place 3.13 → 4.x upgrade),
+//! and out of reach of any incident (a consumer crash-looping every 5 s for two months).
+//! A ride that really cannot be consumed blocks its partition (visible: depth, flush lag)
+//! rather than being silently moved aside.
+//!
+//! RabbitMQ refuses to redeclare an existing queue with other arguments
+//! (`PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit'`), and queues declared by an
+//! older liftlog have none: declaring then fails with an explanation of the two ways out
+//! (keep the queues: `delivery_limit = 0` declares no limit, and a policy sets it; or drain
+//! and delete them so they are declared anew). See [`AmqpConfig::delivery_limit`].
 //!
 //! # Message
 //!
@@ -37,8 +58,10 @@
 //! fast 503), picks a channel round-robin and publishes with `mandatory`; many publishes
 //! are in flight on a channel at once and the broker confirms them in windows (multiple
 //! acks), so a request never waits for another request's round trip. The confirm is awaited
-//! under `confirm_timeout` ([`PublishError::Timeout`]); a nack, an unroutable return or a
-//! broken channel is [`PublishError::Unavailable`]. lapin numbers a publish (for its
+//! under `confirm_timeout` ([`PublishError::Timeout`]). An unroutable return, or a publish
+//! whose frames never left, is [`PublishError::Unavailable`] (not recorded); a nack (the
+//! broker refuses responsibility, without saying the ride is not stored) or a channel that
+//! broke after the frames were sent is [`PublishError::Uncertain`] (outcome unknown). lapin numbers a publish (for its
 //! confirm) and queues its frames in two steps that are not atomic together, so concurrent
 //! publishes on one channel could get each other's confirm; a per-channel lock around that
 //! first, synchronous step keeps numbering and wire order identical (it is not held while
@@ -60,7 +83,8 @@
 //! from which `next_batch` takes at least one and then what is ready, up to `max`.
 //!
 //! Ack policy: a batch is settled with one `basic.ack(max_tag, multiple)` per partition
-//! channel (or `basic.nack(max_tag, multiple, requeue)` on a WAL failure), which is exact
+//! channel (or `basic.nack(max_tag, multiple, requeue)` if the writer task fails; a WAL
+//! failure holds the batch instead, see [`Acker::hold_on_wal_failure`]), which is exact
 //! because a channel's deliveries enter the mpsc in tag order and batches are taken from its
 //! head and settled in order, so every unsettled tag up to `max_tag` belongs to this batch
 //! or an earlier, already settled one; a tag that is not above the last one settled on its
@@ -122,6 +146,9 @@ const HEALTH_EVERY: Duration = Duration::from_millis(500);
 const DEFAULT_HEARTBEAT_SECS: u16 = 10;
 const POISON_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// The `x-delivery-limit` of the partition queues (see the module doc).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 1_000_000;
+
 /// Settings of the RabbitMQ bus.
 #[derive(Clone)]
 pub struct AmqpConfig {
@@ -140,6 +167,10 @@ pub struct AmqpConfig {
     pub confirm_timeout: Duration,
     /// Unacked deliveries per partition consumer.
     pub prefetch: u16,
+    /// `x-delivery-limit` declared on the partition queues (at most `i32::MAX`); 0 declares
+    /// none, for queues declared by an older liftlog whose limit is set by a policy instead
+    /// (RabbitMQ cannot change an existing queue's arguments; see the module doc).
+    pub delivery_limit: u32,
 }
 
 impl Default for AmqpConfig {
@@ -161,6 +192,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("max_in_flight", &self.max_in_flight)
             .field("confirm_timeout", &self.confirm_timeout)
             .field("prefetch", &self.prefetch)
+            .field("delivery_limit", &self.delivery_limit)
             .finish()
     }
 }
@@ -292,11 +324,35 @@ fn quorum_args(cfg: &AmqpConfig, single_active: bool) -> FieldTable {
     if single_active {
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(cfg.dead_letter_exchange().into()));
+        if cfg.delivery_limit > 0 {
+            let limit = i32::try_from(cfg.delivery_limit).unwrap_or(i32::MAX);
+            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
+        }
     }
     args
 }
 
-async fn declare_on(channel: &Channel, cfg: &AmqpConfig) -> Result<(), lapin::Error> {
+/// Says what to do when a partition queue exists with another delivery limit (typically
+/// none: declared by a liftlog from before the limit). Other errors pass unchanged.
+fn explain_declare_error(cfg: &AmqpConfig, queue: &str, e: lapin::Error) -> BusError {
+    let text = e.to_string();
+    if !text.contains("x-delivery-limit") {
+        return BusError(text);
+    }
+    let (prefix, limit) = (&cfg.prefix, cfg.delivery_limit.max(1));
+    let declared = if cfg.delivery_limit == 0 { "none".to_string() } else { limit.to_string() };
+    BusError(format!(
+        "queue {queue} exists with another x-delivery-limit than the one liftlog declares ({declared}; queues declared by an older \
+         liftlog have none, and on RabbitMQ 4.x a queue without one dead-letters a ride after 20 redeliveries, where \
+         nothing counts it). RabbitMQ cannot change an existing queue's arguments. Either keep the queues: set liftlog's \
+         AMQP delivery_limit to 0 (it then declares none) and set the limit with a policy, e.g. `rabbitmqctl set_policy \
+         {prefix}-rides '^{prefix}\\.rides\\.[0-9]+$' '{{\"delivery-limit\":{limit}}}' --apply-to queues` (mind other \
+         policies on these queues: only one applies); or stop the writers, let the consumers drain the queues, delete \
+         them and start again, so they are declared with the limit. RabbitMQ said: {text}"
+    ))
+}
+
+async fn declare_on(channel: &Channel, cfg: &AmqpConfig) -> Result<(), BusError> {
     let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
     let durable_queue = QueueDeclareOptions::durable();
     channel
@@ -321,7 +377,11 @@ async fn declare_on(channel: &Channel, cfg: &AmqpConfig) -> Result<(), lapin::Er
         .exchange_declare(cfg.rides_exchange().into(), ExchangeKind::Direct, durable_exchange, FieldTable::default())
         .await?;
     for p in 0..cfg.partition_count() {
-        channel.queue_declare(cfg.partition_queue(p).into(), durable_queue, quorum_args(cfg, true)).await?;
+        let queue = cfg.partition_queue(p);
+        channel
+            .queue_declare(queue.as_str().into(), durable_queue, quorum_args(cfg, true))
+            .await
+            .map_err(|e| explain_declare_error(cfg, &queue, e))?;
         channel
             .queue_bind(
                 cfg.partition_queue(p).into(),
@@ -342,10 +402,9 @@ pub async fn declare_topology(cfg: &AmqpConfig) -> Result<(), PublishError> {
     let result = async {
         let channel = conn.create_channel().await?;
         declare_on(&channel, cfg).await?;
-        channel.close(200, "OK".into()).await
+        Ok::<_, BusError>(channel.close(200, "OK".into()).await?)
     }
-    .await
-    .map_err(BusError::from);
+    .await;
     let _ = conn.close(200, "OK".into()).await;
     result.map_err(unavailable)
 }
@@ -540,13 +599,14 @@ impl AmqpPublisher {
         self.shared.reconnects.load(Ordering::Relaxed)
     }
 
-    /// Publishes refused as `Unavailable` (broker down, nack, unroutable).
+    /// Publishes that failed as `Unavailable` or `Uncertain` (broker down, nack, unroutable,
+    /// channel broken).
     pub fn unavailable_count(&self) -> u64 {
         self.shared.unavailable.load(Ordering::Relaxed)
     }
 
     fn fail(&self, e: PublishError) -> Result<(), PublishError> {
-        if matches!(e, PublishError::Unavailable(_)) {
+        if matches!(e, PublishError::Unavailable(_) | PublishError::Uncertain(_)) {
             self.shared.unavailable.fetch_add(1, Ordering::Relaxed);
         }
         Err(e)
@@ -586,6 +646,8 @@ impl Publisher for AmqpPublisher {
             .with_content_type(CONTENT_TYPE.into())
             .with_message_id(message_id(event.id).into());
         let routing_key = s.routing_keys[partition_of(&event.key(), s.routing_keys.len() as u16) as usize].clone();
+        // Err(false, _): the frames never left, the ride is not recorded. Err(true, _): they
+        // were sent and the confirm failed, so the broker may hold it.
         let confirmed = async {
             let publish = pc.channel.basic_publish(
                 s.exchange.clone(),
@@ -594,7 +656,8 @@ impl Publisher for AmqpPublisher {
                 &body,
                 props,
             );
-            first_poll_locked(&pc.order, publish).await?.await
+            let confirm = first_poll_locked(&pc.order, publish).await.map_err(|e| (false, e))?;
+            confirm.await.map_err(|e| (true, e))
         };
         match tokio::time::timeout(s.cfg.confirm_timeout, confirmed).await {
             Ok(Ok(Confirmation::Ack(None))) => {
@@ -606,14 +669,18 @@ impl Publisher for AmqpPublisher {
                 returned.reply_code, returned.reply_text
             ))),
             Ok(Ok(Confirmation::Nack(_))) => {
-                self.fail(PublishError::Unavailable("RabbitMQ refused the ride (nack)".into()))
+                self.fail(PublishError::Uncertain("RabbitMQ refused responsibility for the ride (nack)".into()))
             }
             Ok(Ok(Confirmation::NotRequested)) => {
-                self.fail(PublishError::Unavailable("channel not in confirm mode".into()))
+                self.fail(PublishError::Uncertain("published on a channel not in confirm mode".into()))
             }
-            Ok(Err(e)) => {
+            Ok(Err((sent, e))) => {
                 s.broken.notify_one();
-                self.fail(unavailable(e))
+                if sent {
+                    self.fail(PublishError::Uncertain(format!("RabbitMQ channel failed after the publish: {e}")))
+                } else {
+                    self.fail(unavailable(e))
+                }
             }
             Err(_) => {
                 s.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -714,7 +781,8 @@ pub struct SourceStats {
     pub redelivered: u64,
     /// Rides acked after the WAL fsync.
     pub acked: u64,
-    /// Rides nacked (requeued) because the WAL refused them.
+    /// Rides nacked (requeued): only when the consumer's writer task failed (a WAL failure
+    /// holds the batch instead).
     pub nacked: u64,
     /// Undecodable messages rejected into the dead-letter queue.
     pub dead_lettered: u64,
@@ -1000,6 +1068,12 @@ impl Acker for AmqpAcker {
     async fn nack(self: Box<Self>, error: PublishError) {
         tracing::debug!(cause = %error, "batch nacked; RabbitMQ requeues it");
         self.settle(false).await;
+    }
+
+    /// Every nack costs each ride of the batch one of its deliveries (module doc: the
+    /// delivery limit); holding the batch unacked costs none.
+    fn hold_on_wal_failure(&self) -> bool {
+        true
     }
 }
 

@@ -70,7 +70,9 @@ impl Publisher for EmbeddedPublisher {
                 }
                 result
             }
-            Ok(Err(_)) => Err(PublishError::Unavailable("the consumer stopped".into())),
+            // The consumer took the ride and dropped its answer: it may have reached the WAL.
+            Ok(Err(_)) => Err(PublishError::Uncertain("the consumer stopped before answering".into())),
+            // Still queued or being written: it may be recorded after this answer.
             Err(_) => {
                 self.shared.timeouts.fetch_add(1, Ordering::Relaxed);
                 Err(PublishError::Timeout)
@@ -191,5 +193,18 @@ mod tests {
         p.close();
         assert!(s.next_batch(10).await.is_none());
         assert!(matches!(p.publish(ev(4)).await, Err(PublishError::ShuttingDown)));
+    }
+
+    /// A POST that passes its deadline leaves its ride queued: the consumer still makes it
+    /// durable after the 503, so the error must say "may have been recorded".
+    #[tokio::test]
+    async fn a_ride_past_its_deadline_is_still_recorded_later() {
+        let (p, mut s) = channel(4, Duration::from_millis(30));
+        let answer = p.publish(ev(7)).await;
+        assert!(matches!(answer, Err(PublishError::Timeout)), "{answer:?}");
+        assert!(answer.unwrap_err().may_be_recorded());
+        let batch = s.next_batch(10).await.expect("the ride is still queued");
+        assert_eq!(batch.events.iter().map(|e| e.id).collect::<Vec<_>>(), vec![7]);
+        batch.acker.ack().await; // durable now: the client was told it may be
     }
 }

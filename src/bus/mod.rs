@@ -109,4 +109,14 @@ pub trait Acker: Send {
         let _ = refused;
         self.ack().await
     }
+
+    /// Whether a batch the WAL refused should be held and written again later instead of
+    /// nacked. A broker redelivers a nacked batch at once, and RabbitMQ 4.x dead-letters a
+    /// ride nacked more often than the queue's delivery limit: a failing disk would move
+    /// rides that got their 201 aside. Holding the batch unacked costs nothing there (the
+    /// broker sends no more than the prefetch meanwhile). The embedded bus answers waiting
+    /// clients with its nack, so it refuses at once (`false`, the default).
+    fn hold_on_wal_failure(&self) -> bool {
+        false
+    }
 }

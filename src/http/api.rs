@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use super::{cached_json, fresh_json, AppState};
 use crate::domain::{parse_id, parse_resort, parse_season, validate_ride, DayKey, RideBody, RidePath, SeasonBody};
-use crate::error::ApiError;
+use crate::error::{ApiError, RideOutcome};
 
 type State = web::Data<AppState>;
 type Reply = Result<HttpResponse, ApiError>;
@@ -112,11 +112,14 @@ pub async fn post_ride(
     };
     let path = RidePath { resort: &resort, season: &season, day: &day, skier: &skier };
     let event = validate_ride(&path, &ride, key, &state.catalog, &state.limits)?;
-    let publisher = state.publisher.as_ref().ok_or_else(|| ApiError::Unavailable {
-        message: format!("This node ({}) does not accept rides; send them to a write node", state.roles),
+    let publisher = state.publisher.as_ref().ok_or_else(|| ApiError::RideNotConfirmed {
+        message: format!("Ride not recorded: this node ({}) does not accept rides; send them to a write node", state.roles),
         retry_after_secs: 1,
+        outcome: RideOutcome::NotRecorded,
     })?;
-    publisher.publish(event).await?;
+    // No `Warning` header on keyless answers: RFC 9111 obsoleted it and clients ignore it.
+    // What a keyless client needs is on the 503s: `Ride-Outcome` says whether a retry is safe.
+    publisher.publish(event).await.map_err(|e| ApiError::ride_not_confirmed(e, key.is_some()))?;
     Ok(HttpResponse::Created().finish())
 }
 

@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         durability: Durability::GroupCommit,
         max_bytes: u64::MAX,
         min_free_bytes: 0,
+        truncate_corrupt: false,
     };
 
     // Event bytes vary per record so neither sled nor the CRC sees constant data.

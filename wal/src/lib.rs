@@ -26,14 +26,29 @@
 //! the checkpoint in sequence order: the key must be 8 bytes, the frame must
 //! decode (version, exact length, CRC, see [`frame`]), the seq inside the
 //! frame must equal the key, and the seqs must be exactly `checkpoint+1,
-//! checkpoint+2, ...` with no gap. The first record that fails any check and
-//! **everything after it** are deleted (a torn or corrupt tail is never
-//! replayed and never skipped over, so what is replayed is always a
-//! consistent prefix of what was appended), and `tracing::error!("WAL tail
-//! truncated")` reports how many records and bytes were dropped. Under
-//! `GroupCommit` only records that were never acknowledged can be lost this
-//! way, unless the storage itself corrupted synced data, which the log then
-//! reports loudly. The repair is flushed before `open` returns. The service
+//! checkpoint+2, ...` with no gap. What happens to the first record that
+//! fails any check depends on what follows it:
+//!
+//! * **A torn tail**: no *intact* record (8-byte key, frame that decodes, seq
+//!   inside equal to the key) follows the first bad one. That is what a crash
+//!   can leave (sled recovers a prefix of its operation log, so damage from a
+//!   crash is always at the end, and only records that were never
+//!   acknowledged are there under `GroupCommit`). The bad record and
+//!   everything after it are deleted and `tracing::error!("WAL tail
+//!   truncated")` reports how many records and bytes were dropped.
+//! * **Damage before the end**: intact records follow the bad one (a flipped
+//!   byte or a hole in the middle). No crash does that: the storage corrupted
+//!   synced data, and the intact records after the damage hold rides that
+//!   were acknowledged. `open` refuses with [`WalError::Corrupt`], leaving
+//!   every record after the checkpoint as it was, unless
+//!   [`WalConfig::truncate_corrupt`] (an operator override)
+//!   is set; then it truncates from the first bad record as for a torn tail
+//!   and reports the intact records it deleted in
+//!   [`RecoveryReport::truncated_intact_records`].
+//!
+//! Either way a damaged record is never replayed and never skipped over, so
+//! what is replayed is always a consistent prefix of what was appended. The
+//! repair is flushed before `open` returns. The service
 //! then replays [`Wal::replay`] (records after the checkpoint) and continues
 //! appending at `last_seq + 1`; seqs of a dropped tail are reused, which is
 //! safe because nothing downstream ever saw them.
@@ -91,6 +106,12 @@ pub struct WalConfig {
     /// as fatal for the open database, so running the disk full would need a restart to
     /// recover, while refusing early recovers by itself once space returns. 0 = no check.
     pub min_free_bytes: u64,
+    /// Operator override for damage before the end of the log (see the crate docs): `false`
+    /// (the default) makes [`Wal::open`] refuse with [`WalError::Corrupt`], because
+    /// truncating would delete intact records after the damage, acknowledged ones among
+    /// them; `true` truncates anyway, from the first bad record, and the node starts without
+    /// those rides. A torn tail is truncated either way.
+    pub truncate_corrupt: bool,
 }
 
 /// One replayed record.
@@ -113,6 +134,10 @@ pub struct RecoveryReport {
     pub truncated_records: u64,
     /// Stored bytes (frame values) of those records.
     pub truncated_bytes: u64,
+    /// Of the truncated records, how many were intact themselves and were deleted only
+    /// because damage came before them (non-zero only under
+    /// [`WalConfig::truncate_corrupt`]): rides that may have been acknowledged, lost.
+    pub truncated_intact_records: u64,
 }
 
 /// Point-in-time counters, for metrics and the admin endpoint.
@@ -170,6 +195,30 @@ pub enum WalError {
     /// this error means something it cannot repair safely.
     #[error("WAL decode error: {0}")]
     Decode(String),
+    /// [`Wal::open`] found a damaged record with intact records after it: not a torn tail
+    /// but corruption of synced data, and truncating would delete the intact records,
+    /// acknowledged ones among them. No record after the checkpoint was changed. The
+    /// operator restores the WAL directory from a copy, or accepts the loss with
+    /// [`WalConfig::truncate_corrupt`].
+    #[error(
+        "WAL damaged before its end in {dir}: expected record {expected_seq}, found {reason}; {intact_after} intact \
+         record(s) follow it (up to seq {last_intact_seq}), which may hold acknowledged rides. Refusing to open: \
+         truncating would delete {would_drop} record(s) from seq {expected_seq} on. Restore the directory from a copy, \
+         or accept the loss with the operator override `truncate_corrupt` (liftlog: LIFTLOG_WAL__TRUNCATE_CORRUPT=true), \
+         which truncates from the damage as for a torn tail"
+    )]
+    Corrupt {
+        dir: String,
+        /// The record that should have come next.
+        expected_seq: u64,
+        /// What was found instead.
+        reason: String,
+        /// Intact records after the damage.
+        intact_after: u64,
+        last_intact_seq: u64,
+        /// Records (damaged and intact) that truncating would delete.
+        would_drop: u64,
+    },
 }
 
 impl From<sled::Error> for WalError {
@@ -280,7 +329,9 @@ fn read_checkpoint(meta: &sled::Tree) -> Result<u64, WalError> {
 impl Wal {
     /// Opens (or creates) the log in `cfg.dir` and runs recovery (see the
     /// crate docs): leftovers `<= checkpoint` are deleted, the first invalid
-    /// record after the checkpoint and everything after it are deleted.
+    /// record after the checkpoint and everything after it are deleted when
+    /// they are a torn tail; damage with intact records after it is
+    /// [`WalError::Corrupt`] unless [`WalConfig::truncate_corrupt`] is set.
     pub fn open(cfg: WalConfig) -> Result<(Wal, RecoveryReport), WalError> {
         let started = Instant::now();
         let db = open_db(&cfg.dir)?;
@@ -313,6 +364,8 @@ impl Wal {
         let mut truncate: Vec<sled::IVec> = Vec::new();
         let mut truncated_bytes = 0u64;
         let mut first_bad: Option<(Vec<u8>, String)> = None;
+        // Intact records at or after the first bad one: none means a torn tail.
+        let (mut intact_after, mut last_intact_seq) = (0u64, 0u64);
         let live_iter = match after_cp {
             Some(k) => log.range(k..),
             None => log.range(frame::key(u64::MAX)..frame::key(u64::MAX)),
@@ -330,11 +383,41 @@ impl Wal {
                     Err(reason) => first_bad = Some((k.to_vec(), reason)),
                 }
             }
+            // The first bad record counts too: after a hole it is intact itself.
+            if let Some(seq) = intact(&k, &v) {
+                intact_after += 1;
+                last_intact_seq = seq;
+            }
             truncated_bytes += v.len() as u64;
             truncate.push(k);
         }
         let truncated_records = truncate.len() as u64;
+        if let Some((_, reason)) = first_bad.as_ref().filter(|_| intact_after > 0 && !cfg.truncate_corrupt) {
+            error!(
+                expected_seq = expected,
+                intact_after,
+                last_intact_seq,
+                would_drop = truncated_records,
+                reason = %reason,
+                "WAL damaged before its end; refusing to open (operator override: truncate_corrupt)"
+            );
+            return Err(WalError::Corrupt {
+                dir: cfg.dir.display().to_string(),
+                expected_seq: expected,
+                reason: reason.clone(),
+                intact_after,
+                last_intact_seq,
+                would_drop: truncated_records,
+            });
+        }
+        let truncated_intact_records = intact_after;
         if let Some((bad_key, reason)) = &first_bad {
+            if truncated_intact_records > 0 {
+                error!(
+                    truncated_intact_records,
+                    last_intact_seq, "WAL damaged before its end: intact records truncated by the operator override"
+                );
+            }
             error!(
                 truncated_records,
                 truncated_bytes,
@@ -361,6 +444,7 @@ impl Wal {
             last_seq: (records > 0).then_some(last_valid),
             truncated_records,
             truncated_bytes,
+            truncated_intact_records,
         };
         info!(
             dir = %cfg.dir.display(),
@@ -651,6 +735,13 @@ pub fn free_space(path: &Path) -> Option<u64> {
         let _ = path;
         None
     }
+}
+
+/// The seq of a stored `(key, frame)` pair that is sound on its own (8-byte key, frame that
+/// decodes, seq inside equal to the key), whatever comes before it.
+fn intact(key: &[u8], value: &[u8]) -> Option<u64> {
+    let seq = frame::seq_of_key(key)?;
+    frame::decode(value).ok().filter(|f| f.seq == seq).map(|_| seq)
 }
 
 /// Checks one stored `(key, frame)` pair that should be record `expected`.

@@ -16,6 +16,7 @@ fn open_with(dir: &Path, max_bytes: u64, durability: Durability) -> Wal {
         durability,
         max_bytes,
         min_free_bytes: 0,
+        truncate_corrupt: false,
     })
     .unwrap()
     .0
@@ -102,6 +103,7 @@ fn checkpoint_survives_reopen_and_seq_continues() {
         durability: Durability::GroupCommit,
         max_bytes: u64::MAX,
         min_free_bytes: 0,
+        truncate_corrupt: false,
     })
     .unwrap();
     assert_eq!(report.checkpoint, 6);

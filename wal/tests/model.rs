@@ -42,6 +42,7 @@ fn open(dir: &Path) -> (Wal, liftlog_wal::RecoveryReport) {
         durability: Durability::GroupCommit,
         max_bytes: u64::MAX,
         min_free_bytes: 0,
+        truncate_corrupt: false,
     })
     .unwrap()
 }

@@ -30,6 +30,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         durability: Durability::GroupCommit,
         max_bytes: u64::MAX / 2,
         min_free_bytes: 0,
+        truncate_corrupt: false,
     })
     .map_err(|e| format!("opening the WAL in {}: {e}", dir.display()))?;
     if recovery.records > 0 {
