@@ -685,7 +685,7 @@ async fn a_failing_wal_pauses_the_consumer_instead_of_requeueing() {
     assert_eq!(progress.events.load(Ordering::Relaxed), 1_000, "each ride once");
 
     // Counted: every ride's vertical is in its skier-day.
-    let counted: u64 = registry.all().iter().map(|h| h.read(|d| d.skiers.values().map(|s| s.vertical as u64).sum::<u64>())).sum();
+    let counted: u64 = registry.all().iter().map(|h| h.read(|d| d.skiers.values().map(|s| s.vertical).sum::<u64>())).sum();
     let want: u64 = ids.iter().map(|&id| ride(id).vertical as u64).sum();
     assert_eq!(counted, want);
     for p in 0..cfg.partitions {
