@@ -802,3 +802,371 @@ async fn finish_handoffs(shared: &Shared) {
     })
     .await;
 }
+
+#[cfg(test)]
+mod tests {
+    //! Against DynamoDB Local (`LIFTLOG_TEST_DYNAMODB`), on real time with short leases:
+    //! tokio's `test-util` (paused time) is not enabled in this crate, and the SDK's own
+    //! timeouts would not follow a paused clock anyway.
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use async_trait::async_trait;
+    use aws_sdk_dynamodb::types::{AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType};
+
+    use super::*;
+    use crate::cluster::lease::{DynamoLeases, NodeRow};
+    use crate::tables::dynamo::DynamoConfig;
+
+    const NEEDS: &str = "needs DynamoDB Local (LIFTLOG_TEST_DYNAMODB)";
+    const SHARDS: u16 = 8;
+
+    fn prefix(test: &str) -> String {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+        format!("lease{nanos}_{test}_")
+    }
+
+    async fn dynamo(prefix: &str) -> DynamoLeases {
+        let endpoint = std::env::var("LIFTLOG_TEST_DYNAMODB").unwrap_or_else(|_| panic!("{NEEDS}"));
+        let cfg = DynamoConfig {
+            endpoint: Some(endpoint),
+            table_prefix: prefix.to_string(),
+            max_concurrency: 16,
+            ..DynamoConfig::default()
+        };
+        DynamoLeases::connect(cfg, SHARDS).await.unwrap()
+    }
+
+    /// Short timings, in the proportions of the defaults.
+    fn config(id: &str) -> KeeperConfig {
+        KeeperConfig {
+            lease_duration: Duration::from_millis(3000),
+            renew_interval: Duration::from_millis(1000),
+            scan_interval: Duration::from_millis(250),
+            safety_margin: Duration::from_millis(750),
+            call_timeout: Duration::from_millis(1000),
+            handoff_timeout: Duration::from_millis(2000),
+            max_acquire: 8,
+            max_release: 2,
+            ..KeeperConfig::new(NodeInfo { id: id.into(), endpoint: format!("http://{id}:8080") })
+        }
+    }
+
+    /// A lease store whose requests can be held back, as for a paused or partitioned node
+    /// (or a DynamoDB that stopped answering it).
+    struct Stallable {
+        inner: DynamoLeases,
+        stalled: AtomicBool,
+    }
+
+    impl Stallable {
+        async fn gate(&self) {
+            while self.stalled.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    #[async_trait]
+    impl LeaseStore for Stallable {
+        fn shards(&self) -> u16 {
+            self.inner.shards()
+        }
+        async fn create(&self) -> Result<(), LeaseError> {
+            self.gate().await;
+            self.inner.create().await
+        }
+        async fn snapshot(&self) -> Result<TableSnapshot, LeaseError> {
+            self.gate().await;
+            self.inner.snapshot().await
+        }
+        async fn claim(&self, seen: &LeaseRow, me: &NodeInfo) -> Result<Option<u64>, LeaseError> {
+            self.gate().await;
+            self.inner.claim(seen, me).await
+        }
+        async fn renew(&self, shard: ShardId, me: &str, epoch: u64) -> Result<bool, LeaseError> {
+            self.gate().await;
+            self.inner.renew(shard, me, epoch).await
+        }
+        async fn release(&self, shard: ShardId, me: &str, epoch: u64) -> Result<bool, LeaseError> {
+            self.gate().await;
+            self.inner.release(shard, me, epoch).await
+        }
+        async fn heartbeat(&self, me: &NodeInfo) -> Result<(), LeaseError> {
+            self.gate().await;
+            self.inner.heartbeat(me).await
+        }
+        async fn remove_node(&self, id: &str, seen_counter: Option<u64>) -> Result<bool, LeaseError> {
+            self.gate().await;
+            self.inner.remove_node(id, seen_counter).await
+        }
+    }
+
+    /// Every event with when it arrived.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<(Instant, ShardEvent)>>>);
+
+    impl Log {
+        fn events(&self) -> Vec<(Instant, ShardEvent)> {
+            self.0.lock().clone()
+        }
+
+        fn first(&self, want: impl Fn(&ShardEvent) -> bool) -> Option<(Instant, ShardEvent)> {
+            self.events().into_iter().find(|(_, e)| want(e))
+        }
+    }
+
+    /// A stand-in consumer: logs the events and confirms hand-offs at once.
+    fn consume(handle: KeeperHandle, mut rx: mpsc::UnboundedReceiver<ShardEvent>) -> Log {
+        let log = Log::default();
+        let out = log.clone();
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                log.0.lock().push((Instant::now(), event.clone()));
+                if let ShardEvent::Releasing { shard, epoch } = event {
+                    assert!(handle.fence(shard).is_some(), "the fence holds while a hand-off drains");
+                    assert!(handle.ready_to_release(shard, epoch));
+                }
+            }
+        });
+        out
+    }
+
+    async fn start(id: &str, store: Arc<dyn LeaseStore>) -> (KeeperHandle, Log) {
+        let (handle, rx) = LeaseKeeper::start(config(id), store).await.unwrap();
+        let log = consume(handle.clone(), rx);
+        (handle, log)
+    }
+
+    async fn wait_until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + within;
+        while !done() {
+            assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn held(h: &KeeperHandle) -> BTreeMap<ShardId, u64> {
+        h.fences().into_iter().map(|f| (f.shard, f.epoch)).collect()
+    }
+
+    #[tokio::test]
+    #[ignore = "needs DynamoDB Local (LIFTLOG_TEST_DYNAMODB)"]
+    async fn two_keepers_split_eight_shards_four_and_four() {
+        let p = prefix("split");
+        let (a, _) = start("a", Arc::new(dynamo(&p).await)).await;
+        let (b, _) = start("b", Arc::new(dynamo(&p).await)).await;
+        wait_until("4/4", Duration::from_secs(20), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        // Disjoint, and the map agrees once it is refreshed.
+        assert!(held(&a).keys().all(|s| !held(&b).contains_key(s)));
+        let map = a.map();
+        wait_until("map shows 4/4", Duration::from_secs(5), || {
+            let m = map.borrow();
+            m.counts() == BTreeMap::from([("a", 4), ("b", 4)]) && m.nodes.len() == 2
+        })
+        .await;
+        let m = map.borrow().clone();
+        for (shard, epoch) in held(&b) {
+            let owner = m.owner(shard).unwrap();
+            assert_eq!((owner.node.as_str(), owner.endpoint.as_str(), owner.epoch), ("b", "http://b:8080", epoch));
+        }
+        let stats = a.stats();
+        assert_eq!((stats.held.len(), stats.live_nodes, stats.lost_deadline), (4, 2, 0));
+        // A node with another shard count is refused.
+        let other = DynamoLeases::new(dynamo(&p).await.client().clone(), &p, SHARDS * 2).unwrap();
+        assert!(matches!(other.create().await, Err(LeaseError::ShardCountMismatch { table: 8, configured: 16 })));
+        a.stop().await;
+        b.stop().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs DynamoDB Local (LIFTLOG_TEST_DYNAMODB)"]
+    async fn a_stalled_owner_fences_itself_before_the_other_takes_over_and_its_late_writes_fail() {
+        let p = prefix("stall");
+        let cfg = config("x");
+        let (a, a_log) = start("a", Arc::new(dynamo(&p).await)).await;
+        let b_store = Arc::new(Stallable { inner: dynamo(&p).await, stalled: AtomicBool::new(false) });
+        let (b, b_log) = start("b", b_store.clone()).await;
+        wait_until("4/4", Duration::from_secs(20), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        let b_had = held(&b);
+
+        let stalled_at = Instant::now();
+        b_store.stalled.store(true, Ordering::SeqCst);
+        wait_until("a takes all 8", Duration::from_secs(15), || held(&a).len() == 8).await;
+        assert!(held(&b).is_empty(), "b gives out no fence");
+
+        for (&shard, &old) in &b_had {
+            let (lost_at, lost) = b_log.first(|e| matches!(e, ShardEvent::Lost { shard: s, .. } if *s == shard)).unwrap();
+            assert_eq!(lost, ShardEvent::Lost { shard, epoch: old, reason: LostReason::Deadline });
+            // (a may have held it before, at a lower epoch, and handed it to b)
+            let (taken_at, _) = a_log
+                .first(|e| *e == ShardEvent::Acquired { shard, epoch: old + 1 })
+                .unwrap_or_else(|| panic!("a took {shard} over at epoch {}: {:?}", old + 1, a_log.events()));
+            assert!(lost_at < taken_at, "shard {shard}: b lost it after a took it");
+            // b's last good renewal was sent at most a renew interval before the stall: it
+            // fenced itself within the fence window of that, plus scheduling slack.
+            let fenced_after = lost_at - stalled_at;
+            assert!(fenced_after <= cfg.fence_window() + Duration::from_millis(300), "fenced after {fenced_after:?}");
+            // a waited for the whole lease from a renewal sent no earlier than that.
+            let taken_after = taken_at - stalled_at;
+            assert!(taken_after >= cfg.lease_duration - cfg.renew_interval, "taken after {taken_after:?}");
+            assert!(taken_at - lost_at >= cfg.safety_margin - cfg.renew_interval / 2, "margin {:?}", taken_at - lost_at);
+            eprintln!("shard {shard}: fenced {fenced_after:?} and taken {taken_after:?} after the stall");
+        }
+
+        // The zombie's renewal and its fenced data write are refused.
+        let (&shard, &old) = b_had.iter().next().unwrap();
+        assert!(!b_store.inner.renew(shard, "b", old).await.unwrap(), "stale renew refused");
+        assert!(!b_store.inner.release(shard, "b", old).await.unwrap(), "stale release refused");
+        let new = Fence { shard, epoch: held(&a)[&shard] };
+        fenced_writes(b_store.inner.client(), &p, new, Fence { shard, epoch: old }).await;
+
+        // Back from the pause, b rejoins and gets its share by hand-off, under new epochs.
+        b_store.stalled.store(false, Ordering::SeqCst);
+        wait_until("4/4 again", Duration::from_secs(25), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        for (shard, epoch) in held(&b) {
+            assert!(epoch >= 3, "shard {shard} back at epoch {epoch}: b, a, b");
+        }
+        a.stop().await;
+        b.stop().await;
+    }
+
+    /// The contract of ADR 005 on a real table: the new owner writes, the old one cannot.
+    async fn fenced_writes(client: &aws_sdk_dynamodb::Client, prefix: &str, new: Fence, old: Fence) {
+        let table = format!("{prefix}FenceProbe");
+        client
+            .create_table()
+            .table_name(&table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .key_schema(KeySchemaElement::builder().attribute_name("K").key_type(KeyType::Hash).build().unwrap())
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("K")
+                    .attribute_type(aws_sdk_dynamodb::types::ScalarAttributeType::S)
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        // A put like the flusher's: the item carries the epoch and its version.
+        let put = |fence: Fence, version: u64| {
+            let (attr, epoch) = fence.item_attribute();
+            let (name, attr_name) = Fence::name_binding();
+            let (value, bound) = fence.value_binding();
+            client
+                .put_item()
+                .table_name(&table)
+                .item("K", AttributeValue::S("1#2025#1".into()))
+                .item(attr, epoch)
+                .item("Version", AttributeValue::N(version.to_string()))
+                .condition_expression(Fence::versioned_condition("#v", ":v"))
+                .expression_attribute_names(name, attr_name)
+                .expression_attribute_names("#v", "Version")
+                .expression_attribute_values(value, bound)
+                .expression_attribute_values(":v", AttributeValue::N(version.to_string()))
+                .send()
+        };
+        let refused = |r: Result<_, aws_sdk_dynamodb::error::SdkError<_>>| match r {
+            Ok(_) => false,
+            Err(e) => {
+                let e: aws_sdk_dynamodb::error::SdkError<aws_sdk_dynamodb::operation::put_item::PutItemError> = e;
+                assert!(e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()), "{e:?}");
+                true
+            }
+        };
+        assert!(!refused(put(old, 10).await), "first touch by anyone is allowed");
+        assert!(!refused(put(new, 3).await), "a newer epoch wins over a higher version");
+        assert!(refused(put(old, 50).await), "the stale owner's write fails, whatever its version");
+        assert!(!refused(put(new, 4).await), "the owner's next version");
+        assert!(refused(put(new, 4).await), "the same version again is stale");
+        let plain = client
+            .put_item()
+            .table_name(&table)
+            .item("K", AttributeValue::S("other".into()))
+            .item(old.item_attribute().0, old.item_attribute().1)
+            .condition_expression(Fence::condition())
+            .expression_attribute_names(Fence::name_binding().0, Fence::name_binding().1)
+            .expression_attribute_values(new.value_binding().0, new.value_binding().1)
+            .send()
+            .await;
+        assert!(plain.is_ok(), "the epoch-only fragment is valid DynamoDB syntax: {plain:?}");
+    }
+
+    #[tokio::test]
+    #[ignore = "needs DynamoDB Local (LIFTLOG_TEST_DYNAMODB)"]
+    async fn a_joining_node_gets_shards_by_cooperative_hand_off_with_an_epoch_bump() {
+        let p = prefix("handoff");
+        let (a, a_log) = start("a", Arc::new(dynamo(&p).await)).await;
+        wait_until("a holds 8", Duration::from_secs(15), || held(&a).len() == 8).await;
+        let before = held(&a);
+        let (b, b_log) = start("b", Arc::new(dynamo(&p).await)).await;
+        let joined = Instant::now();
+        wait_until("4/4", Duration::from_secs(20), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        // Well before any lease could have expired: the shards moved by hand-off.
+        assert!(joined.elapsed() < config("a").lease_duration * 3);
+        for (shard, epoch) in held(&b) {
+            assert_eq!(epoch, before[&shard] + 1, "shard {shard}");
+            let (released_at, _) = a_log
+                .first(|e| *e == ShardEvent::Released { shard, epoch: before[&shard] })
+                .unwrap_or_else(|| panic!("a released {shard}"));
+            let (releasing_at, _) =
+                a_log.first(|e| *e == ShardEvent::Releasing { shard, epoch: before[&shard] }).unwrap();
+            let (acquired_at, _) = b_log.first(|e| *e == ShardEvent::Acquired { shard, epoch }).unwrap();
+            assert!(releasing_at <= released_at && released_at < acquired_at);
+        }
+        assert!(a_log.events().iter().all(|(_, e)| !matches!(e, ShardEvent::Lost { .. })), "{:?}", a_log.events());
+        // Hand-offs were bounded per round.
+        assert!(a.stats().released == 4 && a.stats().rounds >= 2);
+
+        // b leaves (SIGTERM): everything goes back to a by hand-off, b's row is gone.
+        let b_had = held(&b);
+        b.stop().await;
+        assert!(held(&b).is_empty());
+        wait_until("a holds 8 again", Duration::from_secs(15), || held(&a).len() == 8).await;
+        for (shard, epoch) in b_had {
+            assert_eq!(held(&a)[&shard], epoch + 1);
+            // (the stand-in consumer logs asynchronously)
+            wait_until(&format!("b logs Released {shard}: {:?}", b_log.events()), Duration::from_secs(2), || {
+                b_log.first(|e| *e == ShardEvent::Released { shard, epoch }).is_some()
+            })
+            .await;
+        }
+        let rows = dynamo(&p).await.snapshot().await.unwrap();
+        let ids: Vec<&NodeRow> = rows.nodes.iter().collect();
+        assert_eq!(ids.iter().map(|n| n.id.as_str()).collect::<Vec<_>>(), ["a"]);
+        a.stop().await;
+    }
+
+    #[tokio::test]
+    #[ignore = "needs DynamoDB Local (LIFTLOG_TEST_DYNAMODB)"]
+    async fn a_crashed_nodes_shards_are_taken_over_after_expiry_and_its_row_removed() {
+        let p = prefix("crash");
+        let (a, _) = start("a", Arc::new(dynamo(&p).await)).await;
+        let (b, _) = start("b", Arc::new(dynamo(&p).await)).await;
+        wait_until("4/4", Duration::from_secs(20), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        b.abort();
+        let crashed = Instant::now();
+        wait_until("a holds 8", Duration::from_secs(15), || held(&a).len() == 8).await;
+        let cfg = config("a");
+        assert!(crashed.elapsed() >= cfg.lease_duration - cfg.renew_interval, "{:?}", crashed.elapsed());
+        assert!(a.stats().taken_over >= 4);
+        wait_until("b's row removed", Duration::from_secs(5), || a.stats().dead_nodes_removed == 1).await;
+        a.stop().await;
+    }
+
+    #[test]
+    fn timings_that_would_fence_a_healthy_node_are_rejected() {
+        let ok = config("a");
+        assert!(ok.validate().is_ok());
+        assert!(KeeperConfig::new(ok.node.clone()).validate().is_ok(), "the defaults");
+        for bad in [
+            KeeperConfig { safety_margin: ok.lease_duration, ..ok.clone() },
+            KeeperConfig { renew_interval: ok.lease_duration, ..ok.clone() },
+            KeeperConfig { call_timeout: ok.renew_interval * 2, ..ok.clone() },
+            KeeperConfig { node: NodeInfo { id: "a#b".into(), endpoint: String::new() }, ..ok.clone() },
+        ] {
+            assert!(matches!(bad.validate(), Err(LeaseError::Config(_))), "{bad:?}");
+        }
+    }
+}
