@@ -54,6 +54,11 @@ impl<K: Eq + Hash + Clone, V: Eq + Clone> ExpiryObserver<K, V> {
         }
     }
 
+    /// Whether `key` has been observed (and not forgotten).
+    pub fn knows(&self, key: &K) -> bool {
+        self.seen.contains_key(key)
+    }
+
     /// Whether `key` is expired at `now` with the value last observed (false if never seen).
     pub fn is_expired(&self, key: &K, now: Instant) -> bool {
         self.seen.get(key).is_some_and(|(_, since)| now.saturating_duration_since(*since) >= self.lease_duration)

@@ -30,9 +30,11 @@
 //! Membership: one heartbeat row per node (`node#{id}`), its counter bumped every
 //! `renew_interval` and judged by the same observer as the leases; a row unchanged for a
 //! lease duration is a dead node, whose row any node deletes (conditional on the counter it
-//! saw). A node is live from its first heartbeat until its row expires or it leaves.
+//! saw). A node is live from its first heartbeat until its row expires or it leaves; one
+//! that appears while this keeper runs counts for hand-offs only after its heartbeat has
+//! advanced once (damping for flapping nodes).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -514,6 +516,9 @@ async fn renewer(shared: &Shared) {
 struct RoundState {
     leases: ExpiryObserver<ShardId, (u64, u64)>,
     nodes: ExpiryObserver<String, u64>,
+    /// Nodes that appeared after our first scan, with the heartbeat counter first seen:
+    /// they count for the balancer only once the counter has moved (see `round`).
+    joining: HashMap<String, u64>,
     generation: u64,
 }
 
@@ -523,6 +528,7 @@ async fn rounds(shared: &Shared) {
     let mut state = RoundState {
         leases: ExpiryObserver::new(cfg.lease_duration),
         nodes: ExpiryObserver::new(cfg.lease_duration),
+        joining: HashMap::new(),
         generation: 0,
     };
     let mut stop = shared.stop.subscribe();
@@ -568,7 +574,9 @@ async fn round(shared: &Shared, state: &mut RoundState, leaving: bool) {
     state.generation += 1;
     let TableSnapshot { shards: rows, nodes } = snapshot;
 
-    // Membership.
+    // Membership. A node that shows up after our first scan is live for forwarding at once
+    // but counts for the balancer only once its heartbeat has advanced: a node that
+    // flaps (one heartbeat, then silence) or a stale row does not trigger hand-offs.
     let mut live: Vec<String> = Vec::new();
     let mut live_info: Vec<NodeInfo> = Vec::new();
     let mut dead = Vec::new();
@@ -576,15 +584,26 @@ async fn round(shared: &Shared, state: &mut RoundState, leaving: bool) {
         if node.id == me {
             continue;
         }
+        let first_seen = !state.nodes.knows(&node.id);
         if state.nodes.observe(&node.id, &node.counter, now) {
             dead.push((node.id.clone(), node.counter));
-        } else {
-            live.push(node.id.clone());
-            live_info.push(NodeInfo { id: node.id.clone(), endpoint: node.endpoint.clone() });
+            continue;
+        }
+        live_info.push(NodeInfo { id: node.id.clone(), endpoint: node.endpoint.clone() });
+        if first_seen && state.generation > 1 {
+            state.joining.insert(node.id.clone(), node.counter);
+        }
+        match state.joining.get(&node.id) {
+            Some(&counter) if counter == node.counter => {} // not proven alive yet
+            _ => {
+                state.joining.remove(&node.id);
+                live.push(node.id.clone());
+            }
         }
     }
     let present: HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
     state.nodes.retain(|id| present.contains(id.as_str()));
+    state.joining.retain(|id, _| present.contains(id.as_str()));
     if !leaving {
         live.push(me.to_string());
         live_info.push(cfg.node.clone());
@@ -777,11 +796,15 @@ fn start_handoffs(shared: &Shared, shards: impl Iterator<Item = ShardId>) {
 async fn finish_handoffs(shared: &Shared) {
     let cfg = &shared.cfg;
     let now = Instant::now();
+    let listeners_gone = shared.events.is_closed();
     let due: Vec<(ShardId, u64)> = {
         let mut held = shared.held.lock();
         held.iter_mut()
             .filter(|(_, h)| {
-                h.draining.is_some_and(|since| h.ready || now.saturating_duration_since(since) >= cfg.handoff_timeout)
+                // Nobody listening to the events (no consumer) means nothing to wait for.
+                h.draining.is_some_and(|since| {
+                    h.ready || listeners_gone || now.saturating_duration_since(since) >= cfg.handoff_timeout
+                })
             })
             .map(|(&s, h)| {
                 h.releasing = true; // no fence from here on, even if the release fails
