@@ -1178,6 +1178,39 @@ mod tests {
         a.stop().await;
     }
 
+    #[tokio::test]
+    #[ignore = "needs DynamoDB Local (LIFTLOG_TEST_DYNAMODB)"]
+    async fn a_lease_taken_behind_the_owners_back_is_lost_at_once_and_an_orphan_is_released() {
+        let p = prefix("thief");
+        let (a, a_log) = start("a", Arc::new(dynamo(&p).await)).await;
+        wait_until("a holds 8", Duration::from_secs(15), || held(&a).len() == 8).await;
+        let store = dynamo(&p).await;
+        // Someone claims shard 0 on the exact row (as a takeover would) without waiting.
+        let row = store.snapshot().await.unwrap().shards[0].clone();
+        let thief = NodeInfo { id: "thief".into(), endpoint: "http://thief".into() };
+        let epoch = store.claim(&row, &thief).await.unwrap().expect("the exact row is claimable");
+        assert_eq!(store.claim(&row, &thief).await.unwrap(), None, "the same row twice: the second fails");
+        let cfg = config("a");
+        wait_until("a loses shard 0", cfg.renew_interval + cfg.scan_interval * 2, || a.fence(0).is_none()).await;
+        wait_until("a logs it", Duration::from_secs(1), || {
+            a_log.first(|e| matches!(e, ShardEvent::Lost { shard: 0, reason: LostReason::Refused | LostReason::Stolen, .. })).is_some()
+        })
+        .await;
+        assert_eq!(held(&a).len(), 7);
+        // A row that names "a" but that a does not hold (as after a restart under the same
+        // id) is released, so that the next owner bumps the epoch; a then reclaims it.
+        let row = store.snapshot().await.unwrap().shards[0].clone();
+        assert_eq!((row.owner.as_deref(), row.epoch), (Some("thief"), epoch));
+        let as_a = NodeInfo { id: "a".into(), endpoint: "http://elsewhere".into() };
+        let orphan_epoch = store.claim(&row, &as_a).await.unwrap().unwrap();
+        wait_until("a reclaims 0 past the orphan", Duration::from_secs(5), || {
+            a.fence(0).is_some_and(|f| f.epoch == orphan_epoch + 1)
+        })
+        .await;
+        assert!(a.stats().orphans_released >= 1);
+        a.stop().await;
+    }
+
     #[test]
     fn timings_that_would_fence_a_healthy_node_are_rejected() {
         let ok = config("a");
