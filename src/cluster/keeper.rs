@@ -236,6 +236,9 @@ pub struct KeeperStats {
     pub orphans_released: u64,
     pub dead_nodes_removed: u64,
     pub last_round_ms: u64,
+    /// How old the [`ShardMap`] is; `None` before the first successful scan. A forwarder
+    /// should distrust a map much older than a lease.
+    pub map_age_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -258,6 +261,8 @@ struct Shared {
     stats: Mutex<KeeperStats>,
     events: mpsc::UnboundedSender<ShardEvent>,
     map: watch::Sender<Arc<ShardMap>>,
+    /// When the last scan (and so the [`ShardMap`]) succeeded.
+    last_scan: Mutex<Option<Instant>>,
     /// Wakes the watchdog when a shard with a new deadline is added.
     deadlines: Notify,
     stop: watch::Sender<bool>,
@@ -288,6 +293,7 @@ impl LeaseKeeper {
             stats: Mutex::new(stats),
             events,
             map,
+            last_scan: Mutex::new(None),
             deadlines: Notify::new(),
             stop,
         });
@@ -353,6 +359,7 @@ impl KeeperHandle {
     pub fn stats(&self) -> KeeperStats {
         let now = Instant::now();
         let mut stats = self.shared.stats.lock().clone();
+        stats.map_age_ms = self.shared.last_scan.lock().map(|at| now.saturating_duration_since(at).as_millis() as u64);
         stats.held = self
             .shared
             .held
@@ -559,7 +566,12 @@ async fn rounds(shared: &Shared) {
 async fn round(shared: &Shared, state: &mut RoundState, leaving: bool) {
     let cfg = &shared.cfg;
     let me = cfg.node.id.as_str();
-    // Hand-offs first: they need no scan, and a stop should not wait for one.
+    // Hand-offs first: they need no scan, and a stop must not wait for one (with the table
+    // unreachable the watchdog ends them).
+    if leaving {
+        let all: Vec<ShardId> = shared.held.lock().keys().copied().collect();
+        start_handoffs(shared, all.into_iter());
+    }
     finish_handoffs(shared).await;
 
     let snapshot = match timed(shared, shared.store.snapshot()).await {
@@ -571,6 +583,7 @@ async fn round(shared: &Shared, state: &mut RoundState, leaving: bool) {
         }
     };
     let now = Instant::now();
+    *shared.last_scan.lock() = Some(now);
     state.generation += 1;
     let TableSnapshot { shards: rows, nodes } = snapshot;
 
@@ -676,7 +689,6 @@ async fn round(shared: &Shared, state: &mut RoundState, leaving: bool) {
     .await;
 
     if leaving {
-        start_handoffs(shared, held.keys().copied());
         return;
     }
     let p = plan(&BalanceInput {
@@ -995,6 +1007,8 @@ mod tests {
         }
         let stats = a.stats();
         assert_eq!((stats.held.len(), stats.live_nodes, stats.lost_deadline), (4, 2, 0));
+        assert!(stats.map_age_ms.is_some_and(|ms| ms < 1000), "{stats:?}");
+        assert!(stats.held.iter().all(|h| h.fence_in_ms > 0 && !h.draining), "{stats:?}");
         // A node with another shard count is refused.
         let other = DynamoLeases::new(dynamo(&p).await.client().clone(), &p, SHARDS * 2).unwrap();
         assert!(matches!(other.create().await, Err(LeaseError::ShardCountMismatch { table: 8, configured: 16 })));
