@@ -9,6 +9,7 @@
 //! Module map:
 //! - [`config`]: the configuration, one section per subsystem (defaults ← file ← env ← flags).
 //! - [`catalog`]: resorts and their lifts' vertical rise.
+//! - [`cluster`]: shard leases in DynamoDB, fencing epochs, the balancer and the lease keeper.
 //! - [`domain`]: ride events, aggregate keys, validation, event ids.
 //! - [`error`]: error enums per layer and the one mapping to HTTP.
 //! - [`bus`]: publisher/consumer traits and the embedded in-process bus.
@@ -22,6 +23,7 @@
 pub mod actors;
 pub mod bus;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod error;
