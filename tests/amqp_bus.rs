@@ -23,7 +23,7 @@ use liftlog::actors::consumer::{AckAfter, Consumer, Progress};
 use liftlog::actors::registry::Registry;
 use liftlog::actors::season_index::SeasonIndex;
 use liftlog::actors::seasons::SeasonBook;
-use liftlog::bus::amqp::{declare_topology, partition_of, AmqpConfig, AmqpPublisher, AmqpSource, DEFAULT_DELIVERY_LIMIT};
+use liftlog::bus::amqp::{declare_topology, AmqpConfig, AmqpPublisher, AmqpSource, DEFAULT_DELIVERY_LIMIT};
 use liftlog::bus::{Batch, EventSource, Publisher, Stop};
 use liftlog::domain::RideEvent;
 use liftlog::error::PublishError;
@@ -318,7 +318,7 @@ async fn poison_message_is_dead_lettered_and_skipped() {
 
     // Garbage straight into the partition queue of the good ride that follows it.
     let good = ride(30_001);
-    let queue = cfg.partition_queue(partition_of(&good.key(), cfg.partitions));
+    let queue = cfg.partition_queue(good.key().partition(cfg.partitions));
     let conn = Connection::connect(&cfg.url, ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();

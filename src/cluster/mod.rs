@@ -1,7 +1,7 @@
 //! Cluster sharding: which consumer node owns which shard, under leases in DynamoDB that
 //! double as fencing tokens (issue 12, ADR 005).
 //!
-//! A shard is one partition queue of [`crate::bus::amqp`] (`partition_of(key, shards)`), so
+//! A shard is one partition queue of [`crate::bus::amqp`] (`DayKey::partition(shards)`), so
 //! a resort-day is in exactly one shard and the shard count is fixed per cluster (default
 //! [`DEFAULT_SHARDS`]; it is recorded in the lease table and a node with another count
 //! refuses to start).

@@ -1,0 +1,295 @@
+//! The publisher: confirm-mode channels, a bound on publishes in flight, and a supervisor
+//! that reconnects and refreshes the queue depth (see the module doc of [`super`]).
+
+use async_trait::async_trait;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::codec::{encode_event, message_id, CONTENT_TYPE};
+use super::connection::{close_in_background, connect, first_poll_locked, unavailable, AmqpError, Reconnect};
+use super::topology::{declare_on, queue_depths};
+use super::{AmqpConfig, DEPTH_EVERY};
+use crate::bus::{BusStats, Publisher};
+use crate::domain::RideEvent;
+use crate::error::PublishError;
+
+/// How often the supervisor checks a connection nobody reported broken.
+const HEALTH_EVERY: Duration = Duration::from_millis(500);
+
+struct PubChannel {
+    channel: Channel,
+    /// Serialises the synchronous part of `basic_publish` (see the module doc).
+    order: parking_lot::Mutex<()>,
+}
+
+/// One connection and its channels. Dropped (closing the connection) once replaced and no
+/// publish uses it any more.
+struct PubSession {
+    conn: Option<Connection>,
+    channels: Vec<PubChannel>,
+    admin: parking_lot::Mutex<Option<Channel>>,
+}
+
+impl PubSession {
+    async fn open(cfg: &AmqpConfig) -> Result<PubSession, AmqpError> {
+        let conn = connect(cfg, "publisher").await?;
+        let admin = conn.create_channel().await?;
+        // Built up in place so that a failure half-way closes what was opened (Drop).
+        let mut session = PubSession { conn: Some(conn), channels: Vec::new(), admin: parking_lot::Mutex::new(None) };
+        *session.admin.lock() = Some(admin.clone());
+        declare_on(&admin, cfg).await?;
+        let conn = session.conn.as_ref().expect("just set");
+        for _ in 0..cfg.publish_channels.max(1) {
+            let channel = conn.create_channel().await?;
+            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            session.channels.push(PubChannel { channel, order: parking_lot::Mutex::new(()) });
+        }
+        Ok(session)
+    }
+
+    fn healthy(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.status().connected())
+            && self.channels.iter().all(|c| c.channel.status().connected())
+    }
+
+    async fn admin_channel(&self) -> Result<Channel, AmqpError> {
+        if let Some(ch) = self.admin.lock().as_ref().filter(|c| c.status().connected()) {
+            return Ok(ch.clone());
+        }
+        let conn = self.conn.as_ref().ok_or(AmqpError::Closed)?;
+        let ch = conn.create_channel().await?;
+        *self.admin.lock() = Some(ch.clone());
+        Ok(ch)
+    }
+}
+
+impl Drop for PubSession {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let mut channels: Vec<Channel> = self.channels.iter().map(|c| c.channel.clone()).collect();
+            channels.extend(self.admin.lock().take());
+            close_in_background(conn, channels);
+        }
+    }
+}
+
+struct PubShared {
+    cfg: AmqpConfig,
+    exchange: ShortString,
+    routing_keys: Vec<ShortString>,
+    permits: Semaphore,
+    session: parking_lot::RwLock<Option<Arc<PubSession>>>,
+    next_channel: AtomicUsize,
+    closed: AtomicBool,
+    /// Woken by a publish that found the connection broken.
+    broken: Notify,
+    published: AtomicU64,
+    rejected_full: AtomicU64,
+    timeouts: AtomicU64,
+    unavailable: AtomicU64,
+    reconnects: AtomicU64,
+    depth: AtomicU64,
+}
+
+/// Publishes rides to RabbitMQ and returns once the broker confirmed them (see the module
+/// doc). Cheap to share behind an `Arc`; `publish` may be called from any tokio runtime.
+pub struct AmqpPublisher {
+    shared: Arc<PubShared>,
+    supervisor: JoinHandle<()>,
+}
+
+impl AmqpPublisher {
+    /// Connects, declares the topology and starts the background reconnect/depth task
+    /// (on the current tokio runtime). Fails if the broker is unreachable now.
+    pub async fn connect(cfg: AmqpConfig) -> Result<Self, PublishError> {
+        let session = PubSession::open(&cfg).await.map_err(unavailable)?;
+        let partitions = cfg.partition_count();
+        let shared = Arc::new(PubShared {
+            exchange: cfg.rides_exchange().into(),
+            routing_keys: (0..partitions).map(|p| p.to_string().into()).collect(),
+            permits: Semaphore::new(cfg.max_in_flight.max(1)),
+            session: parking_lot::RwLock::new(Some(Arc::new(session))),
+            next_channel: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            broken: Notify::new(),
+            published: AtomicU64::new(0),
+            rejected_full: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            unavailable: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            depth: AtomicU64::new(0),
+            cfg,
+        });
+        let supervisor = tokio::spawn(supervise_publisher(Arc::downgrade(&shared)));
+        Ok(AmqpPublisher { shared, supervisor })
+    }
+
+    /// True while a healthy broker connection is installed.
+    pub fn connected(&self) -> bool {
+        self.shared.session.read().as_ref().is_some_and(|s| s.healthy())
+    }
+
+    /// Successful reconnects since `connect`.
+    pub fn reconnects(&self) -> u64 {
+        self.shared.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Publishes that failed as `Unavailable` or `Uncertain` (broker down, nack, unroutable,
+    /// channel broken).
+    pub fn unavailable_count(&self) -> u64 {
+        self.shared.unavailable.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, e: PublishError) -> Result<(), PublishError> {
+        if matches!(e, PublishError::Unavailable(_) | PublishError::Uncertain(_)) {
+            self.shared.unavailable.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e)
+    }
+}
+
+impl Drop for AmqpPublisher {
+    fn drop(&mut self) {
+        self.supervisor.abort();
+        // In-flight publishes hold their session; the connection closes after them.
+        self.shared.session.write().take();
+    }
+}
+
+#[async_trait]
+impl Publisher for AmqpPublisher {
+    async fn publish(&self, event: RideEvent) -> Result<(), PublishError> {
+        let s = &*self.shared;
+        if s.closed.load(Ordering::Acquire) {
+            return Err(PublishError::ShuttingDown);
+        }
+        let Ok(_permit) = s.permits.try_acquire() else {
+            s.rejected_full.fetch_add(1, Ordering::Relaxed);
+            return Err(PublishError::Overloaded);
+        };
+        let Some(session) = s.session.read().clone() else {
+            return self.fail(PublishError::Unavailable("no connection to RabbitMQ (reconnecting)".into()));
+        };
+        let pc = &session.channels[s.next_channel.fetch_add(1, Ordering::Relaxed) % session.channels.len()];
+        if !pc.channel.status().connected() {
+            s.broken.notify_one();
+            return self.fail(PublishError::Unavailable("RabbitMQ channel closed (reconnecting)".into()));
+        }
+        let body = encode_event(&event);
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(CONTENT_TYPE.into())
+            .with_message_id(message_id(event.id).into());
+        let routing_key = s.routing_keys[event.key().partition(s.routing_keys.len() as u16) as usize].clone();
+        // Err(false, _): the frames never left, the ride is not recorded. Err(true, _): they
+        // were sent and the confirm failed, so the broker may hold it.
+        let confirmed = async {
+            let publish = pc.channel.basic_publish(
+                s.exchange.clone(),
+                routing_key,
+                BasicPublishOptions { mandatory: true, immediate: false },
+                &body,
+                props,
+            );
+            let confirm = first_poll_locked(&pc.order, publish).await.map_err(|e| (false, e))?;
+            confirm.await.map_err(|e| (true, e))
+        };
+        match tokio::time::timeout(s.cfg.confirm_timeout, confirmed).await {
+            Ok(Ok(Confirmation::Ack(None))) => {
+                s.published.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => self.fail(PublishError::Unavailable(format!(
+                "RabbitMQ returned the ride as unroutable ({} {})",
+                returned.reply_code, returned.reply_text
+            ))),
+            Ok(Ok(Confirmation::Nack(_))) => {
+                self.fail(PublishError::Uncertain("RabbitMQ refused responsibility for the ride (nack)".into()))
+            }
+            Ok(Ok(Confirmation::NotRequested)) => {
+                self.fail(PublishError::Uncertain("published on a channel not in confirm mode".into()))
+            }
+            Ok(Err((sent, e))) => {
+                s.broken.notify_one();
+                if sent {
+                    self.fail(PublishError::Uncertain(format!("RabbitMQ channel failed after the publish: {e}")))
+                } else {
+                    self.fail(unavailable(e))
+                }
+            }
+            Err(_) => {
+                s.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(PublishError::Timeout)
+            }
+        }
+    }
+
+    fn stats(&self) -> BusStats {
+        let s = &*self.shared;
+        BusStats {
+            kind: "amqp",
+            depth: s.depth.load(Ordering::Relaxed) as usize,
+            capacity: s.cfg.max_in_flight,
+            published: s.published.load(Ordering::Relaxed),
+            rejected_full: s.rejected_full.load(Ordering::Relaxed),
+            timeouts: s.timeouts.load(Ordering::Relaxed),
+            admission: None,
+        }
+    }
+
+    fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+    }
+}
+
+/// Watches the connection, reconnects, refreshes the depth. Ends when the publisher is
+/// dropped (it only holds a weak reference between rounds).
+async fn supervise_publisher(weak: Weak<PubShared>) {
+    let mut last_depth: Option<Instant> = None;
+    let mut reconnect = None;
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        let session = shared.session.read().clone();
+        match session.filter(|s| s.healthy()) {
+            Some(session) => {
+                if last_depth.is_none_or(|t| t.elapsed() >= DEPTH_EVERY) {
+                    last_depth = Some(Instant::now());
+                    let depth = match session.admin_channel().await {
+                        Ok(ch) => tokio::time::timeout(DEPTH_EVERY, queue_depths(&ch, &shared.cfg)).await.ok(),
+                        Err(_) => None,
+                    };
+                    let total = depth.and_then(Result::ok).map(|d| d.iter().sum::<u64>()).unwrap_or(0);
+                    shared.depth.store(total, Ordering::Relaxed);
+                }
+                drop(session);
+                let since = last_depth.map_or(DEPTH_EVERY, |t| t.elapsed());
+                let wait = HEALTH_EVERY.min(DEPTH_EVERY.saturating_sub(since));
+                tokio::select! {
+                    _ = shared.broken.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            None => {
+                // Broken (or never replaced): drop it so publishes fail fast, then reconnect.
+                shared.session.write().take();
+                let rc = reconnect.get_or_insert_with(|| Reconnect::new("publisher", &shared.cfg.prefix));
+                rc.lost("no healthy session", "rides are refused (503) until it is back");
+                shared.depth.store(0, Ordering::Relaxed);
+                let cfg = shared.cfg.clone();
+                drop(shared);
+                if let Some(session) = rc.attempt(PubSession::open(&cfg), None).await {
+                    let Some(shared) = weak.upgrade() else { return };
+                    *shared.session.write() = Some(Arc::new(session));
+                    shared.reconnects.fetch_add(1, Ordering::Relaxed);
+                    last_depth = None;
+                }
+            }
+        }
+    }
+}
