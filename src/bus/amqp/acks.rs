@@ -25,14 +25,15 @@ pub(super) fn make_batch(items: Vec<Item>, counters: Arc<SourceCounters>) -> Bat
     // before the next connection is opened.
     let epoch = items.iter().map(|i| i.session.generation).max().unwrap_or(0);
     for item in items {
-        events.push(item.event);
+        let n = item.events.len() as u64;
+        events.extend(item.events);
         let found = groups.iter_mut().find(|g| g.part == item.part && Arc::ptr_eq(&g.session, &item.session));
         match found {
             Some(g) => {
                 g.max_tag = g.max_tag.max(item.tag);
-                g.count += 1;
+                g.count += n;
             }
-            None => groups.push(AckGroup { session: item.session, part: item.part, max_tag: item.tag, count: 1 }),
+            None => groups.push(AckGroup { session: item.session, part: item.part, max_tag: item.tag, count: n }),
         }
     }
     Batch { events, acker: Box::new(AmqpAcker { groups, counters }), epoch }

@@ -5,8 +5,12 @@ use lapin::message::Delivery;
 
 use crate::domain::RideEvent;
 
-/// The `content_type` of every ride message.
+/// The `content_type` of a message holding one ride.
 pub const CONTENT_TYPE: &str = "application/x-bincode";
+/// The `content_type` of a message holding a batch of rides for one partition: a bincode
+/// `Vec<RideEvent>`. Its `message_id` is a hash of the body, so a body that changed on the
+/// way is refused like a single ride whose id does not match.
+pub const CONTENT_TYPE_BATCH: &str = "application/x-liftlog-rides";
 
 /// The message body of a ride: bincode 2, serde, standard configuration.
 pub fn encode_event(event: &RideEvent) -> Vec<u8> {
@@ -28,12 +32,43 @@ pub(super) fn message_id(id: u64) -> String {
     format!("{id:016x}")
 }
 
-/// Checks and decodes one delivery (see the module doc for what is accepted).
-pub(super) fn check_delivery(d: &Delivery) -> Result<RideEvent, String> {
-    if let Some(ct) = d.properties.content_type() {
-        if ct.as_str() != CONTENT_TYPE {
-            return Err(format!("content type {:?}", ct.as_str()));
+/// The body of a batch of rides.
+pub fn encode_batch(events: &[RideEvent]) -> Vec<u8> {
+    bincode::serde::encode_to_vec(events, bincode::config::standard()).expect("rides always encode")
+}
+
+/// Decodes a batch body; trailing bytes and an empty batch are errors.
+pub fn decode_batch(body: &[u8]) -> Result<Vec<RideEvent>, String> {
+    let (events, used): (Vec<RideEvent>, usize) =
+        bincode::serde::decode_from_slice(body, bincode::config::standard()).map_err(|e| e.to_string())?;
+    if used != body.len() {
+        return Err(format!("{} trailing bytes after the rides", body.len() - used));
+    }
+    if events.is_empty() {
+        return Err("an empty batch".into());
+    }
+    Ok(events)
+}
+
+/// The `message_id` of a batch: its body's hash.
+pub(super) fn batch_id(body: &[u8]) -> String {
+    message_id(xxhash_rust::xxh3::xxh3_64(body))
+}
+
+/// Checks and decodes one delivery (see the module doc for what is accepted): one ride, or
+/// a batch. Both formats are read, so writers and consumers can be upgraded in any order.
+pub(super) fn check_delivery(d: &Delivery) -> Result<Vec<RideEvent>, String> {
+    let ct = d.properties.content_type().as_ref().map(|c| c.as_str());
+    if ct == Some(CONTENT_TYPE_BATCH) {
+        if let Some(mid) = d.properties.message_id() {
+            if mid.as_str() != batch_id(&d.data) {
+                return Err(format!("message_id {:?} does not match the batch's hash", mid.as_str()));
+            }
         }
+        return decode_batch(&d.data);
+    }
+    if let Some(ct) = ct.filter(|c| *c != CONTENT_TYPE) {
+        return Err(format!("content type {ct:?}"));
     }
     let event = decode_event(&d.data)?;
     if let Some(mid) = d.properties.message_id() {
@@ -41,7 +76,7 @@ pub(super) fn check_delivery(d: &Delivery) -> Result<RideEvent, String> {
             return Err(format!("message_id {:?} does not match the ride id {:016x}", mid.as_str(), event.id));
         }
     }
-    Ok(event)
+    Ok(vec![event])
 }
 
 #[cfg(test)]
@@ -59,5 +94,22 @@ mod tests {
         assert!(decode_event(&[0xff; 3]).is_err());
         assert!(decode_event(&[]).is_err());
         assert_eq!(message_id(255), "00000000000000ff");
+    }
+
+    #[test]
+    fn batches_round_trip_and_refuse_garbage() {
+        let rides: Vec<RideEvent> =
+            (0..300u64).map(|i| RideEvent { id: i, resort: 1, season: 2025, day: 2, skier: i as u32, time: 10, lift: 3, vertical: 30 }).collect();
+        let body = encode_batch(&rides);
+        assert_eq!(decode_batch(&body).unwrap(), rides);
+        assert!(body.len() < 300 * 16, "{} bytes for 300 rides", body.len());
+        let mut long = body.clone();
+        long.push(0);
+        assert!(decode_batch(&long).is_err());
+        assert!(decode_batch(&encode_batch(&[])).is_err());
+        // A single ride's body is not a batch, and the reverse.
+        assert!(decode_batch(&encode_event(&rides[7])).is_err());
+        assert!(decode_event(&body).is_err());
+        assert_eq!(batch_id(&body), batch_id(&encode_batch(&rides)));
     }
 }

@@ -26,6 +26,22 @@ pub struct AmqpConfig {
     /// none, for queues declared by an older liftlog whose limit is set by a policy instead
     /// (RabbitMQ cannot change an existing queue's arguments; see the module doc).
     pub delivery_limit: u32,
+    /// How rides bound for one partition are packed into one message (see [`Batching`]).
+    pub batching: Batching,
+}
+
+/// Rides for one partition published as one message: RabbitMQ's cost is per message, not
+/// per byte, so one confirm for many rides is what lets the write path approach, and pass,
+/// the broker's per-message ceiling. Each POST still answers only after the confirm of the
+/// message that holds its ride.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Batching {
+    /// Most rides per message; 1 publishes every ride alone (the single-ride format).
+    pub max_rides: usize,
+    /// Most body bytes per message (a ride is ~25 bytes encoded).
+    pub max_bytes: usize,
+    /// Longest a ride waits for others before its message goes out anyway.
+    pub linger: Duration,
 }
 
 impl Default for AmqpConfig {
@@ -48,6 +64,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("confirm_timeout", &self.confirm_timeout)
             .field("prefetch", &self.prefetch)
             .field("delivery_limit", &self.delivery_limit)
+            .field("batching", &self.batching)
             .finish()
     }
 }

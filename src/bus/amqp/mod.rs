@@ -51,6 +51,24 @@
 //! is absent or ours, the body decodes with no trailing bytes, and the `message_id` (when
 //! present) matches the decoded id; anything else is a poison message.
 //!
+//! A batch (see below) is one message of content type `application/x-liftlog-rides`
+//! ([`CONTENT_TYPE_BATCH`]): bincode of a non-empty `Vec<RideEvent>` ([`encode_batch`]),
+//! all of one partition, `message_id` the body's xxh3 as 16 hex digits. The source reads
+//! both formats, so write and consume nodes can be upgraded in any order. A batch travels
+//! through the source as one item, so a consumer batch never splits a message: the ack of
+//! its delivery tag covers all its rides, which are then all in one WAL record.
+//!
+//! # Batched publishing ([`Batching`])
+//!
+//! RabbitMQ's cost is per message, not per byte: one ride per message capped POST at about
+//! 0.3 of the broker's per-message publish+confirm ceiling. So rides bound for one
+//! partition are gathered into one message: the ride that starts a partition's batch arms
+//! a `linger` timer, the ride that fills it (`max_rides`, or `max_bytes`) sends it at once,
+//! each from a task of its own (a client that goes away cannot take the others' message
+//! with it). Every POST waits for the confirm of the message holding its ride, and gets
+//! that message's outcome (201, or the same 503). `max_in_flight` still counts rides.
+//! `depth` and the admin figures count messages.
+//!
 //! # Publisher
 //!
 //! One connection, `publish_channels` channels in confirm mode. `publish` takes a permit of
@@ -131,8 +149,8 @@ mod publisher;
 mod source;
 mod topology;
 
-pub use codec::{decode_event, encode_event, CONTENT_TYPE};
-pub use config::AmqpConfig;
+pub use codec::{decode_batch, decode_event, encode_batch, encode_event, CONTENT_TYPE, CONTENT_TYPE_BATCH};
+pub use config::{AmqpConfig, Batching};
 pub use connection::AmqpError;
 pub use counters::{SourceCounters, SourceStats};
 pub use publisher::AmqpPublisher;

@@ -8,10 +8,10 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::codec::{encode_event, message_id, CONTENT_TYPE};
+use super::codec::{batch_id, encode_batch, encode_event, message_id, CONTENT_TYPE, CONTENT_TYPE_BATCH};
 use super::connection::{close_in_background, connect, first_poll_locked, unavailable, AmqpError, Reconnect};
 use super::topology::{declare_on, queue_depths};
 use super::{AmqpConfig, DEPTH_EVERY};
@@ -95,7 +95,28 @@ struct PubShared {
     unavailable: AtomicU64,
     reconnects: AtomicU64,
     depth: AtomicU64,
+    /// Messages confirmed (a message holds one ride, or a batch of them).
+    messages: AtomicU64,
+    /// Rides waiting for their partition's next message, per partition.
+    pending: Vec<parking_lot::Mutex<Pending>>,
 }
+
+/// The rides of one partition gathered for its next message, and who waits for its confirm.
+#[derive(Default)]
+struct Pending {
+    rides: Vec<RideEvent>,
+    bytes: usize,
+    waiters: Vec<oneshot::Sender<Result<(), PublishError>>>,
+}
+
+impl Pending {
+    fn take(&mut self) -> Pending {
+        std::mem::take(self)
+    }
+}
+
+/// A ride's share of a batch body, for the byte cap: its bincode size is at most this.
+const RIDE_BYTES_MAX: usize = 30;
 
 /// Publishes rides to RabbitMQ and returns once the broker confirmed them (see the module
 /// doc). Cheap to share behind an `Arc`; `publish` may be called from any tokio runtime.
@@ -124,6 +145,8 @@ impl AmqpPublisher {
             unavailable: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
             depth: AtomicU64::new(0),
+            messages: AtomicU64::new(0),
+            pending: (0..partitions).map(|_| parking_lot::Mutex::new(Pending::default())).collect(),
             cfg,
         });
         let supervisor = tokio::spawn(supervise_publisher(Arc::downgrade(&shared)));
@@ -146,11 +169,94 @@ impl AmqpPublisher {
         self.shared.unavailable.load(Ordering::Relaxed)
     }
 
+    /// Messages confirmed so far (with batching, fewer than rides).
+    pub fn messages(&self) -> u64 {
+        self.shared.messages.load(Ordering::Relaxed)
+    }
+}
+
+impl PubShared {
     fn fail(&self, e: PublishError) -> Result<(), PublishError> {
         if matches!(e, PublishError::Unavailable(_) | PublishError::Uncertain(_)) {
-            self.shared.unavailable.fetch_add(1, Ordering::Relaxed);
+            self.unavailable.fetch_add(1, Ordering::Relaxed);
         }
         Err(e)
+    }
+
+    /// Publishes `rides` (all of one partition) as one message and waits for its confirm.
+    async fn send(&self, partition: u16, rides: &[RideEvent]) -> Result<(), PublishError> {
+        let Some(session) = self.session.read().clone() else {
+            return self.fail(PublishError::Unavailable("no connection to RabbitMQ (reconnecting)".into()));
+        };
+        let pc = &session.channels[self.next_channel.fetch_add(1, Ordering::Relaxed) % session.channels.len()];
+        if !pc.channel.status().connected() {
+            self.broken.notify_one();
+            return self.fail(PublishError::Unavailable("RabbitMQ channel closed (reconnecting)".into()));
+        }
+        let (body, props) = match rides {
+            [one] => (encode_event(one), BasicProperties::default().with_content_type(CONTENT_TYPE.into()).with_message_id(message_id(one.id).into())),
+            many => {
+                let body = encode_batch(many);
+                let id = batch_id(&body);
+                (body, BasicProperties::default().with_content_type(CONTENT_TYPE_BATCH.into()).with_message_id(id.into()))
+            }
+        };
+        let props = props.with_delivery_mode(2);
+        let routing_key = self.routing_keys[partition as usize].clone();
+        // Err(false, _): the frames never left, the rides are not recorded. Err(true, _):
+        // they were sent and the confirm failed, so the broker may hold them.
+        let confirmed = async {
+            let publish = pc.channel.basic_publish(
+                self.exchange.clone(),
+                routing_key,
+                BasicPublishOptions { mandatory: true, immediate: false },
+                &body,
+                props,
+            );
+            let confirm = first_poll_locked(&pc.order, publish).await.map_err(|e| (false, e))?;
+            confirm.await.map_err(|e| (true, e))
+        };
+        match tokio::time::timeout(self.cfg.confirm_timeout, confirmed).await {
+            Ok(Ok(Confirmation::Ack(None))) => {
+                self.published.fetch_add(rides.len() as u64, Ordering::Relaxed);
+                self.messages.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Ok(Confirmation::Ack(Some(returned)))) => self.fail(PublishError::Unavailable(format!(
+                "RabbitMQ returned the ride as unroutable ({} {})",
+                returned.reply_code, returned.reply_text
+            ))),
+            Ok(Ok(Confirmation::Nack(_))) => {
+                self.fail(PublishError::Uncertain("RabbitMQ refused responsibility for the ride (nack)".into()))
+            }
+            Ok(Ok(Confirmation::NotRequested)) => {
+                self.fail(PublishError::Uncertain("published on a channel not in confirm mode".into()))
+            }
+            Ok(Err((sent, e))) => {
+                self.broken.notify_one();
+                if sent {
+                    self.fail(PublishError::Uncertain(format!("RabbitMQ channel failed after the publish: {e}")))
+                } else {
+                    self.fail(unavailable(e))
+                }
+            }
+            Err(_) => {
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+                Err(PublishError::Timeout)
+            }
+        }
+    }
+
+    /// Sends what `partition` has gathered (if anything) and answers its waiters.
+    async fn flush_pending(self: Arc<Self>, partition: u16) {
+        let batch = self.pending[partition as usize].lock().take();
+        if batch.rides.is_empty() {
+            return;
+        }
+        let result = self.send(partition, &batch.rides).await;
+        for w in batch.waiters {
+            let _ = w.send(result.clone());
+        }
     }
 }
 
@@ -165,7 +271,7 @@ impl Drop for AmqpPublisher {
 #[async_trait]
 impl Publisher for AmqpPublisher {
     async fn publish(&self, event: RideEvent) -> Result<(), PublishError> {
-        let s = &*self.shared;
+        let s = &self.shared;
         if s.closed.load(Ordering::Acquire) {
             return Err(PublishError::ShuttingDown);
         }
@@ -173,56 +279,36 @@ impl Publisher for AmqpPublisher {
             s.rejected_full.fetch_add(1, Ordering::Relaxed);
             return Err(PublishError::Overloaded);
         };
-        let Some(session) = s.session.read().clone() else {
-            return self.fail(PublishError::Unavailable("no connection to RabbitMQ (reconnecting)".into()));
-        };
-        let pc = &session.channels[s.next_channel.fetch_add(1, Ordering::Relaxed) % session.channels.len()];
-        if !pc.channel.status().connected() {
-            s.broken.notify_one();
-            return self.fail(PublishError::Unavailable("RabbitMQ channel closed (reconnecting)".into()));
+        let partition = event.key().partition(s.routing_keys.len() as u16);
+        let batching = s.cfg.batching;
+        if batching.max_rides <= 1 {
+            return s.send(partition, &[event]).await;
         }
-        let body = encode_event(&event);
-        let props = BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_content_type(CONTENT_TYPE.into())
-            .with_message_id(message_id(event.id).into());
-        let routing_key = s.routing_keys[event.key().partition(s.routing_keys.len() as u16) as usize].clone();
-        // Err(false, _): the frames never left, the ride is not recorded. Err(true, _): they
-        // were sent and the confirm failed, so the broker may hold it.
-        let confirmed = async {
-            let publish = pc.channel.basic_publish(
-                s.exchange.clone(),
-                routing_key,
-                BasicPublishOptions { mandatory: true, immediate: false },
-                &body,
-                props,
-            );
-            let confirm = first_poll_locked(&pc.order, publish).await.map_err(|e| (false, e))?;
-            confirm.await.map_err(|e| (true, e))
+        // Gather: the ride that starts a partition's batch arms its linger timer, the ride
+        // that fills it sends it at once. Both send from a task of their own, so a client
+        // that goes away cannot take the other rides' message with it.
+        let (tx, rx) = oneshot::channel();
+        let (first, full) = {
+            let mut p = s.pending[partition as usize].lock();
+            p.rides.push(event);
+            p.bytes += RIDE_BYTES_MAX;
+            p.waiters.push(tx);
+            (p.rides.len() == 1, p.rides.len() >= batching.max_rides || p.bytes + RIDE_BYTES_MAX > batching.max_bytes)
         };
-        match tokio::time::timeout(s.cfg.confirm_timeout, confirmed).await {
-            Ok(Ok(Confirmation::Ack(None))) => {
-                s.published.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Ok(Ok(Confirmation::Ack(Some(returned)))) => self.fail(PublishError::Unavailable(format!(
-                "RabbitMQ returned the ride as unroutable ({} {})",
-                returned.reply_code, returned.reply_text
-            ))),
-            Ok(Ok(Confirmation::Nack(_))) => {
-                self.fail(PublishError::Uncertain("RabbitMQ refused responsibility for the ride (nack)".into()))
-            }
-            Ok(Ok(Confirmation::NotRequested)) => {
-                self.fail(PublishError::Uncertain("published on a channel not in confirm mode".into()))
-            }
-            Ok(Err((sent, e))) => {
-                s.broken.notify_one();
-                if sent {
-                    self.fail(PublishError::Uncertain(format!("RabbitMQ channel failed after the publish: {e}")))
-                } else {
-                    self.fail(unavailable(e))
-                }
-            }
+        if full {
+            tokio::spawn(s.clone().flush_pending(partition));
+        } else if first {
+            let shared = s.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(batching.linger).await;
+                shared.flush_pending(partition).await;
+            });
+        }
+        // The send has its own confirm timeout; this bound only guards against a task that
+        // never answers (it cannot be cancelled, so it only could by a panic).
+        match tokio::time::timeout(s.cfg.confirm_timeout + batching.linger + Duration::from_secs(1), rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => s.fail(PublishError::Uncertain("the publishing task ended without an answer".into())),
             Err(_) => {
                 s.timeouts.fetch_add(1, Ordering::Relaxed);
                 Err(PublishError::Timeout)

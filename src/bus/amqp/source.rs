@@ -88,9 +88,11 @@ impl Drop for SrcSession {
     }
 }
 
-/// A delivery on its way to the consumer.
+/// A delivery on its way to the consumer: its rides (one, or a batch) travel together, so
+/// a consumer batch never splits a message — its ack covers all of the message's rides, so
+/// they must all be in the same WAL record.
 pub(super) struct Item {
-    pub(super) event: RideEvent,
+    pub(super) events: Vec<RideEvent>,
     pub(super) tag: u64,
     pub(super) part: u16,
     pub(super) session: Arc<SrcSession>,
@@ -145,19 +147,18 @@ impl EventSource for AmqpSource {
         loop {
             let first = self.rx.recv().await?;
             let mut items = Vec::with_capacity(max.min(self.rx.len() + 1));
-            let mut stale = 0u64;
-            let mut take = |item: Item, items: &mut Vec<Item>| {
+            let (mut stale, mut rides) = (0u64, 0usize);
+            // Whole messages: a batch may pass `max` by the rest of one message.
+            let mut next = Some(first);
+            while let Some(item) = next.take() {
                 if item.session.dead.load(Ordering::Acquire) {
-                    stale += 1;
+                    stale += item.events.len() as u64;
                 } else {
+                    rides += item.events.len();
                     items.push(item);
                 }
-            };
-            take(first, &mut items);
-            while items.len() < max {
-                match self.rx.try_recv() {
-                    Ok(item) => take(item, &mut items),
-                    Err(_) => break,
+                if rides < max {
+                    next = self.rx.try_recv().ok();
                 }
             }
             if stale > 0 {
@@ -206,9 +207,9 @@ async fn pump(
             counters.redelivered.fetch_add(1, Ordering::Relaxed);
         }
         match check_delivery(&delivery) {
-            Ok(event) => {
+            Ok(events) => {
                 let Some(session) = session.upgrade() else { return PumpEnd::Gone };
-                if tx.send(Item { event, tag: delivery.delivery_tag, part, session }).await.is_err() {
+                if tx.send(Item { events, tag: delivery.delivery_tag, part, session }).await.is_err() {
                     return PumpEnd::Gone;
                 }
             }
