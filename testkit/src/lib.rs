@@ -62,7 +62,7 @@ impl Error {
     pub(crate) fn failed(message: impl Into<String>, logs: &[&Path]) -> Error {
         let mut text = message.into();
         for log in logs {
-            let tail = process::tail(log, 25);
+            let tail = process::last_run(log, 25);
             if !tail.is_empty() {
                 text.push_str(&format!(
                     "\n--- last lines of {} ---\n{tail}",

@@ -116,6 +116,24 @@ pub(crate) fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
+/// The last `lines` lines of the latest run in a log (after its last `=== ` separator),
+/// without backtrace frames: what says why a process failed must not be pushed out of
+/// the excerpt by a `RUST_BACKTRACE` stack.
+pub(crate) fn last_run(path: &Path, lines: usize) -> String {
+    let text = tail(path, 2_000);
+    let run = text
+        .rfind("\n=== ")
+        .map_or(text.as_str(), |i| &text[i + 1..]);
+    let frame = |l: &&str| {
+        let t = l.trim_start();
+        t.starts_with("at ")
+            || t.split_once(": ")
+                .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    };
+    let kept: Vec<&str> = run.lines().filter(|l| !frame(l)).collect();
+    kept[kept.len().saturating_sub(lines)..].join("\n")
+}
+
 /// A log file opened for appending (created if missing), for a child's stdout and stderr.
 pub(crate) fn append(path: &Path) -> Result<File> {
     OpenOptions::new()
@@ -349,6 +367,23 @@ mod tests {
         );
         child.wait().unwrap();
         assert!(!pid_alive(pid));
+    }
+
+    #[test]
+    fn the_last_run_of_a_log_keeps_the_error_and_drops_backtrace_frames() {
+        let dir = std::env::temp_dir().join(format!("testkit-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("node.log");
+        let frames = (0..40)
+            .map(|i| format!("  {i}: frame\n             at src/x.rs:{i}:1\n"))
+            .collect::<String>();
+        std::fs::write(&log, format!("\n=== t1: old run\nold error\n\n=== t2: bin serve\nError: address in use\nStack backtrace:\n{frames}")).unwrap();
+        let text = last_run(&log, 25);
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            text,
+            "=== t2: bin serve\nError: address in use\nStack backtrace:"
+        );
     }
 
     #[test]
