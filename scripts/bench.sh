@@ -10,7 +10,8 @@
 # What it does, in order (loopback only; every loop and wait is bounded):
 #   1. cargo build --release --workspace
 #   2. RabbitMQ and a DynamoDB Local of its own (port $BENCH_DYNAMODB_PORT, default 8010)
-#      through scripts/services.sh with its own state dir, so it stops only what it started
+#      through `xtask services` (target/release/xtask) with its own state dir, so it stops
+#      only what it started
 #   3. ceilings: bare actix-web (wrk POST and GETs, liftlog-load open-loop GETs), raw lapin
 #      publish-with-confirm (quorum and classic), fsync/s, sled batch+flush and iteration,
 #      raw DynamoDB BatchWriteItem, GetItem, conditional PutItem and index Query (all in
@@ -29,7 +30,7 @@
 # broker, so compare ratios, not absolute figures, across machines.
 #
 # Needs: the Rust toolchain, wrk (apt-get install wrk), jq, curl, and what
-# scripts/services.sh needs (Java 17, Node 20, rabbitmq-server).
+# `cargo xtask services` needs (Java 17, Node 20, rabbitmq-server).
 # Environment: BENCH_DYNAMODB_PORT (8010), BENCH_PORT_BASE (18180), BENCH_KEEP=1 keeps
 # the scratch dir (data dirs, logs, raw JSON) that is otherwise removed on success.
 set -euo pipefail
@@ -120,7 +121,7 @@ cleanup() {
     "$BIN/liftlog-bench" amqp-cleanup --url "$AMQP_URL" --prefix "$AMQP_PREFIX" --partitions "$PARTITIONS" >/dev/null 2>&1 || true
   fi
   if ((SERVICES_UP)); then
-    scripts/services.sh down >"$RUN/logs/services-down.log" 2>&1 || warn "services.sh down failed (see $RUN/logs/services-down.log)"
+    "$BIN/xtask" services down >"$RUN/logs/services-down.log" 2>&1 || warn "xtask services down failed (see $RUN/logs/services-down.log)"
   fi
   if ((rc == 0)) && [[ ${BENCH_KEEP:-0} != 1 ]]; then
     rm -rf "$RUN"
@@ -238,7 +239,7 @@ cargo build --release --workspace >"$RUN/logs/build.log" 2>&1 || { tail -n 30 "$
 
 log "2. services (RabbitMQ; DynamoDB Local on :$DDB_PORT)"
 SERVICES_UP=1
-scripts/services.sh up >"$RUN/logs/services-up.log" 2>&1 || { cat "$RUN/logs/services-up.log" >&2; exit 1; }
+"$BIN/xtask" services up >"$RUN/logs/services-up.log" 2>&1 || { cat "$RUN/logs/services-up.log" >&2; exit 1; }
 
 # ------------------------------------------------------------- ceilings ---
 log "3. ceilings"
@@ -450,7 +451,7 @@ for p in post-embedded get-open-embedded post-production; do
 done
 LOAD_AFTER=$(loadavg)
 CMD="scripts/bench.sh${*:+ $*}"
-DDB_VERSION=$(sed -n 's/.*dynamodb-local: starting DynamoDB Local from .*dynamodb_local_\([0-9-]*\).*/\1/p' "$RUN/services/dynamodb.log" 2>/dev/null | tail -1)
+DDB_VERSION=$(sed -n 's/.*starting DynamoDB Local from .*dynamodb_local_\([0-9-]*\).*/\1/p' "$RUN/services/dynamodb.log" 2>/dev/null | tail -1)
 jq -n --arg command "$CMD" --arg name "$NAME" --arg date "$DATE" --arg started "$STARTED" --arg finished "$(date -u +%FT%TZ)" \
   --arg quick "$QUICK" --arg big "$BIG" --arg nproc "$(nproc)" --arg cpu "$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)" \
   --arg mem_kb "$(awk '/^MemTotal/ {print $2}' /proc/meminfo)" --arg kernel "$(uname -r)" --arg rustc "$(rustc --version)" \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Scale measurement (issue 7): the local cluster of scripts/cluster.sh (nginx as the ALB,
+# Scale measurement (issue 7): the local cluster of `cargo xtask cluster` (nginx as the ALB,
 # 2 write nodes, 1 read node, an active consumer and a standby) with 1, 2 and 4 partition
 # queues; POST and GET throughput through nginx with liftlog-load. Writes
 # bench/results/<date>-scale.md. Loopback only; every run is bounded.
@@ -12,10 +12,11 @@ date_tag="$(date -u +%Y-%m-%d)"
 out="bench/results/${date_tag}-scale.md"
 work="$(mktemp -d /tmp/liftlog-scale.XXXXXX)"
 port=9380
-cargo build --release -p liftlog -p liftlog-load --locked
+cargo build --release -p liftlog -p liftlog-load -p xtask --locked
 load=target/release/liftlog-load
+xtask=target/release/xtask
 
-cleanup() { LIFTLOG_CLUSTER_DIR="$work/cluster" scripts/cluster.sh down --purge >/dev/null 2>&1 || true; }
+cleanup() { LIFTLOG_CLUSTER_DIR="$work/cluster" "$xtask" cluster down --purge >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
 rows=()
@@ -23,12 +24,12 @@ for p in 1 2 4; do
   cleanup
   export LIFTLOG_CLUSTER_DIR="$work/cluster" LIFTLOG_CLUSTER_PREFIX="scale$p$$" CLUSTER_PORT=$port
   export CLUSTER_PARTITIONS=$p CLUSTER_WRITERS=2 CLUSTER_CONSUMERS=2 CLUSTER_READERS=1
-  scripts/cluster.sh up >"$work/up-$p.log" 2>&1
+  "$xtask" cluster up >"$work/up-$p.log" 2>&1
   base="http://127.0.0.1:$port"
   load_before=$(cut -d' ' -f1 /proc/loadavg)
   "$load" post --base "$base" -n "$rides" --phase1-workers 16 --phase1-rides 500 -c 64 --json "$work/post-$p.json" >"$work/post-$p.txt" 2>&1
   "$load" get --endpoint resort-day --base "$base" --json "$work/get-$p.json" >"$work/get-$p.txt" 2>&1 || true
-  consumer_admin=$(scripts/cluster.sh admin-url consume-1)
+  consumer_admin=$("$xtask" cluster admin-url consume-1)
   applied=$(curl -s "$consumer_admin/admin/wal" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["consumer"]["events"], round(d["consumer"]["mean_batch_size"],1), d["consumer"]["flush_lag_ms"])')
   row=$(python3 - "$work/post-$p.json" "$work/get-$p.json" "$p" "$applied" "$load_before" <<'PY'
 import json, sys

@@ -8,13 +8,13 @@ cd "$(dirname "$0")/.."
 started_services=0
 cleanup() {
   if [ "$started_services" = 1 ]; then
-    scripts/services.sh down || true
+    cargo xtask services down || true
   fi
 }
 trap cleanup EXIT
 
 echo "== services"
-scripts/services.sh up
+cargo xtask services up
 started_services=1
 export LIFTLOG_TEST_AMQP="${LIFTLOG_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export LIFTLOG_TEST_DYNAMODB="${LIFTLOG_TEST_DYNAMODB:-http://127.0.0.1:${DYNAMODB_PORT:-8000}}"

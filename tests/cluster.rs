@@ -1,10 +1,10 @@
-//! The local cluster of `scripts/cluster.sh` (nginx as the ALB, 2 write nodes, 2 consumers
+//! The local cluster of the testkit (`testkit::cluster`: nginx as the ALB, 2 write nodes, 2 consumers
 //! of which one is the hot standby, 2 read nodes, RabbitMQ, DynamoDB Local), driven
 //! through nginx like a fleet of lift gates would: every POST carries an `Idempotency-Key`
 //! and is retried with the same key on a 5xx or a broken connection.
 //!
 //! Each test brings up its own cluster (own state dir, queue/table prefix and ports), and a
-//! drop guard always tears it down (`cluster.sh down --purge`), also when the test panics;
+//! drop guard always tears it down (`down --purge`), also when the test panics;
 //! the node and nginx logs are printed first then. The tests run one at a time: the machine
 //! has two cores and every cluster is seven processes.
 //!
@@ -15,7 +15,7 @@
 //!   nodes under load loses nothing;
 //! - the same for the consumers: the standby first, then the active one, whose partitions
 //!   move to the other consumer. The cluster's consumers run with `consumer.ack_after = table`
-//!   (`CLUSTER_ACK_AFTER`), as consumers on separate machines must.
+//!   (`Settings::ack_after`), as consumers on separate machines must.
 //!
 //! - `kill -9` of the active consumer mid-run: the standby takes its partitions and the
 //!   counts through nginx are exact with the dead node still down; then the dead node
@@ -24,26 +24,21 @@
 mod common;
 
 use common::{agent, call, get, random_rides, wait_for, Expected, Ride};
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use testkit::cluster::{self, Role, Settings, Stop};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/cluster.sh");
-
 // ------------------------------------------------------------------- cluster ---
 
-/// A cluster brought up by `scripts/cluster.sh up`; dropping it runs `down --purge`.
+/// A cluster of the testkit's, brought up for one test; dropping it runs `down --purge`.
 struct Cluster {
-    dir: PathBuf,
-    prefix: String,
+    kit: cluster::Cluster,
     /// nginx, e.g. `http://127.0.0.1:23000`.
     base: String,
-    port: u16,
     _tmp: tempfile::TempDir,
 }
 
@@ -51,77 +46,59 @@ impl Cluster {
     fn up() -> Cluster {
         let tmp = tempfile::Builder::new().prefix("liftlog-cluster-").tempdir().expect("temp dir");
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-        let port = free_port_range(nanos);
-        let c = Cluster {
-            dir: tmp.path().join("state"),
-            prefix: format!("c{nanos}"),
-            base: format!("http://127.0.0.1:{port}"),
-            port,
-            _tmp: tmp,
-        };
+        let port = cluster::free_base_port().expect("a free range of ports");
+        let mut settings = Settings::new(tmp.path().join("state"));
+        settings.prefix = format!("c{nanos}");
+        settings.port = port;
+        settings.node_port = port + 1;
+        settings.flush_ms = 200;
+        settings.bin = Some(env!("CARGO_BIN_EXE_liftlog").into());
+        settings.node_log = std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into());
+        // Under scripts/test.sh the services are the test runner's: use them as they are.
+        // Without it, the cluster starts them (and its `down` stops them again).
+        if let (Ok(amqp), Ok(dynamodb)) = (std::env::var("LIFTLOG_TEST_AMQP"), std::env::var("LIFTLOG_TEST_DYNAMODB")) {
+            (settings.services, settings.broker, settings.dynamodb) = (false, amqp, dynamodb);
+        }
+        let mut c = Cluster { kit: cluster::Cluster::new(settings).expect("cluster settings"), base: format!("http://127.0.0.1:{port}"), _tmp: tmp };
         // The guard exists before `up`, so a half-started cluster is torn down too.
-        let (ok, out) = c.sh(&["up"]);
-        assert!(ok, "cluster.sh up failed:\n{out}");
-        eprintln!("cluster up at {} (state {}, prefix {})", c.base, c.dir.display(), c.prefix);
+        c.must("up", |k| k.up());
+        let s = c.kit.settings();
+        eprintln!("cluster up at {} (state {}, prefix {})", c.base, s.dir.display(), s.prefix);
         c
     }
 
-    /// Runs `scripts/cluster.sh ARGS` with this cluster's environment; (success, output).
-    fn sh(&self, args: &[&str]) -> (bool, String) {
-        let mut cmd = Command::new("bash");
-        cmd.arg(SCRIPT)
-            .args(args)
-            .env("LIFTLOG_CLUSTER_DIR", &self.dir)
-            .env("LIFTLOG_CLUSTER_PREFIX", &self.prefix)
-            .env("CLUSTER_PORT", self.port.to_string())
-            .env("CLUSTER_FLUSH_MS", "200")
-            .env("LIFTLOG_BIN", env!("CARGO_BIN_EXE_liftlog"))
-            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()));
-        // Under scripts/test.sh the services are the test runner's: use them as they are.
-        // Without it, cluster.sh starts them (and its `down` stops them again).
-        match (std::env::var("LIFTLOG_TEST_AMQP"), std::env::var("LIFTLOG_TEST_DYNAMODB")) {
-            (Ok(amqp), Ok(dynamodb)) => {
-                cmd.env("CLUSTER_SERVICES", "0").env("CLUSTER_BROKER", amqp).env("CLUSTER_DYNAMODB", dynamodb);
-            }
-            _ => {
-                cmd.env("CLUSTER_SERVICES", "1");
-            }
+    /// Runs a cluster command that must succeed, and says how long it took.
+    fn must(&mut self, what: &str, command: impl FnOnce(&mut cluster::Cluster) -> testkit::Result<()>) {
+        let t = Instant::now();
+        if let Err(e) = command(&mut self.kit) {
+            panic!("cluster {what} failed: {e}");
         }
-        let out = cmd.output().expect("run scripts/cluster.sh");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        (out.status.success(), text)
+        eprintln!("cluster {what} ({:.1}s)", t.elapsed().as_secs_f64());
     }
 
-    /// Runs a cluster.sh command that must succeed.
-    fn must(&self, args: &[&str]) {
-        let t = Instant::now();
-        let (ok, out) = self.sh(args);
-        assert!(ok, "cluster.sh {} failed:\n{out}", args.join(" "));
-        eprintln!("cluster.sh {} ({:.1}s)", args.join(" "), t.elapsed().as_secs_f64());
+    /// Every process's `/ready` (and the services', when the cluster brought them).
+    fn status(&self) -> cluster::Status {
+        self.kit.status().expect("cluster status")
     }
 
     /// The base URL of a node's `/admin/*` (its own listener, not through nginx).
     fn admin_url(&self, name: &str) -> String {
-        let (ok, out) = self.sh(&["admin-url", name]);
-        assert!(ok, "cluster.sh admin-url {name}: {out}");
-        out.trim().to_string()
+        self.kit.admin_url(name).unwrap_or_else(|e| panic!("admin url of {name}: {e}"))
     }
 
-    fn nodes(&self, role: &str) -> Vec<String> {
-        let (ok, out) = self.sh(&["nodes"]);
-        assert!(ok, "cluster.sh nodes: {out}");
-        out.lines().filter(|n| n.starts_with(&format!("{role}-"))).map(String::from).collect()
+    fn nodes(&self, role: Role) -> Vec<String> {
+        self.kit.nodes_of(role).into_iter().map(|n| n.name).collect()
     }
 
     /// The last lines of every node's and nginx's log, and the status table.
     fn diagnostics(&self) -> String {
         let mut text = String::new();
-        let (_, nodes) = self.sh(&["nodes"]);
-        for name in nodes.lines().chain(["nginx"]) {
-            let (_, out) = self.sh(&["logs", name]);
-            text.push_str(&format!("----- {name} -----\n{out}\n"));
+        let names = self.kit.nodes().into_iter().map(|n| n.name).chain(["nginx".to_string()]);
+        for name in names {
+            let log = self.kit.logs(&name, 40).unwrap_or_else(|e| e.to_string());
+            text.push_str(&format!("----- {name} -----\n{log}\n"));
         }
-        let (_, status) = self.sh(&["status"]);
+        let status = self.kit.status().map_or_else(|e| e.to_string(), |s| s.to_string());
         text.push_str(&format!("----- status -----\n{status}\n"));
         text
     }
@@ -133,28 +110,15 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         use std::io::Write as _;
         let diagnostics = std::thread::panicking().then(|| self.diagnostics());
-        let (ok, out) = self.sh(&["down", "--purge"]);
+        let down = self.kit.down(true);
         let mut err = std::io::stderr().lock();
         if let Some(text) = diagnostics {
             let _ = writeln!(err, "{text}");
         }
-        if !ok {
-            let _ = writeln!(err, "cluster.sh down --purge failed:\n{out}");
+        if let Err(e) = down {
+            let _ = writeln!(err, "cluster down --purge failed: {e}");
         }
     }
-}
-
-/// A base port P such that P (nginx), the node ports P+1.., P+11.., P+21.. and their admin
-/// ports (50 above) are free.
-fn free_port_range(seed: u128) -> u16 {
-    let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-    for attempt in 0..200u128 {
-        let base = 20_000 + ((seed / 1000 + attempt * 7919) % 400) as u16 * 100;
-        if (0..80).all(|i| free(base + i)) {
-            return base;
-        }
-    }
-    panic!("no free range of 80 ports found");
 }
 
 // ---------------------------------------------------------------------- load ---
@@ -295,7 +259,7 @@ fn consumer_backlog(agent: &ureq::Agent, node_url: &str) -> Option<(u64, u64, u6
 fn wait_drained(c: &Cluster, what: &str, down: &[&str]) -> f64 {
     const WITHIN: Duration = Duration::from_secs(300);
     let agent = agent();
-    let urls: Vec<String> = c.nodes("consume").iter().filter(|n| !down.contains(&n.as_str())).map(|n| c.admin_url(n)).collect();
+    let urls: Vec<String> = c.nodes(Role::Consume).iter().filter(|n| !down.contains(&n.as_str())).map(|n| c.admin_url(n)).collect();
     let started = Instant::now();
     let mut quiet = 0;
     loop {
@@ -318,7 +282,7 @@ fn wait_drained(c: &Cluster, what: &str, down: &[&str]) -> f64 {
 /// mismatch after a takeover needs to be understood (`stale_skipped`, `counts_written`).
 fn flusher_report(c: &Cluster) -> String {
     let agent = agent();
-    c.nodes("consume")
+    c.nodes(Role::Consume)
         .into_iter()
         .map(|n| {
             let (code, body) = get(&agent, &format!("{}/admin/wal", c.admin_url(&n)));
@@ -334,7 +298,7 @@ fn flusher_report(c: &Cluster) -> String {
 /// the partitions split across consumers).
 fn active_consumer(c: &Cluster) -> String {
     let agent = agent();
-    let nodes: Vec<(String, String)> = c.nodes("consume").into_iter().map(|n| (c.admin_url(&n), n)).collect();
+    let nodes: Vec<(String, String)> = c.nodes(Role::Consume).into_iter().map(|n| (c.admin_url(&n), n)).collect();
     let started = Instant::now();
     let mut before: Vec<Option<u64>> = nodes.iter().map(|(u, _)| deliveries(&agent, u)).collect();
     loop {
@@ -391,7 +355,7 @@ fn readme_session(c: &Cluster) -> Ride {
 fn write_node_killed_mid_run_nginx_routes_around_it_and_counts_are_exact() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
-    let c = Cluster::up();
+    let mut c = Cluster::up();
     let first = readme_session(&c);
 
     let rides = Arc::new(random_rides(7001, 3_000, 1_000));
@@ -399,7 +363,7 @@ fn write_node_killed_mid_run_nginx_routes_around_it_and_counts_are_exact() {
     let stop = Arc::new(AtomicBool::new(false));
     let clients = start_load(&c.base, rides.clone(), 8, Duration::from_millis(2), stop, stats.clone());
     wait_for("1000 rides accepted", Duration::from_secs(60), || stats.accepted.load(Ordering::Relaxed) >= 1_000);
-    c.must(&["stop", "write-1", "--kill"]);
+    c.must("stop write-1 --kill", |k| k.stop("write-1", Stop::Kill));
     let at_kill = stats.accepted.load(Ordering::Relaxed);
     let mut accepted = finish_load(clients, &rides, &stats);
     assert!(at_kill < rides.len(), "the kill must land mid-run (all {} rides were in already)", rides.len());
@@ -409,21 +373,21 @@ fn write_node_killed_mid_run_nginx_routes_around_it_and_counts_are_exact() {
         stats.retried_5xx.load(Ordering::Relaxed),
         stats.retried_transport.load(Ordering::Relaxed)
     );
-    let (ok, status) = c.sh(&["status"]);
-    assert!(!ok && status.contains("write-1") && status.contains("down"), "status must show write-1 down:\n{status}");
+    let status = c.status();
+    assert!(!status.ok() && status.row("write-1").is_some_and(|r| r.pid.is_none()), "status must show write-1 down:\n{status}");
 
     accepted.push(first);
     assert_exact(&c, &Expected::from(&accepted), "after kill -9 of write-1");
 
-    c.must(&["start", "write-1"]);
-    let (ok, status) = c.sh(&["status"]);
-    assert!(ok, "every node ready again:\n{status}");
+    c.must("start write-1", |k| k.start("write-1"));
+    let status = c.status();
+    assert!(status.ok(), "every node ready again:\n{status}");
     eprintln!("write-node loss: {:.1}s in all", started.elapsed().as_secs_f64());
 }
 
 /// Restarts `nodes` one after the other under load through nginx, waiting for some rides
 /// to be accepted between two restarts; returns the rides accepted.
-fn rolling_restart_under_load(c: &Cluster, seed: u64, nodes: impl Fn(&Cluster) -> Vec<String>) -> Vec<Ride> {
+fn rolling_restart_under_load(c: &mut Cluster, seed: u64, nodes: impl Fn(&Cluster) -> Vec<String>) -> Vec<Ride> {
     let rides = Arc::new(random_rides(seed, 200_000, 2_000));
     let stats = Arc::new(LoadStats::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -431,9 +395,10 @@ fn rolling_restart_under_load(c: &Cluster, seed: u64, nodes: impl Fn(&Cluster) -
     let clients = start_load(&c.base, rides.clone(), 6, Duration::from_millis(10), stop.clone(), stats.clone());
     let accepted = || stats.accepted.load(Ordering::Relaxed);
     wait_for("the first 200 rides", Duration::from_secs(60), || accepted() >= 200);
-    for name in nodes(c) {
+    let order = nodes(c);
+    for name in order {
         let before = accepted();
-        c.must(&["restart", &name]);
+        c.must(&format!("restart {name}"), |k| k.restart(&name));
         let during = accepted() - before;
         wait_for(&format!("100 rides after restarting {name}"), Duration::from_secs(60), || accepted() >= before + during + 100);
         eprintln!("{name} restarted; {during} rides accepted while it restarted, {} so far", accepted());
@@ -454,11 +419,11 @@ fn rolling_restart_under_load(c: &Cluster, seed: u64, nodes: impl Fn(&Cluster) -
 fn rolling_restart_of_write_and_read_nodes_under_load_loses_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
-    let c = Cluster::up();
-    let accepted = rolling_restart_under_load(&c, 7002, |c| [c.nodes("read"), c.nodes("write")].concat());
+    let mut c = Cluster::up();
+    let accepted = rolling_restart_under_load(&mut c, 7002, |c| [c.nodes(Role::Read), c.nodes(Role::Write)].concat());
     assert_exact(&c, &Expected::from(&accepted), "after a rolling restart of the write and read nodes");
-    let (ok, status) = c.sh(&["status"]);
-    assert!(ok, "every node ready:\n{status}");
+    let status = c.status();
+    assert!(status.ok(), "every node ready:\n{status}");
     eprintln!("rolling restart (write, read): {:.1}s in all", started.elapsed().as_secs_f64());
 }
 
@@ -467,19 +432,19 @@ fn rolling_restart_of_write_and_read_nodes_under_load_loses_nothing() {
 fn rolling_restart_of_the_consumers_under_load_loses_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
-    let c = Cluster::up();
-    let accepted = rolling_restart_under_load(&c, 7003, |c| {
+    let mut c = Cluster::up();
+    let accepted = rolling_restart_under_load(&mut c, 7003, |c| {
         // The standby first (nothing moves), then the active one: its partitions move to
         // the other consumer, which carries on from the tables.
         let active = active_consumer(c);
-        let mut order: Vec<String> = c.nodes("consume").into_iter().filter(|n| *n != active).collect();
+        let mut order: Vec<String> = c.nodes(Role::Consume).into_iter().filter(|n| *n != active).collect();
         order.push(active.clone());
         eprintln!("active consumer: {active}; restart order {order:?}");
         order
     });
     assert_exact(&c, &Expected::from(&accepted), "after a rolling restart of the consumers");
-    let (ok, status) = c.sh(&["status"]);
-    assert!(ok, "every node ready:\n{status}");
+    let status = c.status();
+    assert!(status.ok(), "every node ready:\n{status}");
     eprintln!("rolling restart (consumers): {:.1}s in all", started.elapsed().as_secs_f64());
 }
 
@@ -488,7 +453,7 @@ fn rolling_restart_of_the_consumers_under_load_loses_nothing() {
 fn active_consumer_killed_mid_run_the_standby_takes_over_and_counts_are_exact() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
-    let c = Cluster::up();
+    let mut c = Cluster::up();
     let rides = Arc::new(random_rides(7004, 200_000, 2_000));
     let stats = Arc::new(LoadStats::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -496,9 +461,9 @@ fn active_consumer_killed_mid_run_the_standby_takes_over_and_counts_are_exact() 
     let accepted = || stats.accepted.load(Ordering::Relaxed);
     wait_for("the first 500 rides", Duration::from_secs(60), || accepted() >= 500);
     let active = active_consumer(&c);
-    let standby = c.nodes("consume").into_iter().find(|n| *n != active).expect("a standby consumer");
+    let standby = c.nodes(Role::Consume).into_iter().find(|n| *n != active).expect("a standby consumer");
     let taken_before = deliveries(&agent(), &c.admin_url(&standby)).unwrap_or(0);
-    c.must(&["stop", &active, "--kill"]);
+    c.must(&format!("stop {active} --kill"), |k| k.stop(&active, Stop::Kill));
     let at_kill = accepted();
     wait_for("1000 rides after the kill", Duration::from_secs(120), || accepted() >= at_kill + 1_000);
     stop.store(true, Ordering::Relaxed);
@@ -511,9 +476,9 @@ fn active_consumer_killed_mid_run_the_standby_takes_over_and_counts_are_exact() 
     assert_exact_with_down(&c, &expected, &format!("with {active} killed and {standby} the owner"), &[active.as_str()]);
     // The dead node comes back with its WAL (replayed into days loaded from the tables)
     // and queues up as the standby: nothing it replays may change a figure.
-    c.must(&["start", &active]);
+    c.must(&format!("start {active}"), |k| k.start(&active));
     assert_exact(&c, &expected, &format!("after {active} came back"));
-    let (ok, status) = c.sh(&["status"]);
-    assert!(ok, "every node ready:\n{status}");
+    let status = c.status();
+    assert!(status.ok(), "every node ready:\n{status}");
     eprintln!("active consumer kill -9: {:.1}s in all", started.elapsed().as_secs_f64());
 }

@@ -239,7 +239,7 @@ fn rabbitmq_restart_during_ingest_answers_503_then_recovers_losing_nothing() {
     let writer = b.start(dw.path(), "write");
     // Enough rides that posting spans the whole outage (a few seconds).
     let rides = random_rides(77, 20_000, 600);
-    let services = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services.sh");
+    let services = testkit::services::Services::from_env().expect("services settings");
     let base = writer.base.clone();
     let posting = {
         let rides = rides.clone();
@@ -247,16 +247,18 @@ fn rabbitmq_restart_during_ingest_answers_503_then_recovers_losing_nothing() {
     };
     // Stop the broker once rides are flowing (the writer's own count), not after a fixed time.
     common::wait_for("the writer's first 500 published rides", Duration::from_secs(60), || wal_figure(&writer, "bus", "published") >= 500);
-    let ok = std::process::Command::new(services).arg("rabbitmq-stop").status().unwrap().success();
-    assert!(ok, "rabbitmq-stop");
+    if let Err(e) = services.rabbitmq_stop() {
+        panic!("rabbitmq-stop: {e}");
+    }
     // While the broker is away the write path answers 503 fast.
     let a = agent();
     let t = Instant::now();
     let (code, body) = call(&a, "POST", &writer.url("/skiers/1/seasons/2025/days/2/skiers/1"), &[("Content-Type", "application/json")], Some(r#"{"time":1,"liftID":1}"#));
     let outage_answer = (code, t.elapsed());
     std::thread::sleep(Duration::from_secs(2));
-    let ok = std::process::Command::new(services).arg("rabbitmq-start").status().unwrap().success();
-    assert!(ok, "rabbitmq-start");
+    if let Err(e) = services.rabbitmq_start() {
+        panic!("rabbitmq-start: {e}");
+    }
     let shed = posting.join().expect("posting thread");
     assert_eq!(outage_answer.0, 503, "during the outage: {body}");
     assert!(outage_answer.1 < Duration::from_secs(7), "the 503 took {:?}", outage_answer.1);
