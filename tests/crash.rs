@@ -294,6 +294,7 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
         read
     };
     let counted = keyless_counted(&server);
+    eprintln!("keyless: {} of the {} maybe rides counted", counted.iter().zip(&known).filter(|(c, k)| **c && **k == Known::Maybe).count(), count(Known::Maybe));
 
     // And once more after a final kill: state rebuilt from tables + WAL only. A ride that
     // may or may not have counted has been decided, for good.
