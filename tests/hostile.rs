@@ -540,6 +540,7 @@ fn slowloris_does_not_block_normal_requests_and_is_cut_off() {
 /// connection ahead of it was served (closed) by the node.
 #[test]
 fn more_connections_than_the_limit_wait_their_turn_and_the_server_recovers() {
+    // HOSTILE_MAX_CONNECTIONS=25000 shows the test failing without the limit.
     let limit = std::env::var("HOSTILE_MAX_CONNECTIONS").unwrap_or_else(|_| "50".into());
     let dir = tempfile::tempdir().unwrap();
     let cfg = config_file(dir.path(), &format!("max_connections = {limit}\nhttp_workers = 1\nclient_request_timeout_ms = 1000\n"));
@@ -651,6 +652,7 @@ fn send_secrets(base: &str, token: &str) {
 fn assert_no_secret(log: &str) {
     assert!(log.contains("liftlog listening"), "the log was not captured: {log}");
     assert!(log.lines().count() > 50, "RUST_LOG=trace logged only {} lines: the level did not take", log.lines().count());
+    // HOSTILE_KEEP_LOG=path keeps the log for a look at what a failure found.
     if let Ok(p) = std::env::var("HOSTILE_KEEP_LOG") {
         std::fs::write(p, log).unwrap();
     }
