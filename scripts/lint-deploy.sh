@@ -8,7 +8,7 @@
 #      .ci/run;
 #   4. systemd-analyze verify on deploy/systemd/*.service with their drop-ins (any warning
 #      fails);
-#   5. nginx -t on deploy/nginx/liftlog-cluster.conf rendered as scripts/cluster.sh renders
+#   5. nginx -t on deploy/nginx/liftlog-cluster.conf rendered as the testkit renders
 #      it.
 # A tool that is missing is installed (shellcheck, systemd-analyze and nginx with apt-get, as
 # root: Debian packages shellcheck, systemd and nginx); if it cannot be, its check FAILS.

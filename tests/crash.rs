@@ -1,26 +1,55 @@
 //! Crash tests with the real binary: kill -9 at random moments while concurrent clients
 //! post rides, restart, let the clients retry what was not acknowledged (same
 //! Idempotency-Key, as a real client does), and check that every ride is counted exactly
-//! once in every read.
+//! once in every read and in the raw rides table. A keyless client posts alongside and
+//! never retries: its 201s must count, its `not-recorded` 503s must not, and what it could
+//! not know (a 503 `unknown`, or an answer the kill cut off) counts once or not at all.
 
 mod common;
 
 use common::{agent, random_rides, Expected, Rng, Server};
+use liftlog::domain::{event_id, RideEvent};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const CLIENTS: usize = 8;
 
+/// What the clients of a round count: POSTs begun and not yet answered, answered, and cut
+/// off by the kill (begun before the killer raised `killing`, answered by no response).
+#[derive(Default)]
+struct Traffic {
+    in_flight: AtomicUsize,
+    answered: AtomicUsize,
+    killing: AtomicBool,
+    cut: AtomicUsize,
+}
+
+impl Traffic {
+    fn post(&self, f: impl FnOnce() -> u16) -> u16 {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let before_kill = !self.killing.load(Ordering::SeqCst);
+        let code = f();
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.answered.fetch_add(1, Ordering::SeqCst);
+        if code == 0 && before_kill {
+            self.cut.fetch_add(1, Ordering::SeqCst);
+        }
+        code
+    }
+}
+
 /// Posts `todo` (indices into `rides`) from CLIENTS threads until done or the server dies;
 /// marks every 201 in `acked`. Also re-sends every tenth ride that was already acked, which
 /// must not count twice.
-fn post_round(base: &str, rides: &Arc<Vec<common::Ride>>, acked: &Arc<Vec<AtomicBool>>, todo: Vec<usize>, stop: &Arc<AtomicBool>) -> usize {
+fn post_round(base: &str, rides: &Arc<Vec<common::Ride>>, acked: &Arc<Vec<AtomicBool>>, todo: Vec<usize>, stop: &Arc<AtomicBool>, traffic: &Arc<Traffic>) -> usize {
     let queue = Arc::new(Mutex::new(todo));
     let sent = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let (queue, rides, acked, stop, sent, base) = (queue.clone(), rides.clone(), acked.clone(), stop.clone(), sent.clone(), base.to_string());
+            let (queue, rides, acked, stop, sent, base, traffic) = (queue.clone(), rides.clone(), acked.clone(), stop.clone(), sent.clone(), base.to_string(), traffic.clone());
             std::thread::spawn(move || {
                 let agent = agent();
                 loop {
@@ -28,7 +57,7 @@ fn post_round(base: &str, rides: &Arc<Vec<common::Ride>>, acked: &Arc<Vec<Atomic
                         return;
                     }
                     let Some(i) = queue.lock().unwrap().pop() else { return };
-                    let code = rides[i].post(&agent, &base);
+                    let code = traffic.post(|| rides[i].post(&agent, &base));
                     sent.fetch_add(1, Ordering::Relaxed);
                     match code {
                         201 => acked[i].store(true, Ordering::SeqCst),
@@ -37,7 +66,7 @@ fn post_round(base: &str, rides: &Arc<Vec<common::Ride>>, acked: &Arc<Vec<Atomic
                         other => panic!("ride {i} got {other}"),
                     }
                     if i % 10 == 0 && acked[i].load(Ordering::SeqCst) {
-                        let again = rides[i].post(&agent, &base);
+                        let again = traffic.post(|| rides[i].post(&agent, &base));
                         assert!(again == 201 || again == 0 || again == 503, "retry of ride {i} got {again}");
                     }
                 }
@@ -50,6 +79,106 @@ fn post_round(base: &str, rides: &Arc<Vec<common::Ride>>, acked: &Arc<Vec<Atomic
     sent.load(Ordering::Relaxed)
 }
 
+/// The keyless client's rides: each one a skier-day of its own, so that each reads back
+/// alone (resort 4, day 10, skiers from 10,001: none of the keyed rides' days or skiers).
+const KEYLESS_RESORT: u32 = 4;
+const KEYLESS_DAY: u16 = 10;
+const KEYLESS_LIFT: u16 = 7;
+
+fn keyless_skier(n: usize) -> u32 {
+    10_001 + n as u32
+}
+
+/// What a keyless client knows of its ride from the answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Known {
+    /// 201: counted, exactly once.
+    Counted,
+    /// 503 `Ride-Outcome: not-recorded`: not counted.
+    NotCounted,
+    /// 503 `Ride-Outcome: unknown`, or no answer (the kill cut it off): once or not at all.
+    Maybe,
+}
+
+/// Posts one new keyless ride after another until `stop` or the server is gone; never
+/// retries (a keyless retry may count twice). Appends what it learnt of each to `log`.
+fn keyless_client(base: String, next: Arc<AtomicUsize>, log: Arc<Mutex<Vec<Known>>>, stop: Arc<AtomicBool>, traffic: Arc<Traffic>) {
+    let agent = agent();
+    while !stop.load(Ordering::Relaxed) {
+        let n = next.fetch_add(1, Ordering::SeqCst);
+        // Pushed before the POST, so that a ride in flight is in the log whatever happens.
+        let mut held = log.lock().unwrap();
+        assert_eq!(held.len(), n, "one keyless client at a time");
+        held.push(Known::Maybe);
+        drop(held);
+        let url = format!("{base}/skiers/{KEYLESS_RESORT}/seasons/2025/days/{KEYLESS_DAY}/skiers/{}", keyless_skier(n));
+        let mut outcome = None;
+        let code = traffic.post(|| {
+            let res = agent.post(&url).set("Content-Type", "application/json").send_string(&format!(r#"{{"time":100,"liftID":{KEYLESS_LIFT}}}"#));
+            let (known, code) = match res {
+                Ok(r) if r.status() == 201 => (Known::Counted, 201),
+                Err(ureq::Error::Status(503, r)) => match r.header("Ride-Outcome") {
+                    Some("not-recorded") => (Known::NotCounted, 503),
+                    Some("unknown") => (Known::Maybe, 503),
+                    other => panic!("keyless ride {n}: a 503 without a valid Ride-Outcome ({other:?})"),
+                },
+                Err(ureq::Error::Transport(_)) => (Known::Maybe, 0),
+                other => panic!("keyless ride {n}: {other:?}"),
+            };
+            outcome = Some(known);
+            code
+        });
+        log.lock().unwrap()[n] = outcome.unwrap();
+        if code == 0 {
+            return; // the server is gone
+        }
+    }
+}
+
+/// The raw rides (`SkierLiftRides`) of a stopped embedded node, read from its sled tables.
+fn raw_rides(data_dir: &Path) -> Vec<RideEvent> {
+    let db = sled_open_retrying(&data_dir.join("tables"));
+    let tree = db.open_tree("rides").unwrap();
+    tree.iter()
+        .map(|kv| {
+            let (_, v) = kv.expect("read a raw ride");
+            bincode::serde::decode_from_slice::<RideEvent, _>(&v, bincode::config::standard()).expect("decode a raw ride").0
+        })
+        .collect()
+}
+
+/// The raw ride a keyed ride is stored as (its id is the hash of key and ride).
+fn raw_of(r: &common::Ride) -> RideEvent {
+    let mut e = RideEvent { id: 0, resort: r.resort, season: r.season, day: r.day, skier: r.skier, time: r.time, lift: r.lift, vertical: r.lift as u32 * 10 };
+    e.id = event_id(&e, Some(r.key.as_bytes()));
+    e
+}
+
+/// Compares the raw rides table with the model: every keyed ride that got its 201 is there
+/// exactly once, field for field, and besides them only rides of `other` (which says,
+/// for a raw ride not keyed, whether it may be there). Returns the mismatches.
+fn reconcile_raw(stored: &[RideEvent], keyed: &[common::Ride], mut other: impl FnMut(&RideEvent) -> bool) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut by_id: BTreeMap<u64, Vec<&RideEvent>> = BTreeMap::new();
+    for r in stored {
+        by_id.entry(r.id).or_default().push(r);
+    }
+    for r in keyed {
+        let want = raw_of(r);
+        match by_id.remove(&want.id).as_deref() {
+            Some([got]) if **got == want => {}
+            Some(got) => bad.push(format!("ride {}: stored as {got:?}, want {want:?}", r.key)),
+            None => bad.push(format!("ride {} ({want:?}) is not in the raw rides", r.key)),
+        }
+    }
+    for r in by_id.into_values().flatten() {
+        if !other(r) {
+            bad.push(format!("a raw ride nobody got a 201 for: {r:?}"));
+        }
+    }
+    bad
+}
+
 #[test]
 fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
     let seed = std::env::var("CRASH_SEED")
@@ -57,7 +186,8 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
     let kills: usize = std::env::var("CRASH_KILLS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
-    // Enough rides that traffic is still flowing at every kill (about 1,500 per round).
+    // Enough rides that traffic is still flowing at every kill: a kill comes after at most
+    // 400 answers of its round, so 8 kills take at most 3,200 of the 6,000.
     let n_rides: usize = std::env::var("CRASH_RIDES").ok().and_then(|s| s.parse().ok()).unwrap_or(6_000);
     eprintln!("crash test seed {seed} (CRASH_SEED to repeat), {kills} kills, {n_rides} rides");
     let mut rng = Rng(seed | 1);
@@ -66,6 +196,8 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
     let mut server = Server::start(dir.path(), &["--flush-interval-ms", "40"]);
     let rides = Arc::new(random_rides(seed, n_rides, 300));
     let acked: Arc<Vec<AtomicBool>> = Arc::new((0..rides.len()).map(|_| AtomicBool::new(false)).collect());
+    let keyless_next = Arc::new(AtomicUsize::new(0));
+    let keyless: Arc<Mutex<Vec<Known>>> = Arc::default();
 
     for round in 0..kills + 20 {
         let todo: Vec<usize> = (0..rides.len()).filter(|i| !acked[*i].load(Ordering::SeqCst)).collect();
@@ -73,39 +205,119 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
             break;
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let killer = (round < kills).then(|| {
-            let pid = server.child.id();
-            let after = Duration::from_millis(rng.range(50, 400));
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                std::thread::sleep(after);
-                let _ = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status();
-                stop.store(true, Ordering::Relaxed);
-            })
-        });
+        let traffic = Arc::new(Traffic::default());
+        let keyless_thread = {
+            let (base, next, log, stop, traffic) = (server.base.clone(), keyless_next.clone(), keyless.clone(), stop.clone(), traffic.clone());
+            std::thread::spawn(move || keyless_client(base, next, log, stop, traffic))
+        };
         let started = Instant::now();
-        let sent = post_round(&server.base, &rides, &acked, todo, &stop);
-        if let Some(k) = killer {
-            k.join().unwrap();
-        }
+        let clients = {
+            let (base, rides, acked, stop, traffic) = (server.base.clone(), rides.clone(), acked.clone(), stop.clone(), traffic.clone());
+            std::thread::spawn(move || post_round(&base, &rides, &acked, todo, &stop, &traffic))
+        };
+        // The kill comes after a random number of answers in this round (the clients' own
+        // count, not a time: a slow machine moves the kill, not its place in the traffic),
+        // straight from this thread (`Child::kill` is the kill(2) call: no `kill` process
+        // to start while the node answers what was in flight), and records how many POSTs
+        // were in flight at that moment.
+        let at_kill = (round < kills).then(|| {
+            let after = rng.range(20, 400) as usize;
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while traffic.answered.load(Ordering::SeqCst) < after && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            traffic.killing.store(true, Ordering::SeqCst);
+            let in_flight = traffic.in_flight.load(Ordering::SeqCst);
+            let _ = server.child.kill();
+            stop.store(true, Ordering::Relaxed);
+            (after, in_flight)
+        });
+        let sent = clients.join().expect("clients");
+        stop.store(true, Ordering::Relaxed);
+        keyless_thread.join().expect("keyless client");
         let n_acked = acked.iter().filter(|a| a.load(Ordering::SeqCst)).count();
-        eprintln!("round {round}: sent {sent} in {:?}, acked so far {n_acked}/{}", started.elapsed(), rides.len());
+        let cut = traffic.cut.load(Ordering::SeqCst);
+        eprintln!(
+            "round {round}: sent {sent} in {:?}, acked so far {n_acked}/{}, kill after {at_kill:?} (answers, in flight), {cut} POSTs cut off",
+            started.elapsed(),
+            rides.len()
+        );
+        if let Some((after, in_flight)) = at_kill {
+            assert!(traffic.answered.load(Ordering::SeqCst) >= after, "round {round}: the clients ran out of rides before the kill");
+            // A POST begun before the kill and never answered was in flight when it landed:
+            // a kill between bursts (no traffic, or only after the clients finished) has none.
+            assert!(in_flight > 0 && cut > 0, "round {round}: the kill -9 landed with no request in flight ({in_flight} begun, {cut} cut off): it tested nothing");
+        }
         server.kill9();
         server.restart();
     }
     assert!(acked.iter().all(|a| a.load(Ordering::SeqCst)), "every ride must get its 201 eventually");
-    eprintln!("all {} rides acknowledged after {kills} kills; reconciling", rides.len());
+    let known = keyless.lock().unwrap().clone();
+    let count = |k: Known| known.iter().filter(|x| **x == k).count();
+    eprintln!(
+        "all {} rides acknowledged after {kills} kills; keyless: {} counted, {} not, {} maybe; reconciling",
+        rides.len(),
+        count(Known::Counted),
+        count(Known::NotCounted),
+        count(Known::Maybe)
+    );
+    assert!(count(Known::Counted) > 0, "the keyless client got no 201: it tested nothing");
 
     let expected = Expected::from(&rides);
     let agent = agent();
     let bad = expected.check(&agent, &server.base);
     assert!(bad.is_empty(), "{} mismatches after crashes (seed {seed}), first: {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    let keyless_counted = |server: &Server| -> Vec<bool> {
+        let read: Vec<bool> = known
+            .iter()
+            .enumerate()
+            .map(|(n, k)| {
+                let (code, body) = common::get(&agent, &server.url(&format!("/skiers/{KEYLESS_RESORT}/seasons/2025/days/{KEYLESS_DAY}/skiers/{}", keyless_skier(n))));
+                let counted = match (code, body.trim()) {
+                    (200, v) if v == (KEYLESS_LIFT as u64 * 10).to_string() => true,
+                    (404, _) => false,
+                    other => panic!("keyless ride {n} ({k:?}) reads {other:?}: counted more than once, or a failed read"),
+                };
+                match (k, counted) {
+                    (Known::Counted, false) => panic!("keyless ride {n} got its 201 and is not counted"),
+                    (Known::NotCounted, true) => panic!("keyless ride {n} was answered not-recorded and is counted"),
+                    _ => counted,
+                }
+            })
+            .collect();
+        // The day's skier count agrees, and lies within the bounds the answers set.
+        let (code, body) = common::get(&agent, &server.url(&format!("/resorts/{KEYLESS_RESORT}/seasons/2025/day/{KEYLESS_DAY}/skiers")));
+        let n = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["numSkiers"].as_u64()).unwrap_or_else(|| panic!("{code} {body}"));
+        let (lo, hi) = (count(Known::Counted), count(Known::Counted) + count(Known::Maybe));
+        assert!((lo..=hi).contains(&(n as usize)), "keyless day counts {n} skiers, outside {lo}..={hi}");
+        assert_eq!(n as usize, read.iter().filter(|c| **c).count(), "the day count and the skier-days disagree");
+        read
+    };
+    let counted = keyless_counted(&server);
+    eprintln!("keyless: {} of the {} maybe rides counted", counted.iter().zip(&known).filter(|(c, k)| **c && **k == Known::Maybe).count(), count(Known::Maybe));
 
-    // And once more after a final kill: state rebuilt from tables + WAL only.
+    // And once more after a final kill: state rebuilt from tables + WAL only. A ride that
+    // may or may not have counted has been decided, for good.
     server.kill9();
     server.restart();
     let bad = expected.check(&agent, &server.base);
     assert!(bad.is_empty(), "{} mismatches after the final restart (seed {seed}): {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert_eq!(keyless_counted(&server), counted, "a keyless ride changed its count across a restart");
+
+    // The raw rides: a clean stop flushes everything and checkpoints the WAL; then the
+    // table holds each keyed ride once and exactly the keyless rides that count.
+    assert_eq!(server.terminate(), Some(0));
+    let stored = raw_rides(dir.path());
+    let keyless_skiers: BTreeSet<u32> = counted.iter().enumerate().filter(|(_, c)| **c).map(|(n, _)| keyless_skier(n)).collect();
+    let mut keyless_rows: BTreeMap<u32, usize> = BTreeMap::new();
+    let bad = reconcile_raw(&stored, &rides, |r| {
+        let ok = r.resort == KEYLESS_RESORT && r.day == KEYLESS_DAY && r.lift == KEYLESS_LIFT && keyless_skiers.contains(&r.skier);
+        *keyless_rows.entry(r.skier).or_default() += ok as usize;
+        ok
+    });
+    assert!(bad.is_empty(), "{} raw-ride mismatches (seed {seed}): {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert!(keyless_rows.values().all(|n| *n == 1), "a keyless ride stored twice: {:?}", keyless_rows.iter().find(|(_, n)| **n != 1));
+    assert_eq!(stored.len(), rides.len() + keyless_skiers.len(), "raw rides in the table");
 }
 
 /// A crash in the middle of a flush, at the worst point: the skier-day items are durable,
@@ -141,10 +353,9 @@ fn a_flush_torn_between_skier_days_and_counts_is_completed_after_restart() {
     assert!(bad.is_empty(), "{} mismatches read from the tables: {:?}", bad.len(), &bad[..bad.len().min(5)]);
     assert_eq!(server.terminate(), Some(0));
 
-    // Every raw ride is in SkierLiftRides once (its key holds the ride's id).
-    let tables = sled::open(dir.path().join("tables")).unwrap();
-    let stored = tables.open_tree("rides").unwrap().len();
-    assert_eq!(stored, rides.len(), "raw rides in the table");
+    // Every raw ride is in SkierLiftRides once, field for field, and nothing else is.
+    let bad = reconcile_raw(&raw_rides(dir.path()), &rides, |_| false);
+    assert!(bad.is_empty(), "{} raw-ride mismatches: {:?}", bad.len(), &bad[..bad.len().min(5)]);
 }
 
 /// A WAL record damaged in the middle (intact, acknowledged records after it) is storage
@@ -201,13 +412,18 @@ fn a_corrupt_wal_record_in_the_middle_stops_the_node_unless_overridden() {
     assert!(!out.status.success(), "the node exited 0 on a WAL damaged in the middle; stderr: {stderr}");
     assert!(stderr.contains("LIFTLOG_WAL__TRUNCATE_CORRUPT=true"), "the refusal must name the override: {stderr}");
 
-    let server = Server::start_with_env(dir.path(), &quiet, &[("LIFTLOG_WAL__TRUNCATE_CORRUPT", "true")]);
+    let mut server = Server::start_with_env(dir.path(), &quiet, &[("LIFTLOG_WAL__TRUNCATE_CORRUPT", "true")]);
     let (code, body) = common::get(&agent, &server.url("/admin/wal"));
     assert_eq!(code, 200, "{body}");
     let wal: serde_json::Value = serde_json::from_str(&body).unwrap();
     let recovery = &wal["recovery"];
     assert_eq!(recovery["records"], 1, "{body}");
     assert_eq!(recovery["truncated_intact_records"].as_u64(), Some(rides.len() as u64 - 2), "{body}");
+    // What the override keeps is the record before the damage, the first ride, and only
+    // that: after a clean stop (flush) it is the one raw ride in the table.
+    assert_eq!(server.terminate(), Some(0));
+    let bad = reconcile_raw(&raw_rides(dir.path()), &rides[..1], |_| false);
+    assert!(bad.is_empty(), "raw rides after the override: {bad:?}");
 }
 
 /// sled releases its lock a little after the process is gone.
@@ -237,7 +453,7 @@ fn a_503_says_whether_the_ride_may_have_been_recorded_and_is_right() {
     let config = dir.path().join("liftlog.toml");
     // Shorter than one WAL fsync: most POSTs answer before their ride is durable.
     std::fs::write(&config, "publish_deadline_ms = 1\n").unwrap();
-    let server = Server::start(&dir.path().join("data"), &["--config", config.to_str().unwrap()]);
+    let mut server = Server::start(&dir.path().join("data"), &["--config", config.to_str().unwrap()]);
     let agent = agent();
     let (mut created, mut unknown, mut refused) = (Vec::new(), Vec::new(), Vec::new());
     // Until enough POSTs passed the deadline (how many do depends on the disk's fsync time).
@@ -278,4 +494,13 @@ fn a_503_says_whether_the_ride_may_have_been_recorded_and_is_right() {
     for &skier in &refused {
         assert_eq!(vertical(skier).0, 404, "skier {skier}'s ride was answered 'not recorded' but is counted");
     }
+    // The raw rides agree: one row for each ride created or answered 'unknown' (every one
+    // of those is counted, above), none for a refused one, nothing else.
+    assert_eq!(server.terminate(), Some(0));
+    let stored = raw_rides(&dir.path().join("data"));
+    let want: BTreeSet<u32> = created.iter().chain(&unknown).copied().collect();
+    let got: Vec<u32> = stored.iter().map(|r| r.skier).collect();
+    assert_eq!(got.len(), want.len(), "raw rides: {} stored for {} rides counted", got.len(), want.len());
+    assert_eq!(got.iter().copied().collect::<BTreeSet<u32>>(), want, "raw rides of other skiers than the counted ones");
+    assert!(stored.iter().all(|r| (r.resort, r.day, r.time, r.lift, r.vertical) == (1, 1, 10, 5, 50)), "a raw ride that differs from its POST");
 }

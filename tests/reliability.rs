@@ -5,6 +5,8 @@
 mod common;
 
 use common::{agent, random_rides, Expected, Ride, Server};
+use liftlog::domain::{event_id, RideEvent};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,6 +73,49 @@ fn hammer(base: &str, rides: &[Ride], threads: usize, acked: &Arc<Mutex<Vec<Ride
     Arc::try_unwrap(seen).ok().unwrap().into_inner().unwrap()
 }
 
+/// The raw rides (`SkierLiftRides`) of a stopped embedded node, read from its sled tables
+/// (as tests/crash.rs does; sled releases its lock a little after the process is gone).
+fn raw_rides(data_dir: &std::path::Path) -> Vec<RideEvent> {
+    let path = data_dir.join("tables");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let db = loop {
+        match sled::open(&path) {
+            Ok(db) => break db,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("opening {}: {e}; retrying", path.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("opening {}: {e}", path.display()),
+        }
+    };
+    let tree = db.open_tree("rides").unwrap();
+    tree.iter()
+        .map(|kv| bincode::serde::decode_from_slice::<RideEvent, _>(&kv.unwrap().1, bincode::config::standard()).expect("decode a raw ride").0)
+        .collect()
+}
+
+/// Every ride that got its 201 is in the raw rides table exactly once, field for field
+/// (its id is the hash of its key and the ride), and nothing else is.
+fn assert_raw_rides_are(data_dir: &std::path::Path, acked: &[Ride]) {
+    let mut stored: BTreeMap<u64, Vec<RideEvent>> = BTreeMap::new();
+    for r in raw_rides(data_dir) {
+        stored.entry(r.id).or_default().push(r);
+    }
+    let mut bad = Vec::new();
+    let keys: BTreeSet<&str> = acked.iter().map(|r| r.key.as_str()).collect();
+    assert_eq!(keys.len(), acked.len(), "the model holds a ride twice");
+    for r in acked {
+        let mut want = RideEvent { id: 0, resort: r.resort, season: r.season, day: r.day, skier: r.skier, time: r.time, lift: r.lift, vertical: r.lift as u32 * 10 };
+        want.id = event_id(&want, Some(r.key.as_bytes()));
+        match stored.remove(&want.id).as_deref() {
+            Some([got]) if *got == want => {}
+            other => bad.push(format!("ride {}: stored {other:?}, want {want:?}", r.key)),
+        }
+    }
+    bad.extend(stored.values().flatten().map(|r| format!("a raw ride nobody got a 201 for: {r:?}")));
+    assert!(bad.is_empty(), "{} raw-ride mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+}
+
 fn config(dir: &std::path::Path, toml: &str) -> String {
     let path = dir.join("liftlog.toml");
     std::fs::write(&path, toml).unwrap();
@@ -101,6 +146,8 @@ fn overload_is_shed_with_429_and_retry_after_and_nothing_accepted_is_lost() {
     s.restart();
     let bad = Expected::from(&acked).check(&a, &s.base);
     assert!(bad.is_empty(), "after restart: {:?}", &bad[..bad.len().min(5)]);
+    assert_eq!(s.terminate(), Some(0));
+    assert_raw_rides_are(dir.path(), &acked);
 }
 
 #[test]
@@ -126,6 +173,8 @@ fn sigterm_under_load_is_graceful_and_loses_nothing() {
     let acked = acked.lock().unwrap().clone();
     let bad = Expected::from(&acked).check(&agent(), &s.base);
     assert!(bad.is_empty(), "{} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert_eq!(s.terminate(), Some(0));
+    assert_raw_rides_are(dir.path(), &acked);
 }
 
 /// A small tmpfs mounted for the test, unmounted on drop.
@@ -220,6 +269,8 @@ fn full_disk_answers_503_keeps_the_wal_intact_and_recovers_when_space_returns() 
     let acked = acked.lock().unwrap().clone();
     let bad = Expected::from(&acked).check(&a, &s.base);
     assert!(bad.is_empty(), "{} mismatches after the full disk, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
-    s.kill9();
+    // A clean stop flushes every ride to the tables (the space is back).
+    assert_eq!(s.terminate(), Some(0));
+    assert_raw_rides_are(&data, &acked);
     drop(fs);
 }

@@ -984,11 +984,22 @@ mod tests {
         assert_eq!(ride_sort_key(&r), "2025#3#42#00000000000000ab");
     }
 
+    /// The ceilings as documented, written out rather than recomputed with the formula
+    /// under test (the test this replaces did that, and passed a backoff that always
+    /// returned zero): 20 ms doubling per attempt to the 2 s cap. Full jitter: the draws
+    /// reach close to each ceiling and spread below it.
     #[test]
-    fn backoff_stays_under_its_ceiling() {
-        for attempt in 1..40 {
-            let ceiling = BACKOFF_BASE.saturating_mul(1 << (attempt - 1).min(16)).min(BACKOFF_CAP);
-            assert!(backoff(attempt) <= ceiling);
+    fn backoff_doubles_from_20_ms_to_the_2_s_cap_with_full_jitter() {
+        let ceilings_ms = [(0, 20), (1, 20), (2, 40), (3, 80), (4, 160), (5, 320), (6, 640), (7, 1280), (8, 2000), (9, 2000), (40, 2000), (u32::MAX, 2000)];
+        for (attempt, ceiling_ms) in ceilings_ms {
+            let draws: Vec<u64> = (0..400).map(|_| backoff(attempt).as_millis() as u64).collect();
+            let (max, min) = (*draws.iter().max().unwrap(), *draws.iter().min().unwrap());
+            let distinct = draws.iter().collect::<std::collections::BTreeSet<_>>().len();
+            assert!(max <= ceiling_ms, "attempt {attempt}: {max} ms over the {ceiling_ms} ms ceiling");
+            // 400 uniform draws: the chance that none is in the top 10% is 0.9^400, about 1e-18.
+            assert!(max * 10 >= ceiling_ms * 9, "attempt {attempt}: at most {max} ms, the ceiling is {ceiling_ms} ms");
+            assert!(min * 10 <= ceiling_ms, "attempt {attempt}: never below {min} ms: no full jitter");
+            assert!(distinct >= (ceiling_ms as usize / 2).min(100), "attempt {attempt}: only {distinct} distinct delays");
         }
     }
 }
