@@ -255,7 +255,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .disable_signals();
     let graceful = builder.graceful_shutdown_signal();
     let (keep_alive, client_request_timeout) = (Duration::from_secs(http.keep_alive_secs), head_limit);
-    let listener = std::net::TcpListener::bind(http.listen).with_context(|| format!("binding {}", http.listen))?;
+    let listener = bind_listener(http.listen, 4096).with_context(|| format!("binding {}", http.listen))?;
     let addr = listener.local_addr().context("no bound address")?;
     let server = builder
         .listen("liftlog-http", listener, move || {
@@ -373,6 +373,18 @@ impl Running {
         tracing::info!("shutdown complete");
         Ok(())
     }
+}
+
+/// A listening socket with a backlog of its own: `std::net::TcpListener::bind` fixes it at
+/// 128, and a burst of connections beyond it would wait for SYN retries (or be refused)
+/// instead of queueing for `http.max_connections` to let them in. `SO_REUSEADDR` so that a
+/// restarted node binds its port again at once, as actix-web's own `bind` does.
+fn bind_listener(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
 }
 
 /// Waits for SIGTERM or Ctrl-C.
