@@ -337,7 +337,7 @@ pub struct ActorsConfig {
     pub max_resident_days: usize,
     /// Rides the consumer holds that the tables may lack (WAL records not yet
     /// checkpointed); past it the consumer takes no new batch until a flush succeeds.
-    /// Bounds resident memory through a table outage (~100 bytes a ride).
+    /// Bounds resident memory through a table outage (~100 bytes a ride). 0: no bound.
     pub max_unflushed_rides: u64,
     /// Skier-resort season totals kept in memory (embedded mode); the others are computed
     /// from the tables and the resident days when asked. 0 keeps none.

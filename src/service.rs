@@ -1,12 +1,13 @@
 //! Wiring and lifecycle of one node: open what its roles need (tables, bus ends), rebuild
-//! state on a consuming node (season totals from the tables, then WAL replay into the
+//! state on a consuming node (the seasons from the tables, then WAL replay into the
 //! actors), start the consumer, the flusher and the HTTP server, and shut down in a fixed
 //! order.
 //!
 //! Shutdown order (each step waits for the previous one): stop accepting HTTP and finish
 //! in-flight requests → close the bus → the consumer drains what was queued (fsync per
 //! batch, so every 201 already given is durable) → final flush to the tables and WAL
-//! checkpoint → exit.
+//! checkpoint → exit. The last two share a deadline (`flush.shutdown_timeout_ms`): with the
+//! tables away the WAL keeps what could not be written, and the process still exits.
 
 use actix_web::{middleware, web, App, HttpServer};
 use anyhow::Context as _;
@@ -106,7 +107,7 @@ async fn open_bus(config: &Config) -> anyhow::Result<(Option<Arc<dyn Publisher>>
     }
 }
 
-/// Opens the WAL, rebuilds state (season totals from the tables, then the WAL replay into
+/// Opens the WAL, rebuilds state (the seasons from the tables, then the WAL replay into
 /// the actors) and starts the consumer and the flusher.
 async fn start_consumer(
     config: &Config,
@@ -142,8 +143,8 @@ async fn start_consumer(
         abort_after_batches: std::env::var("LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES").ok().and_then(|v| v.parse().ok()),
         flush_after_rides: config.flush.after_rides,
         ack_after: config.consumer.ack_after,
-        max_unflushed_rides: config.actors.max_unflushed_rides.max(1),
     };
+    progress.max_unflushed_rides.store(config.actors.max_unflushed_rides, Ordering::Relaxed);
     consumer.replay().await?;
 
     let disk_guard = (config.tables.store == TableStore::Sled && config.wal.min_free_disk_bytes > 0)

@@ -63,7 +63,12 @@ pub struct Progress {
     pub parked_days: AtomicU64,
     /// Attempts to load a day from the tables that failed.
     pub activation_failures: AtomicU64,
-    /// The bound in force, for the admin view (set by the consumer).
+    /// Bound on [`Self::unflushed_events`] (`actors.max_unflushed_rides`; 0: none, the
+    /// default): past it the consumer takes no new batch until a flush lets the checkpoint
+    /// move. A table outage otherwise grows resident state without a memory bound, since
+    /// only a flushed day can be passivated. The embedded queue then fills and POSTs get
+    /// 429, then 503 "not recorded"; a broker keeps the rides. Here rather than a field of
+    /// `Consumer`, which tests build literally.
     pub max_unflushed_rides: AtomicU64,
     /// With `AckAfter::Table`: batches durable in the WAL whose ack waits for the tables,
     /// oldest first. The flusher acks them once its checkpoint covers them.
@@ -212,12 +217,6 @@ pub struct Consumer {
     /// Size trigger of the flusher: rides consumed before a flush is started early.
     pub flush_after_rides: u64,
     pub ack_after: AckAfter,
-    /// Bound on [`Progress::unflushed_events`]: past it no new batch is taken until a flush
-    /// lets the checkpoint move (`actors.max_unflushed_rides`). A table outage otherwise
-    /// grows resident state without a memory bound, since only a flushed day can be
-    /// passivated. The embedded queue then fills and POSTs get 429/503 "not recorded";
-    /// a broker keeps the rides.
-    pub max_unflushed_rides: u64,
 }
 
 /// The batch per day, each ride with its index in the batch (to answer it).
@@ -722,15 +721,19 @@ impl Consumer {
         let mut epoch = None;
         let mut parked = Parked::default();
         let closing = source.stop_handle();
-        self.progress.max_unflushed_rides.store(self.max_unflushed_rides, Ordering::Relaxed);
+        let bound = match self.progress.max_unflushed_rides.load(Ordering::Relaxed) {
+            0 => u64::MAX,
+            n => n,
+        };
         loop {
-            let full = self.progress.unflushed_events.load(Ordering::Relaxed) >= self.max_unflushed_rides;
+            let full = self.progress.unflushed_events.load(Ordering::Relaxed) >= bound;
             let take = !full || closing.is_stopped();
-            if self.progress.holding_for_memory.swap(!take, Ordering::Relaxed) != !take && !take {
+            let was_holding = self.progress.holding_for_memory.swap(!take, Ordering::Relaxed);
+            if !take && !was_holding {
                 self.progress.memory_holds.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     unflushed = self.progress.unflushed_events.load(Ordering::Relaxed),
-                    bound = self.max_unflushed_rides,
+                    bound,
                     "unflushed rides at their bound: no new batch until a flush moves the checkpoint"
                 );
             }

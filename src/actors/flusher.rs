@@ -376,8 +376,8 @@ mod tests {
             abort_after_batches: None,
             flush_after_rides: u64::MAX,
             ack_after: AckAfter::Wal,
-            max_unflushed_rides,
         };
+        progress.max_unflushed_rides.store(max_unflushed_rides, Ordering::Relaxed);
         actix_rt::spawn(consumer.run(Box::new(source), crate::bus::Stop::default()));
         let flusher = Flusher::new(registry.clone(), store, wal.clone(), seasons, progress.clone(), 10_000, None);
         Node { publisher: Arc::new(publisher), registry, tables, wal, progress, flusher }
@@ -566,7 +566,6 @@ mod tests {
             abort_after_batches: None,
             flush_after_rides: u64::MAX,
             ack_after: AckAfter::Wal,
-            max_unflushed_rides: u64::MAX,
         };
         let settled = Arc::new(parking_lot::Mutex::new(Vec::new()));
         let rides: Vec<RideEvent> = (1..=MAX as u64 + 1).map(|id| ride(id, 1, 7)).collect();
