@@ -737,6 +737,10 @@ impl Consumer {
                     "unflushed rides at their bound: no new batch until a flush moves the checkpoint"
                 );
             }
+            // `next_batch` is dropped whenever a load or the retry timer wins, so it must be
+            // cancel-safe: both sources await only a channel `recv` before taking the rest
+            // of the batch without awaiting (bus::embedded, bus::amqp). A source that
+            // awaited after taking a ride would lose it here.
             let batch = tokio::select! {
                 biased;
                 _ = pause.stopped() => break,

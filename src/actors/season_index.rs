@@ -45,11 +45,25 @@ enum Entry {
 
 type Shard = Mutex<FxHashMap<(u32, u32), Entry>>;
 
-/// Proof that [`SeasonIndex::begin`] registered a pair, to hand to `finish` or `abandon`.
+/// Proof that [`SeasonIndex::begin`] registered a pair, to hand to `finish`. Dropped
+/// unfinished (the computation failed, or the request was dropped mid-way when its client
+/// went away) it removes the registration: a loading entry is never evicted, so a leaked
+/// one would hold a slot for good.
 #[must_use]
-pub struct Loading {
+pub struct Loading<'a> {
+    index: &'a SeasonIndex,
     skier: u32,
     resort: u32,
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let key = (self.skier, self.resort);
+        let mut shard = self.index.shard(self.skier).lock();
+        if matches!(shard.get(&key), Some(Entry::Loading { .. })) {
+            shard.remove(&key);
+        }
+    }
 }
 
 pub struct SeasonIndex {
@@ -122,7 +136,7 @@ impl SeasonIndex {
 
     /// Registers a miss about to be computed. `None` when the result is not to be kept
     /// (capacity 0, or another reader is computing the pair already).
-    pub fn begin(&self, skier: u32, resort: u32) -> Option<Loading> {
+    pub fn begin(&self, skier: u32, resort: u32) -> Option<Loading<'_>> {
         self.misses.fetch_add(1, Ordering::Relaxed);
         if self.per_shard == 0 {
             return None;
@@ -132,14 +146,16 @@ impl SeasonIndex {
             return None;
         }
         shard.insert((skier, resort), Entry::Loading { changed: false });
-        Some(Loading { skier, resort })
+        Some(Loading { index: self, skier, resort })
     }
 
     /// Keeps a computed miss unless a counted ride came in meanwhile; evicts the least
     /// recently used entry of the shard past its share of the capacity.
-    pub fn finish(&self, loading: Loading, totals: &[(u16, u64)]) {
+    pub fn finish(&self, loading: Loading<'_>, totals: &[(u16, u64)]) {
         let key = (loading.skier, loading.resort);
-        let mut shard = self.shard(loading.skier).lock();
+        // Settled here, under the shard lock its drop would take again.
+        std::mem::forget(loading);
+        let mut shard = self.shard(key.0).lock();
         if !matches!(shard.get(&key), Some(Entry::Loading { changed: false })) {
             shard.remove(&key);
             return;
@@ -156,11 +172,6 @@ impl SeasonIndex {
             shard.remove(&victim);
             self.evictions.fetch_add(1, Ordering::Relaxed);
         }
-    }
-
-    /// Forgets a miss whose computation failed.
-    pub fn abandon(&self, loading: Loading) {
-        self.shard(loading.skier).lock().remove(&(loading.skier, loading.resort));
     }
 
     /// Number of pairs held; for the admin view.
@@ -263,6 +274,9 @@ mod tests {
         idx.finish(l, &[(2025, 50)]);
         idx.add(7, 1, 2025, 10);
         assert_eq!(idx.cached(7, 1), Some(vec![(2025, 60)]));
+        // A computation dropped unfinished leaves nothing behind.
+        drop(idx.begin(8, 1).unwrap());
+        assert!(idx.begin(8, 1).is_some(), "the registration went with its guard");
         // Capacity 0 (a broker node) keeps nothing.
         assert!(SeasonIndex::with_capacity(0).begin(7, 1).is_none());
     }

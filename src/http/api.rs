@@ -263,10 +263,9 @@ async fn exact_totals(state: &AppState, node: &super::ConsumerNode, skier: u32, 
         Ok::<_, ApiError>(per.into_iter().collect::<Vec<_>>())
     }
     .await;
-    match (&computed, loading) {
-        (Ok(per), Some(l)) => node.index.finish(l, per),
-        (Err(_), Some(l)) => node.index.abandon(l),
-        _ => {}
+    // A failure drops the registration with its guard (as a dropped request does).
+    if let (Ok(per), Some(l)) = (&computed, loading) {
+        node.index.finish(l, per);
     }
     computed
 }
