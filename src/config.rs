@@ -329,11 +329,15 @@ pub struct FlushConfig {
     pub rides_per_actor: usize,
     /// Size trigger: a flush starts early once this many rides arrived since the last.
     pub after_rides: u64,
+    /// Longest the final flush at shutdown may take, ms. Past it the node exits anyway:
+    /// the WAL holds every acknowledged ride, and a table outage must not keep a SIGTERM
+    /// waiting until systemd's SIGKILL (`TimeoutStopSec`).
+    pub shutdown_timeout_ms: u64,
 }
 
 impl Default for FlushConfig {
     fn default() -> Self {
-        FlushConfig { interval_ms: 1_000, rides_per_actor: 20_000, after_rides: 50_000 }
+        FlushConfig { interval_ms: 1_000, rides_per_actor: 20_000, after_rides: 50_000, shutdown_timeout_ms: 10_000 }
     }
 }
 
@@ -343,11 +347,18 @@ impl Default for FlushConfig {
 pub struct ActorsConfig {
     /// Resident aggregator actors before idle ones are passivated.
     pub max_resident_days: usize,
+    /// Rides the consumer holds that the tables may lack (WAL records not yet
+    /// checkpointed); past it the consumer takes no new batch until a flush succeeds.
+    /// Bounds resident memory through a table outage (~100 bytes a ride). 0: no bound.
+    pub max_unflushed_rides: u64,
+    /// Skier-resort season totals kept in memory (embedded mode); the others are computed
+    /// from the tables and the resident days when asked. 0 keeps none.
+    pub season_index_entries: usize,
 }
 
 impl Default for ActorsConfig {
     fn default() -> Self {
-        ActorsConfig { max_resident_days: 8_192 }
+        ActorsConfig { max_resident_days: 8_192, max_unflushed_rides: 4_000_000, season_index_entries: 262_144 }
     }
 }
 

@@ -1,12 +1,13 @@
 //! Wiring and lifecycle of one node: open what its roles need (tables, bus ends), rebuild
-//! state on a consuming node (season totals from the tables, then WAL replay into the
+//! state on a consuming node (the seasons from the tables, then WAL replay into the
 //! actors), start the consumer, the flusher and the HTTP server, and shut down in a fixed
 //! order.
 //!
 //! Shutdown order (each step waits for the previous one): stop accepting HTTP and finish
 //! in-flight requests → close the bus → the consumer drains what was queued (fsync per
 //! batch, so every 201 already given is durable) → final flush to the tables and WAL
-//! checkpoint → exit.
+//! checkpoint → exit. The last two share a deadline (`flush.shutdown_timeout_ms`): with the
+//! tables away the WAL keeps what could not be written, and the process still exits.
 
 use actix_web::{middleware, web, App, HttpServer};
 use anyhow::Context as _;
@@ -53,6 +54,8 @@ struct ConsumeTasks {
     consumer_task: tokio::task::JoinHandle<Box<dyn EventSource>>,
     flusher_stop: tokio::sync::watch::Sender<bool>,
     flusher_task: tokio::task::JoinHandle<()>,
+    /// Bound on the flusher's last cycles at shutdown (`flush.shutdown_timeout_ms`).
+    final_flush: Duration,
 }
 
 async fn open_tables(config: &Config) -> anyhow::Result<Arc<dyn Tables>> {
@@ -104,7 +107,7 @@ async fn open_bus(config: &Config) -> anyhow::Result<(Option<Arc<dyn Publisher>>
     }
 }
 
-/// Opens the WAL, rebuilds state (season totals from the tables, then the WAL replay into
+/// Opens the WAL, rebuilds state (the seasons from the tables, then the WAL replay into
 /// the actors) and starts the consumer and the flusher.
 async fn start_consumer(
     config: &Config,
@@ -116,25 +119,17 @@ async fn start_consumer(
     let wal = Arc::new(wal);
     tracing::info!(checkpoint = recovery.checkpoint, records = recovery.records, truncated = recovery.truncated_records, "WAL opened");
 
-    // Season totals first, from the tables alone; the replay then adds only rides the
-    // tables do not hold (the actors drop the others as duplicates). Only the embedded
-    // node answers season totals from memory (see `index_complete`); with a broker they
-    // come from the tables, and a scan of every skier-day at each start would not scale.
-    let index = Arc::new(SeasonIndex::new());
-    let mut skier_days = 0u64;
-    if config.bus.broker.is_none() {
-        tables
-            .scan_season_totals(&mut |skier, resort, season, vertical| {
-                index.add(skier, resort, season, vertical);
-                skier_days += 1;
-            })
-            .await?;
-    }
+    // Season totals: a bounded cache that starts empty and computes misses exactly from the
+    // tables and the resident days (issue 13, item 4). No scan at start: the full scan of
+    // every skier-day made an out-of-memory caused by many distinct skiers come back at
+    // every restart. With a broker it is never read (other consumers count rides too),
+    // so it keeps nothing.
+    let index_entries = if config.bus.broker.is_none() { config.actors.season_index_entries } else { 0 };
+    let index = Arc::new(SeasonIndex::with_capacity(index_entries));
     let seasons = Arc::new(SeasonBook::default());
     for (resort, season) in tables.scan_seasons().await? {
         seasons.observe(resort, season, true);
     }
-    tracing::info!(skier_days, skiers = index.skiers(), "season totals loaded");
 
     let registry = Arc::new(Registry::new(tables.clone(), index.clone(), config.actors.max_resident_days));
     let progress = Arc::new(Progress::default());
@@ -149,6 +144,7 @@ async fn start_consumer(
         flush_after_rides: config.flush.after_rides,
         ack_after: config.consumer.ack_after,
     };
+    progress.max_unflushed_rides.store(config.actors.max_unflushed_rides, Ordering::Relaxed);
     consumer.replay().await?;
 
     let disk_guard = (config.tables.store == TableStore::Sled && config.wal.min_free_disk_bytes > 0)
@@ -173,7 +169,8 @@ async fn start_consumer(
     let index_complete = config.bus.broker.is_none();
     let node = ConsumerNode { registry, index, index_complete, seasons, wal, recovery, progress, flusher, source_stats };
     let broker = config.bus.broker.is_some();
-    Ok((node, ConsumeTasks { source_stop, pause, broker, consumer_task, flusher_stop, flusher_task }))
+    let final_flush = Duration::from_millis(config.flush.shutdown_timeout_ms);
+    Ok((node, ConsumeTasks { source_stop, pause, broker, consumer_task, flusher_stop, flusher_task, final_flush }))
 }
 
 /// Wraps the publisher in admission control whose pressure reads the bus, and the WAL and
@@ -346,27 +343,44 @@ impl Running {
             tasks.source_stop.stop();
         }
         let source = tasks.consumer_task.await.ok();
+        // The flusher's cycle under way and the final flush share one deadline: with the
+        // tables away each cycle can take as long as the store's client retries, and a
+        // SIGTERM must end before systemd's SIGKILL (issue 13, item 7). Giving up loses
+        // nothing: the checkpoint only moves after a successful cycle, so the WAL still
+        // holds every ride the tables may lack, and the next start replays it.
+        let deadline = tokio::time::Instant::now() + tasks.final_flush;
         let _ = tasks.flusher_stop.send(true);
-        let _ = tasks.flusher_task.await;
+        let mut flusher_task = tasks.flusher_task;
+        if tokio::time::timeout_at(deadline, &mut flusher_task).await.is_err() {
+            flusher_task.abort();
+        }
         tracing::info!("shutdown: consumer drained; final flush");
-        let mut attempts = 0;
-        loop {
-            match node.flusher.flush().await {
-                Ok(r) => {
-                    tracing::info!(checkpoint = r.checkpoint, rides = r.rides, "shutdown: flushed");
-                    break;
-                }
-                Err(e) if attempts < 3 => {
-                    attempts += 1;
-                    tracing::warn!(cause = %e, "shutdown: final flush failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => {
-                    // Nothing is lost: the WAL holds every acknowledged ride for the next start.
-                    tracing::error!(cause = %e, "shutdown: tables unreachable; the WAL will be replayed at next start");
-                    break;
+        let final_flush = async {
+            let mut attempts = 0u32;
+            loop {
+                match node.flusher.flush().await {
+                    Ok(r) => {
+                        tracing::info!(checkpoint = r.checkpoint, rides = r.rides, "shutdown: flushed");
+                        return;
+                    }
+                    Err(e) if attempts < 3 => {
+                        attempts += 1;
+                        tracing::warn!(cause = %e, "shutdown: final flush failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => {
+                        // Nothing is lost: the WAL holds every acknowledged ride for the next start.
+                        tracing::error!(cause = %e, "shutdown: tables unreachable; the WAL will be replayed at next start");
+                        return;
+                    }
                 }
             }
+        };
+        if tokio::time::timeout_at(deadline, final_flush).await.is_err() {
+            tracing::error!(
+                bound_ms = tasks.final_flush.as_millis() as u64,
+                "shutdown: the final flush did not finish in time; the WAL will be replayed at next start"
+            );
         }
         node.wal.sync()?;
         drop(source);

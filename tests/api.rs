@@ -359,3 +359,56 @@ fn a_keep_alive_client_dripping_its_next_head_is_cut_off() {
     // Everyone else is served meanwhile and after.
     assert_eq!(get(&agent(), &s.url("/health")).0, 200);
 }
+
+/// Issue 13, item 4: the season index is a bounded cache, not a copy of every skier built
+/// by a full scan at each start. After a restart it holds nothing until asked; answers for
+/// skiers it does not hold are computed exactly (resident days + tables), and it never
+/// holds more pairs than `actors.season_index_entries`, however many skiers there are.
+#[test]
+fn season_totals_stay_exact_with_a_bounded_index_and_no_scan_at_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--set", "actors.season_index_entries=64", "--set", "flush.interval_ms=50"];
+    let mut s = Server::start(dir.path(), &args);
+    let a = agent();
+    let rides = random_rides(4_004, 1_500, 500);
+    for r in &rides[..1_000] {
+        assert_eq!(r.post(&a, &s.base), 201);
+    }
+    let held = |s: &Server| json(&call(&a, "GET", &s.url("/admin/actors"), &[], None).1)["season_index_skiers"].as_u64().unwrap();
+    // Reading every skier's totals (500 skiers × 3 resorts) goes through the bound.
+    let bad = Expected::from(&rides[..1_000]).check(&a, &s.base);
+    assert!(bad.is_empty(), "{} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert!(held(&s) <= 64, "the index holds {} pairs past its bound of 64", held(&s));
+    // The flusher's own figure: everything in the tables before the restart.
+    let checkpoint = || json(&call(&a, "GET", &s.url("/admin/wal"), &[], None).1)["flusher"]["checkpoint"].as_u64().unwrap_or(0);
+    let dispatched = json(&call(&a, "GET", &s.url("/admin/wal"), &[], None).1)["consumer"]["dispatched_seq"].as_u64().unwrap();
+    common::wait_for("the checkpoint covering every ride", std::time::Duration::from_secs(30), || checkpoint() >= dispatched);
+    s.terminate();
+    s.restart();
+    assert_eq!(held(&s), 0, "no full scan at start: the index is empty until asked");
+    // Cached pairs stay exact as new rides come: read, post more, read again.
+    let bad = Expected::from(&rides[..1_000]).check(&a, &s.base);
+    assert!(bad.is_empty(), "after the restart: {:?}", &bad[..bad.len().min(5)]);
+    for r in &rides[1_000..] {
+        assert_eq!(r.post(&a, &s.base), 201);
+    }
+    let bad = Expected::from(&rides).check(&a, &s.base);
+    assert!(bad.is_empty(), "after more rides: {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    assert!(held(&s) <= 64);
+}
+
+/// Issue 13, item 8: each distinct `resort=` is a table query, so their number is bounded
+/// (repeats included, checked before any query) with a 400 that says the bound.
+#[test]
+fn season_vertical_refuses_more_resort_parameters_than_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &[]);
+    let a = agent();
+    assert_eq!(call(&a, "POST", &s.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[JSON], Some(r#"{"time":10,"liftID":5}"#)).0, 201);
+    let query = |n: usize| format!("/skiers/7/vertical?{}", vec!["resort=1"; n].join("&"));
+    let (code, body) = get(&a, &s.url(&query(16)));
+    assert_eq!((code, json(&body)), (200, json(r#"{"resorts":[{"seasonID":"2025","totalVert":50}]}"#)));
+    let (code, body) = get(&a, &s.url(&query(17)));
+    assert_eq!(code, 400, "{body}");
+    assert!(json(&body)["message"].as_str().unwrap().contains("at most 16 resort"), "{body}");
+}

@@ -480,6 +480,7 @@ mod tests {
     #[test]
     fn duplicates_count_once_and_flush_marks_follow_versions() {
         let idx = SeasonIndex::new();
+        idx.prime(7, 1); // the index keeps only pairs it holds (issue 13, item 4)
         let key = DayKey { resort: 1, season: 2025, day: 1 };
         let mut st = DayState::from_items(key, vec![], None);
         let counts = |a: Applied| (a.applied, a.duplicates);
@@ -512,6 +513,7 @@ mod tests {
     fn a_skier_day_holds_at_most_the_bound_and_a_refused_ride_changes_nothing() {
         use crate::domain::MAX_RIDES_PER_SKIER_DAY as MAX;
         let idx = SeasonIndex::new();
+        idx.prime(7, 1); // the index keeps only pairs it holds (issue 13, item 4)
         let key = DayKey { resort: 1, season: 2025, day: 1 };
         let mut st = DayState::from_items(key, vec![], None);
         // One more distinct ride than the bound, in one batch, plus a retry of the first.

@@ -8,6 +8,7 @@
 //! Batches form on mailbox drain: whatever queued up during the previous fsync is the next
 //! batch, so the fsync rate, not the request rate, bounds the cost of durability.
 
+use futures_util::StreamExt as _;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,9 +43,33 @@ pub struct Progress {
     /// wakes the flusher early instead of waiting for its interval.
     pub unflushed_rides: AtomicU64,
     pub flush_kick: tokio::sync::Notify,
-    /// When each WAL batch not yet checkpointed was written, oldest first: the flush lag
-    /// (age of the oldest ride not yet in the tables) is the age of the front entry.
-    pub unflushed_batches: parking_lot::Mutex<std::collections::VecDeque<(u64, Instant)>>,
+    /// When each WAL batch not yet checkpointed was written, and its rides, oldest first:
+    /// the flush lag (age of the oldest ride not yet in the tables) is the age of the front
+    /// entry.
+    pub unflushed_batches: parking_lot::Mutex<std::collections::VecDeque<(u64, Instant, u64)>>,
+    /// Rides in WAL records the checkpoint has not passed: what the resident actors hold
+    /// that the tables may lack (pending raw rides, ids, dirty marks), plus parked rides.
+    /// Past `Consumer::max_unflushed_rides` the consumer takes no new batch (issue 13, item 7).
+    pub unflushed_events: AtomicU64,
+    /// Times the consumer stopped taking batches because of that bound.
+    pub memory_holds: AtomicU64,
+    /// Whether it is holding now.
+    pub holding_for_memory: std::sync::atomic::AtomicBool,
+    /// Lowest WAL sequence with rides parked behind their day's activation (0: none). The
+    /// checkpoint stays below it: those rides are only in the WAL until they are applied.
+    pub parked_floor: AtomicU64,
+    /// Rides and days parked behind an activation that the tables refuse for now.
+    pub parked_rides: AtomicU64,
+    pub parked_days: AtomicU64,
+    /// Attempts to load a day from the tables that failed.
+    pub activation_failures: AtomicU64,
+    /// Bound on [`Self::unflushed_events`] (`actors.max_unflushed_rides`; 0: none, the
+    /// default): past it the consumer takes no new batch until a flush lets the checkpoint
+    /// move. A table outage otherwise grows resident state without a memory bound, since
+    /// only a flushed day can be passivated. The embedded queue then fills and POSTs get
+    /// 429, then 503 "not recorded"; a broker keeps the rides. Here rather than a field of
+    /// `Consumer`, which tests build literally.
+    pub max_unflushed_rides: AtomicU64,
     /// With `AckAfter::Table`: batches durable in the WAL whose ack waits for the tables,
     /// oldest first. The flusher acks them once its checkpoint covers them.
     pub held_acks: parking_lot::Mutex<std::collections::VecDeque<(u64, Box<dyn crate::bus::Acker>)>>,
@@ -60,12 +85,11 @@ pub struct Progress {
 impl Progress {
     /// How far the WAL may be checkpointed as far as the consumer knows: what it dispatched,
     /// but never past a batch a dead actor did not apply (its rides are only in the WAL).
+    /// Nor past rides parked behind their day's activation.
     pub fn checkpoint_limit(&self) -> u64 {
         let upto = self.dispatched_seq.load(Ordering::Acquire);
-        match self.unapplied_floor.load(Ordering::Acquire) {
-            0 => upto,
-            floor => upto.min(floor - 1),
-        }
+        let floors = [self.unapplied_floor.load(Ordering::Acquire), self.parked_floor.load(Ordering::Acquire)];
+        floors.into_iter().filter(|f| *f > 0).fold(upto, |upto, floor| upto.min(floor - 1))
     }
 
     fn note_unapplied(&self, seq: u64) {
@@ -117,6 +141,14 @@ pub struct ProgressView {
     pub rides_refused: u64,
     /// Age of the oldest ride not yet in the tables, ms (0 when all are).
     pub flush_lag_ms: u64,
+    pub unflushed_events: u64,
+    pub max_unflushed_rides: u64,
+    pub memory_holds: u64,
+    pub holding_for_memory: bool,
+    pub parked_rides: u64,
+    pub parked_days: u64,
+    pub parked_floor: u64,
+    pub activation_failures: u64,
 }
 
 impl Progress {
@@ -140,19 +172,34 @@ impl Progress {
             unapplied_floor: self.unapplied_floor.load(Ordering::Relaxed),
             rides_refused: self.rides_refused.load(Ordering::Relaxed),
             flush_lag_ms: self.flush_lag().as_millis() as u64,
+            unflushed_events: self.unflushed_events.load(Ordering::Relaxed),
+            max_unflushed_rides: self.max_unflushed_rides.load(Ordering::Relaxed),
+            memory_holds: self.memory_holds.load(Ordering::Relaxed),
+            holding_for_memory: self.holding_for_memory.load(Ordering::Relaxed),
+            parked_rides: self.parked_rides.load(Ordering::Relaxed),
+            parked_days: self.parked_days.load(Ordering::Relaxed),
+            parked_floor: self.parked_floor.load(Ordering::Relaxed),
+            activation_failures: self.activation_failures.load(Ordering::Relaxed),
         }
     }
 
     pub fn flush_lag(&self) -> Duration {
-        self.unflushed_batches.lock().front().map_or(Duration::ZERO, |(_, at)| at.elapsed())
+        self.unflushed_batches.lock().front().map_or(Duration::ZERO, |(_, at, _)| at.elapsed())
     }
 
     /// Forgets the batches a checkpoint now covers.
     pub fn checkpointed(&self, upto: u64) {
         let mut q = self.unflushed_batches.lock();
-        while q.front().is_some_and(|(seq, _)| *seq <= upto) {
-            q.pop_front();
+        while q.front().is_some_and(|(seq, _, _)| *seq <= upto) {
+            if let Some((_, _, rides)) = q.pop_front() {
+                self.unflushed_events.fetch_sub(rides, Ordering::Relaxed);
+            }
         }
+    }
+
+    fn unflushed(&self, seq: u64, at: Instant, rides: u64) {
+        self.unflushed_batches.lock().push_back((seq, at, rides));
+        self.unflushed_events.fetch_add(rides, Ordering::Relaxed);
     }
 }
 
@@ -248,6 +295,82 @@ type WalWrite = (Vec<RideEvent>, Result<u64, (Option<u64>, WalError)>);
 /// What the clients of a batch the WAL refused are told (embedded bus). A failed append
 /// wrote nothing: not recorded. A fsync that failed after the append leaves a record that
 /// may survive and be replayed at the next start: outcome unknown.
+/// Longest one attempt to load a day may take: a table store that hangs instead of
+/// failing must not keep a day parked forever on one attempt.
+const ACTIVATION_TIMEOUT: Duration = Duration::from_secs(10);
+const ACTIVATION_RETRY_FIRST: Duration = Duration::from_millis(50);
+const ACTIVATION_RETRY_CAP: Duration = Duration::from_secs(5);
+/// How often a consumer holding for memory looks again (the checkpoint moves on flushes).
+const MEMORY_HOLD_POLL: Duration = Duration::from_millis(50);
+
+/// One day's share of a WAL batch, parked until the day is resident.
+struct ParkedGroup {
+    seq: u64,
+    /// Each ride's index in its batch, to answer it.
+    at: Vec<usize>,
+    rides: Vec<RideEvent>,
+}
+
+/// A batch some of whose days are parked: answered (acked) once all of them are applied.
+struct Waiting {
+    acker: Box<dyn crate::bus::Acker>,
+    events: Vec<RideEvent>,
+    refused: Vec<usize>,
+    days: usize,
+}
+
+type Load = std::pin::Pin<Box<dyn std::future::Future<Output = (DayKey, Result<super::registry::LoadedDay, crate::error::TableError>)> + Send>>;
+
+/// Days whose activation waits for the tables (issue 13, item 7). Their rides are in the
+/// WAL already; they wait here, in WAL order per day, while the consumer goes on applying
+/// the resident days of later batches. Activation is retried with backoff in the
+/// background; once a day loads, its parked rides are applied in order and the batches
+/// they belong to are answered.
+struct Parked {
+    days: FxHashMap<DayKey, std::collections::VecDeque<ParkedGroup>>,
+    /// Days with a load in flight.
+    loading: rustc_hash::FxHashSet<DayKey>,
+    loads: futures_util::stream::FuturesUnordered<Load>,
+    batches: FxHashMap<u64, Waiting>,
+    rides: usize,
+    backoff: Duration,
+    retry_at: tokio::time::Instant,
+}
+
+impl Default for Parked {
+    fn default() -> Self {
+        Parked {
+            days: FxHashMap::default(),
+            loading: Default::default(),
+            loads: Default::default(),
+            batches: FxHashMap::default(),
+            rides: 0,
+            backoff: ACTIVATION_RETRY_FIRST,
+            retry_at: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Parked {
+    fn park(&mut self, key: DayKey, seq: u64, at: Vec<usize>, rides: Vec<RideEvent>) {
+        self.rides += rides.len();
+        self.days.entry(key).or_default().push_back(ParkedGroup { seq, at, rides });
+    }
+
+    /// Whether some parked day has no load in flight.
+    fn retry_pending(&self) -> bool {
+        self.days.keys().any(|k| !self.loading.contains(k))
+    }
+
+    /// Publishes the figures the flusher and the admin views read.
+    fn publish(&self, progress: &Progress) {
+        let floor = self.days.values().filter_map(|g| g.front().map(|g| g.seq)).min().unwrap_or(0);
+        progress.parked_floor.store(floor, Ordering::Release);
+        progress.parked_rides.store(self.rides as u64, Ordering::Relaxed);
+        progress.parked_days.store(self.days.len() as u64, Ordering::Relaxed);
+    }
+}
+
 fn refusal(appended: bool, e: WalError) -> PublishError {
     match e {
         e if appended => PublishError::Uncertain(format!("write-ahead log fsync failed after the append: {e}")),
@@ -337,7 +460,7 @@ impl Consumer {
             let batch: Vec<RideEvent> = Wal::decode(&record.payload)?;
             events += batch.len() as u64;
             records += 1;
-            self.progress.unflushed_batches.lock().push_back((record.seq, started));
+            self.progress.unflushed(record.seq, started, batch.len() as u64);
             last = record.seq;
             let (_, rides) = chunk.get_or_insert_with(|| (record.seq, Vec::with_capacity(REPLAY_CHUNK)));
             rides.extend_from_slice(&batch);
@@ -370,8 +493,9 @@ impl Consumer {
         }
     }
 
-    /// Activates the owners (retrying while the tables are unreachable: the rides are
-    /// already durable, so giving up is not an option), dispatches the batch and waits
+    /// The replay's dispatch (before the node serves): activates the owners (retrying while
+    /// the tables are unreachable: the rides are already durable, so giving up is not an
+    /// option), dispatches the batch and waits
     /// until the actors applied it, so that a 201 is visible to the very next GET.
     /// Returns the indexes (into `events`) of the rides refused at apply, or an error if
     /// an actor was dead: then the batch is not applied, `seq` is noted so that no
@@ -420,6 +544,159 @@ impl Consumer {
         Ok(refused)
     }
 
+    /// The live dispatch: like [`Self::dispatch`], except that a day that cannot be
+    /// activated now is parked instead of retried in place, so that one day's activation
+    /// never holds up the batch's other days nor later batches (issue 13, item 7). A day
+    /// that is parked already takes its new rides behind the parked ones (WAL order per
+    /// day). While any day is parked (the tables are failing), new days are parked
+    /// without an attempt of their own: the background retry loads them.
+    /// Returns the refused rides' indexes and how many days of the batch were parked.
+    async fn dispatch_live(&self, seq: u64, events: &[RideEvent], parked: &mut Parked) -> Result<(Vec<usize>, usize), Unapplied> {
+        let mut applied = Vec::new();
+        let mut dead = Vec::new();
+        let mut new = Vec::new();
+        let mut waits = 0;
+        let mut send = |key: DayKey, at: Vec<usize>, group: Vec<RideEvent>, dead: &mut Vec<DayKey>| match self.registry.dispatch(&key, seq, group) {
+            Some(done) => applied.push(async move { (key, at, done.await) }),
+            None => {
+                tracing::error!(%key, seq, "aggregator vanished between activation and dispatch");
+                dead.push(key);
+            }
+        };
+        for (key, (at, group)) in group(events) {
+            self.seasons.observe(key.resort, key.season, false);
+            if parked.days.contains_key(&key) {
+                parked.park(key, seq, at, group);
+                waits += 1;
+            } else if self.registry.is_resident(&key) {
+                send(key, at, group, &mut dead);
+            } else {
+                new.push((key, at, group));
+            }
+        }
+        if !new.is_empty() && parked.days.is_empty() {
+            // One attempt each, all at once: the usual way a day becomes resident.
+            let loads = futures_util::future::join_all(new.iter().map(|(k, _, _)| timed_load(self.registry.load(*k)))).await;
+            for ((key, at, group), loaded) in new.into_iter().zip(loads) {
+                match loaded {
+                    Ok(day) => {
+                        self.registry.install(day);
+                        send(key, at, group, &mut dead);
+                    }
+                    Err(e) => {
+                        self.progress.activation_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%key, cause = %e, "activating aggregator failed; its rides wait in the WAL while the other days go on");
+                        parked.park(key, seq, at, group);
+                        parked.retry_at = tokio::time::Instant::now() + parked.backoff;
+                        waits += 1;
+                    }
+                }
+            }
+        } else {
+            for (key, at, group) in new {
+                parked.park(key, seq, at, group);
+                waits += 1;
+            }
+        }
+        let mut refused = Vec::new();
+        for (key, at, result) in futures_util::future::join_all(applied).await {
+            match result {
+                Ok(out) => refused.extend(out.refused.iter().map(|i| at[*i])),
+                Err(e) => {
+                    tracing::error!(%key, seq, cause = %e, "aggregator is dead; its rides stay in the WAL, unacknowledged");
+                    dead.push(key);
+                }
+            }
+        }
+        if !dead.is_empty() {
+            self.progress.note_unapplied(seq);
+            self.progress.actor_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(Unapplied { days: dead });
+        }
+        self.progress.rides_refused.fetch_add(refused.len() as u64, Ordering::Relaxed);
+        Ok((refused, waits))
+    }
+
+    /// Starts a load for every parked day without one in flight.
+    fn retry_parked(&self, parked: &mut Parked) {
+        let keys: Vec<DayKey> = parked.days.keys().filter(|k| !parked.loading.contains(k)).copied().collect();
+        for key in keys {
+            parked.loading.insert(key);
+            let load = timed_load(self.registry.load(key));
+            parked.loads.push(Box::pin(async move { (key, load.await) }));
+        }
+    }
+
+    /// A parked day's load finished: on success its rides are applied in WAL order and the
+    /// batches whose last parked day it was are answered; on failure it is retried later.
+    async fn activated(&self, key: DayKey, loaded: Result<super::registry::LoadedDay, crate::error::TableError>, parked: &mut Parked) {
+        parked.loading.remove(&key);
+        let day = match loaded {
+            Ok(day) => day,
+            Err(e) => {
+                self.progress.activation_failures.fetch_add(1, Ordering::Relaxed);
+                parked.backoff = (parked.backoff * 2).min(ACTIVATION_RETRY_CAP);
+                parked.retry_at = tokio::time::Instant::now() + parked.backoff;
+                tracing::warn!(%key, cause = %e, retry_in_ms = parked.backoff.as_millis() as u64, "activating a parked day failed; retrying");
+                return;
+            }
+        };
+        self.registry.install(day);
+        parked.backoff = ACTIVATION_RETRY_FIRST;
+        parked.retry_at = tokio::time::Instant::now();
+        let groups = parked.days.remove(&key).unwrap_or_default();
+        let mut done = Vec::new();
+        for g in groups {
+            parked.rides -= g.rides.len();
+            let result = match self.registry.dispatch(&key, g.seq, g.rides) {
+                Some(applied) => applied.await.ok(),
+                None => None,
+            };
+            match result {
+                Some(out) => {
+                    self.progress.rides_refused.fetch_add(out.refused.len() as u64, Ordering::Relaxed);
+                    if let Some(w) = parked.batches.get_mut(&g.seq) {
+                        w.refused.extend(out.refused.iter().map(|i| g.at[*i]));
+                        w.days -= 1;
+                        if w.days == 0 {
+                            done.push(g.seq);
+                        }
+                    }
+                }
+                None => {
+                    tracing::error!(%key, seq = g.seq, "aggregator is dead; its parked rides stay in the WAL, unacknowledged");
+                    self.progress.note_unapplied(g.seq);
+                    self.progress.actor_failures.fetch_add(1, Ordering::Relaxed);
+                    if let Some(w) = parked.batches.remove(&g.seq) {
+                        w.acker.nack(PublishError::Unavailable(Unapplied { days: vec![key] }.to_string())).await;
+                    }
+                }
+            }
+        }
+        tracing::info!(%key, answered = done.len(), "a parked day is resident again; its rides are applied");
+        for seq in done {
+            if let Some(w) = parked.batches.remove(&seq) {
+                self.settle(seq, w.acker, w.refused, &w.events).await;
+            }
+        }
+        parked.publish(&self.progress);
+    }
+
+    /// Answers a batch whose rides are all applied (ADR 002's ack policy).
+    async fn settle(&self, seq: u64, acker: Box<dyn crate::bus::Acker>, mut refused: Vec<usize>, events: &[RideEvent]) {
+        refused.sort_unstable();
+        let acker = Refusing::wrap(acker, refused, events);
+        match self.ack_after {
+            AckAfter::Wal => acker.ack().await,
+            AckAfter::Table => {
+                // In WAL order: a parked batch is settled after later ones.
+                let mut held = self.progress.held_acks.lock();
+                let at = held.iter().position(|(s, _)| *s > seq).unwrap_or(held.len());
+                held.insert(at, (seq, acker));
+            }
+        }
+    }
+
     /// Consumes until the source is closed and drained, or until `pause` fires; then
     /// hands the source back, still connected, so the caller can flush before letting it
     /// go (a broker hands the partitions to a standby only once it is dropped).
@@ -434,19 +711,62 @@ impl Consumer {
     /// whoever owns the partition now, and the days reload from the tables. Held acks go
     /// too: their connection is gone. With `AckAfter::Wal` acked rides may exist only
     /// here, so nothing is dropped (ADR 002: `wal` is for a consumer without a standby).
+    ///
+    /// Days that cannot be activated are parked (see [`Self::dispatch_live`]); the batches
+    /// they belong to are answered once they are applied. With the embedded bus their POSTs
+    /// meanwhile get the publisher's deadline answer, 503 "may have been recorded", which
+    /// is true: the WAL holds them. Past `max_unflushed_rides` no batch is taken until the
+    /// checkpoint moves, except to drain a closing source.
     pub async fn run(self, mut source: Box<dyn EventSource>, pause: crate::bus::Stop) -> Box<dyn EventSource> {
         let mut epoch = None;
+        let mut parked = Parked::default();
+        let closing = source.stop_handle();
+        let bound = match self.progress.max_unflushed_rides.load(Ordering::Relaxed) {
+            0 => u64::MAX,
+            n => n,
+        };
         loop {
+            let full = self.progress.unflushed_events.load(Ordering::Relaxed) >= bound;
+            let take = !full || closing.is_stopped();
+            let was_holding = self.progress.holding_for_memory.swap(!take, Ordering::Relaxed);
+            if !take && !was_holding {
+                self.progress.memory_holds.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    unflushed = self.progress.unflushed_events.load(Ordering::Relaxed),
+                    bound,
+                    "unflushed rides at their bound: no new batch until a flush moves the checkpoint"
+                );
+            }
+            // `next_batch` is dropped whenever a load or the retry timer wins, so it must be
+            // cancel-safe: both sources await only a channel `recv` before taking the rest
+            // of the batch without awaiting (bus::embedded, bus::amqp). A source that
+            // awaited after taking a ride would lose it here.
             let batch = tokio::select! {
                 biased;
                 _ = pause.stopped() => break,
-                batch = source.next_batch(self.max_batch) => match batch {
+                Some((key, loaded)) = parked.loads.next(), if !parked.loads.is_empty() => {
+                    self.activated(key, loaded, &mut parked).await;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(parked.retry_at), if parked.retry_pending() => {
+                    self.retry_parked(&mut parked);
+                    continue;
+                }
+                _ = tokio::time::sleep(MEMORY_HOLD_POLL), if !take => continue,
+                batch = source.next_batch(self.max_batch), if take => match batch {
                     Some(batch) => batch,
                     None => break,
                 },
             };
             if epoch.is_some_and(|e| e != batch.epoch) && self.ack_after == AckAfter::Table {
                 let dropped_acks = std::mem::take(&mut *self.progress.held_acks.lock()).len();
+                // Parked rides were never acked either: the broker redelivers them to the
+                // partition's owner, and a load begun before the reset may be stale.
+                let dropped_parked = std::mem::take(&mut parked).rides;
+                parked.publish(&self.progress);
+                if dropped_parked > 0 {
+                    tracing::warn!(rides = dropped_parked, "parked rides dropped with the lost subscription; the broker redelivers them");
+                }
                 let days = self.registry.clear();
                 self.progress.ownership_resets.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -493,9 +813,9 @@ impl Consumer {
                 tracing::error!(seq, "fault injection: aborting after the WAL fsync, before the ack");
                 std::process::abort();
             }
-            self.progress.unflushed_batches.lock().push_back((seq, started));
-            let refused = match self.dispatch(seq, &events).await {
-                Ok(refused) => refused,
+            self.progress.unflushed(seq, started, n);
+            let (refused, waits) = match self.dispatch_live(seq, &events, &mut parked).await {
+                Ok(out) => out,
                 Err(e) => {
                     // Fail closed (issue 13, item 6): rides no actor applied get no 201 and
                     // no broker ack; the WAL keeps them (see `Progress::checkpoint_limit`).
@@ -508,18 +828,34 @@ impl Consumer {
             self.progress.batches.fetch_add(1, Ordering::Relaxed);
             self.progress.events.fetch_add(n, Ordering::Relaxed);
             self.progress.last_batch_size.store(n, Ordering::Relaxed);
-            let acker = Refusing::wrap(batch.acker, refused, &events);
-            match self.ack_after {
-                AckAfter::Wal => acker.ack().await,
-                AckAfter::Table => self.progress.held_acks.lock().push_back((seq, acker)),
+            if waits == 0 {
+                self.settle(seq, batch.acker, refused, &events).await;
+            } else {
+                parked.batches.insert(seq, Waiting { acker: batch.acker, events, refused, days: waits });
+                parked.publish(&self.progress);
             }
             if self.progress.unflushed_rides.fetch_add(n, Ordering::Relaxed) + n >= self.flush_after_rides {
                 self.progress.flush_kick.notify_one();
             }
         }
+        if parked.rides > 0 {
+            // Their batches stay unanswered (the embedded POSTs get "may have been recorded",
+            // a broker redelivers), and `parked_floor` keeps the checkpoint below them: the
+            // next start replays them from the WAL.
+            tracing::warn!(rides = parked.rides, days = parked.days.len(), "consumer stopped with rides parked behind their day's activation; the WAL keeps them");
+        }
         tracing::info!("consumer stopped");
         source
     }
+}
+
+/// One load attempt, bounded by [`ACTIVATION_TIMEOUT`].
+async fn timed_load(
+    load: impl std::future::Future<Output = Result<super::registry::LoadedDay, crate::error::TableError>>,
+) -> Result<super::registry::LoadedDay, crate::error::TableError> {
+    tokio::time::timeout(ACTIVATION_TIMEOUT, load)
+        .await
+        .unwrap_or_else(|_| Err(crate::error::TableError::Unavailable(format!("loading the day took over {} s", ACTIVATION_TIMEOUT.as_secs()))))
 }
 
 #[cfg(test)]

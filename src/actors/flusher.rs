@@ -177,11 +177,14 @@ impl Flusher {
             }
         }
         self.progress.unflushed_rides.store(0, Ordering::Relaxed);
-        // Never past a batch a dead actor did not apply (`Progress::checkpoint_limit`).
+        // Never past a batch a dead actor did not apply, nor past rides parked behind their
+        // day's activation (`Progress::checkpoint_limit`).
         let upto = self.progress.checkpoint_limit();
         let mut checkpoint = upto;
-        let mut held: Option<String> = (upto < self.progress.dispatched_seq.load(Ordering::Acquire))
-            .then(|| format!("below WAL record {}, which a dead aggregator did not apply", upto + 1));
+        let mut held: Option<String> = (upto < self.progress.dispatched_seq.load(Ordering::Acquire)).then(|| {
+            let why = if self.progress.parked_floor.load(Ordering::Acquire) == upto + 1 { "whose day waits for its activation" } else { "which a dead aggregator did not apply" };
+            format!("below WAL record {}, {why}", upto + 1)
+        });
         let handles = self.registry.all();
         let mut snaps = Vec::with_capacity(handles.len());
         let mut dead = 0;
@@ -353,6 +356,11 @@ mod tests {
 
     /// A node whose flusher and registry use `store`, read back through `tables`.
     fn node_with(dir: &std::path::Path, tables: Arc<SledTables>, store: Arc<dyn Tables>) -> Node {
+        node_bounded(dir, tables, store, u64::MAX)
+    }
+
+    /// The same, with the consumer's bound on unflushed rides.
+    fn node_bounded(dir: &std::path::Path, tables: Arc<SledTables>, store: Arc<dyn Tables>, max_unflushed_rides: u64) -> Node {
         let wal_cfg = WalConfig { dir: dir.join("wal"), durability: Durability::GroupCommit, max_bytes: 1 << 30, min_free_bytes: 0, truncate_corrupt: false };
         let wal = Arc::new(Wal::open(wal_cfg).unwrap().0);
         let registry = Arc::new(Registry::new(store.clone(), Arc::new(SeasonIndex::new()), 100));
@@ -369,6 +377,7 @@ mod tests {
             flush_after_rides: u64::MAX,
             ack_after: AckAfter::Wal,
         };
+        progress.max_unflushed_rides.store(max_unflushed_rides, Ordering::Relaxed);
         actix_rt::spawn(consumer.run(Box::new(source), crate::bus::Stop::default()));
         let flusher = Flusher::new(registry.clone(), store, wal.clone(), seasons, progress.clone(), 10_000, None);
         Node { publisher: Arc::new(publisher), registry, tables, wal, progress, flusher }
@@ -569,5 +578,159 @@ mod tests {
         let h = n.registry.resident(&day1).unwrap();
         assert_eq!(h.read(|st| st.rides), MAX as u64);
         assert_eq!(h.stats().await.unwrap().rides_refused, 1);
+    }
+
+    /// The sled store, except that every call fails while `down` is set: a table outage.
+    struct Outage {
+        inner: Arc<SledTables>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl Outage {
+        fn check(&self) -> Result<(), TableError> {
+            match self.down.load(Ordering::SeqCst) {
+                true => Err(TableError::Unavailable("connection refused (test outage)".into())),
+                false => Ok(()),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Tables for Outage {
+        fn name(&self) -> &'static str {
+            "outage"
+        }
+        async fn create(&self) -> Result<(), TableError> {
+            self.inner.create().await
+        }
+        async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError> {
+            self.check()?;
+            self.inner.put_skier_days(items).await
+        }
+        async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError> {
+            self.check()?;
+            self.inner.put_day_counts(items).await
+        }
+        async fn put_rides(&self, rides: &[RideEvent]) -> Result<(), TableError> {
+            self.check()?;
+            self.inner.put_rides(rides).await
+        }
+        async fn put_seasons(&self, seasons: &[(u32, u16)]) -> Result<(), TableError> {
+            self.check()?;
+            self.inner.put_seasons(seasons).await
+        }
+        async fn sync(&self) -> Result<(), TableError> {
+            self.check()?;
+            self.inner.sync().await
+        }
+        async fn get_day_count(&self, key: DayKey) -> Result<Option<DayCountItem>, TableError> {
+            self.check()?;
+            self.inner.get_day_count(key).await
+        }
+        async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError> {
+            self.check()?;
+            self.inner.get_skier_day(skier, key).await
+        }
+        async fn query_skier_resort(&self, skier: u32, resort: u32) -> Result<Vec<SkierDayItem>, TableError> {
+            self.check()?;
+            self.inner.query_skier_resort(skier, resort).await
+        }
+        async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError> {
+            self.check()?;
+            self.inner.query_day(key).await
+        }
+        async fn query_seasons(&self, resort: u32) -> Result<Vec<u16>, TableError> {
+            self.check()?;
+            self.inner.query_seasons(resort).await
+        }
+        async fn scan_seasons(&self) -> Result<Vec<(u32, u16)>, TableError> {
+            self.check()?;
+            self.inner.scan_seasons().await
+        }
+        async fn scan_season_totals(&self, sink: &mut (dyn FnMut(u32, u32, u16, u64) + Send)) -> Result<(), TableError> {
+            self.check()?;
+            self.inner.scan_season_totals(sink).await
+        }
+    }
+
+    /// Polls a figure of the node's own progress (never a fixed sleep), for at most 10 s.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let started = Instant::now();
+        while !cond() {
+            assert!(started.elapsed() < Duration::from_secs(10), "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Issue 13, item 7: during a table outage a ride for a day that is not resident cannot
+    /// be activated. It used to be retried in place, in the consumer's loop, so every later
+    /// batch (every partition, every resident day) waited behind it. Now it is parked: the
+    /// resident day keeps applying, the checkpoint stays below the parked ride, and once the
+    /// tables are back the day loads and its ride is applied and answered.
+    #[actix_rt::test]
+    async fn a_new_day_waiting_for_the_tables_does_not_hold_up_the_resident_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Arc::new(SledTables::open(&dir.path().join("tables")).unwrap());
+        let store = Arc::new(Outage { inner: sled.clone(), down: false.into() });
+        let n = node_with(dir.path(), sled.clone(), store.clone());
+        let (day1, day2) = (DayKey { resort: 1, season: 2025, day: 1 }, DayKey { resort: 1, season: 2025, day: 2 });
+        n.publisher.publish(ride(1, 1, 7)).await.unwrap();
+        assert_eq!(n.flusher.flush().await.unwrap().checkpoint, 1);
+
+        store.down.store(true, Ordering::SeqCst);
+        // A ride for a new day: its POST waits (the WAL holds it) while its day cannot load.
+        let waiting = {
+            let p = n.publisher.clone();
+            actix_rt::spawn(async move { p.publish(ride(2, 2, 8)).await })
+        };
+        until("the new day's ride in the WAL", || n.progress.view().unflushed_events == 1).await;
+        // The resident day goes on, within well under the publisher's 5 s deadline.
+        let resident = tokio::time::timeout(Duration::from_secs(2), n.publisher.publish(ride(3, 1, 9))).await;
+        assert!(matches!(resident, Ok(Ok(()))), "a resident day's ride must be applied while a new day waits: {resident:?}");
+        assert_eq!(n.registry.resident(&day1).unwrap().read(|d| d.rides), 2);
+        assert!(n.registry.resident(&day2).is_none());
+        assert!(n.flusher.flush().await.is_err(), "flushes fail during the outage");
+        let seen = n.progress.view();
+        assert_eq!((seen.parked_rides, seen.parked_floor), (1, 2), "{:?}", serde_json::to_string(&seen));
+        assert!(seen.activation_failures >= 1);
+
+        // The tables come back: the day loads, its ride is applied and answered, and the
+        // next flush writes everything and checkpoints past all three records.
+        store.down.store(false, Ordering::SeqCst);
+        until("the parked day applied", || n.progress.view().parked_rides == 0).await;
+        assert!(matches!(waiting.await, Ok(Ok(()))), "the parked ride is answered once applied");
+        assert_eq!(n.registry.resident(&day2).unwrap().read(|d| d.rides), 1);
+        assert_eq!(n.flusher.flush().await.unwrap().checkpoint, 3);
+        assert_eq!(sled.get_skier_day(8, day2).await.unwrap().map(|d| d.vertical), Some(50));
+        assert_eq!(sled.get_day_count(day1).await.unwrap().map(|c| c.rides), Some(2));
+    }
+
+    /// Issue 13, item 7: resident state is bounded through an outage. Past the bound on
+    /// unflushed rides the consumer takes no new batch (the embedded queue then fills and
+    /// sheds); a successful flush moves the checkpoint and lets it go on.
+    #[actix_rt::test]
+    async fn past_the_bound_on_unflushed_rides_no_batch_is_taken_until_a_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Arc::new(SledTables::open(&dir.path().join("tables")).unwrap());
+        let store = Arc::new(Outage { inner: sled.clone(), down: false.into() });
+        let n = node_bounded(dir.path(), sled.clone(), store.clone(), 2);
+        store.down.store(true, Ordering::SeqCst);
+        n.publisher.publish(ride(1, 1, 7)).await.unwrap_err(); // the new day waits: the 5 s deadline
+        n.publisher.publish(ride(2, 1, 7)).await.unwrap_err();
+        assert_eq!(n.progress.view().unflushed_events, 2);
+        let third = {
+            let p = n.publisher.clone();
+            actix_rt::spawn(async move { p.publish(ride(3, 1, 8)).await })
+        };
+        until("the consumer holding for memory", || n.progress.view().holding_for_memory).await;
+        assert_eq!(n.progress.view().unflushed_events, 2, "no batch taken past the bound");
+        store.down.store(false, Ordering::SeqCst);
+        until("the parked day applied", || n.progress.view().parked_rides == 0).await;
+        n.flusher.flush().await.unwrap();
+        assert!(matches!(third.await, Ok(Ok(()))), "taken once a flush made room");
+        let day1 = DayKey { resort: 1, season: 2025, day: 1 };
+        n.flusher.flush().await.unwrap();
+        assert_eq!(sled.get_day_count(day1).await.unwrap().map(|c| (c.unique_skiers, c.rides)), Some((2, 3)));
+        assert!(n.progress.view().memory_holds >= 1);
     }
 }

@@ -30,6 +30,13 @@ pub struct Registry {
     passivations: AtomicU64,
 }
 
+/// A day read from the tables, ready to become resident ([`Registry::install`]).
+pub struct LoadedDay {
+    key: DayKey,
+    items: Vec<crate::tables::SkierDayItem>,
+    count: Option<crate::tables::DayCountItem>,
+}
+
 /// Registry-wide counters for the admin view.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct RegistryStats {
@@ -66,15 +73,48 @@ impl Registry {
 
     /// Makes sure the day's actor is resident, loading it from the tables if needed.
     pub async fn activate(&self, key: DayKey) -> Result<(), TableError> {
-        if self.days.read().contains_key(&key) {
+        if self.is_resident(&key) {
             return Ok(());
         }
-        // The count too, to repair one a crash left behind its items (DayState::from_items).
-        let (items, count) = tokio::try_join!(self.tables.query_day(key), self.tables.get_day_count(key))?;
-        let handle = DayHandle::start(key, items, count, self.index.clone(), self.tick());
-        self.days.write().insert(key, handle);
-        self.activations.fetch_add(1, Ordering::Relaxed);
+        let loaded = self.load(key).await?;
+        self.install(loaded);
         Ok(())
+    }
+
+    /// Whether the day has an actor here; unlike [`Self::resident`] it does not count as a use.
+    pub fn is_resident(&self, key: &DayKey) -> bool {
+        self.days.read().contains_key(key)
+    }
+
+    /// The table half of an activation: reads the day, touches nothing here. Split from
+    /// [`Self::install`] so that the consumer can wait for a day's load while it goes on
+    /// applying the resident days (issue 13, item 7); only the consumer installs, so two
+    /// activations of one day still never race.
+    pub fn load(&self, key: DayKey) -> impl std::future::Future<Output = Result<LoadedDay, TableError>> + Send + 'static {
+        let tables = self.tables.clone();
+        async move {
+            // The count too, to repair one a crash left behind its items (DayState::from_items).
+            let (items, count) = tokio::try_join!(tables.query_day(key), tables.get_day_count(key))?;
+            Ok(LoadedDay { key, items, count })
+        }
+    }
+
+    /// Starts the actor of a loaded day (on the caller's arbiter). A day that became
+    /// resident meanwhile keeps its actor: its state is newer than the load.
+    pub fn install(&self, day: LoadedDay) {
+        let mut days = self.days.write();
+        if days.contains_key(&day.key) {
+            return;
+        }
+        let handle = DayHandle::start(day.key, day.items, day.count, self.index.clone(), self.tick());
+        days.insert(day.key, handle);
+        self.activations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The resident days of one resort, for an exact season total (see
+    /// [`SeasonIndex`]); not a use for passivation.
+    pub fn resident_of(&self, resort: u32) -> Vec<(DayKey, DayHandle)> {
+        self.days.read().iter().filter(|(k, _)| k.resort == resort).map(|(k, h)| (*k, h.clone())).collect()
     }
 
     /// Hands a batch to the day's actor, which must be resident (see [`Self::activate`]).

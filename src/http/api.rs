@@ -14,6 +14,10 @@ use crate::error::{ApiError, RideOutcome};
 type State = web::Data<AppState>;
 type Reply = Result<HttpResponse, ApiError>;
 
+/// Most `resort=` parameters of one season-vertical GET; each distinct one is a table query
+/// (issue 13, item 8). API.md's catalog has 10 resorts; a dashboard asks for a few.
+pub const MAX_RESORTS_PER_QUERY: usize = 16;
+
 /// Longest `Idempotency-Key` we accept; a UUID is 36 bytes.
 const MAX_IDEMPOTENCY_KEY: usize = 256;
 
@@ -67,6 +71,22 @@ pub async fn create_season(req: HttpRequest, state: State, path: web::Path<Strin
     let resort = parse_resort(&path, &state.catalog)?;
     let body: SeasonBody = read_json(&req, body, state.max_body_bytes).await?;
     let season = parse_season("year", &body.year, &state.limits)?;
+    // Idempotent, and a season that exists costs no write (issue 13, item 8): every call
+    // used to write and fsync, so a client looping on one season kept the disk busy for
+    // everyone. Only a new season is written, and new ones are few: resorts × seasons.
+    if season_exists(&state, resort, season).await? {
+        return Ok(HttpResponse::Created().finish());
+    }
+    // One season write at a time, waited for a bounded time: a flood of new seasons queues
+    // here (and gets 503 past the wait) instead of becoming concurrent fsyncs.
+    let _one = tokio::time::timeout(SEASON_WRITE_WAIT, SEASON_WRITES.acquire())
+        .await
+        .map_err(|_| ApiError::Unavailable { message: "season writes are busy; retry".into(), retry_after_secs: 1 })?
+        .map_err(|_| ApiError::Internal("season write semaphore closed".into()))?;
+    // Another request may have written it while this one waited.
+    if season_exists(&state, resort, season).await? {
+        return Ok(HttpResponse::Created().finish());
+    }
     // Written through before the 201: a season is rare and must survive a crash.
     state.tables.put_seasons(&[(resort, season)]).await?;
     state.tables.sync().await?;
@@ -74,6 +94,20 @@ pub async fn create_season(req: HttpRequest, state: State, path: web::Path<Strin
         node.seasons.observe(resort, season, true);
     }
     Ok(HttpResponse::Created().finish())
+}
+
+/// Season writes in flight (see `create_season`).
+static SEASON_WRITES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+const SEASON_WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether a season is durable already. A consuming node's book knows every season that
+/// was written through or is in its WAL (a ride's season reaches the tables with the
+/// flush that covers it); a write node without one asks the tables, a read, no fsync.
+async fn season_exists(state: &AppState, resort: u32, season: u16) -> Result<bool, ApiError> {
+    Ok(match &state.node {
+        Some(node) => node.seasons.seasons(resort).contains(&season),
+        None => state.tables.query_seasons(resort).await?.contains(&season),
+    })
 }
 
 #[derive(Serialize)]
@@ -155,6 +189,11 @@ pub async fn skier_vertical(req: HttpRequest, state: State, path: web::Path<Stri
     let mut season = None;
     for (name, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
         match name.as_ref() {
+            // Each distinct resort costs a table query (issue 13, item 8): a bound, checked
+            // before any is made, on the parameters as given, repeats included.
+            "resort" if resorts.len() == MAX_RESORTS_PER_QUERY => {
+                return Err(ApiError::BadRequest(format!("at most {MAX_RESORTS_PER_QUERY} resort parameters per request")))
+            }
             "resort" => resorts.push(parse_resort(&value, &state.catalog)?),
             "season" if season.is_none() => season = Some(parse_season("season", &value, &state.limits)?),
             "season" => return Err(ApiError::BadRequest("season may be given at most once".into())),
@@ -167,7 +206,19 @@ pub async fn skier_vertical(req: HttpRequest, state: State, path: web::Path<Stri
     resorts.sort_unstable();
     resorts.dedup();
     let totals: BTreeMap<u16, u64> = match &state.node {
-        Some(node) if node.index_complete => node.index.totals(skier, &resorts, season),
+        Some(node) if node.index_complete => {
+            let mut totals = BTreeMap::new();
+            for resort in &resorts {
+                let per = match node.index.cached(skier, *resort) {
+                    Some(per) => per,
+                    None => exact_totals(&state, node, skier, *resort).await?,
+                };
+                for (s, v) in per.into_iter().filter(|(s, _)| season.is_none_or(|x| x == *s)) {
+                    *totals.entry(s).or_insert(0) += v;
+                }
+            }
+            totals
+        }
         _ => {
             // One Query per asked resort on the tables' by-skier index.
             let mut totals = BTreeMap::new();
@@ -186,6 +237,37 @@ pub async fn skier_vertical(req: HttpRequest, state: State, path: web::Path<Stri
     }
     let resorts = totals.into_iter().map(|(s, total)| SeasonVertical { season: s.to_string(), total }).collect();
     cached_json(&req, &SkierVertical { resorts })
+}
+
+/// One skier's exact per-season totals at one resort on the embedded node, for a pair the
+/// season index does not hold (see [`crate::actors::season_index`]): the resident days
+/// from memory, every other day from the tables' by-skier query. The resident days are
+/// read first: a day that is passivated after that read was flushed before it, so the
+/// query finds it; one that is activated after it is in the tables all the same.
+async fn exact_totals(state: &AppState, node: &super::ConsumerNode, skier: u32, resort: u32) -> Result<Vec<(u16, u64)>, ApiError> {
+    let loading = node.index.begin(skier, resort);
+    let computed = async {
+        let mut per: BTreeMap<u16, u64> = BTreeMap::new();
+        let mut resident = rustc_hash::FxHashSet::default();
+        for (key, h) in node.registry.resident_of(resort) {
+            resident.insert(key);
+            if let Some(v) = h.read(|d| d.skiers.get(&skier).map(|s| s.vertical)) {
+                *per.entry(key.season).or_insert(0) += v;
+            }
+        }
+        for item in state.tables.query_skier_resort(skier, resort).await? {
+            if !resident.contains(&item.key) {
+                *per.entry(item.key.season).or_insert(0) += item.vertical;
+            }
+        }
+        Ok::<_, ApiError>(per.into_iter().collect::<Vec<_>>())
+    }
+    .await;
+    // A failure drops the registration with its guard (as a dropped request does).
+    if let (Ok(per), Some(l)) = (&computed, loading) {
+        node.index.finish(l, per);
+    }
+    computed
 }
 
 pub async fn statistics(state: State) -> Reply {
@@ -288,6 +370,101 @@ fn nesting_depth(json: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::nesting_depth;
+    use crate::error::TableError;
+    use crate::tables::{sled_store::SledTables, DayCountItem, SkierDayItem, Tables, WriteReport};
+    use crate::{domain::DayKey, domain::RideEvent};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// The sled store, counting season writes and syncs (each sync is an fsync).
+    struct Counting {
+        inner: SledTables,
+        syncs: AtomicU64,
+        season_writes: AtomicU64,
+    }
+
+    #[async_trait::async_trait]
+    impl Tables for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        async fn create(&self) -> Result<(), TableError> {
+            self.inner.create().await
+        }
+        async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError> {
+            self.inner.put_skier_days(items).await
+        }
+        async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError> {
+            self.inner.put_day_counts(items).await
+        }
+        async fn put_rides(&self, rides: &[RideEvent]) -> Result<(), TableError> {
+            self.inner.put_rides(rides).await
+        }
+        async fn put_seasons(&self, seasons: &[(u32, u16)]) -> Result<(), TableError> {
+            self.season_writes.fetch_add(1, Ordering::SeqCst);
+            self.inner.put_seasons(seasons).await
+        }
+        async fn sync(&self) -> Result<(), TableError> {
+            self.syncs.fetch_add(1, Ordering::SeqCst);
+            self.inner.sync().await
+        }
+        async fn get_day_count(&self, key: DayKey) -> Result<Option<DayCountItem>, TableError> {
+            self.inner.get_day_count(key).await
+        }
+        async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError> {
+            self.inner.get_skier_day(skier, key).await
+        }
+        async fn query_skier_resort(&self, skier: u32, resort: u32) -> Result<Vec<SkierDayItem>, TableError> {
+            self.inner.query_skier_resort(skier, resort).await
+        }
+        async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError> {
+            self.inner.query_day(key).await
+        }
+        async fn query_seasons(&self, resort: u32) -> Result<Vec<u16>, TableError> {
+            self.inner.query_seasons(resort).await
+        }
+        async fn scan_seasons(&self) -> Result<Vec<(u32, u16)>, TableError> {
+            self.inner.scan_seasons().await
+        }
+        async fn scan_season_totals(&self, sink: &mut (dyn FnMut(u32, u32, u16, u64) + Send)) -> Result<(), TableError> {
+            self.inner.scan_season_totals(sink).await
+        }
+    }
+
+    /// Issue 13, item 8: `POST /resorts/{id}/seasons` wrote and fsynced on every call, so a
+    /// client repeating one request kept the disk busy for everyone. It is idempotent now:
+    /// a season that exists answers 201 without a write; only a new one is written.
+    #[actix_web::test]
+    async fn creating_an_existing_season_again_writes_and_fsyncs_nothing() {
+        use actix_web::{test, web, App};
+        let dir = tempfile::tempdir().unwrap();
+        let tables = Arc::new(Counting { inner: SledTables::open(&dir.path().join("t")).unwrap(), syncs: 0.into(), season_writes: 0.into() });
+        let state = web::Data::new(super::AppState {
+            catalog: Arc::new(crate::catalog::Catalog::default()),
+            limits: crate::domain::Limits::default(),
+            tables: tables.clone(),
+            publisher: None,
+            node: None,
+            roles: "write".into(),
+            requests: Arc::new(crate::http::stats::RequestStats::new("")),
+            max_body_bytes: 16 * 1024,
+            admin_token: None,
+            ready: true.into(),
+            started: std::time::Instant::now(),
+        });
+        let app = test::init_service(App::new().app_data(state).configure(|c| crate::http::configure(c, "", false))).await;
+        for year in ["2025", "2025", "2026", "2025"].into_iter().chain(std::iter::repeat_n("2025", 100)) {
+            let req = test::TestRequest::post()
+                .uri("/resorts/1/seasons")
+                .insert_header(("Content-Type", "application/json"))
+                .set_payload(format!(r#"{{"year":"{year}"}}"#))
+                .to_request();
+            assert_eq!(test::call_service(&app, req).await.status(), 201);
+        }
+        assert_eq!(tables.season_writes.load(Ordering::SeqCst), 2, "one write per new season");
+        assert_eq!(tables.syncs.load(Ordering::SeqCst), 2, "one fsync per new season");
+        assert_eq!(tables.query_seasons(1).await.unwrap(), vec![2025, 2026]);
+    }
 
     #[test]
     fn nesting_depth_skips_strings_and_escapes() {

@@ -31,6 +31,13 @@ impl Proxy {
                     continue;
                 };
                 let mut held = c.lock().unwrap();
+                // Again under the lock `down` drains: a connection accepted just before it
+                // would otherwise escape the drain and keep the "outage" reachable.
+                if d.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    let _ = server.shutdown(Shutdown::Both);
+                    continue;
+                }
                 held.retain(|s| s.peer_addr().is_ok());
                 held.push(client.try_clone().unwrap());
                 held.push(server.try_clone().unwrap());
