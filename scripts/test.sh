@@ -19,8 +19,19 @@ started_services=1
 export LIFTLOG_TEST_AMQP="${LIFTLOG_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export LIFTLOG_TEST_DYNAMODB="${LIFTLOG_TEST_DYNAMODB:-http://127.0.0.1:${DYNAMODB_PORT:-8000}}"
 
+# One feature set for every cargo step, so nothing is built twice: the crash tests' fault
+# points (LIFTLOG_FAULT_*) exist only in this build. fuzz-api.sh builds with it too.
+export LIFTLOG_BUILD_FEATURES="liftlog/fault-injection"
+features=(--features "$LIFTLOG_BUILD_FEATURES")
+
+echo "== format"
+if ! cargo fmt --version >/dev/null 2>&1; then
+  rustup component add rustfmt || true
+fi
+cargo fmt --all --check
+
 echo "== build"
-cargo build --workspace --all-targets --locked
+cargo build --workspace --all-targets --locked "${features[@]}"
 
 echo "== lint"
 # clippy is a rustup component: add it when missing; a lint that cannot run fails the run.
@@ -32,12 +43,12 @@ if ! cargo clippy --version >/dev/null 2>&1; then
   echo "FAIL: clippy is not installed and could not be installed (rustup component add clippy)" >&2
   exit 1
 fi
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 
 echo "== tests (embedded and production back ends)"
 # --include-ignored: the tests that need RabbitMQ/DynamoDB are #[ignore] so that a plain
 # `cargo test` without the services reports them as ignored, never as passed.
-cargo test --workspace --locked -- --include-ignored
+cargo test --workspace --locked "${features[@]}" -- --include-ignored
 
 echo "== deployment lint (cfn-lint on deploy/aws, systemd units, nginx config)"
 scripts/lint-deploy.sh

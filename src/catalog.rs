@@ -51,8 +51,16 @@ pub const MAX_LIFT_RISE_M: u32 = 3_000;
 pub const MAX_NAME_BYTES: usize = 200;
 
 const DEFAULT_NAMES: [&str; 10] = [
-    "Alpine Meadows", "Brighton", "Crystal Mountain", "Deer Valley", "Eagle Crest",
-    "Fernie Alpine", "Grand Targhee", "Heavenly", "Iron Peak", "Jackson Hole",
+    "Alpine Meadows",
+    "Brighton",
+    "Crystal Mountain",
+    "Deer Valley",
+    "Eagle Crest",
+    "Fernie Alpine",
+    "Grand Targhee",
+    "Heavenly",
+    "Iron Peak",
+    "Jackson Hole",
 ];
 
 impl Default for Catalog {

@@ -495,7 +495,15 @@ pub const LEGACY_KEYS: &[(&str, &str)] = &[
 
 /// `LIFTLOG_*` variables that are not configuration keys: the test harness's and the
 /// fault injection's. They are left alone instead of being refused as unknown keys.
-const NOT_CONFIG_VARS: &[&str] = &["LIFTLOG_CONFIG", "LIFTLOG_BIN", "LIFTLOG_CLUSTER_DIR", "LIFTLOG_CLUSTER_PREFIX", "LIFTLOG_STATE_DIR", "LIFTLOG_CACHE_DIR", "LIFTLOG_SERVICES_TIMEOUT"];
+const NOT_CONFIG_VARS: &[&str] = &[
+    "LIFTLOG_CONFIG",
+    "LIFTLOG_BIN",
+    "LIFTLOG_CLUSTER_DIR",
+    "LIFTLOG_CLUSTER_PREFIX",
+    "LIFTLOG_STATE_DIR",
+    "LIFTLOG_CACHE_DIR",
+    "LIFTLOG_SERVICES_TIMEOUT",
+];
 const NOT_CONFIG_PREFIXES: &[&str] = &["LIFTLOG_FAULT_", "LIFTLOG_TEST_"];
 
 /// Flags of `liftlog serve`: the config file, the few keys every deployment sets, and
@@ -618,7 +626,10 @@ impl ServeArgs {
         }
         for s in &self.set {
             let Some((k, v)) = s.split_once('=') else {
-                return Err(ConfigError::Flag { flag: format!("--set {s}"), message: "expected KEY=VALUE, e.g. flush.interval_ms=200".into() });
+                return Err(ConfigError::Flag {
+                    flag: format!("--set {s}"),
+                    message: "expected KEY=VALUE, e.g. flush.interval_ms=200".into(),
+                });
             };
             out.push(Assignment { flag: format!("--set {k}"), path: k.trim().to_string(), value: v.to_string() });
         }
@@ -677,12 +688,18 @@ fn typed_value(schema: &serde_json::Value, path: &str, raw: &str) -> Result<toml
     let raw_t = raw.trim();
     Ok(match default {
         serde_json::Value::Object(_) => return Err(format!("`{path}` is a section; set one of its keys")),
-        serde_json::Value::Bool(_) => toml::Value::Boolean(raw_t.parse().map_err(|_| format!("`{path}` expects true or false, got {raw:?}"))?),
+        serde_json::Value::Bool(_) => {
+            toml::Value::Boolean(raw_t.parse().map_err(|_| format!("`{path}` expects true or false, got {raw:?}"))?)
+        }
         serde_json::Value::Number(n) if n.is_f64() => {
             toml::Value::Float(raw_t.parse().map_err(|_| format!("`{path}` expects a number, got {raw:?}"))?)
         }
-        serde_json::Value::Number(_) => toml::Value::Integer(raw_t.parse().map_err(|_| format!("`{path}` expects an integer, got {raw:?}"))?),
-        serde_json::Value::Array(_) => toml::Value::Array(raw.split(',').map(|s| toml::Value::String(s.trim().to_string())).filter(|v| v.as_str() != Some("")).collect()),
+        serde_json::Value::Number(_) => {
+            toml::Value::Integer(raw_t.parse().map_err(|_| format!("`{path}` expects an integer, got {raw:?}"))?)
+        }
+        serde_json::Value::Array(_) => toml::Value::Array(
+            raw.split(',').map(|s| toml::Value::String(s.trim().to_string())).filter(|v| v.as_str() != Some("")).collect(),
+        ),
         serde_json::Value::String(_) | serde_json::Value::Null => toml::Value::String(raw.to_string()),
     })
 }
@@ -727,7 +744,8 @@ fn migrate_legacy_file_keys(tree: &mut toml::Table, warnings: &mut Vec<String>) 
             continue;
         }
         let value = tree.remove(*old).expect("checked above");
-        warnings.push(format!("config key `{old}` is deprecated; write `{new}` (section [{}])", new.rsplit_once('.').map_or("", |(s, _)| s)));
+        warnings
+            .push(format!("config key `{old}` is deprecated; write `{new}` (section [{}])", new.rsplit_once('.').map_or("", |(s, _)| s)));
         set_path(tree, new, value)?;
     }
     Ok(())
@@ -794,7 +812,9 @@ impl Config {
                 None => {
                     return Err(ConfigError::Env {
                         var,
-                        message: format!("`{path}` is not a configuration key (sections join with a double underscore: LIFTLOG_WAL__MAX_BYTES)"),
+                        message: format!(
+                            "`{path}` is not a configuration key (sections join with a double underscore: LIFTLOG_WAL__MAX_BYTES)"
+                        ),
                     })
                 }
             }
@@ -815,7 +835,8 @@ impl Config {
     }
 
     fn finish(tree: toml::Table) -> Result<Self, ConfigError> {
-        let mut c: Config = toml::Value::Table(tree).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        let mut c: Config =
+            toml::Value::Table(tree).try_into().map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
         if c.tables.dynamodb.endpoint.is_some() {
             c.tables.store = TableStore::Dynamodb;
         }
@@ -1030,7 +1051,8 @@ mod tests {
         let r = Config::resolve_with_env(&loopback(), env(&[("LIFTLOG_MAX_BODY_BYTES", "100")])).unwrap();
         assert_eq!(r.config.http.max_body_bytes, 100);
         assert!(r.warnings.iter().any(|w| w.contains("LIFTLOG_HTTP__MAX_BODY_BYTES")), "{:?}", r.warnings);
-        let r = Config::resolve_with_env(&loopback(), env(&[("LIFTLOG_HTTP__MAX_BODY_BYTES", "200"), ("LIFTLOG_MAX_BODY_BYTES", "100")])).unwrap();
+        let r = Config::resolve_with_env(&loopback(), env(&[("LIFTLOG_HTTP__MAX_BODY_BYTES", "200"), ("LIFTLOG_MAX_BODY_BYTES", "100")]))
+            .unwrap();
         assert_eq!(r.config.http.max_body_bytes, 200, "the new-style variable wins");
     }
 
@@ -1041,7 +1063,11 @@ mod tests {
         let err = Config::resolve_with_env(&loopback(), env(&[("LIFTLOG_WAL__MAX_BYTES", "lots")])).unwrap_err().to_string();
         assert!(err.contains("LIFTLOG_WAL__MAX_BYTES") && err.contains("integer"), "{err}");
         // Harness and fault-injection variables are not configuration.
-        Config::resolve_with_env(&loopback(), env(&[("LIFTLOG_TEST_AMQP", "x"), ("LIFTLOG_FAULT_ABORT_MID_FLUSH", "1"), ("LIFTLOG_BIN", "x")])).unwrap();
+        Config::resolve_with_env(
+            &loopback(),
+            env(&[("LIFTLOG_TEST_AMQP", "x"), ("LIFTLOG_FAULT_ABORT_MID_FLUSH", "1"), ("LIFTLOG_BIN", "x")]),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -1069,7 +1095,9 @@ mod tests {
             set: vec!["flush.after_rides=9".into(), "limits.max_day=100".into()],
             ..Default::default()
         };
-        let c = Config::resolve_with_env(&args, env(&[("LIFTLOG_FLUSH__INTERVAL_MS", "200"), ("LIFTLOG_FLUSH__AFTER_RIDES", "7")])).unwrap().config;
+        let c = Config::resolve_with_env(&args, env(&[("LIFTLOG_FLUSH__INTERVAL_MS", "200"), ("LIFTLOG_FLUSH__AFTER_RIDES", "7")]))
+            .unwrap()
+            .config;
         assert_eq!(c.flush.interval_ms, 200, "env over file");
         assert_eq!(c.flush.after_rides, 9, "flag over env");
         assert_eq!(c.bus.amqp.prefetch, 3, "file over default");

@@ -137,10 +137,7 @@ pub fn parse_season(name: &str, raw: &str, limits: &Limits) -> Result<u16, ApiEr
     }
     let year: u16 = raw.parse().map_err(|_| ApiError::BadRequest(format!("{name} must be a 4-digit year")))?;
     if year < limits.min_season || year > limits.max_season {
-        return Err(ApiError::BadRequest(format!(
-            "{name} must be between {} and {}, got {year}",
-            limits.min_season, limits.max_season
-        )));
+        return Err(ApiError::BadRequest(format!("{name} must be between {} and {}, got {year}", limits.min_season, limits.max_season)));
     }
     Ok(year)
 }
@@ -181,10 +178,7 @@ pub fn validate_ride(
     }
     let lifts = resort.lifts.len() as i64;
     if body.lift_id < 1 || body.lift_id > lifts {
-        return Err(ApiError::BadRequest(format!(
-            "liftID must be between 1 and {lifts} for resort {resort_id}, got {}",
-            body.lift_id
-        )));
+        return Err(ApiError::BadRequest(format!("liftID must be between 1 and {lifts} for resort {resort_id}, got {}", body.lift_id)));
     }
     let lift = body.lift_id as u16;
     let mut event = RideEvent {
@@ -256,8 +250,8 @@ mod tests {
     #[test]
     fn accepts_a_valid_ride_and_resolves_vertical() {
         let cat = Catalog::default();
-        let ev = validate_ride(&ride("1", "2025", "1", "7"), &RideBody { time: 10, lift_id: 5 }, None, &cat, &Limits::default())
-            .expect("valid");
+        let ev =
+            validate_ride(&ride("1", "2025", "1", "7"), &RideBody { time: 10, lift_id: 5 }, None, &cat, &Limits::default()).expect("valid");
         assert_eq!((ev.resort, ev.season, ev.day, ev.skier, ev.lift, ev.vertical), (1, 2025, 1, 7, 5, 50));
     }
 
@@ -289,10 +283,7 @@ mod tests {
                 other => panic!("expected 400 naming {field}, got {other:?}"),
             }
         }
-        assert!(matches!(
-            validate_ride(&ride("11", "2025", "1", "7"), &ok, None, &cat, &lim),
-            Err(ApiError::ResortNotFound)
-        ));
+        assert!(matches!(validate_ride(&ride("11", "2025", "1", "7"), &ok, None, &cat, &lim), Err(ApiError::ResortNotFound)));
     }
 
     #[test]

@@ -195,7 +195,9 @@ impl ApiError {
         }
         if let PublishError::RateLimited { retry_after_secs } = e {
             return ApiError::TooManyRequests {
-                message: "Too many rides right now; the ride was not recorded; retry after the Retry-After delay with the same Idempotency-Key".into(),
+                message:
+                    "Too many rides right now; the ride was not recorded; retry after the Retry-After delay with the same Idempotency-Key"
+                        .into(),
                 retry_after_secs,
             };
         }
@@ -259,11 +261,7 @@ mod tests {
 
     #[test]
     fn refusals_before_hand_over_say_not_recorded() {
-        for e in [
-            PublishError::Overloaded,
-            PublishError::Unavailable("no connection to RabbitMQ".into()),
-            PublishError::ShuttingDown,
-        ] {
+        for e in [PublishError::Overloaded, PublishError::Unavailable("no connection to RabbitMQ".into()), PublishError::ShuttingDown] {
             let (status, body, outcome) = answer(e.clone(), false);
             assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{e:?}");
             assert!(body.contains("Ride not recorded"), "{e:?}: {body}");

@@ -140,7 +140,7 @@ async fn start_consumer(
         seasons: seasons.clone(),
         progress: progress.clone(),
         max_batch: config.consumer.max_batch,
-        abort_after_batches: std::env::var("LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES").ok().and_then(|v| v.parse().ok()),
+        abort_after_batches: fault("LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES"),
         flush_after_rides: config.flush.after_rides,
         ack_after: config.consumer.ack_after,
     };
@@ -149,16 +149,9 @@ async fn start_consumer(
 
     let disk_guard = (config.tables.store == TableStore::Sled && config.wal.min_free_disk_bytes > 0)
         .then(|| (config.data_dir.join("tables"), config.wal.min_free_disk_bytes / 4));
-    let flusher = Flusher::new(
-        registry.clone(),
-        tables,
-        wal.clone(),
-        seasons.clone(),
-        progress.clone(),
-        config.flush.rides_per_actor,
-        disk_guard,
-    )
-    .with_abort_mid_flush(std::env::var("LIFTLOG_FAULT_ABORT_MID_FLUSH").ok().and_then(|v| v.parse().ok()));
+    let flusher =
+        Flusher::new(registry.clone(), tables, wal.clone(), seasons.clone(), progress.clone(), config.flush.rides_per_actor, disk_guard)
+            .with_abort_mid_flush(fault("LIFTLOG_FAULT_ABORT_MID_FLUSH"));
     let flusher = Arc::new(flusher);
     let (flusher_stop, stop_rx) = tokio::sync::watch::channel(false);
     let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush.interval_ms.max(10)), stop_rx));
@@ -277,7 +270,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             use actix_service::ServiceFactoryExt as _;
             actix_service::fn_service(move |io: actix_rt::net::TcpStream| async move {
                 let peer = io.peer_addr().ok();
-                Ok::<_, actix_http::error::DispatchError>((http::conn::HeadDeadline::new(io, head_limit), actix_http::Protocol::Http1, peer))
+                Ok::<_, actix_http::error::DispatchError>((
+                    http::conn::HeadDeadline::new(io, head_limit),
+                    actix_http::Protocol::Http1,
+                    peer,
+                ))
             })
             .and_then(service)
         })
@@ -399,6 +396,16 @@ fn bind_listener(addr: SocketAddr, backlog: i32) -> std::io::Result<std::net::Tc
     socket.bind(&addr.into())?;
     socket.listen(backlog)?;
     Ok(socket.into())
+}
+
+/// A crash test's fault point, armed by an environment variable, in builds with the
+/// `fault-injection` feature only (the test command's); `None` everywhere else.
+fn fault(var: &str) -> Option<u64> {
+    if cfg!(feature = "fault-injection") {
+        std::env::var(var).ok().and_then(|v| v.parse().ok())
+    } else {
+        None
+    }
 }
 
 /// Waits for SIGTERM or Ctrl-C.

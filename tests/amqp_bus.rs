@@ -14,9 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lapin::options::{
-    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use liftlog::actors::consumer::{AckAfter, Consumer, Progress};
@@ -37,10 +35,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn init_logs() {
     let filter = std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_test_writer()
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_test_writer().try_init();
 }
 
 fn amqp_url() -> String {
@@ -175,10 +170,8 @@ async fn quiet_for(source: &mut AmqpSource, d: Duration) -> bool {
 async fn ready_in(cfg: &AmqpConfig, queue: &str) -> u32 {
     let conn = Connection::connect(&cfg.url, ConnectionProperties::default()).await.unwrap();
     let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
-        .await
-        .unwrap();
+    let q =
+        ch.queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default()).await.unwrap();
     close_channel(ch).await;
     let _ = conn.close(200, "OK".into()).await;
     q.message_count()
@@ -478,10 +471,7 @@ async fn broker_outage_fails_fast_then_recovers() {
         let result = publisher.publish(ride(id)).await;
         let took = started.elapsed();
         eprintln!("outage: publish -> {result:?} after {took:?}");
-        assert!(
-            matches!(result, Err(PublishError::Unavailable(_) | PublishError::Uncertain(_) | PublishError::Timeout)),
-            "{result:?}"
-        );
+        assert!(matches!(result, Err(PublishError::Unavailable(_) | PublishError::Uncertain(_) | PublishError::Timeout)), "{result:?}");
         assert!(took <= bound, "publish hung for {took:?}");
     }
     // Hold the outage past the bound, so that a hammer's publish that hung is seen to.
@@ -509,11 +499,7 @@ async fn broker_outage_fails_fast_then_recovers() {
     let (mut hammer_ok, mut hammer_tried) = (HashSet::new(), HashSet::new());
     for h in hammers {
         let (ok, tried, worst) = h.await.unwrap();
-        eprintln!(
-            "outage: a publisher through the outage: {} of {} confirmed, slowest {worst:?}",
-            ok.len(),
-            tried.len()
-        );
+        eprintln!("outage: a publisher through the outage: {} of {} confirmed, slowest {worst:?}", ok.len(), tried.len());
         assert!(worst <= bound, "a publish hung for {worst:?}");
         hammer_ok.extend(ok);
         hammer_tried.extend(tried);

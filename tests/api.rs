@@ -54,9 +54,21 @@ fn every_bad_input_gets_its_4xx_with_a_message_and_changes_nothing() {
         ("POST", "/skiers-app/skiers/1/seasons/20x5/days/1/skiers/7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
         ("POST", "/skiers-app/skiers/1/seasons/2025/days/367/skiers/7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
         ("POST", "/skiers-app/skiers/1/seasons/2025/days/1/skiers/0".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
-        ("POST", "/skiers-app/skiers/1/seasons/2025/days/1/skiers/99999999999999999999".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
+        (
+            "POST",
+            "/skiers-app/skiers/1/seasons/2025/days/1/skiers/99999999999999999999".into(),
+            vec![JSON],
+            Some(r#"{"time":10,"liftID":5}"#.into()),
+            400,
+        ),
         ("POST", "/skiers-app/skiers/1/seasons/2025/days/1/skiers/-7".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
-        ("POST", "/skiers-app/skiers/1/seasons/2025/days/1/skiers/%E2%9C%93".into(), vec![JSON], Some(r#"{"time":10,"liftID":5}"#.into()), 400),
+        (
+            "POST",
+            "/skiers-app/skiers/1/seasons/2025/days/1/skiers/%E2%9C%93".into(),
+            vec![JSON],
+            Some(r#"{"time":10,"liftID":5}"#.into()),
+            400,
+        ),
         ("POST", ride.into(), vec![JSON], Some(r#"{"time":10,"liftID":41}"#.into()), 400),
         ("POST", ride.into(), vec![JSON], Some(r#"{"time":0,"liftID":5}"#.into()), 400),
         ("POST", ride.into(), vec![JSON], Some(r#"{"time":361,"liftID":5}"#.into()), 400),
@@ -110,7 +122,8 @@ fn compatibility_details() {
     let a = agent();
     // Java's HttpClient asks for h2c on plain http; we answer in HTTP/1.1.
     let h2c = [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"), JSON];
-    let (code, _) = call(&a, "POST", &s.url("/skiers/2/seasons/2025/days/3/skiers/9"), &h2c, Some(r#"{"time":1,"liftID":40,"waitTime":3}"#));
+    let (code, _) =
+        call(&a, "POST", &s.url("/skiers/2/seasons/2025/days/3/skiers/9"), &h2c, Some(r#"{"time":1,"liftID":40,"waitTime":3}"#));
     assert_eq!(code, 201);
     let (code, body) = call(&a, "GET", &s.url("/skiers/2/seasons/2025/days/3/skiers/9"), &h2c[..3], None);
     assert_eq!((code, body.as_str()), (200, "400"));
@@ -335,7 +348,11 @@ fn a_keep_alive_client_dripping_its_next_head_is_cut_off() {
     // The next head, a byte every 200 ms, for at most 15 s: the node must close first.
     let dripping = std::time::Instant::now();
     let mut closed = false;
-    for b in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa".iter().cycle().take(75) {
+    for b in b"GET /health HTTP/1.1\r\nHost: x\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+        .iter()
+        .cycle()
+        .take(75)
+    {
         if c.write_all(&[*b]).is_err() {
             closed = true;
             break;

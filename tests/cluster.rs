@@ -59,7 +59,11 @@ impl Cluster {
         if let (Ok(amqp), Ok(dynamodb)) = (std::env::var("LIFTLOG_TEST_AMQP"), std::env::var("LIFTLOG_TEST_DYNAMODB")) {
             (settings.services, settings.broker, settings.dynamodb) = (false, amqp, dynamodb);
         }
-        let mut c = Cluster { kit: cluster::Cluster::new(settings).expect("cluster settings"), base: format!("http://127.0.0.1:{port}"), _tmp: tmp };
+        let mut c = Cluster {
+            kit: cluster::Cluster::new(settings).expect("cluster settings"),
+            base: format!("http://127.0.0.1:{port}"),
+            _tmp: tmp,
+        };
         // The guard exists before `up`, so a half-started cluster is torn down too.
         c.must("up", |k| k.up());
         let s = c.kit.settings();
@@ -162,7 +166,14 @@ fn post_until_accepted(agent: &ureq::Agent, base: &str, ride: &Ride, stats: &Loa
 /// `threads` clients posting `rides` in order through `base` until they run out or `stop`
 /// is set, each pausing `pace` between rides. The rides accepted are exactly
 /// `rides[..stats.next]` once every thread has been joined.
-fn start_load(base: &str, rides: Arc<Vec<Ride>>, threads: usize, pace: Duration, stop: Arc<AtomicBool>, stats: Arc<LoadStats>) -> Vec<JoinHandle<()>> {
+fn start_load(
+    base: &str,
+    rides: Arc<Vec<Ride>>,
+    threads: usize,
+    pace: Duration,
+    stop: Arc<AtomicBool>,
+    stats: Arc<LoadStats>,
+) -> Vec<JoinHandle<()>> {
     (0..threads)
         .map(|_| {
             let (rides, stop, stats, base) = (rides.clone(), stop.clone(), stats.clone(), base.to_string());
@@ -333,7 +344,10 @@ fn readme_session(c: &Cluster) -> Ride {
         get(&a, &format!("{}/resorts/1/seasons/2025/day/1/skiers", c.base)),
         (200, r#"{"time":"Alpine Meadows","numSkiers":1}"#.into())
     );
-    assert_eq!(get(&a, &format!("{}/skiers/7/vertical?resort=1", c.base)), (200, r#"{"resorts":[{"seasonID":"2025","totalVert":50}]}"#.into()));
+    assert_eq!(
+        get(&a, &format!("{}/skiers/7/vertical?resort=1", c.base)),
+        (200, r#"{"resorts":[{"seasonID":"2025","totalVert":50}]}"#.into())
+    );
     let (code, body) = call(
         &a,
         "POST",

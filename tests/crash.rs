@@ -44,12 +44,20 @@ impl Traffic {
 /// Posts `todo` (indices into `rides`) from CLIENTS threads until done or the server dies;
 /// marks every 201 in `acked`. Also re-sends every tenth ride that was already acked, which
 /// must not count twice.
-fn post_round(base: &str, rides: &Arc<Vec<common::Ride>>, acked: &Arc<Vec<AtomicBool>>, todo: Vec<usize>, stop: &Arc<AtomicBool>, traffic: &Arc<Traffic>) -> usize {
+fn post_round(
+    base: &str,
+    rides: &Arc<Vec<common::Ride>>,
+    acked: &Arc<Vec<AtomicBool>>,
+    todo: Vec<usize>,
+    stop: &Arc<AtomicBool>,
+    traffic: &Arc<Traffic>,
+) -> usize {
     let queue = Arc::new(Mutex::new(todo));
     let sent = Arc::new(AtomicUsize::new(0));
     let threads: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let (queue, rides, acked, stop, sent, base, traffic) = (queue.clone(), rides.clone(), acked.clone(), stop.clone(), sent.clone(), base.to_string(), traffic.clone());
+            let (queue, rides, acked, stop, sent, base, traffic) =
+                (queue.clone(), rides.clone(), acked.clone(), stop.clone(), sent.clone(), base.to_string(), traffic.clone());
             std::thread::spawn(move || {
                 let agent = agent();
                 loop {
@@ -114,7 +122,8 @@ fn keyless_client(base: String, next: Arc<AtomicUsize>, log: Arc<Mutex<Vec<Known
         let url = format!("{base}/skiers/{KEYLESS_RESORT}/seasons/2025/days/{KEYLESS_DAY}/skiers/{}", keyless_skier(n));
         let mut outcome = None;
         let code = traffic.post(|| {
-            let res = agent.post(&url).set("Content-Type", "application/json").send_string(&format!(r#"{{"time":100,"liftID":{KEYLESS_LIFT}}}"#));
+            let res =
+                agent.post(&url).set("Content-Type", "application/json").send_string(&format!(r#"{{"time":100,"liftID":{KEYLESS_LIFT}}}"#));
             let (known, code) = match res {
                 Ok(r) if r.status() == 201 => (Known::Counted, 201),
                 Err(ureq::Error::Status(503, r)) => match r.header("Ride-Outcome") {
@@ -149,7 +158,16 @@ fn raw_rides(data_dir: &Path) -> Vec<RideEvent> {
 
 /// The raw ride a keyed ride is stored as (its id is the hash of key and ride).
 fn raw_of(r: &common::Ride) -> RideEvent {
-    let mut e = RideEvent { id: 0, resort: r.resort, season: r.season, day: r.day, skier: r.skier, time: r.time, lift: r.lift, vertical: r.lift as u32 * 10 };
+    let mut e = RideEvent {
+        id: 0,
+        resort: r.resort,
+        season: r.season,
+        day: r.day,
+        skier: r.skier,
+        time: r.time,
+        lift: r.lift,
+        vertical: r.lift as u32 * 10,
+    };
     e.id = event_id(&e, Some(r.key.as_bytes()));
     e
 }
@@ -207,7 +225,8 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
         let stop = Arc::new(AtomicBool::new(false));
         let traffic = Arc::new(Traffic::default());
         let keyless_thread = {
-            let (base, next, log, stop, traffic) = (server.base.clone(), keyless_next.clone(), keyless.clone(), stop.clone(), traffic.clone());
+            let (base, next, log, stop, traffic) =
+                (server.base.clone(), keyless_next.clone(), keyless.clone(), stop.clone(), traffic.clone());
             std::thread::spawn(move || keyless_client(base, next, log, stop, traffic))
         };
         let started = Instant::now();
@@ -246,7 +265,10 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
             assert!(traffic.answered.load(Ordering::SeqCst) >= after, "round {round}: the clients ran out of rides before the kill");
             // A POST begun before the kill and never answered was in flight when it landed:
             // a kill between bursts (no traffic, or only after the clients finished) has none.
-            assert!(in_flight > 0 && cut > 0, "round {round}: the kill -9 landed with no request in flight ({in_flight} begun, {cut} cut off): it tested nothing");
+            assert!(
+                in_flight > 0 && cut > 0,
+                "round {round}: the kill -9 landed with no request in flight ({in_flight} begun, {cut} cut off): it tested nothing"
+            );
         }
         server.kill9();
         server.restart();
@@ -272,7 +294,10 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
             .iter()
             .enumerate()
             .map(|(n, k)| {
-                let (code, body) = common::get(&agent, &server.url(&format!("/skiers/{KEYLESS_RESORT}/seasons/2025/days/{KEYLESS_DAY}/skiers/{}", keyless_skier(n))));
+                let (code, body) = common::get(
+                    &agent,
+                    &server.url(&format!("/skiers/{KEYLESS_RESORT}/seasons/2025/days/{KEYLESS_DAY}/skiers/{}", keyless_skier(n))),
+                );
                 let counted = match (code, body.trim()) {
                     (200, v) if v == (KEYLESS_LIFT as u64 * 10).to_string() => true,
                     (404, _) => false,
@@ -287,14 +312,21 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
             .collect();
         // The day's skier count agrees, and lies within the bounds the answers set.
         let (code, body) = common::get(&agent, &server.url(&format!("/resorts/{KEYLESS_RESORT}/seasons/2025/day/{KEYLESS_DAY}/skiers")));
-        let n = serde_json::from_str::<serde_json::Value>(&body).ok().and_then(|v| v["numSkiers"].as_u64()).unwrap_or_else(|| panic!("{code} {body}"));
+        let n = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["numSkiers"].as_u64())
+            .unwrap_or_else(|| panic!("{code} {body}"));
         let (lo, hi) = (count(Known::Counted), count(Known::Counted) + count(Known::Maybe));
         assert!((lo..=hi).contains(&(n as usize)), "keyless day counts {n} skiers, outside {lo}..={hi}");
         assert_eq!(n as usize, read.iter().filter(|c| **c).count(), "the day count and the skier-days disagree");
         read
     };
     let counted = keyless_counted(&server);
-    eprintln!("keyless: {} of the {} maybe rides counted", counted.iter().zip(&known).filter(|(c, k)| **c && **k == Known::Maybe).count(), count(Known::Maybe));
+    eprintln!(
+        "keyless: {} of the {} maybe rides counted",
+        counted.iter().zip(&known).filter(|(c, k)| **c && **k == Known::Maybe).count(),
+        count(Known::Maybe)
+    );
 
     // And once more after a final kill: state rebuilt from tables + WAL only. A ride that
     // may or may not have counted has been decided, for good.
@@ -326,7 +358,11 @@ fn kill9_at_random_moments_loses_nothing_and_counts_nothing_twice() {
 /// node must still write the missing counts and raw rows, so that after the WAL is
 /// checkpointed and the days are read from the tables alone, nothing is missing.
 #[test]
+#[cfg_attr(not(feature = "fault-injection"), ignore = "needs --features fault-injection (scripts/test.sh)")]
 fn a_flush_torn_between_skier_days_and_counts_is_completed_after_restart() {
+    if !cfg!(feature = "fault-injection") {
+        panic!("this test needs the fault points: run it with --features fault-injection (scripts/test.sh does)");
+    }
     let dir = tempfile::tempdir().unwrap();
     // Flushes only when asked, so the torn one is the one this test triggers.
     let quiet = ["--flush-interval-ms", "600000"];
@@ -502,5 +538,8 @@ fn a_503_says_whether_the_ride_may_have_been_recorded_and_is_right() {
     let got: Vec<u32> = stored.iter().map(|r| r.skier).collect();
     assert_eq!(got.len(), want.len(), "raw rides: {} stored for {} rides counted", got.len(), want.len());
     assert_eq!(got.iter().copied().collect::<BTreeSet<u32>>(), want, "raw rides of other skiers than the counted ones");
-    assert!(stored.iter().all(|r| (r.resort, r.day, r.time, r.lift, r.vertical) == (1, 1, 10, 5, 50)), "a raw ride that differs from its POST");
+    assert!(
+        stored.iter().all(|r| (r.resort, r.day, r.time, r.lift, r.vertical) == (1, 1, 10, 5, 50)),
+        "a raw ride that differs from its POST"
+    );
 }

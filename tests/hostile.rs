@@ -133,7 +133,7 @@ fn oversized_bodies_get_413_by_length_and_by_chunks_and_the_limit_is_exact() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path(), &[]);
     let limit = 16 * 1024; // max_body_bytes default
-    // Declared too large: refused from the head, without waiting for 100 MB that never come.
+                           // Declared too large: refused from the head, without waiting for 100 MB that never come.
     let started = Instant::now();
     let r = raw(&s, format!("{}\r\n{{\"time\":", post_head("Content-Length: 100000000")).as_bytes());
     assert_eq!(r.status, Some(413), "{r:?}");
@@ -255,8 +255,8 @@ fn hostile_ids_and_paths_get_400_or_404_never_5xx() {
         ("/skiers/1/seasons/2025/days/1/skiers/18446744073709551623".into(), 400), // 2^64 + 7
         (format!("/skiers/1/seasons/2025/days/1/skiers/{long_digits}"), 400),
         ("/skiers/4294967297/seasons/2025/days/1/skiers/7".into(), 400), // 2^32 + 1: must not wrap to resort 1
-        ("/skiers/1/seasons/2025/days/65537/skiers/7".into(), 400), // 2^16 + 1: must not wrap to day 1
-        ("/skiers/1/seasons/67561/days/1/skiers/7".into(), 400), // 2^16 + 2025
+        ("/skiers/1/seasons/2025/days/65537/skiers/7".into(), 400),      // 2^16 + 1: must not wrap to day 1
+        ("/skiers/1/seasons/67561/days/1/skiers/7".into(), 400),         // 2^16 + 2025
         ("/skiers/1/seasons/0999/days/1/skiers/7".into(), 400),
         ("/skiers/%F0%9F%98%80/seasons/2025/days/1/skiers/7".into(), 400),
         ("/skiers/1/seasons/2025/days/1/skiers/%FF".into(), 400),
@@ -305,7 +305,9 @@ fn hostile_ids_and_paths_get_400_or_404_never_5xx() {
     assert_ride_total(&s, Some(50));
     // Raw non-ASCII bytes and control characters in the request line (no client would
     // send them unescaped): a clean 4xx or a closed connection, never a 5xx.
-    for target in [&b"/resorts/\xf0\x9f\x98\x80/seasons"[..], b"/resorts/\xff/seasons", b"/resorts/1\x00/seasons", b"/resorts/1\x7f/seasons"] {
+    for target in
+        [&b"/resorts/\xf0\x9f\x98\x80/seasons"[..], b"/resorts/\xff/seasons", b"/resorts/1\x00/seasons", b"/resorts/1\x7f/seasons"]
+    {
         let mut req = b"GET ".to_vec();
         req.extend_from_slice(target);
         req.extend_from_slice(b" HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
@@ -343,7 +345,14 @@ fn other_methods_get_405_with_allow() {
     }
     // An extension method no client knows, with a body that must not be read as a ride.
     let body = r#"{"time":10,"liftID":5}"#;
-    let r = raw(&s, format!("FROB {RIDE} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len()).as_bytes());
+    let r = raw(
+        &s,
+        format!(
+            "FROB {RIDE} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
     assert_eq!(r.status, Some(405), "{r:?}");
     assert_eq!(header(&r.head, "allow"), Some("GET, POST"));
     assert_ride_total(&s, None);
@@ -361,7 +370,12 @@ fn huge_urls_headers_and_malformed_heads_never_get_5xx() {
     for n in [8_000usize, 60_000, 200_000, 1_000_000] {
         let req = format!("GET /resorts/{} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", "1".repeat(n));
         let r = raw(&s, req.as_bytes());
-        assert!(is_client_error(&r) || (r.status.is_none() && r.closed), "URL of {n} bytes: {:?} {}", r.status, &r.head[..r.head.len().min(200)]);
+        assert!(
+            is_client_error(&r) || (r.status.is_none() && r.closed),
+            "URL of {n} bytes: {:?} {}",
+            r.status,
+            &r.head[..r.head.len().min(200)]
+        );
     }
     // A long but legal query: 2,000 repetitions of the same resort count it once.
     assert_eq!(call(&a, "POST", &s.url(RIDE), &[JSON], Some(r#"{"time":10,"liftID":5}"#)).0, 201);
@@ -385,8 +399,17 @@ fn huge_urls_headers_and_malformed_heads_never_get_5xx() {
         ("HTTP/2 preface on HTTP/1", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".into()),
         ("bad Content-Length", format!("{}Content-Length: 2x\r\nConnection: close\r\n\r\n{body}", post_head("X: y"))),
         ("negative Content-Length", format!("{}Content-Length: -1\r\nConnection: close\r\n\r\n{body}", post_head("X: y"))),
-        ("two Content-Lengths", format!("{}Content-Length: 1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", post_head("X: y"), body.len())),
-        ("CL and TE", format!("{}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n{body}", post_head(&format!("Content-Length: {}", body.len())))),
+        (
+            "two Content-Lengths",
+            format!("{}Content-Length: 1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", post_head("X: y"), body.len()),
+        ),
+        (
+            "CL and TE",
+            format!(
+                "{}Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n{body}",
+                post_head(&format!("Content-Length: {}", body.len()))
+            ),
+        ),
         ("bad chunk size", format!("{}Connection: close\r\n\r\nzz\r\n{body}\r\n0\r\n\r\n", post_head("Transfer-Encoding: chunked"))),
         ("header without colon", "GET /resorts HTTP/1.1\r\nHost t\r\nConnection: close\r\n\r\n".into()),
         ("space before colon", "GET /resorts HTTP/1.1\r\nHost : t\r\nConnection: close\r\n\r\n".into()),
@@ -505,7 +528,8 @@ fn slowloris_does_not_block_normal_requests_and_is_cut_off() {
     // Normal clients are served while the 200 slow heads are held open.
     let a = agent();
     for i in 0..20 {
-        let (code, _) = call(&a, "POST", &s.url(&format!("/skiers/3/seasons/2025/days/1/skiers/{}", i + 1)), &[JSON], Some(r#"{"time":1,"liftID":2}"#));
+        let (code, _) =
+            call(&a, "POST", &s.url(&format!("/skiers/3/seasons/2025/days/1/skiers/{}", i + 1)), &[JSON], Some(r#"{"time":1,"liftID":2}"#));
         assert_eq!(code, 201);
     }
     let served = started.elapsed();
@@ -520,13 +544,21 @@ fn slowloris_does_not_block_normal_requests_and_is_cut_off() {
         if first_cut.is_none() && conns.iter().any(Option::is_none) {
             first_cut = Some(started.elapsed());
         }
-        assert!(started.elapsed() < deadline + Duration::from_secs(10), "{} slow heads still open after {:?}", conns.iter().flatten().count(), started.elapsed());
+        assert!(
+            started.elapsed() < deadline + Duration::from_secs(10),
+            "{} slow heads still open after {:?}",
+            conns.iter().flatten().count(),
+            started.elapsed()
+        );
         std::thread::sleep(Duration::from_millis(250));
         line += 1;
     }
     let first_cut = first_cut.unwrap_or_else(|| started.elapsed());
     eprintln!("slowloris: 20 normal requests served after {served:?}; slow heads cut off from {first_cut:?} to {:?}", started.elapsed());
-    assert!(first_cut >= deadline - Duration::from_millis(50), "a slow head was cut off after {first_cut:?}, before the {deadline:?} deadline");
+    assert!(
+        first_cut >= deadline - Duration::from_millis(50),
+        "a slow head was cut off after {first_cut:?}, before the {deadline:?} deadline"
+    );
     let (_, body) = get(&a, &s.url("/resorts/3/seasons/2025/day/1/skiers"));
     assert_eq!(body, r#"{"time":"Crystal Mountain","numSkiers":20}"#);
     assert_healthy(&s);
@@ -557,7 +589,10 @@ fn more_connections_than_the_limit_wait_their_turn_and_the_server_recovers() {
     assert_eq!(code, 200, "a connection over the limit must wait for a slot and be served, not be dropped: {body}");
     // A lower bound, which a loaded machine only makes easier to meet: three full rounds
     // after the first (whose deadlines began during the connects above), less timer rounding.
-    assert!(took >= Duration::from_millis(2500), "served after {took:?}: max_connections = 50 was not in force (200 idle connections ahead)");
+    assert!(
+        took >= Duration::from_millis(2500),
+        "served after {took:?}: max_connections = 50 was not in force (200 idle connections ahead)"
+    );
     // Every idle connection ahead of ours was accepted and closed at its deadline (an EOF,
     // the 408, or a reset); one still open would mean ours jumped the queue.
     let still_open = idle
@@ -713,7 +748,20 @@ fn logs_in_production_shape_hold_no_broker_password_and_no_aws_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let token = "tok-SECRET-4712";
     let (table_prefix, amqp_prefix) = (format!("tables.prefix={prefix}_"), format!("bus.amqp.prefix={prefix}"));
-    let args = ["--role", "write,consume,read", "--broker", &broker, "--dynamodb-endpoint", &dynamodb, "--set", &amqp_prefix, "--set", &table_prefix, "--set", "flush.interval_ms=200"];
+    let args = [
+        "--role",
+        "write,consume,read",
+        "--broker",
+        &broker,
+        "--dynamodb-endpoint",
+        &dynamodb,
+        "--set",
+        &amqp_prefix,
+        "--set",
+        &table_prefix,
+        "--set",
+        "flush.interval_ms=200",
+    ];
     let env = [
         ("LIFTLOG_ADMIN__TOKEN", token),
         // Not SECRET-marked: checked on its own below.
@@ -783,7 +831,11 @@ fn a_full_skier_day_refuses_more_rides_with_409_and_counts_nothing() {
             .collect();
         workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
     });
-    assert!(codes.iter().all(|c| *c == 201), "every ride up to the bound is accepted: {:?}", codes.iter().filter(|c| **c != 201).take(5).collect::<Vec<_>>());
+    assert!(
+        codes.iter().all(|c| *c == 201),
+        "every ride up to the bound is accepted: {:?}",
+        codes.iter().filter(|c| **c != 201).take(5).collect::<Vec<_>>()
+    );
     assert_ride_total(&s, Some(BOUND * 50));
     let a = agent();
     for _ in 0..3 {

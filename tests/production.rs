@@ -128,14 +128,26 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
 
     // The README session, across three processes.
     let a = agent();
-    let (code, _) = call(&a, "POST", &writer.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[("Content-Type", "application/json")], Some(r#"{"time":10,"liftID":5}"#));
+    let (code, _) = call(
+        &a,
+        "POST",
+        &writer.url("/skiers/1/seasons/2025/days/1/skiers/7"),
+        &[("Content-Type", "application/json")],
+        Some(r#"{"time":10,"liftID":5}"#),
+    );
     assert_eq!(code, 201);
     let first = Expected::from(&[Ride { resort: 1, season: 2025, day: 1, skier: 7, time: 10, lift: 5, key: String::new() }]);
     assert!(first.settle(&consumer.base, Duration::from_secs(10), 1).is_empty(), "consumer actors");
     assert!(first.settle(&reader.base, Duration::from_secs(10), 1).is_empty(), "reader via DynamoDB");
     assert_eq!(get(&a, &reader.url("/resorts/1/seasons")).1, r#"{"seasons":["2025"]}"#);
     // A read node refuses rides with a reason, a write node reads from the tables.
-    let (code, body) = call(&a, "POST", &reader.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[("Content-Type", "application/json")], Some(r#"{"time":10,"liftID":5}"#));
+    let (code, body) = call(
+        &a,
+        "POST",
+        &reader.url("/skiers/1/seasons/2025/days/1/skiers/7"),
+        &[("Content-Type", "application/json")],
+        Some(r#"{"time":10,"liftID":5}"#),
+    );
     assert_eq!(code, 503, "{body}");
 
     let rides = random_rides(42, 10_000, 3_000);
@@ -178,6 +190,9 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
 #[test]
 #[ignore = "needs RabbitMQ and DynamoDB Local: run scripts/test.sh"]
 fn consumer_killed_after_wal_fsync_before_ack_counts_each_ride_once() {
+    if !cfg!(feature = "fault-injection") {
+        panic!("this test needs the fault points: run it with --features fault-injection (scripts/test.sh does)");
+    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let b = Backends::new();
     let (dc, dw) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -253,7 +268,13 @@ fn rabbitmq_restart_during_ingest_answers_503_then_recovers_losing_nothing() {
     // While the broker is away the write path answers 503 fast.
     let a = agent();
     let t = Instant::now();
-    let (code, body) = call(&a, "POST", &writer.url("/skiers/1/seasons/2025/days/2/skiers/1"), &[("Content-Type", "application/json")], Some(r#"{"time":1,"liftID":1}"#));
+    let (code, body) = call(
+        &a,
+        "POST",
+        &writer.url("/skiers/1/seasons/2025/days/2/skiers/1"),
+        &[("Content-Type", "application/json")],
+        Some(r#"{"time":1,"liftID":1}"#),
+    );
     let outage_answer = (code, t.elapsed());
     std::thread::sleep(Duration::from_secs(2));
     if let Err(e) = services.rabbitmq_start() {
@@ -296,7 +317,9 @@ fn active_consumer_killed_standby_takes_over_exactly_with_ack_after_table() {
         std::thread::spawn(move || post_all(&base, &rides, 8, Duration::from_secs(180)))
     };
     // Kill once the active consumer is applying (its own count), not after a fixed time.
-    common::wait_for("the active consumer's first 1,000 applied rides", Duration::from_secs(60), || wal_figure(&active, "consumer", "events") >= 1_000);
+    common::wait_for("the active consumer's first 1,000 applied rides", Duration::from_secs(60), || {
+        wal_figure(&active, "consumer", "events") >= 1_000
+    });
     active.kill9(); // its WAL is gone with it as far as the standby is concerned
     posting.join().expect("posting");
     let expected = Expected::from(&rides);
@@ -316,6 +339,9 @@ fn active_consumer_killed_standby_takes_over_exactly_with_ack_after_table() {
 #[test]
 #[ignore = "needs RabbitMQ and DynamoDB Local: run scripts/test.sh"]
 fn consumer_crash_mid_flush_still_completes_counts_and_raw_rides() {
+    if !cfg!(feature = "fault-injection") {
+        panic!("this test needs the fault points: run it with --features fault-injection (scripts/test.sh does)");
+    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let b = Backends::new();
     let (dc, dw, dr) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

@@ -43,7 +43,8 @@ fn hammer(base: &str, rides: &[Ride], threads: usize, acked: &Arc<Mutex<Vec<Ride
     let rides = Arc::new(rides.to_vec());
     let hs: Vec<_> = (0..threads)
         .map(|_| {
-            let (next, seen, rides, acked, stop, base) = (next.clone(), seen.clone(), rides.clone(), acked.clone(), stop.clone(), base.to_string());
+            let (next, seen, rides, acked, stop, base) =
+                (next.clone(), seen.clone(), rides.clone(), acked.clone(), stop.clone(), base.to_string());
             std::thread::spawn(move || {
                 let agent = agent();
                 while !stop.load(Ordering::Relaxed) {
@@ -90,7 +91,9 @@ fn raw_rides(data_dir: &std::path::Path) -> Vec<RideEvent> {
     };
     let tree = db.open_tree("rides").unwrap();
     tree.iter()
-        .map(|kv| bincode::serde::decode_from_slice::<RideEvent, _>(&kv.unwrap().1, bincode::config::standard()).expect("decode a raw ride").0)
+        .map(|kv| {
+            bincode::serde::decode_from_slice::<RideEvent, _>(&kv.unwrap().1, bincode::config::standard()).expect("decode a raw ride").0
+        })
         .collect()
 }
 
@@ -105,7 +108,16 @@ fn assert_raw_rides_are(data_dir: &std::path::Path, acked: &[Ride]) {
     let keys: BTreeSet<&str> = acked.iter().map(|r| r.key.as_str()).collect();
     assert_eq!(keys.len(), acked.len(), "the model holds a ride twice");
     for r in acked {
-        let mut want = RideEvent { id: 0, resort: r.resort, season: r.season, day: r.day, skier: r.skier, time: r.time, lift: r.lift, vertical: r.lift as u32 * 10 };
+        let mut want = RideEvent {
+            id: 0,
+            resort: r.resort,
+            season: r.season,
+            day: r.day,
+            skier: r.skier,
+            time: r.time,
+            lift: r.lift,
+            vertical: r.lift as u32 * 10,
+        };
         want.id = event_id(&want, Some(r.key.as_bytes()));
         match stored.remove(&want.id).as_deref() {
             Some([got]) if *got == want => {}
@@ -183,7 +195,8 @@ struct Tmpfs(std::path::PathBuf);
 impl Tmpfs {
     fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(at).unwrap();
-        let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status().unwrap();
+        let ok =
+            std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at).status().unwrap();
         assert!(ok.success(), "mounting a tmpfs needs root");
         Tmpfs(at.to_path_buf())
     }

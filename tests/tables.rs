@@ -15,8 +15,7 @@ use liftlog::tables::dynamo::{DynamoConfig, DynamoTables};
 use liftlog::tables::sled_store::SledTables;
 use liftlog::tables::{DayCountItem, SkierDayItem, Tables, WriteReport};
 
-const IGNORE_MSG: &str =
-    "set LIFTLOG_TEST_DYNAMODB to DynamoDB Local's URL (e.g. http://127.0.0.1:8000), or run scripts/test.sh";
+const IGNORE_MSG: &str = "set LIFTLOG_TEST_DYNAMODB to DynamoDB Local's URL (e.g. http://127.0.0.1:8000), or run scripts/test.sh";
 
 fn key(resort: u32, season: u16, day: u16) -> DayKey {
     DayKey { resort, season, day }
@@ -118,11 +117,7 @@ async fn conformance(t: Arc<dyn Tables>) {
 
     // Older and equal versions are stale, not errors, and change nothing.
     let r = t
-        .put_skier_days(&[
-            skier_day(7, d1, 999, vec![9], 4),
-            skier_day(7, d1, 999, vec![9], 5),
-            skier_day(8, d1, 1, vec![1], 0),
-        ])
+        .put_skier_days(&[skier_day(7, d1, 999, vec![9], 4), skier_day(7, d1, 999, vec![9], 5), skier_day(8, d1, 1, vec![1], 0)])
         .await
         .unwrap();
     assert_eq!(r, WriteReport { written: 0, stale: 3, ..Default::default() }, "{name}");
@@ -142,9 +137,8 @@ async fn conformance(t: Arc<dyn Tables>) {
     assert!(t.query_day(key(1, 2025, 3)).await.unwrap().is_empty());
 
     // query_skier_resort: all of a skier's days at one resort; 1 must not match 10 or 100.
-    let want = |skier: u32, resort: u32| {
-        without_ids(model.values().filter(|d| d.skier == skier && d.key.resort == resort).cloned().collect())
-    };
+    let want =
+        |skier: u32, resort: u32| without_ids(model.values().filter(|d| d.skier == skier && d.key.resort == resort).cloned().collect());
     for (skier, resort, days, vertical) in [(7, 1, 3, 80 + 30 + 11), (7, 10, 1, 1000), (7, 100, 1, 7), (8, 1, 1, 10)] {
         let w = want(skier, resort);
         assert_eq!(w.len(), days);
@@ -191,8 +185,7 @@ async fn conformance(t: Arc<dyn Tables>) {
             skier_day(1000 + s, BIG_DAY, u64::from(s) * 10, ids, 1)
         })
         .collect();
-    let neighbours =
-        [skier_day(1000, key(2, 2025, 10), 1, vec![1], 1), skier_day(1000, key(20, 2025, 100), 2, vec![2], 1)];
+    let neighbours = [skier_day(1000, key(2, 2025, 10), 1, vec![1], 1), skier_day(1000, key(20, 2025, 100), 2, vec![2], 1)];
     let started = Instant::now();
     let r = t.put_skier_days(&big).await.unwrap();
     eprintln!("{name}: {} conditional puts of ~4 KB in {:?}", big.len(), started.elapsed());
@@ -214,9 +207,7 @@ async fn conformance(t: Arc<dyn Tables>) {
 
     // scan_season_totals sees every skier-day, with its latest vertical.
     let mut totals = Vec::new();
-    t.scan_season_totals(&mut |skier, resort, season, vertical| totals.push((skier, resort, season, vertical)))
-        .await
-        .unwrap();
+    t.scan_season_totals(&mut |skier, resort, season, vertical| totals.push((skier, resort, season, vertical))).await.unwrap();
     totals.sort_unstable();
     let mut want: Vec<_> = model.values().map(|d| (d.skier, d.key.resort, d.key.season, d.vertical)).collect();
     want.sort_unstable();
@@ -279,12 +270,8 @@ fn unique_prefix() -> String {
 }
 
 async fn dynamo(endpoint: &str, prefix: &str, max_concurrency: usize) -> DynamoTables {
-    let cfg = DynamoConfig {
-        endpoint: Some(endpoint.to_string()),
-        table_prefix: prefix.to_string(),
-        max_concurrency,
-        ..DynamoConfig::default()
-    };
+    let cfg =
+        DynamoConfig { endpoint: Some(endpoint.to_string()), table_prefix: prefix.to_string(), max_concurrency, ..DynamoConfig::default() };
     DynamoTables::connect(cfg).await.expect("connect")
 }
 
@@ -371,17 +358,13 @@ async fn dynamodb_conforms() {
 
     // Rough throughput (not asserted): conditional puts and batch writes.
     let n_days = 2000u32;
-    let days: Vec<SkierDayItem> = (0..n_days)
-        .map(|s| skier_day(5000 + s, key(3, 2025, 1 + (s % 7) as u16), 100, vec![1, 2, 3, 4, 5], 1))
-        .collect();
+    let days: Vec<SkierDayItem> =
+        (0..n_days).map(|s| skier_day(5000 + s, key(3, 2025, 1 + (s % 7) as u16), 100, vec![1, 2, 3, 4, 5], 1)).collect();
     let started = Instant::now();
     let r = t.put_skier_days(&days).await.unwrap();
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(r.written, n_days as usize);
-    eprintln!(
-        "dynamodb: {n_days} conditional PutItem in {secs:.2} s = {:.0}/s (max_concurrency 16)",
-        f64::from(n_days) / secs
-    );
+    eprintln!("dynamodb: {n_days} conditional PutItem in {secs:.2} s = {:.0}/s (max_concurrency 16)", f64::from(n_days) / secs);
     let started = Instant::now();
     let r = t.put_skier_days(&days).await.unwrap();
     let secs = started.elapsed().as_secs_f64();
@@ -435,8 +418,7 @@ async fn assert_fails_in_bounded_time(t: &DynamoTables, what: &str) {
     assert!(elapsed < Duration::from_secs(30), "{what}: took {elapsed:?}");
 
     let started = Instant::now();
-    let result =
-        tokio::time::timeout(Duration::from_secs(60), t.get_day_count(key(1, 2025, 1))).await.expect("get hangs");
+    let result = tokio::time::timeout(Duration::from_secs(60), t.get_day_count(key(1, 2025, 1))).await.expect("get hangs");
     assert!(matches!(result, Err(TableError::Unavailable(_))), "{what}: {result:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
 }
@@ -522,11 +504,8 @@ fn aws_error(kind: &str) -> String {
 async fn dynamodb_client_retries_throttling_5xx_and_unprocessed_items() {
     // GetItem: a 500, a throttle, then the item.
     let item = r#"{"Item":{"ResortSeasonDay":{"S":"1#2025#1"},"UniqueSkiers":{"N":"3"},"Rides":{"N":"8"},"Version":{"N":"5"}}}"#;
-    let fake = FakeDynamo::start(vec![
-        (500, aws_error("InternalServerError")),
-        (400, aws_error("ThrottlingException")),
-        (200, item.to_string()),
-    ]);
+    let fake =
+        FakeDynamo::start(vec![(500, aws_error("InternalServerError")), (400, aws_error("ThrottlingException")), (200, item.to_string())]);
     let t = dynamo(&fake.url, "fake_", 4).await;
     let got = t.get_day_count(key(1, 2025, 1)).await.unwrap();
     assert_eq!(got, Some(DayCountItem { key: key(1, 2025, 1), unique_skiers: 3, rides: 8, version: 5 }));

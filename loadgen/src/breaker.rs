@@ -72,10 +72,7 @@ impl ErrorWindow {
     /// (attempts, errors) in the window ending at `at_us`.
     pub fn totals(&self, at_us: u64) -> (u64, u64) {
         let n = at_us / self.slot_us;
-        self.slots
-            .iter()
-            .filter(|s| s.0 != u64::MAX && s.0 <= n && n - s.0 < SLOTS as u64)
-            .fold((0, 0), |(a, e), s| (a + s.1, e + s.2))
+        self.slots.iter().filter(|s| s.0 != u64::MAX && s.0 <= n && n - s.0 < SLOTS as u64).fold((0, 0), |(a, e), s| (a + s.1, e + s.2))
     }
 }
 

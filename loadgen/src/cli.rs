@@ -36,7 +36,8 @@ impl fmt::Display for Range {
     }
 }
 
-const ABOUT: &str = "Load client for SkiDataAPI 2.0 servers (liftlog and others): posts lift rides, reads them back, reports throughput and latency.";
+const ABOUT: &str =
+    "Load client for SkiDataAPI 2.0 servers (liftlog and others): posts lift rides, reads them back, reports throughput and latency.";
 
 const LONG_ABOUT: &str = "\
 Load client for SkiDataAPI 2.0 servers (liftlog and others).

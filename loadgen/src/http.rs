@@ -33,9 +33,7 @@ fn normalize_prefix(p: &str) -> String {
 impl Target {
     /// `base` is `http://host[:port][/prefix]`; `base_path` is appended to its prefix.
     pub async fn resolve(base: &str, base_path: &str) -> Result<Target, String> {
-        let rest = base
-            .strip_prefix("http://")
-            .ok_or_else(|| format!("--base `{base}`: only http:// URLs are supported"))?;
+        let rest = base.strip_prefix("http://").ok_or_else(|| format!("--base `{base}`: only http:// URLs are supported"))?;
         let (authority, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),

@@ -81,9 +81,9 @@ pub async fn execute(cli: &Cli) -> Result<Outcome, String> {
         Ok(Err(e)) => return Err(format!("cannot connect to {url}: {e} (is the server running?)")),
         Err(_) => return Err(format!("cannot connect to {url}: no answer within 5 s")),
     }
-    let seed = c.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = c
+        .seed
+        .unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
     let timeout = Duration::from_millis(c.timeout_ms.max(1));
 
     let mut season = c.season;
@@ -121,8 +121,20 @@ pub async fn execute(cli: &Cli) -> Result<Outcome, String> {
             let p1 = (p.phase1_workers as u64 * p.phase1_rides).min(p.total);
             let rate = c.rate;
             let phases = vec![
-                Phase { name: format!("phase 1: {} workers", p.phase1_workers), workers: p.phase1_workers.max(1), total: Some(p1), duration: None, rate },
-                Phase { name: format!("phase 2: {} workers", p.concurrency), workers: p.concurrency.max(1), total: Some(p.total - p1), duration: None, rate },
+                Phase {
+                    name: format!("phase 1: {} workers", p.phase1_workers),
+                    workers: p.phase1_workers.max(1),
+                    total: Some(p1),
+                    duration: None,
+                    rate,
+                },
+                Phase {
+                    name: format!("phase 2: {} workers", p.concurrency),
+                    workers: p.concurrency.max(1),
+                    total: Some(p.total - p1),
+                    duration: None,
+                    rate,
+                },
             ];
             ("post", vec![RunSpec { label: format!("post {} rides", p.total), mix: Mix::Post, phases }])
         }
@@ -184,7 +196,9 @@ pub async fn execute(cli: &Cli) -> Result<Outcome, String> {
         };
         print!("{}", report::format_run(&rep));
         if specs.len() > 1 {
-            marks.extend(res.phase_starts.first().map(|(t, _)| (*t, rep.summaries.first().map(|s| s.kind.name()).unwrap_or("").to_string())));
+            marks.extend(
+                res.phase_starts.first().map(|(t, _)| (*t, rep.summaries.first().map(|s| s.kind.name()).unwrap_or("").to_string())),
+            );
         } else {
             marks.extend(res.phase_starts.iter().skip(1).cloned());
         }

@@ -55,13 +55,7 @@ impl Engine {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tag = (nanos as u64) ^ ((std::process::id() as u64) << 48) ^ opts.seed.rotate_left(17);
         let quiet = opts.quiet;
-        Engine {
-            target,
-            opts,
-            breaker: Breaker::new(breaker, quiet),
-            epoch: Instant::now(),
-            run_tag: format!("{tag:016x}"),
-        }
+        Engine { target, opts, breaker: Breaker::new(breaker, quiet), epoch: Instant::now(), run_tag: format!("{tag:016x}") }
     }
 }
 
@@ -71,7 +65,9 @@ pub enum Mix {
     Post,
     Read(OpKind),
     /// Reads (spread evenly over the three read endpoints) with this probability, else a ride.
-    Mixed { read_ratio: f64 },
+    Mixed {
+        read_ratio: f64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -160,10 +156,7 @@ pub struct RunResult {
 
 impl RunResult {
     pub fn summaries(&self) -> Vec<KindSummary> {
-        OpKind::ALL
-            .iter()
-            .filter_map(|&k| self.collected.kinds[k.index()].as_ref().map(|s| summarize(k, s, self.wall)))
-            .collect()
+        OpKind::ALL.iter().filter_map(|&k| self.collected.kinds[k.index()].as_ref().map(|s| summarize(k, s, self.wall))).collect()
     }
 }
 
@@ -225,7 +218,13 @@ pub async fn run(engine: &Arc<Engine>, spec: &RunSpec) -> RunResult {
     if let Some(p) = progress {
         let _ = p.await;
     }
-    RunResult { label: spec.label.clone(), phase_starts, wall, collected: all, breaker_openings: engine.breaker.openings() - openings_before }
+    RunResult {
+        label: spec.label.clone(),
+        phase_starts,
+        wall,
+        collected: all,
+        breaker_openings: engine.breaker.openings() - openings_before,
+    }
 }
 
 struct Scratch {
@@ -378,9 +377,7 @@ async fn one_request(
         engine.breaker.admit().await;
         attempts += 1;
         engine.breaker.in_flight.fetch_add(1, Ordering::Relaxed);
-        let res = conn
-            .request(method, &s.path, post.then_some(&s.key[..]), post.then_some(&s.body[..]), o.timeout)
-            .await;
+        let res = conn.request(method, &s.path, post.then_some(&s.key[..]), post.then_some(&s.body[..]), o.timeout).await;
         engine.breaker.in_flight.fetch_sub(1, Ordering::Relaxed);
         let retry_after = match res {
             Ok(rep) => {

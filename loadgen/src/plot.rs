@@ -277,8 +277,22 @@ pub fn render(records: &[Record], title: &str, marks: &[(u64, String)]) -> Canva
     let p99: Vec<(f64, f64)> = pts.iter().filter(|p| p.count > 0).map(|p| (p.t_s, p.p99_ms)).collect();
     let top = format!("THROUGHPUT (REQ/S), {per}");
     let bottom = format!("P99 LATENCY (MS), {per}");
-    draw_panel(&mut cv, &Panel { x0: 110, y0: 80, x1: w - 30, y1: 350, title: &top, color: BLUE, bars: true }, &thr, bucket_s, t_max, &marks);
-    draw_panel(&mut cv, &Panel { x0: 110, y0: 440, x1: w - 30, y1: 700, title: &bottom, color: RED, bars: false }, &p99, bucket_s, t_max, &marks);
+    draw_panel(
+        &mut cv,
+        &Panel { x0: 110, y0: 80, x1: w - 30, y1: 350, title: &top, color: BLUE, bars: true },
+        &thr,
+        bucket_s,
+        t_max,
+        &marks,
+    );
+    draw_panel(
+        &mut cv,
+        &Panel { x0: 110, y0: 440, x1: w - 30, y1: 700, title: &bottom, color: RED, bars: false },
+        &p99,
+        bucket_s,
+        t_max,
+        &marks,
+    );
     let xt = "TIME SINCE START (S)";
     cv.text((w - Canvas::text_width(xt, 2)) / 2, 735, xt, 2, BLACK);
     cv

@@ -177,9 +177,7 @@ async fn read_value(conn: &mut Conn, c: &Check, timeout: Duration) -> Result<u64
             .ok()
             .and_then(|v| v.get("numSkiers").and_then(|n| n.as_u64()))
             .ok_or_else(|| format!("200 without a numSkiers number: {body}")),
-        (200, Check::SkierDay { .. }) => {
-            body.trim().parse::<u64>().map_err(|_| format!("200 without a bare integer: {body}"))
-        }
+        (200, Check::SkierDay { .. }) => body.trim().parse::<u64>().map_err(|_| format!("200 without a bare integer: {body}")),
         (s, _) => Err(format!("status {s}: {}", body.chars().take(200).collect::<String>())),
     }
 }
@@ -203,7 +201,8 @@ async fn run_check(conn: &mut Conn, c: &Check, deadline: Instant, timeout: Durat
                     Ok(v) => v.to_string(),
                     Err(e) => e,
                 };
-                let range = if slack > 0 { format!(" (up to {} with the rides of unknown outcome)", expect + slack) } else { String::new() };
+                let range =
+                    if slack > 0 { format!(" (up to {} with the rides of unknown outcome)", expect + slack) } else { String::new() };
                 return Verdict::Mismatch(match *c {
                     Check::ResortDay { resort, season, day, .. } => format!(
                         "resort {resort} season {season} day {day}: numSkiers {got}, expected {expect}{range} distinct skiers acknowledged"

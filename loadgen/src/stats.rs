@@ -159,14 +159,7 @@ pub fn summarize(kind: OpKind, s: &KindStats, wall: Duration) -> KindSummary {
         p999_us: q(0.999),
         min_us: if empty { 0 } else { s.hist.min() },
         max_us: if empty { 0 } else { s.hist.max() },
-        status: s
-            .status
-            .iter()
-            .enumerate()
-            .skip(1)
-            .filter(|(_, &n)| n > 0)
-            .map(|(code, &n)| (code as u16, n))
-            .collect(),
+        status: s.status.iter().enumerate().skip(1).filter(|(_, &n)| n > 0).map(|(code, &n)| (code as u16, n)).collect(),
     }
 }
 

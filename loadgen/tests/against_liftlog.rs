@@ -104,9 +104,31 @@ fn posts_reconcile_and_reads_against_the_real_server() {
     let png = dir.path().join("post.png");
 
     let post = cli(&[
-        "post", "--base", &server.url, "--total", "3000", "--phase1-workers", "16", "--phase1-rides", "100",
-        "--concurrency", "16", "--skiers", "1-500", "--reconcile", "--reconcile-sample", "500", "--quiet", "--seed", "7",
-        "--json", json.to_str().unwrap(), "--csv", csv.to_str().unwrap(), "--plot", png.to_str().unwrap(),
+        "post",
+        "--base",
+        &server.url,
+        "--total",
+        "3000",
+        "--phase1-workers",
+        "16",
+        "--phase1-rides",
+        "100",
+        "--concurrency",
+        "16",
+        "--skiers",
+        "1-500",
+        "--reconcile",
+        "--reconcile-sample",
+        "500",
+        "--quiet",
+        "--seed",
+        "7",
+        "--json",
+        json.to_str().unwrap(),
+        "--csv",
+        csv.to_str().unwrap(),
+        "--plot",
+        png.to_str().unwrap(),
     ]);
     let out = rt.block_on(execute(&post)).unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", server.log_tail()));
     assert_eq!(out.failures(), 0, "server log:\n{}", server.log_tail());
@@ -131,9 +153,25 @@ fn posts_reconcile_and_reads_against_the_real_server() {
     // A second run in the same season: the service still counts the skiers of the first run,
     // so numSkiers is above what this run acknowledged, and reconciliation must say so.
     let again = cli(&[
-        "post", "--base", &server.url, "--total", "200", "--phase1-workers", "4", "--phase1-rides", "50",
-        "--concurrency", "4", "--skiers", "1-500", "--reconcile", "--reconcile-sample", "50",
-        "--reconcile-wait-ms", "300", "--quiet",
+        "post",
+        "--base",
+        &server.url,
+        "--total",
+        "200",
+        "--phase1-workers",
+        "4",
+        "--phase1-rides",
+        "50",
+        "--concurrency",
+        "4",
+        "--skiers",
+        "1-500",
+        "--reconcile",
+        "--reconcile-sample",
+        "50",
+        "--reconcile-wait-ms",
+        "300",
+        "--quiet",
     ]);
     let out2 = rt.block_on(execute(&again)).unwrap();
     assert_eq!(out2.failures(), 0);
@@ -143,8 +181,20 @@ fn posts_reconcile_and_reads_against_the_real_server() {
 
     // --run-season picks a season nobody used: clean again.
     let fresh = cli(&[
-        "post", "--base", &server.url, "--total", "300", "--phase1-workers", "4", "--phase1-rides", "50",
-        "--concurrency", "8", "--reconcile", "--run-season", "--quiet",
+        "post",
+        "--base",
+        &server.url,
+        "--total",
+        "300",
+        "--phase1-workers",
+        "4",
+        "--phase1-rides",
+        "50",
+        "--concurrency",
+        "8",
+        "--reconcile",
+        "--run-season",
+        "--quiet",
     ]);
     let out3 = rt.block_on(execute(&fresh)).unwrap();
     assert_ne!(out3.season, 2025);

@@ -286,13 +286,7 @@ impl Handler<TakeDirty> for DayAggregator {
         let mut marks = Vec::with_capacity(st.dirty.len());
         for (skier, mark) in &st.dirty {
             if let Some(d) = st.skiers.get(skier) {
-                skier_days.push(SkierDayItem {
-                    skier: *skier,
-                    key,
-                    vertical: d.vertical,
-                    ids: d.ids.clone(),
-                    version: d.ids.len() as u64,
-                });
+                skier_days.push(SkierDayItem { skier: *skier, key, vertical: d.vertical, ids: d.ids.clone(), version: d.ids.len() as u64 });
                 marks.push(DirtyMark { skier: *skier, first: mark.first, last: mark.last });
             }
         }
@@ -399,13 +393,7 @@ impl DayHandle {
             queued: queued.clone(),
             stats: ActorStats { key: key.to_string(), activated_unix_ms: unix_ms(), ..Default::default() },
         };
-        DayHandle {
-            addr: actor.start(),
-            state,
-            dispatched: Arc::new(AtomicU64::new(0)),
-            queued,
-            last_touch: Arc::new(AtomicU64::new(now)),
-        }
+        DayHandle { addr: actor.start(), state, dispatched: Arc::new(AtomicU64::new(0)), queued, last_touch: Arc::new(AtomicU64::new(now)) }
     }
 
     /// Enqueues a batch at once (ordering with later calls is preserved); the returned

@@ -213,6 +213,7 @@ pub struct Consumer {
     pub max_batch: usize,
     /// Fault injection for crash tests: abort the process right after this many WAL
     /// batches were made durable, before they are acked (`LIFTLOG_FAULT_ABORT_AFTER_WAL_BATCHES`).
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     pub abort_after_batches: Option<u64>,
     /// Size trigger of the flusher: rides consumed before a flush is started early.
     pub flush_after_rides: u64,
@@ -319,7 +320,8 @@ struct Waiting {
     days: usize,
 }
 
-type Load = std::pin::Pin<Box<dyn std::future::Future<Output = (DayKey, Result<super::registry::LoadedDay, crate::error::TableError>)> + Send>>;
+type Load =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (DayKey, Result<super::registry::LoadedDay, crate::error::TableError>)> + Send>>;
 
 /// Days whose activation waits for the tables (issue 13, item 7). Their rides are in the
 /// WAL already; they wait here, in WAL order per day, while the consumer goes on applying
@@ -404,7 +406,13 @@ impl Consumer {
     /// backoff until the WAL takes it. Nacking instead redelivered it every 100 ms, and
     /// RabbitMQ 4.x dead-letters a ride after 20 redeliveries by default: two seconds of
     /// disk trouble moved rides that got their 201 into a queue nobody reads.
-    async fn hold_until_durable(&self, mut events: Vec<RideEvent>, mut appended: Option<u64>, first: WalError, pause: &crate::bus::Stop) -> Held {
+    async fn hold_until_durable(
+        &self,
+        mut events: Vec<RideEvent>,
+        mut appended: Option<u64>,
+        first: WalError,
+        pause: &crate::bus::Stop,
+    ) -> Held {
         let held = Instant::now();
         let (mut backoff, mut attempts, mut logged) = (WAL_RETRY_FIRST, 1u64, Instant::now());
         self.progress.wal_failures.fetch_add(1, Ordering::Relaxed);
@@ -556,13 +564,14 @@ impl Consumer {
         let mut dead = Vec::new();
         let mut new = Vec::new();
         let mut waits = 0;
-        let mut send = |key: DayKey, at: Vec<usize>, group: Vec<RideEvent>, dead: &mut Vec<DayKey>| match self.registry.dispatch(&key, seq, group) {
-            Some(done) => applied.push(async move { (key, at, done.await) }),
-            None => {
-                tracing::error!(%key, seq, "aggregator vanished between activation and dispatch");
-                dead.push(key);
-            }
-        };
+        let mut send =
+            |key: DayKey, at: Vec<usize>, group: Vec<RideEvent>, dead: &mut Vec<DayKey>| match self.registry.dispatch(&key, seq, group) {
+                Some(done) => applied.push(async move { (key, at, done.await) }),
+                None => {
+                    tracing::error!(%key, seq, "aggregator vanished between activation and dispatch");
+                    dead.push(key);
+                }
+            };
         for (key, (at, group)) in group(events) {
             self.seasons.observe(key.resort, key.season, false);
             if parked.days.contains_key(&key) {
@@ -809,6 +818,7 @@ impl Consumer {
                 }
             };
             self.progress.fsync_micros_total.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            #[cfg(feature = "fault-injection")]
             if self.abort_after_batches.is_some_and(|n| self.progress.batches.load(Ordering::Relaxed) + 1 >= n) {
                 tracing::error!(seq, "fault injection: aborting after the WAL fsync, before the ack");
                 std::process::abort();
@@ -842,7 +852,11 @@ impl Consumer {
             // Their batches stay unanswered (the embedded POSTs get "may have been recorded",
             // a broker redelivers), and `parked_floor` keeps the checkpoint below them: the
             // next start replays them from the WAL.
-            tracing::warn!(rides = parked.rides, days = parked.days.len(), "consumer stopped with rides parked behind their day's activation; the WAL keeps them");
+            tracing::warn!(
+                rides = parked.rides,
+                days = parked.days.len(),
+                "consumer stopped with rides parked behind their day's activation; the WAL keeps them"
+            );
         }
         tracing::info!("consumer stopped");
         source
@@ -853,9 +867,9 @@ impl Consumer {
 async fn timed_load(
     load: impl std::future::Future<Output = Result<super::registry::LoadedDay, crate::error::TableError>>,
 ) -> Result<super::registry::LoadedDay, crate::error::TableError> {
-    tokio::time::timeout(ACTIVATION_TIMEOUT, load)
-        .await
-        .unwrap_or_else(|_| Err(crate::error::TableError::Unavailable(format!("loading the day took over {} s", ACTIVATION_TIMEOUT.as_secs()))))
+    tokio::time::timeout(ACTIVATION_TIMEOUT, load).await.unwrap_or_else(|_| {
+        Err(crate::error::TableError::Unavailable(format!("loading the day took over {} s", ACTIVATION_TIMEOUT.as_secs())))
+    })
 }
 
 #[cfg(test)]

@@ -97,7 +97,9 @@ pub struct Flusher {
     /// Fault injection for the crash tests (`LIFTLOG_FAULT_ABORT_MID_FLUSH=n`): the n-th
     /// cycle that writes skier-days aborts the process once they are durable, before the
     /// day counts and raw rides are written — the torn flush a crash can cause.
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     abort_mid_flush: Option<u64>,
+    #[cfg_attr(not(feature = "fault-injection"), allow(dead_code))]
     torn_cycles: std::sync::atomic::AtomicU64,
     /// One cycle at a time: the interval timer and `POST /admin/flush` share it.
     lock: tokio::sync::Mutex<()>,
@@ -182,7 +184,11 @@ impl Flusher {
         let upto = self.progress.checkpoint_limit();
         let mut checkpoint = upto;
         let mut held: Option<String> = (upto < self.progress.dispatched_seq.load(Ordering::Acquire)).then(|| {
-            let why = if self.progress.parked_floor.load(Ordering::Acquire) == upto + 1 { "whose day waits for its activation" } else { "which a dead aggregator did not apply" };
+            let why = if self.progress.parked_floor.load(Ordering::Acquire) == upto + 1 {
+                "whose day waits for its activation"
+            } else {
+                "which a dead aggregator did not apply"
+            };
             format!("below WAL record {}, {why}", upto + 1)
         });
         let handles = self.registry.all();
@@ -223,7 +229,10 @@ impl Flusher {
                 // Its rides since its last write are in no item: keep their WAL records.
                 if m.first <= checkpoint {
                     checkpoint = m.first.saturating_sub(1);
-                    held = Some(format!("below WAL record {}: the store refused skier {}'s item of {}", m.first, m.skier, s.skier_days[0].key));
+                    held = Some(format!(
+                        "below WAL record {}: the store refused skier {}'s item of {}",
+                        m.first, m.skier, s.skier_days[0].key
+                    ));
                 }
             }
             h.committed(s, &refusals.skiers[i], refusals.counts[i]);
@@ -249,7 +258,11 @@ impl Flusher {
     }
 
     /// Writes the snapshots; returns what the store refused for good (see the module doc).
-    async fn write(&self, seasons: &[(u32, u16)], snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)]) -> Result<Refusals, TableError> {
+    async fn write(
+        &self,
+        seasons: &[(u32, u16)],
+        snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)],
+    ) -> Result<Refusals, TableError> {
         if !seasons.is_empty() {
             self.tables.put_seasons(seasons).await?;
         }
@@ -273,10 +286,14 @@ impl Flusher {
                 refused(format!("SkierDays {} skier {} ({} ids)", item.key, item.skier, item.ids.len()), &why);
             }
         }
+        #[cfg(feature = "fault-injection")]
         if let Some(n) = self.abort_mid_flush.filter(|_| !days.is_empty()) {
             if self.torn_cycles.fetch_add(1, Ordering::Relaxed) + 1 >= n {
                 self.tables.sync().await?;
-                tracing::error!(skier_days = days.len(), "fault injection: aborting mid-flush; skier-days written, counts and raw rides not");
+                tracing::error!(
+                    skier_days = days.len(),
+                    "fault injection: aborting mid-flush; skier-days written, counts and raw rides not"
+                );
                 std::process::abort();
             }
         }
@@ -300,7 +317,13 @@ impl Flusher {
         }
         let t2 = Instant::now();
         self.tables.sync().await?;
-        tracing::debug!(days = days.len(), aggregates_ms = (t1 - t0).as_millis() as u64, rides_ms = (t2 - t1).as_millis() as u64, sync_ms = t2.elapsed().as_millis() as u64, "flush phases");
+        tracing::debug!(
+            days = days.len(),
+            aggregates_ms = (t1 - t0).as_millis() as u64,
+            rides_ms = (t2 - t1).as_millis() as u64,
+            sync_ms = t2.elapsed().as_millis() as u64,
+            "flush phases"
+        );
         self.stats.lock().stale_skipped += stale as u64;
         Ok(refusals)
     }
@@ -361,7 +384,13 @@ mod tests {
 
     /// The same, with the consumer's bound on unflushed rides.
     fn node_bounded(dir: &std::path::Path, tables: Arc<SledTables>, store: Arc<dyn Tables>, max_unflushed_rides: u64) -> Node {
-        let wal_cfg = WalConfig { dir: dir.join("wal"), durability: Durability::GroupCommit, max_bytes: 1 << 30, min_free_bytes: 0, truncate_corrupt: false };
+        let wal_cfg = WalConfig {
+            dir: dir.join("wal"),
+            durability: Durability::GroupCommit,
+            max_bytes: 1 << 30,
+            min_free_bytes: 0,
+            truncate_corrupt: false,
+        };
         let wal = Arc::new(Wal::open(wal_cfg).unwrap().0);
         let registry = Arc::new(Registry::new(store.clone(), Arc::new(SeasonIndex::new()), 100));
         let seasons = Arc::new(SeasonBook::default());
@@ -445,7 +474,12 @@ mod tests {
             let refuse = |d: &SkierDayItem| d.skier == 13 && self.refuse.load(Ordering::Relaxed);
             let ok: Vec<SkierDayItem> = items.iter().filter(|d| !refuse(d)).cloned().collect();
             let mut r = self.inner.put_skier_days(&ok).await?;
-            r.refused = items.iter().enumerate().filter(|(_, d)| refuse(d)).map(|(i, _)| (i, "Item size has exceeded the maximum allowed size".to_string())).collect();
+            r.refused = items
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| refuse(d))
+                .map(|(i, _)| (i, "Item size has exceeded the maximum allowed size".to_string()))
+                .collect();
             Ok(r)
         }
         async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError> {
@@ -556,7 +590,13 @@ mod tests {
         use crate::domain::MAX_RIDES_PER_SKIER_DAY as MAX;
         let dir = tempfile::tempdir().unwrap();
         let n = node(dir.path());
-        let wal_cfg = WalConfig { dir: dir.path().join("wal2"), durability: Durability::GroupCommit, max_bytes: 1 << 30, min_free_bytes: 0, truncate_corrupt: false };
+        let wal_cfg = WalConfig {
+            dir: dir.path().join("wal2"),
+            durability: Durability::GroupCommit,
+            max_bytes: 1 << 30,
+            min_free_bytes: 0,
+            truncate_corrupt: false,
+        };
         let consumer = Consumer {
             wal: Arc::new(Wal::open(wal_cfg).unwrap().0),
             registry: n.registry.clone(),

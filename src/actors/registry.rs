@@ -152,8 +152,7 @@ impl Registry {
         if days.len() <= self.max_resident {
             return 0;
         }
-        let mut by_age: Vec<(u64, DayKey)> =
-            days.iter().map(|(k, h)| (h.last_touch.load(Ordering::Relaxed), *k)).collect();
+        let mut by_age: Vec<(u64, DayKey)> = days.iter().map(|(k, h)| (h.last_touch.load(Ordering::Relaxed), *k)).collect();
         by_age.sort_unstable();
         let excess = days.len() - self.max_resident;
         let mut dropped = 0;

@@ -165,13 +165,7 @@ mod tests {
         fn round(&mut self) -> bool {
             let mut acted = false;
             for me in self.live.clone() {
-                let p = plan(&BalanceInput {
-                    me: &me,
-                    live: &self.live,
-                    shards: &self.shards,
-                    max_acquire: ACQ,
-                    max_release: REL,
-                });
+                let p = plan(&BalanceInput { me: &me, live: &self.live, shards: &self.shards, max_acquire: ACQ, max_release: REL });
                 assert!(p.release.len() <= REL && p.acquire.len() <= ACQ, "{p:?}");
                 assert!(p.acquire.is_empty() || p.release.is_empty(), "{p:?}");
                 for s in p.release {
@@ -319,7 +313,13 @@ mod tests {
         // 65 shards over 3 nodes: 21..=22 each; 23/21/21 is off by more than one.
         let mut sim = Sim::new(65, 3);
         for (i, s) in sim.shards.iter_mut().enumerate() {
-            let owner = if i < 23 { 0 } else if i < 44 { 1 } else { 2 };
+            let owner = if i < 23 {
+                0
+            } else if i < 44 {
+                1
+            } else {
+                2
+            };
             *s = ShardState::Owned { owner: node(owner), expired: false };
         }
         sim.settle();

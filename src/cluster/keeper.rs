@@ -624,8 +624,7 @@ async fn round(shared: &Shared, state: &mut RoundState, leaving: bool) {
     live_info.sort();
 
     // Reconcile what we hold with what the table says.
-    let held: BTreeMap<ShardId, (u64, bool)> =
-        shared.held.lock().iter().map(|(&s, h)| (s, (h.epoch, h.draining.is_some()))).collect();
+    let held: BTreeMap<ShardId, (u64, bool)> = shared.held.lock().iter().map(|(&s, h)| (s, (h.epoch, h.draining.is_some()))).collect();
     let mut orphans = Vec::new();
     let mut states = Vec::with_capacity(rows.len());
     let mut map = Vec::with_capacity(rows.len());
@@ -691,19 +690,12 @@ async fn round(shared: &Shared, state: &mut RoundState, leaving: bool) {
     if leaving {
         return;
     }
-    let p = plan(&BalanceInput {
-        me,
-        live: &live,
-        shards: &states,
-        max_acquire: cfg.max_acquire,
-        max_release: cfg.max_release,
-    });
+    let p = plan(&BalanceInput { me, live: &live, shards: &states, max_acquire: cfg.max_acquire, max_release: cfg.max_release });
     if !p.is_empty() {
         debug!(node = %me, acquire = ?p.acquire, release = ?p.release, "balancer plan");
     }
     start_handoffs(shared, p.release.iter().copied());
-    let claims: Vec<LeaseRow> =
-        p.acquire.iter().filter(|s| !held.contains_key(s)).map(|&s| rows[s as usize].clone()).collect();
+    let claims: Vec<LeaseRow> = p.acquire.iter().filter(|s| !held.contains_key(s)).map(|&s| rows[s as usize].clone()).collect();
     run_all(shared, claims, |row| claim(shared, row)).await;
 }
 
@@ -762,10 +754,7 @@ async fn claim(shared: &Shared, row: LeaseRow) {
             let takeover = row.owner.is_some();
             {
                 let mut held = shared.held.lock();
-                held.insert(
-                    row.shard,
-                    Held { epoch, deadline: sent + cfg.fence_window(), draining: None, ready: false, releasing: false },
-                );
+                held.insert(row.shard, Held { epoch, deadline: sent + cfg.fence_window(), draining: None, ready: false, releasing: false });
             }
             shared.deadlines.notify_one();
             {
@@ -814,9 +803,7 @@ async fn finish_handoffs(shared: &Shared) {
         held.iter_mut()
             .filter(|(_, h)| {
                 // Nobody listening to the events (no consumer) means nothing to wait for.
-                h.draining.is_some_and(|since| {
-                    h.ready || listeners_gone || now.saturating_duration_since(since) >= cfg.handoff_timeout
-                })
+                h.draining.is_some_and(|since| h.ready || listeners_gone || now.saturating_duration_since(since) >= cfg.handoff_timeout)
             })
             .map(|(&s, h)| {
                 h.releasing = true; // no fence from here on, even if the release fails
@@ -863,12 +850,8 @@ mod tests {
 
     async fn dynamo(prefix: &str) -> DynamoLeases {
         let endpoint = std::env::var("LIFTLOG_TEST_DYNAMODB").unwrap_or_else(|_| panic!("{NEEDS}"));
-        let cfg = DynamoConfig {
-            endpoint: Some(endpoint),
-            table_prefix: prefix.to_string(),
-            max_concurrency: 16,
-            ..DynamoConfig::default()
-        };
+        let cfg =
+            DynamoConfig { endpoint: Some(endpoint), table_prefix: prefix.to_string(), max_concurrency: 16, ..DynamoConfig::default() };
         DynamoLeases::connect(cfg, SHARDS).await.unwrap()
     }
 
@@ -1149,8 +1132,7 @@ mod tests {
             let (released_at, _) = a_log
                 .first(|e| *e == ShardEvent::Released { shard, epoch: before[&shard] })
                 .unwrap_or_else(|| panic!("a released {shard}"));
-            let (releasing_at, _) =
-                a_log.first(|e| *e == ShardEvent::Releasing { shard, epoch: before[&shard] }).unwrap();
+            let (releasing_at, _) = a_log.first(|e| *e == ShardEvent::Releasing { shard, epoch: before[&shard] }).unwrap();
             let (acquired_at, _) = b_log.first(|e| *e == ShardEvent::Acquired { shard, epoch }).unwrap();
             assert!(releasing_at <= released_at && released_at < acquired_at);
         }
@@ -1219,10 +1201,8 @@ mod tests {
         assert_eq!((row.owner.as_deref(), row.epoch), (Some("thief"), epoch));
         let as_a = NodeInfo { id: "a".into(), endpoint: "http://elsewhere".into() };
         let orphan_epoch = store.claim(&row, &as_a).await.unwrap().unwrap();
-        wait_until("a reclaims 0 past the orphan", Duration::from_secs(10), || {
-            a.fence(0).is_some_and(|f| f.epoch == orphan_epoch + 1)
-        })
-        .await;
+        wait_until("a reclaims 0 past the orphan", Duration::from_secs(10), || a.fence(0).is_some_and(|f| f.epoch == orphan_epoch + 1))
+            .await;
         assert!(a.stats().orphans_released >= 1);
         a.stop().await;
     }

@@ -28,8 +28,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, SdkError};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue, ScalarAttributeType,
-    TableStatus,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, ReturnValue, ScalarAttributeType, TableStatus,
 };
 use aws_sdk_dynamodb::Client;
 use tracing::{debug, info};
@@ -237,13 +236,7 @@ impl DynamoLeases {
         let started = std::time::Instant::now();
         let mut delay = Duration::from_millis(100);
         loop {
-            let out = self
-                .client
-                .describe_table()
-                .table_name(&self.table)
-                .send()
-                .await
-                .map_err(|e| unavailable("DescribeTable", e))?;
+            let out = self.client.describe_table().table_name(&self.table).send().await.map_err(|e| unavailable("DescribeTable", e))?;
             let status = out.table.and_then(|t| t.table_status);
             if status == Some(TableStatus::Active) {
                 return Ok(());

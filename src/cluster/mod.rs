@@ -30,9 +30,7 @@ pub mod lease;
 pub use balance::{plan, BalanceInput, Plan, ShardState};
 pub use expiry::ExpiryObserver;
 pub use fence::Fence;
-pub use keeper::{
-    HeldShard, KeeperConfig, KeeperHandle, KeeperStats, LeaseKeeper, LostReason, ShardEvent, ShardMap, ShardOwner,
-};
+pub use keeper::{HeldShard, KeeperConfig, KeeperHandle, KeeperStats, LeaseKeeper, LostReason, ShardEvent, ShardMap, ShardOwner};
 pub use lease::{DynamoLeases, LeaseError, LeaseRow, LeaseStore, NodeRow, TableSnapshot};
 
 /// A shard: the number of a partition queue, `0..shards`.

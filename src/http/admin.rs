@@ -42,12 +42,8 @@ pub async fn require_token<B: actix_web::body::MessageBody + 'static>(
 /// Constant-time check of `Authorization: Bearer <token>` when a token is configured.
 fn authorize(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let Some(token) = &state.admin_token else { return Ok(()) };
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let given =
+        req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
     let (a, b) = (given.as_bytes(), token.as_bytes());
     // Length is not secret; the bytes are compared without an early exit.
     let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
@@ -154,11 +150,17 @@ pub async fn metrics(state: State) -> Reply {
         node_metrics(node, &mut metric);
     }
     metric("uptime_seconds", "gauge", "Seconds since start.", state.started.elapsed().as_secs_f64());
-    let _ = writeln!(out, "# HELP liftlog_endpoint_requests_total Requests per public endpoint.\n# TYPE liftlog_endpoint_requests_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP liftlog_endpoint_requests_total Requests per public endpoint.\n# TYPE liftlog_endpoint_requests_total counter"
+    );
     for (m, p, count, _) in r.per_endpoint() {
         let _ = writeln!(out, "liftlog_endpoint_requests_total{{method=\"{m}\",path=\"{p}\"}} {count}");
     }
-    let _ = writeln!(out, "# HELP liftlog_endpoint_seconds_total Time spent per public endpoint.\n# TYPE liftlog_endpoint_seconds_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP liftlog_endpoint_seconds_total Time spent per public endpoint.\n# TYPE liftlog_endpoint_seconds_total counter"
+    );
     for (m, p, _, secs) in r.per_endpoint() {
         let _ = writeln!(out, "liftlog_endpoint_seconds_total{{method=\"{m}\",path=\"{p}\"}} {secs}");
     }

@@ -129,12 +129,7 @@ pub async fn resort_day_skiers(req: HttpRequest, state: State, path: web::Path<(
     cached_json(&req, &DaySkiers { time: name, num_skiers })
 }
 
-pub async fn post_ride(
-    req: HttpRequest,
-    state: State,
-    path: web::Path<(String, String, String, String)>,
-    body: web::Payload,
-) -> Reply {
+pub async fn post_ride(req: HttpRequest, state: State, path: web::Path<(String, String, String, String)>, body: web::Payload) -> Reply {
     let (resort, season, day, skier) = path.into_inner();
     let ride: RideBody = read_json(&req, body, state.max_body_bytes).await?;
     let key = match req.headers().get("idempotency-key") {
@@ -299,11 +294,7 @@ pub async fn read_json<T: DeserializeOwned>(req: &HttpRequest, mut payload: web:
             return Err(ApiError::UnsupportedMediaType);
         }
     }
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
@@ -320,9 +311,9 @@ pub async fn read_json<T: DeserializeOwned>(req: &HttpRequest, mut payload: web:
     };
     // On timeout the handler answers while the body is unread, so actix closes the
     // connection after the response: the stalled client frees its slot.
-    let body = actix_rt::time::timeout(BODY_READ_TIMEOUT, read).await.map_err(|_| {
-        ApiError::BadRequest(format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs()))
-    })??;
+    let body = actix_rt::time::timeout(BODY_READ_TIMEOUT, read)
+        .await
+        .map_err(|_| ApiError::BadRequest(format!("the request body did not arrive within {} s", BODY_READ_TIMEOUT.as_secs())))??;
     let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Err(ApiError::BadRequest("the request body is empty; a JSON object is expected".into()));
     };
@@ -438,7 +429,8 @@ mod tests {
     async fn creating_an_existing_season_again_writes_and_fsyncs_nothing() {
         use actix_web::{test, web, App};
         let dir = tempfile::tempdir().unwrap();
-        let tables = Arc::new(Counting { inner: SledTables::open(&dir.path().join("t")).unwrap(), syncs: 0.into(), season_writes: 0.into() });
+        let tables =
+            Arc::new(Counting { inner: SledTables::open(&dir.path().join("t")).unwrap(), syncs: 0.into(), season_writes: 0.into() });
         let state = web::Data::new(super::AppState {
             catalog: Arc::new(crate::catalog::Catalog::default()),
             limits: crate::domain::Limits::default(),

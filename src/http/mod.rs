@@ -97,10 +97,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str, with_admin: bool
                 .route(web::get().to(api::list_seasons))
                 .route(web::post().to(api::create_season)),
         )
-        .service(
-            resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/skiers", "GET")
-                .route(web::get().to(api::resort_day_skiers)),
-        )
+        .service(resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/skiers", "GET").route(web::get().to(api::resort_day_skiers)))
         .service(
             resource("/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", "GET, POST")
                 .route(web::post().to(api::post_ride))

@@ -113,9 +113,10 @@ impl RequestStats {
 
     /// `(method, template, count, total seconds)` per endpoint, for Prometheus.
     pub fn per_endpoint(&self) -> impl Iterator<Item = (&'static str, &'static str, u64, f64)> + '_ {
-        PUBLIC_ENDPOINTS.iter().zip(&self.slots).map(|((m, p), s)| {
-            (*m, *p, s.count.load(Ordering::Relaxed), s.total_micros.load(Ordering::Relaxed) as f64 / 1e6)
-        })
+        PUBLIC_ENDPOINTS
+            .iter()
+            .zip(&self.slots)
+            .map(|((m, p), s)| (*m, *p, s.count.load(Ordering::Relaxed), s.total_micros.load(Ordering::Relaxed) as f64 / 1e6))
     }
 }
 

@@ -66,8 +66,8 @@ use aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder;
 use aws_sdk_dynamodb::operation::scan::builders::ScanFluentBuilder;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement, KeyType,
-    Projection, ProjectionType, PutRequest, ScalarAttributeType, TableStatus, WriteRequest,
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, IndexStatus, KeySchemaElement, KeyType, Projection,
+    ProjectionType, PutRequest, ScalarAttributeType, TableStatus, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -188,11 +188,7 @@ fn s(v: impl Into<String>) -> AttributeValue {
 /// [`DayKey`]'s `Display` writes.
 pub fn parse_day_key(text: &str) -> Option<DayKey> {
     let mut parts = text.split('#');
-    let key = DayKey {
-        resort: parts.next()?.parse().ok()?,
-        season: parts.next()?.parse().ok()?,
-        day: parts.next()?.parse().ok()?,
-    };
+    let key = DayKey { resort: parts.next()?.parse().ok()?, season: parts.next()?.parse().ok()?, day: parts.next()?.parse().ok()? };
     (parts.next().is_none() && key.to_string() == text).then_some(key)
 }
 
@@ -229,10 +225,7 @@ fn unpack_ids(table: &'static str, item: &Item) -> Result<Vec<u64>, TableError> 
             if bytes.len() % 8 != 0 {
                 return Err(corrupt(table, format!("{A_IDS} has {} bytes, not a multiple of 8", bytes.len())));
             }
-            Ok(bytes
-                .chunks_exact(8)
-                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-                .collect())
+            Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
         }
         Some(other) => Err(corrupt(table, format!("{A_IDS} is not binary: {other:?}"))),
     }
@@ -334,16 +327,13 @@ enum Put {
 /// is larger than 400 KB, or an attribute is malformed) or an item collection past its
 /// limit. Unlike a missing table or bad credentials, which fail every item alike.
 fn refused_item<E: ProvideErrorMetadata>(e: &SdkError<E>) -> bool {
-    matches!(e, SdkError::ServiceError(_))
-        && matches!(e.code(), Some("ValidationException" | "ItemCollectionSizeLimitExceededException"))
+    matches!(e, SdkError::ServiceError(_)) && matches!(e.code(), Some("ValidationException" | "ItemCollectionSizeLimitExceededException"))
 }
 
 /// Runs the futures concurrently and returns their outputs (in completion order), or the
 /// first error as soon as it happens, dropping the rest. (`try_join_all` would hold an
 /// error back until every earlier future finished.)
-async fn all_ok<T, F: Future<Output = Result<T, TableError>>>(
-    futures: impl IntoIterator<Item = F>,
-) -> Result<Vec<T>, TableError> {
+async fn all_ok<T, F: Future<Output = Result<T, TableError>>>(futures: impl IntoIterator<Item = F>) -> Result<Vec<T>, TableError> {
     let mut pending: FuturesUnordered<F> = futures.into_iter().collect();
     let mut out = Vec::with_capacity(pending.len());
     while let Some(result) = pending.next().await {
@@ -388,9 +378,7 @@ impl DynamoTables {
             return Err(config_error("region must not be empty"));
         }
         let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-                aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-            ))
+            .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring))
             .build_https();
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
             .connect_timeout(CONNECT_TIMEOUT)
@@ -406,9 +394,8 @@ impl DynamoTables {
             loader = loader.endpoint_url(endpoint.clone());
             if std::env::var_os("AWS_ACCESS_KEY_ID").is_none() {
                 // DynamoDB Local accepts any key made of letters and digits.
-                loader = loader.credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
-                    "liftlog", "liftlog", None, None, "static",
-                ));
+                loader =
+                    loader.credentials_provider(aws_sdk_dynamodb::config::Credentials::new("liftlog", "liftlog", None, None, "static"));
             }
         }
         let sdk = loader.load().await;
@@ -474,12 +461,7 @@ impl DynamoTables {
     /// instead of queueing behind every other item of a large write, so a dead endpoint
     /// fails the first items within [`RETRY_BUDGET`] (plus one attempt) and with them the
     /// whole call; under throttling it also lowers the request rate, as it should.
-    async fn retrying<T, E, F, Fut>(
-        &self,
-        table: &'static str,
-        op: &'static str,
-        mut attempt: F,
-    ) -> Result<T, TableError>
+    async fn retrying<T, E, F, Fut>(&self, table: &'static str, op: &'static str, mut attempt: F) -> Result<T, TableError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, SdkError<E>>>,
@@ -502,21 +484,12 @@ impl DynamoTables {
             }
             let gave_up = if retryable(&e) { format!(" (gave up after {n} attempts)") } else { String::new() };
             warn!(table, op, attempts = n, cause = %DisplayErrorContext(&e), "dynamodb request failed");
-            return Err(TableError::Unavailable(format!(
-                "dynamodb {op} on {table}: {}{gave_up}",
-                DisplayErrorContext(&e)
-            )));
+            return Err(TableError::Unavailable(format!("dynamodb {op} on {table}: {}{gave_up}", DisplayErrorContext(&e))));
         }
     }
 
     /// Conditional put: written, stale (the stored version is as new), or refused for good.
-    async fn put_versioned(
-        &self,
-        table: &'static str,
-        name: &str,
-        item: Item,
-        version: u64,
-    ) -> Result<Put, TableError> {
+    async fn put_versioned(&self, table: &'static str, name: &str, item: Item, version: u64) -> Result<Put, TableError> {
         self.call(table, "PutItem", || {
             let request = self
                 .inner
@@ -530,9 +503,7 @@ impl DynamoTables {
             async move {
                 match request.send().await {
                     Ok(_) => Ok(Put::Written),
-                    Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => {
-                        Ok(Put::Stale)
-                    }
+                    Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(Put::Stale),
                     Err(e) if refused_item(&e) => {
                         warn!(table, cause = %DisplayErrorContext(&e), "dynamodb refused an item for good");
                         Ok(Put::Refused(format!("dynamodb PutItem on {table}: {}", e.meta().message().unwrap_or("ValidationException"))))
@@ -550,7 +521,8 @@ impl DynamoTables {
         name: &str,
         items: impl Iterator<Item = (Item, u64)>,
     ) -> Result<WriteReport, TableError> {
-        let puts = items.enumerate().map(|(i, (item, version))| async move { Ok((i, self.put_versioned(table, name, item, version).await?)) });
+        let puts =
+            items.enumerate().map(|(i, (item, version))| async move { Ok((i, self.put_versioned(table, name, item, version).await?)) });
         let mut report = WriteReport::default();
         for (i, put) in all_ok(puts).await? {
             match put {
@@ -565,19 +537,12 @@ impl DynamoTables {
     }
 
     /// One BatchWriteItem of at most 25 puts, re-sending unprocessed items with backoff.
-    async fn write_batch(
-        &self,
-        table: &'static str,
-        name: &str,
-        mut requests: Vec<WriteRequest>,
-    ) -> Result<(), TableError> {
+    async fn write_batch(&self, table: &'static str, name: &str, mut requests: Vec<WriteRequest>) -> Result<(), TableError> {
         let _permit = self.permit().await?;
         let mut round = 1;
         loop {
             let out = self
-                .retrying(table, "BatchWriteItem", || {
-                    self.inner.client.batch_write_item().request_items(name, requests.clone()).send()
-                })
+                .retrying(table, "BatchWriteItem", || self.inner.client.batch_write_item().request_items(name, requests.clone()).send())
                 .await?;
             let left = out.unprocessed_items.and_then(|mut m| m.remove(name)).unwrap_or_default();
             if left.is_empty() {
@@ -591,13 +556,7 @@ impl DynamoTables {
                 )));
             }
             let delay = backoff(round);
-            warn!(
-                table,
-                attempt = round,
-                unprocessed = left.len(),
-                delay_ms = delay.as_millis() as u64,
-                "dynamodb batch write retry"
-            );
+            warn!(table, attempt = round, unprocessed = left.len(), delay_ms = delay.as_millis() as u64, "dynamodb batch write retry");
             tokio::time::sleep(delay).await;
             requests = left;
             round += 1;
@@ -610,8 +569,7 @@ impl DynamoTables {
         let mut start: Option<Item> = None;
         let mut pages = 0u32;
         loop {
-            let page =
-                self.read(table, "Query", || query.clone().set_exclusive_start_key(start.clone()).send()).await?;
+            let page = self.read(table, "Query", || query.clone().set_exclusive_start_key(start.clone()).send()).await?;
             pages += 1;
             out.extend(page.items.unwrap_or_default());
             match page.last_evaluated_key {
@@ -756,14 +714,11 @@ impl DynamoTables {
         let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         loop {
-            let out = self
-                .call(spec.label, "DescribeTable", || self.inner.client.describe_table().table_name(&spec.name).send())
-                .await?;
+            let out = self.call(spec.label, "DescribeTable", || self.inner.client.describe_table().table_name(&spec.name).send()).await?;
             let table = out.table.as_ref();
             let status = table.and_then(|t| t.table_status().cloned());
-            let indexes_active = table.is_some_and(|t| {
-                t.global_secondary_indexes().iter().all(|i| i.index_status() == Some(&IndexStatus::Active))
-            });
+            let indexes_active =
+                table.is_some_and(|t| t.global_secondary_indexes().iter().all(|i| i.index_status() == Some(&IndexStatus::Active)));
             if status == Some(TableStatus::Active) && indexes_active {
                 return Ok(());
             }
@@ -840,13 +795,7 @@ impl Tables for DynamoTables {
     async fn get_day_count(&self, key: DayKey) -> Result<Option<DayCountItem>, TableError> {
         let out = self
             .read(COUNTS, "GetItem", || {
-                self.inner
-                    .client
-                    .get_item()
-                    .table_name(&self.inner.counts)
-                    .key(A_RSD, s(key.to_string()))
-                    .consistent_read(true)
-                    .send()
+                self.inner.client.get_item().table_name(&self.inner.counts).key(A_RSD, s(key.to_string())).consistent_read(true).send()
             })
             .await?;
         out.item.as_ref().map(day_count_from_item).transpose()
@@ -958,8 +907,7 @@ mod tests {
     #[test]
     fn ids_round_trip_and_bad_lengths_are_corrupt() {
         let ids = vec![0, 1, u64::MAX, 1 << 63, 0x0123_4567_89ab_cdef];
-        let d =
-            SkierDayItem { skier: 7, key: DayKey { resort: 1, season: 2025, day: 1 }, vertical: 9, ids, version: 3 };
+        let d = SkierDayItem { skier: 7, key: DayKey { resort: 1, season: 2025, day: 1 }, vertical: 9, ids, version: 3 };
         assert_eq!(skier_day_from_item(&skier_day_to_item(&d)).unwrap(), d);
         let empty = SkierDayItem { ids: vec![], ..d.clone() };
         let item = skier_day_to_item(&empty);
@@ -990,7 +938,20 @@ mod tests {
     /// reach close to each ceiling and spread below it.
     #[test]
     fn backoff_doubles_from_20_ms_to_the_2_s_cap_with_full_jitter() {
-        let ceilings_ms = [(0, 20), (1, 20), (2, 40), (3, 80), (4, 160), (5, 320), (6, 640), (7, 1280), (8, 2000), (9, 2000), (40, 2000), (u32::MAX, 2000)];
+        let ceilings_ms = [
+            (0, 20),
+            (1, 20),
+            (2, 40),
+            (3, 80),
+            (4, 160),
+            (5, 320),
+            (6, 640),
+            (7, 1280),
+            (8, 2000),
+            (9, 2000),
+            (40, 2000),
+            (u32::MAX, 2000),
+        ];
         for (attempt, ceiling_ms) in ceilings_ms {
             let draws: Vec<u64> = (0..400).map(|_| backoff(attempt).as_millis() as u64).collect();
             let (max, min) = (*draws.iter().max().unwrap(), *draws.iter().min().unwrap());

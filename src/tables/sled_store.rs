@@ -291,10 +291,7 @@ impl Tables for SledTables {
     async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError> {
         let me = self.clone();
         blocking(move || {
-            me.days
-                .scan_prefix(day_key_bytes(&key))
-                .map(|kv| kv.map_err(unavailable).and_then(|(_, v)| decode("SkierDays", &v)))
-                .collect()
+            me.days.scan_prefix(day_key_bytes(&key)).map(|kv| kv.map_err(unavailable).and_then(|(_, v)| decode("SkierDays", &v))).collect()
         })
         .await
     }
@@ -316,8 +313,7 @@ impl Tables for SledTables {
             me.seasons
                 .iter()
                 .map(|kv| {
-                    kv.map_err(unavailable)
-                        .map(|(k, _)| (u32::from_be_bytes([k[0], k[1], k[2], k[3]]), u16::from_be_bytes([k[4], k[5]])))
+                    kv.map_err(unavailable).map(|(k, _)| (u32::from_be_bytes([k[0], k[1], k[2], k[3]]), u16::from_be_bytes([k[4], k[5]])))
                 })
                 .collect()
         })

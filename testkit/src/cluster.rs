@@ -163,9 +163,7 @@ impl Settings {
     /// from the environment; `CLUSTER_TIMEOUT` always from the environment.
     pub fn from_env() -> Result<Settings> {
         let env = |name: &str| std::env::var(name).ok();
-        let dir = env("LIFTLOG_CLUSTER_DIR")
-            .filter(|d| !d.is_empty())
-            .unwrap_or_else(|| "/tmp/liftlog-cluster".into());
+        let dir = env("LIFTLOG_CLUSTER_DIR").filter(|d| !d.is_empty()).unwrap_or_else(|| "/tmp/liftlog-cluster".into());
         let timeout = env("CLUSTER_TIMEOUT").filter(|t| !t.is_empty());
         if let Some(saved) = Settings::saved(Path::new(&dir), timeout.as_deref())? {
             return Ok(saved);
@@ -187,37 +185,21 @@ impl Settings {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(format!("read {}", path.display()))(e)),
         };
-        let values: HashMap<&str, &str> = text
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.split_once('='))
-            .collect();
+        let values: HashMap<&str, &str> = text.lines().filter(|l| !l.starts_with('#')).filter_map(|l| l.split_once('=')).collect();
         let lookup = |key: &str| values.get(key).map(|v| v.to_string());
         Settings::parse(dir.to_path_buf(), &lookup, timeout).map(Some)
     }
 
-    fn parse(
-        dir: PathBuf,
-        get: &dyn Fn(&str) -> Option<String>,
-        timeout: Option<&str>,
-    ) -> Result<Settings> {
+    fn parse(dir: PathBuf, get: &dyn Fn(&str) -> Option<String>, timeout: Option<&str>) -> Result<Settings> {
         fn number<T: std::str::FromStr>(key: &str, value: Option<String>, default: T) -> Result<T> {
-            let name = KEYS
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map_or(key, |(_, var)| *var);
+            let name = KEYS.iter().find(|(k, _)| *k == key).map_or(key, |(_, var)| *var);
             match value {
                 None => Ok(default),
-                Some(v) => v
-                    .parse()
-                    .map_err(|_| Error::Setting(format!("{name} must be a number, got '{v}'"))),
+                Some(v) => v.parse().map_err(|_| Error::Setting(format!("{name} must be a number, got '{v}'"))),
             }
         }
         let port: u16 = number("PORT", get("PORT"), 9080)?;
-        let ddb_port = std::env::var("DYNAMODB_PORT")
-            .ok()
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| "8000".into());
+        let ddb_port = std::env::var("DYNAMODB_PORT").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| "8000".into());
         let s = Settings {
             prefix: get("PREFIX").unwrap_or_else(|| "cluster".into()),
             port,
@@ -233,9 +215,7 @@ impl Settings {
                 Some(a) => Some(a),
             },
             prefetch: number("PREFETCH", get("PREFETCH"), 20_000)?,
-            node_args: get("NODE_ARGS")
-                .map(|a| a.split_whitespace().map(String::from).collect())
-                .unwrap_or_default(),
+            node_args: get("NODE_ARGS").map(|a| a.split_whitespace().map(String::from).collect()).unwrap_or_default(),
             broker: get("BROKER").unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
             dynamodb: get("DYNAMODB").unwrap_or_else(|| format!("http://127.0.0.1:{ddb_port}")),
             services: get("SERVICES").is_none_or(|s| s == "1"),
@@ -251,40 +231,22 @@ impl Settings {
     /// Refuses what the cluster cannot be made of: a prefix that is not a queue and table
     /// name part, an unknown ack policy, node counts outside 1..=9, ports beyond 65535.
     pub fn validate(&self) -> Result<()> {
-        let prefix_ok = !self.prefix.is_empty()
-            && self
-                .prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        let prefix_ok = !self.prefix.is_empty() && self.prefix.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
         if !prefix_ok {
-            return Err(Error::Setting(format!(
-                "LIFTLOG_CLUSTER_PREFIX must be letters, digits, '_', '.', '-': got '{}'",
-                self.prefix
-            )));
+            return Err(Error::Setting(format!("LIFTLOG_CLUSTER_PREFIX must be letters, digits, '_', '.', '-': got '{}'", self.prefix)));
         }
         if let Some(a) = &self.ack_after {
             if a != "table" && a != "wal" {
-                return Err(Error::Setting(format!(
-                    "CLUSTER_ACK_AFTER must be table, wal or empty: got '{a}'"
-                )));
+                return Err(Error::Setting(format!("CLUSTER_ACK_AFTER must be table, wal or empty: got '{a}'")));
             }
         }
-        if ![self.writers, self.consumers, self.readers]
-            .iter()
-            .all(|n| (1..=9).contains(n))
-        {
+        if ![self.writers, self.consumers, self.readers].iter().all(|n| (1..=9).contains(n)) {
             return Err(Error::Setting("node counts must be 1..9 per role".into()));
         }
         if u32::from(self.node_port) + 20 + 8 + 50 > u32::from(u16::MAX) {
-            return Err(Error::Setting(format!(
-                "CLUSTER_NODE_PORT {} leaves no room for the node and admin ports",
-                self.node_port
-            )));
+            return Err(Error::Setting(format!("CLUSTER_NODE_PORT {} leaves no room for the node and admin ports", self.node_port)));
         }
-        if [&self.prefix, &self.broker, &self.dynamodb, &self.node_log]
-            .iter()
-            .any(|v| v.contains('\n'))
-        {
+        if [&self.prefix, &self.broker, &self.dynamodb, &self.node_log].iter().any(|v| v.contains('\n')) {
             return Err(Error::Setting("settings cannot contain a newline".into()));
         }
         Ok(())
@@ -300,11 +262,7 @@ impl Settings {
 
     /// The text of `cluster.env`.
     fn to_saved(&self) -> String {
-        let bin = self
-            .bin
-            .as_ref()
-            .map(|b| b.display().to_string())
-            .unwrap_or_default();
+        let bin = self.bin.as_ref().map(|b| b.display().to_string()).unwrap_or_default();
         let values = [
             self.prefix.clone(),
             self.port.to_string(),
@@ -323,8 +281,7 @@ impl Settings {
             bin,
             self.node_log.clone(),
         ];
-        let mut text =
-            String::from("# written by `cluster up`; read by the other cluster commands\n");
+        let mut text = String::from("# written by `cluster up`; read by the other cluster commands\n");
         for ((key, _), value) in KEYS.iter().zip(values) {
             text.push_str(&format!("{key}={value}\n"));
         }
@@ -373,19 +330,11 @@ impl Status {
 
 impl fmt::Display for Status {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "{:<10} {:<8} {:<6} {:<8} READY",
-            "NODE", "ROLE", "PORT", "PID"
-        )?;
+        writeln!(f, "{:<10} {:<8} {:<6} {:<8} READY", "NODE", "ROLE", "PORT", "PID")?;
         for r in &self.rows {
             let pid = r.pid.map_or_else(|| "-".into(), |p| p.to_string());
             let ready = r.ready.map_or_else(|| "down".into(), |c| format!("{c:03}"));
-            writeln!(
-                f,
-                "{:<10} {:<8} {:<6} {:<8} {ready}",
-                r.name, r.role, r.port, pid
-            )?;
+            writeln!(f, "{:<10} {:<8} {:<6} {:<8} {ready}", r.name, r.role, r.port, pid)?;
         }
         if let Some(s) = &self.services {
             writeln!(f, "{s}")?;
@@ -407,11 +356,7 @@ impl Cluster {
     /// A cluster with these settings (nothing is started yet).
     pub fn new(settings: Settings) -> Result<Cluster> {
         settings.validate()?;
-        Ok(Cluster {
-            settings,
-            children: HashMap::new(),
-            admin_listener: OnceLock::new(),
-        })
+        Ok(Cluster { settings, children: HashMap::new(), admin_listener: OnceLock::new() })
     }
 
     /// The cluster [`Settings::from_env`] describes.
@@ -436,10 +381,7 @@ impl Cluster {
     /// The nodes in start order: consumers first (the first one to attach is the active
     /// consumer of every partition), then writers, then readers.
     pub fn nodes(&self) -> Vec<Node> {
-        [Role::Consume, Role::Write, Role::Read]
-            .into_iter()
-            .flat_map(|role| self.nodes_of(role))
-            .collect()
+        [Role::Consume, Role::Write, Role::Read].into_iter().flat_map(|role| self.nodes_of(role)).collect()
     }
 
     /// The nodes of one role, in order.
@@ -447,12 +389,7 @@ impl Cluster {
         (1..=self.settings.count(role))
             .map(|i| {
                 let port = self.settings.node_port + role.offset() + i - 1;
-                Node {
-                    name: format!("{}-{i}", role.name()),
-                    role,
-                    port,
-                    admin_port: port + 50,
-                }
+                Node { name: format!("{}-{i}", role.name()), role, port, admin_port: port + 50 }
             })
             .collect()
     }
@@ -460,17 +397,10 @@ impl Cluster {
     /// The node called `name`.
     pub fn node(&self, name: &str) -> Result<Node> {
         let all = self.nodes();
-        all.iter()
-            .find(|n| n.name == name)
-            .cloned()
-            .ok_or_else(|| Error::NoSuchNode {
-                name: name.to_string(),
-                known: all
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-            })
+        all.iter().find(|n| n.name == name).cloned().ok_or_else(|| Error::NoSuchNode {
+            name: name.to_string(),
+            known: all.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(" "),
+        })
     }
 
     /// The base URL of a node's public listener.
@@ -482,21 +412,14 @@ impl Cluster {
     /// the binary has `--admin-listen`, its public one otherwise.
     pub fn admin_url(&self, name: &str) -> Result<String> {
         let node = self.node(name)?;
-        let port = if self.has_admin_listener()? {
-            node.admin_port
-        } else {
-            node.port
-        };
+        let port = if self.has_admin_listener()? { node.admin_port } else { node.port };
         Ok(format!("http://127.0.0.1:{port}"))
     }
 
     /// The last `lines` lines of a node's log, or nginx's error log for `nginx`.
     pub fn logs(&self, name: &str, lines: usize) -> Result<String> {
-        let path = if name == "nginx" {
-            self.nginx().dir.join("error.log")
-        } else {
-            self.node_dir(&self.node(name)?.name).join("node.log")
-        };
+        let path =
+            if name == "nginx" { self.nginx().dir.join("error.log") } else { self.node_dir(&self.node(name)?.name).join("node.log") };
         if !path.is_file() {
             return Err(Error::Failed(format!("no log at {}", path.display())));
         }
@@ -515,15 +438,7 @@ impl Cluster {
             self.start_node(&node)?;
         }
         self.start_nginx()?;
-        log(
-            TAG,
-            format!(
-                "up: {} (state: {}, prefix: {})",
-                self.url(),
-                self.settings.dir.display(),
-                self.settings.prefix
-            ),
-        );
+        log(TAG, format!("up: {} (state: {}, prefix: {})", self.url(), self.settings.dir.display(), self.settings.prefix));
         Ok(())
     }
 
@@ -544,10 +459,7 @@ impl Cluster {
         self.nginx().stop();
         let nodes = self.nodes();
         let mut result = Ok(());
-        let order = nodes
-            .iter()
-            .filter(|n| n.role != Role::Consume)
-            .chain(nodes.iter().rev().filter(|n| n.role == Role::Consume));
+        let order = nodes.iter().filter(|n| n.role != Role::Consume).chain(nodes.iter().rev().filter(|n| n.role == Role::Consume));
         for node in order {
             // One node that does not die must not leave the others running.
             if let Err(e) = self.stop_node(node, Stop::Term) {
@@ -564,13 +476,7 @@ impl Cluster {
             let _ = std::fs::remove_dir_all(&dir);
             log(TAG, format!("down: stopped and purged {}", dir.display()));
         } else {
-            log(
-                TAG,
-                format!(
-                    "down: stopped (data dirs and logs kept in {})",
-                    dir.display()
-                ),
-            );
+            log(TAG, format!("down: stopped (data dirs and logs kept in {})", dir.display()));
         }
         result
     }
@@ -585,37 +491,15 @@ impl Cluster {
             .into_iter()
             .map(|n| {
                 let pid = self.node_pid(&n);
-                let ready = pid.map(|_| {
-                    http_status(
-                        &format!("http://127.0.0.1:{}/ready", n.port),
-                        Duration::from_secs(2),
-                    )
-                });
-                Row {
-                    name: n.name,
-                    role: n.role.name(),
-                    port: n.port,
-                    pid,
-                    ready,
-                }
+                let ready = pid.map(|_| http_status(&format!("http://127.0.0.1:{}/ready", n.port), Duration::from_secs(2)));
+                Row { name: n.name, role: n.role.name(), port: n.port, pid, ready }
             })
             .collect();
         let pid = self.nginx().pid();
         // /ready through nginx reaches a read node: the whole GET path answers.
-        let ready =
-            pid.map(|_| http_status(&format!("{}/ready", self.url()), Duration::from_secs(2)));
-        rows.push(Row {
-            name: "nginx".into(),
-            role: "lb",
-            port: self.settings.port,
-            pid,
-            ready,
-        });
-        let services = if self.settings.services {
-            Some(Services::from_env()?.status()?)
-        } else {
-            None
-        };
+        let ready = pid.map(|_| http_status(&format!("{}/ready", self.url()), Duration::from_secs(2)));
+        rows.push(Row { name: "nginx".into(), role: "lb", port: self.settings.port, pid, ready });
+        let services = if self.settings.services { Some(Services::from_env()?.status()?) } else { None };
         Ok(Status { rows, services })
     }
 
@@ -667,26 +551,18 @@ impl Cluster {
     fn save(&self) -> Result<()> {
         let path = self.settings.dir.join(SAVED);
         let tmp = path.with_extension("env.tmp");
-        std::fs::write(&tmp, self.settings.to_saved())
-            .map_err(Error::io(format!("write {}", tmp.display())))?;
+        std::fs::write(&tmp, self.settings.to_saved()).map_err(Error::io(format!("write {}", tmp.display())))?;
         std::fs::rename(&tmp, &path).map_err(Error::io(format!("rename {}", tmp.display())))
     }
 
     fn bin(&self) -> Result<&Path> {
-        self.settings
-            .bin
-            .as_deref()
-            .ok_or_else(|| Error::NotUp(self.settings.dir.clone()))
+        self.settings.bin.as_deref().ok_or_else(|| Error::NotUp(self.settings.dir.clone()))
     }
 
     fn has_admin_listener(&self) -> Result<bool> {
         let bin = self.bin()?;
         Ok(*self.admin_listener.get_or_init(|| {
-            let help = Command::new(bin)
-                .args(["serve", "--help"])
-                .stdin(Stdio::null())
-                .stderr(Stdio::null())
-                .output();
+            let help = Command::new(bin).args(["serve", "--help"]).stdin(Stdio::null()).stderr(Stdio::null()).output();
             help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--admin-listen"))
         }))
     }
@@ -696,41 +572,19 @@ impl Cluster {
     fn resolve_binary(&mut self) -> Result<()> {
         if let Some(bin) = &self.settings.bin {
             use std::os::unix::fs::PermissionsExt as _;
-            let executable = bin
-                .metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-            return if executable {
-                Ok(())
-            } else {
-                Err(Error::Setting(format!(
-                    "LIFTLOG_BIN={} is not an executable",
-                    bin.display()
-                )))
-            };
+            let executable = bin.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+            return if executable { Ok(()) } else { Err(Error::Setting(format!("LIFTLOG_BIN={} is not an executable", bin.display()))) };
         }
         let root = repo_root();
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .ok()
-            .filter(|t| !t.is_empty())
-            .map_or_else(|| root.join("target"), |t| root.join(t));
+        let target = std::env::var("CARGO_TARGET_DIR").ok().filter(|t| !t.is_empty()).map_or_else(|| root.join("target"), |t| root.join(t));
         let bin = target.join("release/liftlog");
-        let sources = [
-            "src",
-            "wal/src",
-            "Cargo.toml",
-            "Cargo.lock",
-            "wal/Cargo.toml",
-        ]
-        .map(|p| root.join(p));
+        let sources = ["src", "wal/src", "Cargo.toml", "Cargo.lock", "wal/Cargo.toml"].map(|p| root.join(p));
         let built = bin.metadata().and_then(|m| m.modified()).ok();
         if built.is_some_and(|t| !sources.iter().any(|s| newer_than(s, t))) {
             log(TAG, format!("binary: {} (up to date)", bin.display()));
         } else {
             log(TAG, "binary: cargo build --release -p liftlog");
-            let ok = process::command("cargo")
-                .args(["build", "--release", "-p", "liftlog", "--locked"])
-                .current_dir(&root)
-                .status();
+            let ok = process::command("cargo").args(["build", "--release", "-p", "liftlog", "--locked"]).current_dir(&root).status();
             if !ok.is_ok_and(|s| s.success()) {
                 return Err(Error::Failed("cargo build failed".into()));
             }
@@ -742,28 +596,13 @@ impl Cluster {
     fn create_tables(&self) -> Result<()> {
         let s = &self.settings;
         let bin = self.bin()?;
-        log(
-            TAG,
-            format!(
-                "tables: {} tables create (prefix {}_)",
-                bin.display(),
-                s.prefix
-            ),
-        );
+        log(TAG, format!("tables: {} tables create (prefix {}_)", bin.display(), s.prefix));
         let log_path = s.dir.join("tables-create.log");
         let mut cmd = Command::new(bin);
-        cmd.args([
-            "tables",
-            "create",
-            "--dynamodb-endpoint",
-            &s.dynamodb,
-            "--set",
-            &format!("tables.prefix={}_", s.prefix),
-            "--data-dir",
-        ])
-        .arg(s.dir.join("tables-create"))
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null());
+        cmd.args(["tables", "create", "--dynamodb-endpoint", &s.dynamodb, "--set", &format!("tables.prefix={}_", s.prefix), "--data-dir"])
+            .arg(s.dir.join("tables-create"))
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null());
         if !process::logged(&mut cmd, &log_path)? {
             return Err(Error::failed("tables create failed", &[&log_path]));
         }
@@ -773,13 +612,7 @@ impl Cluster {
     fn services_up(&self) -> Result<()> {
         let s = &self.settings;
         if !s.services {
-            log(
-                TAG,
-                format!(
-                    "services: CLUSTER_SERVICES=0, using {} and {} as they are",
-                    s.broker, s.dynamodb
-                ),
-            );
+            log(TAG, format!("services: CLUSTER_SERVICES=0, using {} and {} as they are", s.broker, s.dynamodb));
             return Ok(());
         }
         let services = Services::from_env()?;
@@ -788,10 +621,7 @@ impl Cluster {
             log(TAG, "services: started by an earlier 'up' of this cluster");
             services.up()
         } else if services.status().is_ok_and(|st| st.ok()) {
-            log(
-                TAG,
-                "services: RabbitMQ and DynamoDB Local already running (down leaves them)",
-            );
+            log(TAG, "services: RabbitMQ and DynamoDB Local already running (down leaves them)");
             Ok(())
         } else {
             services.up()?;
@@ -816,24 +646,16 @@ impl Cluster {
     fn purge_queues(&self) {
         let prefix = &self.settings.prefix;
         if process::tool("rabbitmqctl").is_none() {
-            warn(
-                TAG,
-                format!("rabbitmqctl not found: queues {prefix}.rides.* left on the broker"),
-            );
+            warn(TAG, format!("rabbitmqctl not found: queues {prefix}.rides.* left on the broker"));
             return;
         }
-        let queues = (0..self.settings.partitions)
-            .map(|p| format!("{prefix}.rides.{p}"))
-            .chain([format!("{prefix}.rides.dead")]);
+        let queues = (0..self.settings.partitions).map(|p| format!("{prefix}.rides.{p}")).chain([format!("{prefix}.rides.dead")]);
         for q in queues {
             process::quietly(process::command("rabbitmqctl").args(["-q", "delete_queue", &q]));
         }
         log(
             TAG,
-            format!(
-                "purge: deleted queues {prefix}.rides.{{0..{}}} and {prefix}.rides.dead",
-                self.settings.partitions.saturating_sub(1)
-            ),
+            format!("purge: deleted queues {prefix}.rides.{{0..{}}} and {prefix}.rides.dead", self.settings.partitions.saturating_sub(1)),
         );
     }
 
@@ -845,16 +667,11 @@ impl Cluster {
     fn node_pid(&self, node: &Node) -> Option<u32> {
         let dir = self.node_dir(&node.name);
         let pid = process::read_pid(&dir.join("pid"))?;
-        (process::pid_alive(pid)
-            && process::cmdline_has(pid, &dir.join("data").display().to_string()))
-        .then_some(pid)
+        (process::pid_alive(pid) && process::cmdline_has(pid, &dir.join("data").display().to_string())).then_some(pid)
     }
 
     fn ready(&self, node: &Node) -> bool {
-        http_status(
-            &format!("http://127.0.0.1:{}/ready", node.port),
-            Duration::from_secs(2),
-        ) == 200
+        http_status(&format!("http://127.0.0.1:{}/ready", node.port), Duration::from_secs(2)) == 200
     }
 
     /// The flags of a node: the same for every process of the cluster but role, port and
@@ -886,10 +703,7 @@ impl Cluster {
         .map(String::from)
         .into();
         if self.has_admin_listener()? {
-            args.extend([
-                "--admin-listen".into(),
-                format!("127.0.0.1:{}", node.admin_port),
-            ]);
+            args.extend(["--admin-listen".into(), format!("127.0.0.1:{}", node.admin_port)]);
         }
         // Consumers ack after the tables hold a batch (ack_after = table): the standby on
         // the same queues takes over exactly without the active one's WAL, as on separate
@@ -910,25 +724,17 @@ impl Cluster {
     fn start_node(&mut self, node: &Node) -> Result<()> {
         let name = &node.name;
         if let Some(pid) = self.node_pid(node) {
-            log(
-                TAG,
-                format!("{name}: already running (pid {pid}, :{})", node.port),
-            );
+            log(TAG, format!("{name}: already running (pid {pid}, :{})", node.port));
             return Ok(());
         }
         // A child of ours that died (kill -9) is reaped here at the latest.
         if let Some(mut old) = self.children.remove(name) {
             let _ = old.try_wait();
         }
-        for url in [
-            format!("http://127.0.0.1:{}", node.port),
-            self.admin_url(name)?,
-        ] {
+        for url in [format!("http://127.0.0.1:{}", node.port), self.admin_url(name)?] {
             if http_status(&format!("{url}/health"), Duration::from_secs(2)) != 0 {
                 let port = url.rsplit(':').next().unwrap_or_default();
-                return Err(Error::Failed(format!(
-                    "{name}: {port} is taken by a process this cluster did not start"
-                )));
+                return Err(Error::Failed(format!("{name}: {port} is taken by a process this cluster did not start")));
             }
         }
         let dir = self.node_dir(name);
@@ -941,13 +747,7 @@ impl Cluster {
         let file = process::append(&log_path)?;
         {
             use std::io::Write as _;
-            let _ = writeln!(
-                &file,
-                "\n=== {}: {} {}",
-                process::timestamp(),
-                bin.display(),
-                args.join(" ")
-            );
+            let _ = writeln!(&file, "\n=== {}: {} {}", process::timestamp(), bin.display(), args.join(" "));
         }
         let (out, err) = process::both(&file)?;
         // A process group of its own: it outlives the command that started it, and a
@@ -970,13 +770,7 @@ impl Cluster {
         let deadline = Instant::now() + self.settings.timeout;
         while !self.ready(node) {
             if !process::pid_alive(pid) {
-                return Err(Error::failed(
-                    format!(
-                        "{name}: exited during start-up (log: {})",
-                        log_path.display()
-                    ),
-                    &[&log_path],
-                ));
+                return Err(Error::failed(format!("{name}: exited during start-up (log: {})", log_path.display()), &[&log_path]));
             }
             if Instant::now() >= deadline {
                 return Err(Error::failed(
@@ -991,14 +785,7 @@ impl Cluster {
             }
             std::thread::sleep(POLL);
         }
-        log(
-            TAG,
-            format!(
-                "{name}: ready on http://127.0.0.1:{} (pid {pid}, {})",
-                node.port,
-                node.role.name()
-            ),
-        );
+        log(TAG, format!("{name}: ready on http://127.0.0.1:{} (pid {pid}, {})", node.port, node.role.name()));
         Ok(())
     }
 
@@ -1032,20 +819,11 @@ impl Cluster {
     }
 
     fn nginx(&self) -> Nginx {
-        Nginx {
-            dir: self.settings.dir.join("nginx"),
-            port: self.settings.port,
-            timeout: self.settings.timeout,
-        }
+        Nginx { dir: self.settings.dir.join("nginx"), port: self.settings.port, timeout: self.settings.timeout }
     }
 
     fn start_nginx(&self) -> Result<()> {
-        let ports = |role| {
-            self.nodes_of(role)
-                .iter()
-                .map(|n| n.port)
-                .collect::<Vec<_>>()
-        };
+        let ports = |role| self.nodes_of(role).iter().map(|n| n.port).collect::<Vec<_>>();
         self.nginx().start(&ports(Role::Write), &ports(Role::Read))
     }
 
@@ -1067,12 +845,7 @@ fn newer_than(path: &Path, t: SystemTime) -> bool {
     if meta.modified().is_ok_and(|m| m > t) {
         return true;
     }
-    meta.is_dir()
-        && std::fs::read_dir(path).is_ok_and(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .any(|e| newer_than(&e.path(), t))
-        })
+    meta.is_dir() && std::fs::read_dir(path).is_ok_and(|entries| entries.filter_map(|e| e.ok()).any(|e| newer_than(&e.path(), t)))
 }
 
 /// A base port P for a cluster such that P (nginx), the node ports from P+1 and their
@@ -1082,9 +855,7 @@ fn newer_than(path: &Path, t: SystemTime) -> bool {
 /// node binds it (a write node exited at start-up once in four runs of the cluster tests
 /// with its base at 33700, the machine shared with other test runs).
 pub fn free_base_port() -> Result<u16> {
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
     for attempt in 0..200u128 {
         let base = 20_000 + ((seed / 1000 + attempt * 7919) % 127) as u16 * 100;
@@ -1103,33 +874,12 @@ mod tests {
     fn nodes_start_consumers_first_and_take_the_documented_ports() {
         let c = Cluster::new(Settings::new("/tmp/x")).unwrap();
         let names: Vec<String> = c.nodes().into_iter().map(|n| n.name).collect();
-        assert_eq!(
-            names,
-            [
-                "consume-1",
-                "consume-2",
-                "write-1",
-                "write-2",
-                "read-1",
-                "read-2"
-            ]
-        );
+        assert_eq!(names, ["consume-1", "consume-2", "write-1", "write-2", "read-1", "read-2"]);
         let port = |n: &str| c.node(n).unwrap().port;
-        assert_eq!(
-            (
-                port("write-1"),
-                port("write-2"),
-                port("consume-1"),
-                port("read-2")
-            ),
-            (9081, 9082, 9091, 9102)
-        );
+        assert_eq!((port("write-1"), port("write-2"), port("consume-1"), port("read-2")), (9081, 9082, 9091, 9102));
         assert_eq!(c.node("read-1").unwrap().admin_port, 9151);
         let err = c.node("write-3").unwrap_err().to_string();
-        assert!(
-            err.contains("no such node: write-3") && err.contains("consume-1"),
-            "{err}"
-        );
+        assert!(err.contains("no such node: write-3") && err.contains("consume-1"), "{err}");
         assert!(c.node("nginx").is_err() && c.node("write-").is_err());
     }
 
@@ -1154,30 +904,12 @@ mod tests {
     #[test]
     fn bad_settings_are_refused_with_their_name() {
         let bad = |s: Settings| s.validate().unwrap_err().to_string();
-        assert!(bad(Settings {
-            prefix: "a b".into(),
-            ..Settings::new("/d")
-        })
-        .contains("LIFTLOG_CLUSTER_PREFIX"));
-        assert!(bad(Settings {
-            ack_after: Some("never".into()),
-            ..Settings::new("/d")
-        })
-        .contains("CLUSTER_ACK_AFTER"));
-        assert!(bad(Settings {
-            writers: 10,
-            ..Settings::new("/d")
-        })
-        .contains("1..9"));
-        assert!(bad(Settings {
-            node_port: 65_500,
-            ..Settings::new("/d")
-        })
-        .contains("CLUSTER_NODE_PORT"));
+        assert!(bad(Settings { prefix: "a b".into(), ..Settings::new("/d") }).contains("LIFTLOG_CLUSTER_PREFIX"));
+        assert!(bad(Settings { ack_after: Some("never".into()), ..Settings::new("/d") }).contains("CLUSTER_ACK_AFTER"));
+        assert!(bad(Settings { writers: 10, ..Settings::new("/d") }).contains("1..9"));
+        assert!(bad(Settings { node_port: 65_500, ..Settings::new("/d") }).contains("CLUSTER_NODE_PORT"));
         let lookup = |k: &str| (k == "PORT").then(|| "90x".to_string());
-        let err = Settings::parse("/d".into(), &lookup, None)
-            .unwrap_err()
-            .to_string();
+        let err = Settings::parse("/d".into(), &lookup, None).unwrap_err().to_string();
         assert_eq!(err, "CLUSTER_PORT must be a number, got '90x'");
     }
 }

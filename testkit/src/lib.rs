@@ -64,10 +64,7 @@ impl Error {
         for log in logs {
             let tail = process::last_run(log, 25);
             if !tail.is_empty() {
-                text.push_str(&format!(
-                    "\n--- last lines of {} ---\n{tail}",
-                    log.display()
-                ));
+                text.push_str(&format!("\n--- last lines of {} ---\n{tail}", log.display()));
             }
         }
         Error::Failed(text)
@@ -77,8 +74,5 @@ impl Error {
 /// The repository this harness belongs to (the nginx template, the sources the cluster's
 /// release binary is built from).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
 }

@@ -5,11 +5,7 @@ use std::time::Duration;
 
 /// True if a TCP connection to 127.0.0.1:`port` is accepted within 2 s.
 pub(crate) fn port_open(port: u16) -> bool {
-    TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_secs(2),
-    )
-    .is_ok()
+    TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(2)).is_ok()
 }
 
 /// The HTTP status of `GET url`, 0 if nothing answered within `timeout`.

@@ -23,21 +23,10 @@ const TEMP_DIRS: [&str; 5] = ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"
 /// The template with its placeholders filled in. `user` is the `user <user> <group>;`
 /// directive (empty unless started as root, so that the workers can write the temp dirs).
 /// Fails if a placeholder is left that this renderer does not know.
-pub fn render(
-    template: &str,
-    user: &str,
-    nginx_dir: &Path,
-    listen: &str,
-    write_ports: &[u16],
-    read_ports: &[u16],
-) -> Result<String> {
+pub fn render(template: &str, user: &str, nginx_dir: &Path, listen: &str, write_ports: &[u16], read_ports: &[u16]) -> Result<String> {
     // One failure takes a node out for 2 s; then nginx tries it again.
     let servers = |ports: &[u16]| {
-        ports
-            .iter()
-            .map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        ports.iter().map(|p| format!("        server 127.0.0.1:{p} max_fails=1 fail_timeout=2s;")).collect::<Vec<_>>().join("\n")
     };
     let text = template
         .replace("@USER_DIRECTIVE@", user)
@@ -46,9 +35,7 @@ pub fn render(
         .replace("@WRITE_SERVERS@", &servers(write_ports))
         .replace("@READ_SERVERS@", &servers(read_ports));
     if let Some(left) = placeholder(&text) {
-        return Err(Error::Failed(format!(
-            "nginx: unrendered placeholder {left} in deploy/nginx/liftlog-cluster.conf"
-        )));
+        return Err(Error::Failed(format!("nginx: unrendered placeholder {left} in deploy/nginx/liftlog-cluster.conf")));
     }
     Ok(format!("{}\n", text.trim_end_matches('\n')))
 }
@@ -56,17 +43,10 @@ pub fn render(
 /// The first `@NAME@` (capitals and underscores) in `text`, if any.
 fn placeholder(text: &str) -> Option<&str> {
     let bytes = text.as_bytes();
-    bytes
-        .iter()
-        .enumerate()
-        .filter(|(_, b)| **b == b'@')
-        .find_map(|(start, _)| {
-            let len = bytes[start + 1..]
-                .iter()
-                .take_while(|b| b.is_ascii_uppercase() || **b == b'_')
-                .count();
-            (bytes.get(start + 1 + len) == Some(&b'@')).then(|| &text[start..start + len + 2])
-        })
+    bytes.iter().enumerate().filter(|(_, b)| **b == b'@').find_map(|(start, _)| {
+        let len = bytes[start + 1..].iter().take_while(|b| b.is_ascii_uppercase() || **b == b'_').count();
+        (bytes.get(start + 1 + len) == Some(&b'@')).then(|| &text[start..start + len + 2])
+    })
 }
 
 /// The cluster's nginx: its state dir and the port it listens on.
@@ -88,25 +68,13 @@ impl Nginx {
         let system_pid = Path::new("/run/nginx.pid");
         let before = system_pid.metadata().is_ok_and(|m| m.len() > 0);
         let apt_log = log_dir.join("apt-install.log");
-        log(
-            TAG,
-            format!(
-                "nginx: installing with apt-get (log: {})",
-                apt_log.display()
-            ),
-        );
-        process::apt_install("nginx", &apt_log)
-            .map_err(|e| Error::Failed(format!("nginx: {e}")))?;
+        log(TAG, format!("nginx: installing with apt-get (log: {})", apt_log.display()));
+        process::apt_install("nginx", &apt_log).map_err(|e| Error::Failed(format!("nginx: {e}")))?;
         if process::tool("nginx").is_none() {
-            return Err(Error::Failed(
-                "nginx: still not found after apt-get install".into(),
-            ));
+            return Err(Error::Failed("nginx: still not found after apt-get install".into()));
         }
         if !before && system_pid.metadata().is_ok_and(|m| m.len() > 0) {
-            log(
-                TAG,
-                "nginx: the package started the system nginx; stopping it (nginx -s quit)",
-            );
+            log(TAG, "nginx: the package started the system nginx; stopping it (nginx -s quit)");
             process::quietly(process::command("nginx").args(["-s", "quit"]));
         }
         Ok(())
@@ -127,13 +95,7 @@ impl Nginx {
     /// `nginx -p DIR -c DIR/nginx.conf -e DIR/error.log` and the extra arguments.
     fn nginx(&self, extra: &[&str]) -> std::process::Command {
         let mut cmd = process::command("nginx");
-        cmd.arg("-p")
-            .arg(&self.dir)
-            .arg("-c")
-            .arg(self.conf())
-            .arg("-e")
-            .arg(self.error_log())
-            .args(extra);
+        cmd.arg("-p").arg(&self.dir).arg("-c").arg(self.conf()).arg("-e").arg(self.error_log()).args(extra);
         cmd
     }
 
@@ -145,10 +107,7 @@ impl Nginx {
 
     /// The status of `GET /nginx-health` (0: no answer).
     fn health(&self) -> u16 {
-        http_status(
-            &format!("http://127.0.0.1:{}/nginx-health", self.port),
-            Duration::from_secs(2),
-        )
+        http_status(&format!("http://127.0.0.1:{}/nginx-health", self.port), Duration::from_secs(2))
     }
 
     /// Writes the rendered config (and the temp dirs it names).
@@ -156,21 +115,9 @@ impl Nginx {
         for d in TEMP_DIRS {
             process::mkdir(&self.dir.join("tmp").join(d))?;
         }
-        let user = if process::is_root() {
-            format!("user {} {};", id("-un")?, id("-gn")?)
-        } else {
-            String::new()
-        };
-        let text = render(
-            TEMPLATE,
-            &user,
-            &self.dir,
-            &format!("127.0.0.1:{}", self.port),
-            write_ports,
-            read_ports,
-        )?;
-        std::fs::write(self.conf(), text)
-            .map_err(Error::io(format!("write {}", self.conf().display())))
+        let user = if process::is_root() { format!("user {} {};", id("-un")?, id("-gn")?) } else { String::new() };
+        let text = render(TEMPLATE, &user, &self.dir, &format!("127.0.0.1:{}", self.port), write_ports, read_ports)?;
+        std::fs::write(self.conf(), text).map_err(Error::io(format!("write {}", self.conf().display())))
     }
 
     /// Renders the config and starts nginx, or reloads it if it runs already; waits until
@@ -178,58 +125,29 @@ impl Nginx {
     pub fn start(&self, write_ports: &[u16], read_ports: &[u16]) -> Result<()> {
         self.write_config(write_ports, read_ports)?;
         if let Some(pid) = self.pid() {
-            log(
-                TAG,
-                format!("nginx: already running (pid {pid}); reloading the rendered config"),
-            );
-            if !process::logged(
-                &mut self.nginx(&["-s", "reload"]),
-                &self.dir.join("nginx.out"),
-            )? {
-                return Err(Error::failed(
-                    "nginx: reload failed",
-                    &[&self.dir.join("nginx.out"), &self.error_log()],
-                ));
+            log(TAG, format!("nginx: already running (pid {pid}); reloading the rendered config"));
+            if !process::logged(&mut self.nginx(&["-s", "reload"]), &self.dir.join("nginx.out"))? {
+                return Err(Error::failed("nginx: reload failed", &[&self.dir.join("nginx.out"), &self.error_log()]));
             }
             return Ok(());
         }
         if self.health() != 0 {
-            return Err(Error::Failed(format!(
-                "nginx: port {} is taken by a process this cluster did not start",
-                self.port
-            )));
+            return Err(Error::Failed(format!("nginx: port {} is taken by a process this cluster did not start", self.port)));
         }
         let out = self.dir.join("nginx.out");
         if !process::logged(&mut self.nginx(&["-t", "-q"]), &out)? {
-            return Err(Error::failed(
-                format!(
-                    "nginx: the rendered config {} does not pass nginx -t",
-                    self.conf().display()
-                ),
-                &[&out],
-            ));
+            return Err(Error::failed(format!("nginx: the rendered config {} does not pass nginx -t", self.conf().display()), &[&out]));
         }
         process::remove(&self.pid_file());
         // nginx daemonizes: the command returns once the master runs in the background.
         if !process::logged(&mut self.nginx(&[]), &out)? {
-            return Err(Error::failed(
-                "nginx: failed to start",
-                &[&out, &self.error_log()],
-            ));
+            return Err(Error::failed("nginx: failed to start", &[&out, &self.error_log()]));
         }
-        if !process::wait_until(self.timeout, Duration::from_millis(200), || {
-            self.health() == 200
-        }) {
-            return Err(Error::failed(
-                format!("nginx: no answer on 127.0.0.1:{}", self.port),
-                &[&self.error_log()],
-            ));
+        if !process::wait_until(self.timeout, Duration::from_millis(200), || self.health() == 200) {
+            return Err(Error::failed(format!("nginx: no answer on 127.0.0.1:{}", self.port), &[&self.error_log()]));
         }
         let pid = self.pid().map_or_else(|| "?".into(), |p| p.to_string());
-        log(
-            TAG,
-            format!("nginx: ready on http://127.0.0.1:{} (pid {pid})", self.port),
-        );
+        log(TAG, format!("nginx: ready on http://127.0.0.1:{} (pid {pid})", self.port));
         Ok(())
     }
 
@@ -241,14 +159,10 @@ impl Nginx {
         };
         log(TAG, format!("nginx: quit (pid {pid})"));
         process::signal(pid, "QUIT");
-        if !process::wait_until(Duration::from_secs(20), Duration::from_millis(200), || {
-            !process::pid_alive(pid)
-        }) {
+        if !process::wait_until(Duration::from_secs(20), Duration::from_millis(200), || !process::pid_alive(pid)) {
             warn(TAG, format!("nginx: pid {pid} still alive; SIGTERM"));
             process::signal(pid, "TERM");
-            if !process::wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
-                !process::pid_alive(pid)
-            }) {
+            if !process::wait_until(Duration::from_secs(10), Duration::from_millis(200), || !process::pid_alive(pid)) {
                 warn(TAG, format!("nginx: pid {pid} does not die"));
             }
         }
@@ -258,10 +172,7 @@ impl Nginx {
 
 /// `id -un` / `id -gn`: our user and group names.
 fn id(flag: &str) -> Result<String> {
-    let out = process::command("id")
-        .arg(flag)
-        .output()
-        .map_err(Error::io(format!("run id {flag}")))?;
+    let out = process::command("id").arg(flag).output().map_err(Error::io(format!("run id {flag}")))?;
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
@@ -271,20 +182,9 @@ mod tests {
 
     #[test]
     fn the_template_renders_without_placeholders_left() {
-        let text = render(
-            TEMPLATE,
-            "",
-            Path::new("/tmp/n"),
-            "127.0.0.1:9080",
-            &[9081, 9082],
-            &[9101],
-        )
-        .unwrap();
+        let text = render(TEMPLATE, "", Path::new("/tmp/n"), "127.0.0.1:9080", &[9081, 9082], &[9101]).unwrap();
         assert!(placeholder(&text).is_none());
-        assert!(
-            text.contains("listen 127.0.0.1:9080 backlog=4096;"),
-            "{text}"
-        );
+        assert!(text.contains("listen 127.0.0.1:9080 backlog=4096;"), "{text}");
         assert!(text.contains("pid /tmp/n/nginx.pid;"));
         let write = "    upstream liftlog_write {\n        least_conn;\n        server 127.0.0.1:9081 max_fails=1 fail_timeout=2s;\n        server 127.0.0.1:9082 max_fails=1 fail_timeout=2s;\n";
         assert!(text.contains(write), "{text}");

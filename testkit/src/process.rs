@@ -31,18 +31,13 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
         return false;
     };
     // "pid (comm) S ...": the state follows the last ')', comm may hold anything.
-    stat.rsplit_once(") ")
-        .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
 }
 
 /// True if the process's command line contains `text` (guards against pid reuse).
 pub(crate) fn cmdline_has(pid: u32, text: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|raw| {
-            String::from_utf8_lossy(&raw)
-                .replace('\0', " ")
-                .contains(text)
-        })
+        .map(|raw| String::from_utf8_lossy(&raw).replace('\0', " ").contains(text))
         .unwrap_or(false)
 }
 
@@ -56,11 +51,7 @@ pub(crate) fn write_pid(path: &Path, pid: u32) -> Result<()> {
 }
 
 /// Polls `ready` every `interval` until it is true (true) or `within` has passed (false).
-pub(crate) fn wait_until(
-    within: Duration,
-    interval: Duration,
-    mut ready: impl FnMut() -> bool,
-) -> bool {
+pub(crate) fn wait_until(within: Duration, interval: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + within;
     loop {
         if ready() {
@@ -91,17 +82,9 @@ pub(crate) fn stop_pid(tag: &str, what: &str, pid: u32, first: &str, within: Dur
     if wait_until(within, Duration::from_millis(200), || !pid_alive(pid)) {
         return true;
     }
-    warn(
-        tag,
-        format!(
-            "{what}: pid {pid} still alive {}s after SIG{first}; SIGKILL",
-            within.as_secs()
-        ),
-    );
+    warn(tag, format!("{what}: pid {pid} still alive {}s after SIG{first}; SIGKILL", within.as_secs()));
     signal(pid, "KILL");
-    wait_until(Duration::from_secs(10), Duration::from_millis(200), || {
-        !pid_alive(pid)
-    })
+    wait_until(Duration::from_secs(10), Duration::from_millis(200), || !pid_alive(pid))
 }
 
 /// The last `lines` lines of a log file (empty if it has none).
@@ -121,14 +104,10 @@ pub(crate) fn tail(path: &Path, lines: usize) -> String {
 /// the excerpt by a `RUST_BACKTRACE` stack.
 pub(crate) fn last_run(path: &Path, lines: usize) -> String {
     let text = tail(path, 2_000);
-    let run = text
-        .rfind("\n=== ")
-        .map_or(text.as_str(), |i| &text[i + 1..]);
+    let run = text.rfind("\n=== ").map_or(text.as_str(), |i| &text[i + 1..]);
     let frame = |l: &&str| {
         let t = l.trim_start();
-        t.starts_with("at ")
-            || t.split_once(": ")
-                .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+        t.starts_with("at ") || t.split_once(": ").is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
     };
     let kept: Vec<&str> = run.lines().filter(|l| !frame(l)).collect();
     kept[kept.len().saturating_sub(lines)..].join("\n")
@@ -136,11 +115,7 @@ pub(crate) fn last_run(path: &Path, lines: usize) -> String {
 
 /// A log file opened for appending (created if missing), for a child's stdout and stderr.
 pub(crate) fn append(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(Error::io(format!("open {}", path.display())))
+    OpenOptions::new().create(true).append(true).open(path).map_err(Error::io(format!("open {}", path.display())))
 }
 
 /// A file truncated for a child's output.
@@ -150,12 +125,8 @@ pub(crate) fn truncate(path: &Path) -> Result<File> {
 
 /// Two handles on one log file: a child's stdout and stderr.
 pub(crate) fn both(file: &File) -> Result<(Stdio, Stdio)> {
-    let err = file
-        .try_clone()
-        .map_err(Error::io("duplicate a log file handle"))?;
-    let out = file
-        .try_clone()
-        .map_err(Error::io("duplicate a log file handle"))?;
+    let err = file.try_clone().map_err(Error::io("duplicate a log file handle"))?;
+    let out = file.try_clone().map_err(Error::io("duplicate a log file handle"))?;
     Ok((Stdio::from(out), Stdio::from(err)))
 }
 
@@ -182,10 +153,7 @@ pub(crate) fn tool(name: &str) -> Option<PathBuf> {
         .split(':')
         .filter(|d| !d.is_empty())
         .map(|d| Path::new(d).join(name))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
 }
 
 /// A command for an external tool, found on the search path (which it inherits), with no
@@ -198,10 +166,7 @@ pub(crate) fn command(name: &str) -> Command {
 
 /// Runs a tool with its output discarded; true if it exited 0.
 pub(crate) fn quietly(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
 /// Like [`quietly`], killing the tool if it has not finished `within` (false then).
@@ -224,34 +189,22 @@ pub(crate) fn quietly_within(cmd: &mut Command, within: Duration) -> bool {
 /// Runs a tool with its output appended to `log`; true if it exited 0.
 pub(crate) fn logged(cmd: &mut Command, log: &Path) -> Result<bool> {
     let (out, err) = both(&append(log)?)?;
-    Ok(cmd
-        .stdout(out)
-        .stderr(err)
-        .status()
-        .is_ok_and(|s| s.success()))
+    Ok(cmd.stdout(out).stderr(err).status().is_ok_and(|s| s.success()))
 }
 
 /// True if we run as root (apt-get installs need it; nginx then needs a `user` directive).
 pub(crate) fn is_root() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().next())
-        .is_some_and(|uid| uid == "0")
+    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().next()).is_some_and(|uid| uid == "0")
 }
 
 /// Installs a Debian package with apt-get (as root), its output in `log`.
 pub(crate) fn apt_install(package: &str, log: &Path) -> Result<()> {
     if !is_root() {
-        return Err(Error::Failed(format!(
-            "{package} is not installed and this is not root: apt-get install {package}"
-        )));
+        return Err(Error::Failed(format!("{package} is not installed and this is not root: apt-get install {package}")));
     }
     if tool("apt-get").is_none() {
-        return Err(Error::Failed(format!(
-            "{package} is not installed and there is no apt-get"
-        )));
+        return Err(Error::Failed(format!("{package} is not installed and there is no apt-get")));
     }
     let file = truncate(log)?;
     let run = |args: &[&str]| -> Result<bool> {
@@ -265,29 +218,16 @@ pub(crate) fn apt_install(package: &str, log: &Path) -> Result<()> {
             .is_ok_and(|s| s.success()))
     };
     let ok = run(&["update"])?
-        && run(&[
-            "install",
-            "-y",
-            "-o",
-            "Dpkg::Options::=--force-confdef",
-            "-o",
-            "Dpkg::Options::=--force-confold",
-            package,
-        ])?;
+        && run(&["install", "-y", "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold", package])?;
     if !ok {
-        return Err(Error::failed(
-            format!("apt-get install {package} failed"),
-            &[log],
-        ));
+        return Err(Error::failed(format!("apt-get install {package} failed"), &[log]));
     }
     Ok(())
 }
 
 /// `YYYY-MM-DD HH:MM:SS` UTC, for the `=== <time>: ...` separators in the logs.
 pub(crate) fn timestamp() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -299,12 +239,7 @@ pub(crate) fn timestamp() -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
-        rest / 3600,
-        rest / 60 % 60,
-        rest % 60
-    )
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rest / 3600, rest / 60 % 60, rest % 60)
 }
 
 /// An exclusive lock on `<dir>/lock`: one mutating command at a time per state dir (tests
@@ -326,18 +261,11 @@ impl StateLock {
         loop {
             match file.try_lock() {
                 Ok(()) => return Ok(StateLock(file)),
-                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100))
-                }
+                Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(Error::Failed(format!(
-                        "another {holder} holds {} (waited 300 s)",
-                        path.display()
-                    )))
+                    return Err(Error::Failed(format!("another {holder} holds {} (waited 300 s)", path.display())))
                 }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(Error::io(format!("lock {}", path.display()))(e))
-                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(format!("lock {}", path.display()))(e)),
             }
         }
     }
@@ -359,12 +287,7 @@ mod tests {
     fn a_reaped_child_is_dead_and_a_zombie_too() {
         let mut child = Command::new("true").spawn().unwrap();
         let pid = child.id();
-        assert!(
-            wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
-                !pid_alive(pid)
-            }),
-            "a zombie counts as dead"
-        );
+        assert!(wait_until(Duration::from_secs(5), Duration::from_millis(10), || { !pid_alive(pid) }), "a zombie counts as dead");
         child.wait().unwrap();
         assert!(!pid_alive(pid));
     }
@@ -374,16 +297,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("testkit-log-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let log = dir.join("node.log");
-        let frames = (0..40)
-            .map(|i| format!("  {i}: frame\n             at src/x.rs:{i}:1\n"))
-            .collect::<String>();
-        std::fs::write(&log, format!("\n=== t1: old run\nold error\n\n=== t2: bin serve\nError: address in use\nStack backtrace:\n{frames}")).unwrap();
+        let frames = (0..40).map(|i| format!("  {i}: frame\n             at src/x.rs:{i}:1\n")).collect::<String>();
+        std::fs::write(
+            &log,
+            format!("\n=== t1: old run\nold error\n\n=== t2: bin serve\nError: address in use\nStack backtrace:\n{frames}"),
+        )
+        .unwrap();
         let text = last_run(&log, 25);
         std::fs::remove_dir_all(&dir).unwrap();
-        assert_eq!(
-            text,
-            "=== t2: bin serve\nError: address in use\nStack backtrace:"
-        );
+        assert_eq!(text, "=== t2: bin serve\nError: address in use\nStack backtrace:");
     }
 
     #[test]

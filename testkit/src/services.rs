@@ -83,22 +83,15 @@ impl Services {
         let number = |name: &str, default: u64| -> Result<u64> {
             match var(name) {
                 None => Ok(default),
-                Some(v) => v
-                    .parse()
-                    .map_err(|_| Error::Setting(format!("{name} must be a number, got '{v}'"))),
+                Some(v) => v.parse().map_err(|_| Error::Setting(format!("{name} must be a number, got '{v}'"))),
             }
         };
         let port = number("DYNAMODB_PORT", 8000)?;
         Ok(Services {
-            state_dir: var("LIFTLOG_STATE_DIR")
-                .map_or_else(|| PathBuf::from("/tmp/liftlog-services"), PathBuf::from),
-            cache_dir: var("LIFTLOG_CACHE_DIR")
-                .map_or_else(|| Path::new(&home).join(".cache/liftlog"), PathBuf::from),
-            dynamodb_port: u16::try_from(port)
-                .map_err(|_| Error::Setting(format!("DYNAMODB_PORT must be a port, got {port}")))?,
-            java_opts: var("DYNAMODB_JAVA_OPTS")
-                .map(|o| o.split_whitespace().map(String::from).collect())
-                .unwrap_or_default(),
+            state_dir: var("LIFTLOG_STATE_DIR").map_or_else(|| PathBuf::from("/tmp/liftlog-services"), PathBuf::from),
+            cache_dir: var("LIFTLOG_CACHE_DIR").map_or_else(|| Path::new(&home).join(".cache/liftlog"), PathBuf::from),
+            dynamodb_port: u16::try_from(port).map_err(|_| Error::Setting(format!("DYNAMODB_PORT must be a port, got {port}")))?,
+            java_opts: var("DYNAMODB_JAVA_OPTS").map(|o| o.split_whitespace().map(String::from).collect()).unwrap_or_default(),
             timeout: Duration::from_secs(number("LIFTLOG_SERVICES_TIMEOUT", 60)?),
         })
     }
@@ -132,12 +125,7 @@ impl Services {
         let _lock = self.lock()?;
         let (rabbitmq_up, rabbitmq) = self.rabbit_status();
         let (dynamodb_up, dynamodb) = self.ddb_status();
-        Ok(Status {
-            rabbitmq,
-            dynamodb,
-            rabbitmq_up,
-            dynamodb_up,
-        })
+        Ok(Status { rabbitmq, dynamodb, rabbitmq_up, dynamodb_up })
     }
 
     /// Stops our DynamoDB Local; fails if the port is served by one we did not start.
@@ -160,15 +148,10 @@ impl Services {
         if !self.rabbit_node_up() {
             return Err(Error::Failed("rabbitmq: node is not running".into()));
         }
-        log(
-            TAG,
-            "rabbitmq: rabbitmqctl stop_app (node stays up, data kept)",
-        );
+        log(TAG, "rabbitmq: rabbitmqctl stop_app (node stays up, data kept)");
         self.rabbit_ctl(&["-q", "stop_app"], "stop_app")?;
         if !process::wait_until(self.timeout, POLL, || !port_open(AMQP_PORT)) {
-            return Err(Error::Failed(format!(
-                "rabbitmq: 127.0.0.1:{AMQP_PORT} still open after stop_app"
-            )));
+            return Err(Error::Failed(format!("rabbitmq: 127.0.0.1:{AMQP_PORT} still open after stop_app")));
         }
         log(TAG, "rabbitmq: app stopped");
         Ok(())
@@ -210,17 +193,8 @@ impl Services {
 
     /// The OS pid of the running node, if one answers.
     fn rabbit_node_pid(&self) -> Option<u32> {
-        let out = process::command("rabbitmqctl")
-            .args(["-q", "eval", "os:getpid()."])
-            .stderr(Stdio::null())
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stdout)
-            .chars()
-            .filter(char::is_ascii_digit)
-            .collect::<String>()
-            .parse()
-            .ok()
+        let out = process::command("rabbitmqctl").args(["-q", "eval", "os:getpid()."]).stderr(Stdio::null()).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).chars().filter(char::is_ascii_digit).collect::<String>().parse().ok()
     }
 
     /// True if the running node is the one `up` started (the marker holds its pid).
@@ -232,11 +206,7 @@ impl Services {
     }
 
     fn rabbit_plugin_enabled(&self) -> bool {
-        process::quietly(process::command("rabbitmq-plugins").args([
-            "-q",
-            "is_enabled",
-            RABBIT_PLUGIN,
-        ]))
+        process::quietly(process::command("rabbitmq-plugins").args(["-q", "is_enabled", RABBIT_PLUGIN]))
     }
 
     /// Runs `rabbitmqctl ARGS`, output in the RabbitMQ log; an error names `what` failed.
@@ -254,27 +224,15 @@ impl Services {
             return Ok(());
         }
         let apt_log = self.file("apt-install.log");
-        log(
-            TAG,
-            format!(
-                "rabbitmq: installing rabbitmq-server with apt-get (log: {})",
-                apt_log.display()
-            ),
-        );
-        process::apt_install("rabbitmq-server", &apt_log)
-            .map_err(|e| Error::Failed(format!("rabbitmq: {e}")))?;
+        log(TAG, format!("rabbitmq: installing rabbitmq-server with apt-get (log: {})", apt_log.display()));
+        process::apt_install("rabbitmq-server", &apt_log).map_err(|e| Error::Failed(format!("rabbitmq: {e}")))?;
         if !self.rabbit_installed() {
-            return Err(Error::Failed(
-                "rabbitmq: rabbitmq-server still not found after apt-get install".into(),
-            ));
+            return Err(Error::Failed("rabbitmq: rabbitmq-server still not found after apt-get install".into()));
         }
         // Without a policy-rc.d that forbids it, the package's postinst starts the node
         // itself: then it is ours too (down stops it).
         if self.rabbit_node_up() {
-            log(
-                TAG,
-                "rabbitmq: the package install started the node; waiting for it",
-            );
+            log(TAG, "rabbitmq: the package install started the node; waiting for it");
             self.rabbit_wait_ready()?;
             self.rabbit_mark_ours();
         }
@@ -288,10 +246,7 @@ impl Services {
                     warn(TAG, format!("rabbitmq: {e}; down may not stop it"));
                 }
             }
-            None => warn(
-                TAG,
-                "rabbitmq: could not read the node's pid; down may not stop it",
-            ),
+            None => warn(TAG, "rabbitmq: could not read the node's pid; down may not stop it"),
         }
     }
 
@@ -305,10 +260,7 @@ impl Services {
                 &[&self.rabbit_log()],
             ));
         }
-        if !process::quietly_within(
-            process::command("rabbitmqctl").args(["-q", "await_startup"]),
-            self.timeout,
-        ) {
+        if !process::quietly_within(process::command("rabbitmqctl").args(["-q", "await_startup"]), self.timeout) {
             return Err(Error::Failed("rabbitmq: 'rabbitmqctl await_startup' failed or timed out (logs: /var/log/rabbitmq/)".into()));
         }
         Ok(())
@@ -316,22 +268,13 @@ impl Services {
 
     fn rabbit_enable_plugin(&self) -> Result<()> {
         if self.rabbit_plugin_enabled() {
-            log(
-                TAG,
-                format!("rabbitmq: plugin {RABBIT_PLUGIN} already enabled"),
-            );
+            log(TAG, format!("rabbitmq: plugin {RABBIT_PLUGIN} already enabled"));
             return Ok(());
         }
         log(TAG, format!("rabbitmq: enabling plugin {RABBIT_PLUGIN}"));
         let log = self.rabbit_log();
-        if !process::logged(
-            process::command("rabbitmq-plugins").args(["-q", "enable", RABBIT_PLUGIN]),
-            &log,
-        )? {
-            return Err(Error::failed(
-                format!("rabbitmq: could not enable {RABBIT_PLUGIN}"),
-                &[&log],
-            ));
+        if !process::logged(process::command("rabbitmq-plugins").args(["-q", "enable", RABBIT_PLUGIN]), &log)? {
+            return Err(Error::failed(format!("rabbitmq: could not enable {RABBIT_PLUGIN}"), &[&log]));
         }
         Ok(())
     }
@@ -344,23 +287,20 @@ impl Services {
                 log(TAG, format!("rabbitmq: already running on 127.0.0.1:{AMQP_PORT} (started by services up)"));
             } else {
                 process::remove(&self.rabbit_mark());
-                log(TAG, format!("rabbitmq: already running on 127.0.0.1:{AMQP_PORT} (not started by services up: down leaves it running)"));
+                log(
+                    TAG,
+                    format!("rabbitmq: already running on 127.0.0.1:{AMQP_PORT} (not started by services up: down leaves it running)"),
+                );
             }
         } else if self.rabbit_node_up() {
-            log(
-                TAG,
-                "rabbitmq: node is up but AMQP is closed; rabbitmqctl start_app",
-            );
+            log(TAG, "rabbitmq: node is up but AMQP is closed; rabbitmqctl start_app");
             self.rabbit_ctl(&["-q", "start_app"], "start_app")?;
         } else {
             process::remove(&self.rabbit_mark());
             log(TAG, "rabbitmq: starting rabbitmq-server -detached");
             let log = self.rabbit_log();
             if !process::logged(process::command("rabbitmq-server").arg("-detached"), &log)? {
-                return Err(Error::failed(
-                    "rabbitmq: rabbitmq-server -detached failed",
-                    &[&log],
-                ));
+                return Err(Error::failed("rabbitmq: rabbitmq-server -detached failed", &[&log]));
             }
             self.rabbit_wait_ready()?;
             self.rabbit_mark_ours();
@@ -379,21 +319,10 @@ impl Services {
         let mark = self.rabbit_mark();
         if self.rabbit_started_by_us() {
             let pid = process::read_pid(&mark).unwrap_or_default();
-            log(
-                TAG,
-                format!(
-                    "rabbitmq: stopping the node services up started (rabbitmqctl stop, pid {pid})"
-                ),
-            );
+            log(TAG, format!("rabbitmq: stopping the node services up started (rabbitmqctl stop, pid {pid})"));
             self.rabbit_ctl(&["-q", "stop"], "rabbitmqctl stop")?;
             if !process::wait_until(self.timeout, POLL, || !process::pid_alive(pid)) {
-                warn(
-                    TAG,
-                    format!(
-                        "rabbitmq: node pid {pid} still alive {}s after stop",
-                        self.timeout.as_secs()
-                    ),
-                );
+                warn(TAG, format!("rabbitmq: node pid {pid} still alive {}s after stop", self.timeout.as_secs()));
             }
             process::remove(&mark);
             log(TAG, "rabbitmq: stopped");
@@ -412,25 +341,12 @@ impl Services {
         if !self.rabbit_installed() {
             return (false, "rabbitmq: not installed".into());
         }
-        let who = if self.rabbit_started_by_us() {
-            "started by services up"
-        } else {
-            "external, left running by down"
-        };
+        let who = if self.rabbit_started_by_us() { "started by services up" } else { "external, left running by down" };
         if port_open(AMQP_PORT) {
-            let plugin = if self.rabbit_plugin_enabled() {
-                "enabled"
-            } else {
-                "disabled"
-            };
+            let plugin = if self.rabbit_plugin_enabled() { "enabled" } else { "disabled" };
             (true, format!("rabbitmq: running, amqp://127.0.0.1:{AMQP_PORT} ({who}; {RABBIT_PLUGIN} {plugin})"))
         } else if self.rabbit_node_up() {
-            (
-                false,
-                format!(
-                    "rabbitmq: node up but AMQP app stopped ({who}; 'rabbitmq-start' resumes it)"
-                ),
-            )
+            (false, format!("rabbitmq: node up but AMQP app stopped ({who}; 'rabbitmq-start' resumes it)"))
         } else {
             (false, "rabbitmq: stopped".into())
         }
@@ -453,18 +369,14 @@ impl Services {
     /// The folder holding `DynamoDBLocal.jar` of the pinned npm package, if installed.
     fn ddb_jar_dir(&self) -> Option<PathBuf> {
         let pkg = self.ddb_dir().join("node_modules").join(DDB_NPM.0);
-        let manifest: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(pkg.join("package.json")).ok()?).ok()?;
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pkg.join("package.json")).ok()?).ok()?;
         if manifest["version"] != DDB_NPM.1 {
             return None;
         }
         let mut dirs: Vec<PathBuf> = std::fs::read_dir(pkg.join("lib"))
             .ok()?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("dynamodb_local_"))
-            })
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("dynamodb_local_")))
             .filter(|p| p.join("DynamoDBLocal.jar").is_file())
             .collect();
         dirs.sort();
@@ -476,40 +388,23 @@ impl Services {
             return Ok(dir);
         }
         if process::tool("npm").is_none() {
-            return Err(Error::Failed(
-                "dynamodb-local: npm not found (Node 20 needed)".into(),
-            ));
+            return Err(Error::Failed("dynamodb-local: npm not found (Node 20 needed)".into()));
         }
         let (dir, npm_log) = (self.ddb_dir(), self.file("npm-install.log"));
         let (name, version) = DDB_NPM;
-        log(
-            TAG,
-            format!(
-                "dynamodb-local: npm install {name}@{version} into {} (log: {})",
-                dir.display(),
-                npm_log.display()
-            ),
-        );
+        log(TAG, format!("dynamodb-local: npm install {name}@{version} into {} (log: {})", dir.display(), npm_log.display()));
         process::mkdir(&dir)?;
         let (out, err) = process::both(&process::truncate(&npm_log)?)?;
         let ok = process::command("npm")
             .args(["install", "--prefix"])
             .arg(&dir)
-            .args([
-                "--no-audit",
-                "--no-fund",
-                "--loglevel=error",
-                &format!("{name}@{version}"),
-            ])
+            .args(["--no-audit", "--no-fund", "--loglevel=error", &format!("{name}@{version}")])
             .stdout(out)
             .stderr(err)
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            return Err(Error::failed(
-                "dynamodb-local: npm install failed",
-                &[&npm_log],
-            ));
+            return Err(Error::failed("dynamodb-local: npm install failed", &[&npm_log]));
         }
         self.ddb_jar_dir().ok_or_else(|| {
             Error::Failed(format!("dynamodb-local: no lib/dynamodb_local_*/DynamoDBLocal.jar in {}/node_modules/{name}", dir.display()))
@@ -550,22 +445,11 @@ impl Services {
 
         process::remove(&pid_file);
         let log_path = self.ddb_log();
-        log(
-            TAG,
-            format!(
-                "dynamodb-local: starting DynamoDB Local on 127.0.0.1:{port}, in memory (log: {})",
-                log_path.display()
-            ),
-        );
+        log(TAG, format!("dynamodb-local: starting DynamoDB Local on 127.0.0.1:{port}, in memory (log: {})", log_path.display()));
         let file = process::append(&log_path)?;
         {
             use std::io::Write as _;
-            let _ = writeln!(
-                &file,
-                "\n=== {}: starting DynamoDB Local from {}",
-                process::timestamp(),
-                dir.display()
-            );
+            let _ = writeln!(&file, "\n=== {}: starting DynamoDB Local from {}", process::timestamp(), dir.display());
         }
         let (out, err) = process::both(&file)?;
         // A process group of its own: a Ctrl-C meant for the command that started it does
@@ -589,9 +473,7 @@ impl Services {
                 .stdout(out)
                 .stderr(err)
                 .spawn()
-                .map_err(|e| {
-                    Error::failed(format!("dynamodb-local: did not start: {e}"), &[&log_path])
-                })?
+                .map_err(|e| Error::failed(format!("dynamodb-local: did not start: {e}"), &[&log_path]))?
         };
         let pid = child.id();
         process::write_pid(&pid_file, pid)?;
@@ -599,10 +481,7 @@ impl Services {
         while !self.ddb_answers() {
             if !process::pid_alive(pid) {
                 process::remove(&pid_file);
-                return Err(Error::failed(
-                    "dynamodb-local: java exited during startup",
-                    &[&log_path],
-                ));
+                return Err(Error::failed("dynamodb-local: java exited during startup", &[&log_path]));
             }
             if std::time::Instant::now() >= deadline {
                 return Err(Error::failed(
@@ -612,13 +491,7 @@ impl Services {
             }
             std::thread::sleep(POLL);
         }
-        log(
-            TAG,
-            format!(
-                "dynamodb-local: ready at {} (pid {pid})",
-                self.dynamodb_url()
-            ),
-        );
+        log(TAG, format!("dynamodb-local: ready at {} (pid {pid})", self.dynamodb_url()));
         Ok(())
     }
 
@@ -633,10 +506,7 @@ impl Services {
                         "dynamodb-local: 127.0.0.1:{port} is served by a process services up did not start; not stopping it"
                     )));
                 }
-                log(
-                    TAG,
-                    "dynamodb-local: not started by services up; left running",
-                );
+                log(TAG, "dynamodb-local: not started by services up; left running");
             } else {
                 log(TAG, "dynamodb-local: not running");
             }
@@ -644,15 +514,11 @@ impl Services {
         };
         log(TAG, format!("dynamodb-local: stopping pid {pid}"));
         if !process::stop_pid(TAG, "dynamodb-local", pid, "TERM", Duration::from_secs(15)) {
-            return Err(Error::Failed(format!(
-                "dynamodb-local: pid {pid} does not die"
-            )));
+            return Err(Error::Failed(format!("dynamodb-local: pid {pid} does not die")));
         }
         process::remove(&pid_file);
         if !process::wait_until(Duration::from_secs(10), POLL, || !port_open(port)) {
-            return Err(Error::Failed(format!(
-                "dynamodb-local: port {port} still open after stopping pid {pid}"
-            )));
+            return Err(Error::Failed(format!("dynamodb-local: port {port} still open after stopping pid {pid}")));
         }
         log(TAG, "dynamodb-local: stopped");
         Ok(())
@@ -662,14 +528,13 @@ impl Services {
         let port = self.dynamodb_port;
         if port_open(port) {
             match self.ddb_our_pid() {
-                Some(pid) => (true, format!("dynamodb-local: running, {} (pid {pid}, started by services up, in memory)", self.dynamodb_url())),
+                Some(pid) => {
+                    (true, format!("dynamodb-local: running, {} (pid {pid}, started by services up, in memory)", self.dynamodb_url()))
+                }
                 None => (true, format!("dynamodb-local: port {port} open (not started by services up)")),
             }
         } else if let Some(pid) = self.ddb_our_pid() {
-            (
-                false,
-                format!("dynamodb-local: starting (pid {pid}, port {port} not open yet)"),
-            )
+            (false, format!("dynamodb-local: starting (pid {pid}, port {port} not open yet)"))
         } else {
             let where_ = match self.ddb_jar_dir() {
                 Some(_) => format!("installed in {}", self.ddb_dir().display()),

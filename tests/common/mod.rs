@@ -55,11 +55,8 @@ impl Server {
             stdout.read_line(&mut l).expect("read the admin line");
             l.trim().strip_prefix("liftlog admin on ").unwrap_or_else(|| panic!("unexpected admin line {l:?}")).to_string()
         });
-        let base = line
-            .trim()
-            .strip_prefix("liftlog listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
+        let base =
+            line.trim().strip_prefix("liftlog listening on ").unwrap_or_else(|| panic!("unexpected first line {line:?}")).to_string();
         Server { child, base, admin, data_dir: data_dir.to_path_buf(), args }
     }
 

@@ -20,17 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => 2000,
     };
     let tmp = tempfile::tempdir()?;
-    let dir = args
-        .next()
-        .map(Into::into)
-        .unwrap_or_else(|| tmp.path().join("wal"));
-    let cfg = WalConfig {
-        dir,
-        durability: Durability::GroupCommit,
-        max_bytes: u64::MAX,
-        min_free_bytes: 0,
-        truncate_corrupt: false,
-    };
+    let dir = args.next().map(Into::into).unwrap_or_else(|| tmp.path().join("wal"));
+    let cfg = WalConfig { dir, durability: Durability::GroupCommit, max_bytes: u64::MAX, min_free_bytes: 0, truncate_corrupt: false };
 
     // Event bytes vary per record so neither sled nor the CRC sees constant data.
     let mut payload = vec![0u8; EVENTS_PER_RECORD * EVENT_BYTES];
@@ -61,12 +52,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let (wal, report) = Wal::open(cfg)?;
     let open = started.elapsed();
-    println!(
-        "open:   {:.3}s (validated {} records, truncated {})",
-        open.as_secs_f64(),
-        report.records,
-        report.truncated_records
-    );
+    println!("open:   {:.3}s (validated {} records, truncated {})", open.as_secs_f64(), report.records, report.truncated_records);
 
     let started = Instant::now();
     let mut n = 0u64;
@@ -91,9 +77,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         bytes as f64 / secs / 1e6,
     );
     let total = (open + replay).as_secs_f64();
-    println!(
-        "recovery total (open + replay): {total:.3}s = {:.0} events/s",
-        (n * EVENTS_PER_RECORD as u64) as f64 / total
-    );
+    println!("recovery total (open + replay): {total:.3}s = {:.0} events/s", (n * EVENTS_PER_RECORD as u64) as f64 / total);
     Ok(())
 }

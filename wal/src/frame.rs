@@ -84,24 +84,14 @@ impl fmt::Display for FrameError {
                 write!(f, "frame too short: {len} bytes, header needs {HEADER_LEN}")
             }
             FrameError::BadVersion { version } => {
-                write!(
-                    f,
-                    "unknown frame version {version}, expected {FORMAT_VERSION}"
-                )
+                write!(f, "unknown frame version {version}, expected {FORMAT_VERSION}")
             }
-            FrameError::LengthMismatch { declared, actual } => write!(
-                f,
-                "frame payload length mismatch: header says {declared}, frame holds {actual}"
-            ),
-            FrameError::Checksum { stored, computed } => write!(
-                f,
-                "frame crc mismatch: stored {stored:#010x}, computed {computed:#010x}"
-            ),
+            FrameError::LengthMismatch { declared, actual } => {
+                write!(f, "frame payload length mismatch: header says {declared}, frame holds {actual}")
+            }
+            FrameError::Checksum { stored, computed } => write!(f, "frame crc mismatch: stored {stored:#010x}, computed {computed:#010x}"),
             FrameError::PayloadTooLarge { len } => {
-                write!(
-                    f,
-                    "payload of {len} bytes exceeds the u32 frame length field"
-                )
+                write!(f, "payload of {len} bytes exceeds the u32 frame length field")
             }
         }
     }
@@ -139,8 +129,7 @@ pub fn seal(seq: u64, buf: &mut [u8]) -> Result<(), FrameError> {
         return Err(FrameError::TooShort { len: buf.len() });
     }
     let payload_len = buf.len() - HEADER_LEN;
-    let len =
-        u32::try_from(payload_len).map_err(|_| FrameError::PayloadTooLarge { len: payload_len })?;
+    let len = u32::try_from(payload_len).map_err(|_| FrameError::PayloadTooLarge { len: payload_len })?;
     let (header, payload) = buf.split_at_mut(HEADER_LEN);
     header[0] = FORMAT_VERSION;
     header[SEQ_AT..LEN_AT].copy_from_slice(&seq.to_le_bytes());
@@ -174,10 +163,7 @@ pub fn decode(bytes: &[u8]) -> Result<Frame<'_>, FrameError> {
     if stored != computed {
         return Err(FrameError::Checksum { stored, computed });
     }
-    Ok(Frame {
-        seq: u64::from_le_bytes(to_array(seq_bytes)),
-        payload,
-    })
+    Ok(Frame { seq: u64::from_le_bytes(to_array(seq_bytes)), payload })
 }
 
 /// Key under which record `seq` is stored in the `log` tree.
@@ -244,10 +230,7 @@ mod tests {
         }
         let mut longer = f.clone();
         longer.push(0);
-        assert!(matches!(
-            decode(&longer),
-            Err(FrameError::LengthMismatch { .. })
-        ));
+        assert!(matches!(decode(&longer), Err(FrameError::LengthMismatch { .. })));
     }
 
     #[test]

@@ -288,10 +288,7 @@ fn open_db(dir: &Path) -> Result<sled::Db, WalError> {
         // enough, and sled's 1 GiB default would be memory taken from the actors.
         match sled::Config::new().path(dir).cache_capacity(WAL_CACHE_BYTES).open() {
             Ok(db) => return Ok(db),
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") && Instant::now() < deadline => {
                 debug!(dir = %dir.display(), error = %e, "WAL directory locked; retrying");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_millis(50));
@@ -317,12 +314,7 @@ fn read_checkpoint(meta: &sled::Tree) -> Result<u64, WalError> {
         None => Ok(0),
         Some(v) => <[u8; 8]>::try_from(v.as_ref())
             .map(u64::from_le_bytes)
-            .map_err(|_| {
-                WalError::Decode(format!(
-                    "checkpoint value has {} bytes, expected 8",
-                    v.len()
-                ))
-            }),
+            .map_err(|_| WalError::Decode(format!("checkpoint value has {} bytes, expected 8", v.len()))),
     }
 }
 
@@ -352,10 +344,7 @@ impl Wal {
         let stale_records = stale.len() as u64;
         if stale_records > 0 {
             remove_all(&log, stale)?;
-            info!(
-                stale_records,
-                checkpoint, "deleted WAL records at or below checkpoint"
-            );
+            info!(stale_records, checkpoint, "deleted WAL records at or below checkpoint");
         }
 
         let mut expected = checkpoint.saturating_add(1);
@@ -495,8 +484,7 @@ impl Wal {
         // Serialize straight behind the reserved header: no second copy of a
         // batch that may be tens of kilobytes.
         let mut buf = vec![0u8; frame::HEADER_LEN];
-        bincode::serde::encode_into_std_write(value, &mut buf, bincode::config::standard())
-            .map_err(|e| WalError::Encode(e.to_string()))?;
+        bincode::serde::encode_into_std_write(value, &mut buf, bincode::config::standard()).map_err(|e| WalError::Encode(e.to_string()))?;
         self.append_frame(buf)
     }
 
@@ -512,16 +500,8 @@ impl Wal {
         }
         let mut st = lock(&self.state);
         if st.live_bytes.saturating_add(frame_len) > self.max_bytes {
-            debug!(
-                live_bytes = st.live_bytes,
-                frame_len,
-                max_bytes = self.max_bytes,
-                "WAL full"
-            );
-            return Err(WalError::Full {
-                live_bytes: st.live_bytes,
-                max_bytes: self.max_bytes,
-            });
+            debug!(live_bytes = st.live_bytes, frame_len, max_bytes = self.max_bytes, "WAL full");
+            return Err(WalError::Full { live_bytes: st.live_bytes, max_bytes: self.max_bytes });
         }
         let seq = st.next_seq;
         frame::seal(seq, &mut buf).map_err(|e| WalError::Encode(e.to_string()))?;
@@ -552,10 +532,7 @@ impl Wal {
         })?;
         let micros = started.elapsed().as_micros() as u64;
         self.fsyncs.fetch_add(1, Ordering::Relaxed);
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .ok();
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).ok();
         let mut fs = lock(&self.fsync_stats);
         fs.last_unix_ms = now_ms;
         fs.last_micros = Some(micros);
@@ -578,19 +555,11 @@ impl Wal {
             (st.checkpoint, st.next_seq - 1)
         };
         if seq <= current {
-            debug!(
-                requested = seq,
-                checkpoint = current,
-                "checkpoint not advanced"
-            );
+            debug!(requested = seq, checkpoint = current, "checkpoint not advanced");
             return Ok(());
         }
         let target = if seq > last {
-            warn!(
-                requested = seq,
-                last_seq = last,
-                "checkpoint beyond last record; clamped"
-            );
+            warn!(requested = seq, last_seq = last, "checkpoint beyond last record; clamped");
             last
         } else {
             seq
@@ -621,10 +590,7 @@ impl Wal {
             st.live_bytes = st.live_bytes.saturating_sub(freed_bytes);
             st.live_bytes
         };
-        debug!(
-            checkpoint = target,
-            freed_records, freed_bytes, live_bytes, "WAL checkpoint"
-        );
+        debug!(checkpoint = target, freed_records, freed_bytes, live_bytes, "WAL checkpoint");
         Ok(())
     }
 
@@ -652,28 +618,23 @@ impl Wal {
         let start = checkpoint.saturating_add(1);
         let mut expected = start;
         let mut failed = false;
-        self.log
-            .range(frame::key(start)..frame::key(next_seq.max(start)))
-            .map_while(move |item| {
-                if failed {
-                    return None;
+        self.log.range(frame::key(start)..frame::key(next_seq.max(start))).map_while(move |item| {
+            if failed {
+                return None;
+            }
+            let result = item.map_err(WalError::from).and_then(|(k, v)| {
+                let f = validate(&k, &v, expected).map_err(WalError::Decode)?;
+                Ok(Record { seq: f.seq, payload: f.payload.to_vec() })
+            });
+            match &result {
+                Ok(_) => expected += 1,
+                Err(e) => {
+                    error!(expected_seq = expected, error = %e, "WAL replay failed");
+                    failed = true;
                 }
-                let result = item.map_err(WalError::from).and_then(|(k, v)| {
-                    let f = validate(&k, &v, expected).map_err(WalError::Decode)?;
-                    Ok(Record {
-                        seq: f.seq,
-                        payload: f.payload.to_vec(),
-                    })
-                });
-                match &result {
-                    Ok(_) => expected += 1,
-                    Err(e) => {
-                        error!(expected_seq = expected, error = %e, "WAL replay failed");
-                        failed = true;
-                    }
-                }
-                Some(result)
-            })
+            }
+            Some(result)
+        })
     }
 
     /// Decodes a payload written by [`Wal::append_serde`] (bincode 2 serde,
@@ -681,8 +642,7 @@ impl Wal {
     /// exactly one value.
     pub fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, WalError> {
         let (value, used) =
-            bincode::serde::decode_from_slice::<T, _>(payload, bincode::config::standard())
-                .map_err(|e| WalError::Decode(e.to_string()))?;
+            bincode::serde::decode_from_slice::<T, _>(payload, bincode::config::standard()).map_err(|e| WalError::Decode(e.to_string()))?;
         if used != payload.len() {
             return Err(WalError::Decode(format!(
                 "{} trailing bytes after value ({} of {} used)",
@@ -751,9 +711,7 @@ fn validate<'a>(key: &[u8], value: &'a [u8], expected: u64) -> Result<frame::Fra
         return Err(format!("key of {} bytes, expected 8", key.len()));
     };
     if key_seq != expected {
-        return Err(format!(
-            "sequence gap: expected seq {expected}, found {key_seq}"
-        ));
+        return Err(format!("sequence gap: expected seq {expected}, found {key_seq}"));
     }
     let f = frame::decode(value).map_err(|e| format!("seq {key_seq}: {e}"))?;
     if f.seq != key_seq {

@@ -11,15 +11,7 @@ fn open(dir: &Path, max_bytes: u64) -> Wal {
 }
 
 fn open_with(dir: &Path, max_bytes: u64, durability: Durability) -> Wal {
-    Wal::open(WalConfig {
-        dir: dir.to_path_buf(),
-        durability,
-        max_bytes,
-        min_free_bytes: 0,
-        truncate_corrupt: false,
-    })
-    .unwrap()
-    .0
+    Wal::open(WalConfig { dir: dir.to_path_buf(), durability, max_bytes, min_free_bytes: 0, truncate_corrupt: false }).unwrap().0
 }
 
 fn replay_seqs(wal: &Wal) -> Vec<u64> {
@@ -38,10 +30,7 @@ fn full_until_checkpoint_frees_space() {
     }
     assert_eq!(wal.stats().live_bytes, 3 * frame_len);
     match wal.append(&payload) {
-        Err(WalError::Full {
-            live_bytes,
-            max_bytes,
-        }) => {
+        Err(WalError::Full { live_bytes, max_bytes }) => {
             assert_eq!(live_bytes, 3 * frame_len);
             assert_eq!(max_bytes, 3 * frame_len);
         }
@@ -73,13 +62,7 @@ fn full_until_checkpoint_frees_space() {
 fn oversized_record_is_full_even_when_empty() {
     let dir = tempfile::tempdir().unwrap();
     let wal = open(dir.path(), 10);
-    assert!(matches!(
-        wal.append(b"0123456789"),
-        Err(WalError::Full {
-            live_bytes: 0,
-            max_bytes: 10
-        })
-    ));
+    assert!(matches!(wal.append(b"0123456789"), Err(WalError::Full { live_bytes: 0, max_bytes: 10 })));
     assert_eq!(wal.last_seq(), 0);
 }
 
@@ -113,10 +96,7 @@ fn checkpoint_survives_reopen_and_seq_continues() {
     assert_eq!(report.truncated_records, 0);
     assert_eq!(wal.checkpoint(), 6);
     let replayed: Vec<_> = wal.replay().map(Result::unwrap).collect();
-    assert_eq!(
-        replayed.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        vec![7, 8, 9, 10]
-    );
+    assert_eq!(replayed.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![7, 8, 9, 10]);
     assert_eq!(replayed[0].payload, vec![6u8]);
     assert_eq!(wal.append(b"next").unwrap(), 11);
 
@@ -125,10 +105,7 @@ fn checkpoint_survives_reopen_and_seq_continues() {
     wal.set_checkpoint(11).unwrap();
     assert_eq!(wal.replay().count(), 0);
     let s = wal.stats();
-    assert_eq!(
-        (s.first_seq, s.last_seq, s.live_records, s.live_bytes),
-        (None, None, 0, 0)
-    );
+    assert_eq!((s.first_seq, s.last_seq, s.live_records, s.live_bytes), (None, None, 0, 0));
     drop(wal);
     let wal = open(dir.path(), u64::MAX);
     assert_eq!(wal.checkpoint(), 11);
@@ -212,13 +189,7 @@ struct Ride {
 fn serde_roundtrip_and_decode_errors() {
     let dir = tempfile::tempdir().unwrap();
     let wal = open(dir.path(), u64::MAX);
-    let batch: Vec<Ride> = (0..300)
-        .map(|i| Ride {
-            skipass: 1_000_000 + i,
-            lift: (i % 7) as u32,
-            at_ms: -(i as i64),
-        })
-        .collect();
+    let batch: Vec<Ride> = (0..300).map(|i| Ride { skipass: 1_000_000 + i, lift: (i % 7) as u32, at_ms: -(i as i64) }).collect();
     let seq = wal.append_serde(&batch).unwrap();
     let rec = wal.replay().next().unwrap().unwrap();
     assert_eq!(rec.seq, seq);
@@ -229,16 +200,10 @@ fn serde_roundtrip_and_decode_errors() {
     assert_eq!(rec.payload, direct);
 
     // Wrong type / garbage / trailing bytes are Decode errors, not panics.
-    assert!(matches!(
-        Wal::decode::<Vec<Ride>>(&[0xFF; 3]),
-        Err(WalError::Decode(_))
-    ));
+    assert!(matches!(Wal::decode::<Vec<Ride>>(&[0xFF; 3]), Err(WalError::Decode(_))));
     let mut trailing = direct.clone();
     trailing.push(0);
-    assert!(matches!(
-        Wal::decode::<Vec<Ride>>(&trailing),
-        Err(WalError::Decode(_))
-    ));
+    assert!(matches!(Wal::decode::<Vec<Ride>>(&trailing), Err(WalError::Decode(_))));
 }
 
 #[test]

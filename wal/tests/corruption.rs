@@ -10,13 +10,7 @@ use std::path::{Path, PathBuf};
 
 use liftlog_wal::{frame, Durability, Wal, WalConfig, WalError};
 
-const PAYLOADS: [&[u8]; 5] = [
-    b"",
-    b"x",
-    b"seven b",
-    b"twenty-four byte payload",
-    b"a somewhat longer payload of forty-eight bytes!!",
-];
+const PAYLOADS: [&[u8]; 5] = [b"", b"x", b"seven b", b"twenty-four byte payload", b"a somewhat longer payload of forty-eight bytes!!"];
 
 fn cfg(dir: &Path) -> WalConfig {
     WalConfig {
@@ -100,14 +94,8 @@ fn base_log(root: &Path, checkpoint: u64) -> (PathBuf, Vec<Vec<u8>>) {
     }
     let db = sled_open(&dir);
     let log = db.open_tree("log").unwrap();
-    let frames: Vec<Vec<u8>> = (1..=PAYLOADS.len() as u64)
-        .map(|seq| {
-            log.get(frame::key(seq))
-                .unwrap()
-                .map(|v| v.to_vec())
-                .unwrap_or_default()
-        })
-        .collect();
+    let frames: Vec<Vec<u8>> =
+        (1..=PAYLOADS.len() as u64).map(|seq| log.get(frame::key(seq)).unwrap().map(|v| v.to_vec()).unwrap_or_default()).collect();
     drop(log);
     drop(db);
     (dir, frames)
@@ -143,9 +131,7 @@ fn check_recovery(dir: &Path, checkpoint: u64, bad_seq: u64, dropped_bytes: u64,
     let expected_last = (bad_seq > checkpoint + 1).then_some(bad_seq - 1);
     assert_eq!(report.last_seq, expected_last, "{ctx}");
     let replayed: Vec<_> = wal.replay().map(|r| r.unwrap()).collect();
-    let want: Vec<(u64, &[u8])> = (checkpoint + 1..bad_seq)
-        .map(|s| (s, PAYLOADS[s as usize - 1]))
-        .collect();
+    let want: Vec<(u64, &[u8])> = (checkpoint + 1..bad_seq).map(|s| (s, PAYLOADS[s as usize - 1])).collect();
     let got: Vec<(u64, &[u8])> = replayed.iter().map(|r| (r.seq, &r.payload[..])).collect();
     assert_eq!(got, want, "{ctx}");
     assert_eq!(wal.last_seq(), bad_seq - 1, "{ctx}");

@@ -110,11 +110,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         prop_assert_eq!(&got, &m.live);
         let s = wal.stats();
         prop_assert_eq!(s.live_records, m.live.len() as u64);
-        let bytes: usize = m
-            .live
-            .iter()
-            .map(|(_, p)| p.len() + liftlog_wal::frame::HEADER_LEN)
-            .sum();
+        let bytes: usize = m.live.iter().map(|(_, p)| p.len() + liftlog_wal::frame::HEADER_LEN).sum();
         prop_assert_eq!(s.live_bytes, bytes as u64);
         prop_assert_eq!(s.first_seq, m.live.first().map(|r| r.0));
         prop_assert_eq!(s.last_seq, m.live.last().map(|r| r.0));

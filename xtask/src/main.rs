@@ -81,10 +81,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         [] => ("xtask", Err(Failure::Usage("no command".into()))),
-        [other, ..] => (
-            "xtask",
-            Err(Failure::Usage(format!("unknown command '{other}'"))),
-        ),
+        [other, ..] => ("xtask", Err(Failure::Usage(format!("unknown command '{other}'")))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,9 +99,7 @@ fn main() -> ExitCode {
 
 fn services(args: &[&str]) -> Result<(), Failure> {
     let [command] = args else {
-        return Err(Failure::Usage(format!(
-            "services takes one command, got {args:?}"
-        )));
+        return Err(Failure::Usage(format!("services takes one command, got {args:?}")));
     };
     let s = Services::from_env()?;
     match *command {
@@ -121,11 +116,7 @@ fn services(args: &[&str]) -> Result<(), Failure> {
         "dynamodb-start" => s.dynamodb_start()?,
         "rabbitmq-stop" => s.rabbitmq_stop()?,
         "rabbitmq-start" => s.rabbitmq_start()?,
-        other => {
-            return Err(Failure::Usage(format!(
-                "unknown services command '{other}'"
-            )))
-        }
+        other => return Err(Failure::Usage(format!("unknown services command '{other}'"))),
     }
     Ok(())
 }

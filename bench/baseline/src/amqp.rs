@@ -100,10 +100,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                     let q = &names[i % names.len()];
                     i += channels;
                     let sent = Instant::now();
-                    match ch
-                        .basic_publish("".into(), q.clone().into(), BasicPublishOptions::default(), &body, props.clone())
-                        .await
-                    {
+                    match ch.basic_publish("".into(), q.clone().into(), BasicPublishOptions::default(), &body, props.clone()).await {
                         Ok(confirm) => pending.push(async move { (sent, confirm.await) }),
                         Err(_) => {
                             count.errors += 1;
@@ -147,7 +144,6 @@ pub fn run(args: &Args) -> Result<(), String> {
         Ok(())
     })
 }
-
 
 /// `amqp-cleanup --url URL --prefix P --partitions 4`: deletes what a liftlog node with
 /// `--amqp-prefix P` declared (names as in liftlog's `bus::amqp` topology), so that the

@@ -45,14 +45,12 @@ impl Args {
     pub fn range(&self, name: &str, default: (u32, u32)) -> (u32, u32) {
         match self.values.get(name) {
             None => default,
-            Some(v) => v
-                .split_once('-')
-                .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-                .filter(|(a, b)| a <= b)
-                .unwrap_or_else(|| {
+            Some(v) => {
+                v.split_once('-').and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?))).filter(|(a, b)| a <= b).unwrap_or_else(|| {
                     eprintln!("--{name}: expected LO-HI, got `{v}`");
                     std::process::exit(2)
-                }),
+                })
+            }
         }
     }
 }

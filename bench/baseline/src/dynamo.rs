@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection,
-    ProjectionType, PutRequest, ScalarAttributeType, WriteRequest,
+    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType, Projection, ProjectionType,
+    PutRequest, ScalarAttributeType, WriteRequest,
 };
 use aws_sdk_dynamodb::Client;
 use serde_json::json;
@@ -61,9 +61,7 @@ fn item(i: u64) -> HashMap<String, AttributeValue> {
 
 pub async fn client(endpoint: &str) -> Client {
     let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(
-            aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring,
-        ))
+        .tls_provider(aws_smithy_http_client::tls::Provider::Rustls(aws_smithy_http_client::tls::rustls_provider::CryptoMode::Ring))
         .build_https();
     let timeouts = aws_config::timeout::TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(2))
@@ -84,7 +82,6 @@ pub async fn client(endpoint: &str) -> Client {
 fn e(err: impl std::fmt::Debug) -> String {
     format!("{err:?}")
 }
-
 
 /// Runs `concurrency` workers for `seconds`, each calling `op(worker, call_number)` back to
 /// back; an op returns the items it did (`Ok`) or an error. Returns (items, errors, seconds).
@@ -223,7 +220,14 @@ pub fn run(args: &Args) -> Result<(), String> {
             async move {
                 let x = xorshift((w as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (i + 1));
                 let (skier, sk) = key_of(x % issued);
-                c.get_item().table_name(&table).key("SkierID", n(skier)).key("SK", s(sk)).consistent_read(true).send().await.map_err(|_| ())?;
+                c.get_item()
+                    .table_name(&table)
+                    .key("SkierID", n(skier))
+                    .key("SK", s(sk))
+                    .consistent_read(true)
+                    .send()
+                    .await
+                    .map_err(|_| ())?;
                 Ok(1)
             }
         })

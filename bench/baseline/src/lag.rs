@@ -23,15 +23,7 @@ enum Probe {
     Transport,
 }
 
-async fn probe(
-    post: Arc<Target>,
-    read: Arc<Target>,
-    i: u64,
-    skier: u64,
-    season: u16,
-    poll: Duration,
-    give_up: Duration,
-) -> Probe {
+async fn probe(post: Arc<Target>, read: Arc<Target>, i: u64, skier: u64, season: u16, poll: Duration, give_up: Duration) -> Probe {
     let resort = i % 10 + 1;
     let day = i % 3 + 1;
     let path = format!("/skiers/{resort}/seasons/{season}/days/{day}/skiers/{skier}");

@@ -91,8 +91,7 @@ struct Row {
     met: Option<bool>,
 }
 
-const GETS: [(&str, &str); 3] =
-    [("skier-day", "GET skier-day"), ("resort-day", "GET resort-day"), ("vertical", "GET vertical")];
+const GETS: [(&str, &str); 3] = [("skier-day", "GET skier-day"), ("resort-day", "GET resort-day"), ("vertical", "GET vertical")];
 
 /// `report --dir JSON_DIR --out bench/results/DATE.md`
 pub fn run(args: &Args) -> Result<(), String> {
@@ -106,7 +105,12 @@ pub fn run(args: &Args) -> Result<(), String> {
     let w = &mut md;
 
     let quick = meta["quick"].as_bool().unwrap_or(false);
-    let _ = writeln!(w, "# liftlog benchmark, {}{}\n", s("date"), if quick { " (--quick smoke run: small sizes, figures indicative only)" } else { "" });
+    let _ = writeln!(
+        w,
+        "# liftlog benchmark, {}{}\n",
+        s("date"),
+        if quick { " (--quick smoke run: small sizes, figures indicative only)" } else { "" }
+    );
     let _ = writeln!(w, "- Command: `{}` (from the repository root; started {}, finished {})", s("command"), s("started"), s("finished"));
     let dirty = meta["dirty_files"].as_u64().unwrap_or(0);
     let _ = writeln!(
@@ -148,7 +152,12 @@ pub fn run(args: &Args) -> Result<(), String> {
     let r = ratio(e2e, quorum);
     rows.push(Row {
         figure: "POST through RabbitMQ end to end (write → broker → consume → WAL → actors → ack), rides/s".into(),
-        ours: format!("{} ({} failures; 201s at {}/s)", int(e2e), int(prod_fail), int(prod_post.as_ref().and_then(|p| p["throughput_per_s"].as_f64()))),
+        ours: format!(
+            "{} ({} failures; 201s at {}/s)",
+            int(e2e),
+            int(prod_fail),
+            int(prod_post.as_ref().and_then(|p| p["throughput_per_s"].as_f64()))
+        ),
         ceiling: format!("{} raw publish+confirm, {parts} quorum queues", int(quorum)),
         ratio: f(r, 2),
         target: "≥ 0.70, 0 failures".into(),
@@ -205,7 +214,15 @@ pub fn run(args: &Args) -> Result<(), String> {
         let o = x.load_kind("load-prod-get", kind);
         let tp = o.as_ref().and_then(|v| v["throughput_per_s"].as_f64());
         let (ceiling, what) = if ep == "vertical" {
-            (gsi, format!("{} raw Query/s on the BySkier index ({} raw GetItem/s; ratio to that {})", int(gsi), int(getitem), f(ratio(tp, getitem), 2)))
+            (
+                gsi,
+                format!(
+                    "{} raw Query/s on the BySkier index ({} raw GetItem/s; ratio to that {})",
+                    int(gsi),
+                    int(getitem),
+                    f(ratio(tp, getitem), 2)
+                ),
+            )
         } else {
             (getitem, format!("{} raw GetItem/s", int(getitem)))
         };
@@ -232,7 +249,8 @@ pub fn run(args: &Args) -> Result<(), String> {
     let flush_rate = flush_items.zip(fnum("/millis")).map(|(i, ms)| i * 1000.0 / ms.max(1.0));
     let r = ratio(flush_rate, bwi);
     rows.push(Row {
-        figure: "Flusher: one cycle writing every skier-day, day count and raw ride of the production run to DynamoDB Local, items/s".into(),
+        figure: "Flusher: one cycle writing every skier-day, day count and raw ride of the production run to DynamoDB Local, items/s"
+            .into(),
         ours: format!(
             "{} ({} skier-days + {} counts + {} rides in {} ms)",
             int(flush_rate),
@@ -286,7 +304,13 @@ pub fn run(args: &Args) -> Result<(), String> {
         }
         rows.push(Row {
             figure: format!("WAL replay after kill -9, {} rides, rides/s", int(x.num(file, "/rides"))),
-            ours: format!("{} ({} rides in {} ms; cold start to listening {} ms)", int(rate), int(ev), int(ms), int(x.num(file, "/cold_start_ms"))),
+            ours: format!(
+                "{} ({} rides in {} ms; cold start to listening {} ms)",
+                int(rate),
+                int(ev),
+                int(ms),
+                int(x.num(file, "/cold_start_ms"))
+            ),
             ceiling: format!("{} sled iterated records/s", int(sled_iter)),
             ratio: f(ratio(rate, sled_iter), 2),
             target: "≥ 1,000,000 rides/s".into(),
@@ -310,7 +334,9 @@ pub fn run(args: &Args) -> Result<(), String> {
         ),
         _ => ("n/a".into(), None),
     };
-    rows.push(Row { figure: "30M rides resident".into(), ours, ceiling: "—".into(), ratio: "—".into(), target: "≤ 2.5 GiB".into(), met });
+    rows.push(Row {
+        figure: "30M rides resident".into(), ours, ceiling: "—".into(), ratio: "—".into(), target: "≤ 2.5 GiB".into(), met
+    });
 
     let c = x.get("wrk-emb-c6000");
     let errs = c.as_ref().map(|c| {
@@ -374,9 +400,18 @@ pub fn run(args: &Args) -> Result<(), String> {
     let _ = writeln!(w, "| sled iteration | {} records/s |", int(x.num("disk", "/iterate_records_per_s")));
     let _ = writeln!(w, "| DynamoDB Local BatchWriteItem (25 items, 16 in flight) | {} items/s |", int(bwi));
     let _ = writeln!(w, "| DynamoDB Local GetItem (consistent, 16 in flight) | {}/s |", int(getitem));
-    let _ = writeln!(w, "| DynamoDB Local conditional PutItem of a skier-day, table with the BySkier index (16 in flight) | {} items/s |", int(cput));
+    let _ = writeln!(
+        w,
+        "| DynamoDB Local conditional PutItem of a skier-day, table with the BySkier index (16 in flight) | {} items/s |",
+        int(cput)
+    );
     let gsi_items = x.num("dynamo", "/gsi_prefilled_items").unwrap_or(0.0) + x.num("dynamo", "/conditional_put_items").unwrap_or(0.0);
-    let _ = writeln!(w, "| DynamoDB Local Query on the BySkier index (16 in flight), table of about {} items | {}/s |", int(Some(gsi_items)), int(gsi));
+    let _ = writeln!(
+        w,
+        "| DynamoDB Local Query on the BySkier index (16 in flight), table of about {} items | {}/s |",
+        int(Some(gsi_items)),
+        int(gsi)
+    );
 
     // ------------------------------------------------------------ details ---
     let _ = writeln!(w, "\n## More figures\n");

@@ -98,8 +98,9 @@ mod tests {
 
     #[test]
     fn batches_round_trip_and_refuse_garbage() {
-        let rides: Vec<RideEvent> =
-            (0..300u64).map(|i| RideEvent { id: i, resort: 1, season: 2025, day: 2, skier: i as u32, time: 10, lift: 3, vertical: 30 }).collect();
+        let rides: Vec<RideEvent> = (0..300u64)
+            .map(|i| RideEvent { id: i, resort: 1, season: 2025, day: 2, skier: i as u32, time: 10, lift: 3, vertical: 30 })
+            .collect();
         let body = encode_batch(&rides);
         assert_eq!(decode_batch(&body).unwrap(), rides);
         assert!(body.len() < 300 * 16, "{} bytes for 300 rides", body.len());

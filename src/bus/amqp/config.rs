@@ -109,7 +109,6 @@ impl AmqpConfig {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

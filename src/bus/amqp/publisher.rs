@@ -54,8 +54,7 @@ impl PubSession {
     }
 
     fn healthy(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| c.status().connected())
-            && self.channels.iter().all(|c| c.channel.status().connected())
+        self.conn.as_ref().is_some_and(|c| c.status().connected()) && self.channels.iter().all(|c| c.channel.status().connected())
     }
 
     async fn admin_channel(&self) -> Result<Channel, AmqpError> {
@@ -194,7 +193,10 @@ impl PubShared {
             return self.fail(PublishError::Unavailable("RabbitMQ channel closed (reconnecting)".into()));
         }
         let (body, props) = match rides {
-            [one] => (encode_event(one), BasicProperties::default().with_content_type(CONTENT_TYPE.into()).with_message_id(message_id(one.id).into())),
+            [one] => (
+                encode_event(one),
+                BasicProperties::default().with_content_type(CONTENT_TYPE.into()).with_message_id(message_id(one.id).into()),
+            ),
             many => {
                 let body = encode_batch(many);
                 let id = batch_id(&body);
@@ -229,9 +231,7 @@ impl PubShared {
             Ok(Ok(Confirmation::Nack(_))) => {
                 self.fail(PublishError::Uncertain("RabbitMQ refused responsibility for the ride (nack)".into()))
             }
-            Ok(Ok(Confirmation::NotRequested)) => {
-                self.fail(PublishError::Uncertain("published on a channel not in confirm mode".into()))
-            }
+            Ok(Ok(Confirmation::NotRequested)) => self.fail(PublishError::Uncertain("published on a channel not in confirm mode".into())),
             Ok(Err((sent, e))) => {
                 self.broken.notify_one();
                 if sent {

@@ -60,12 +60,7 @@ impl SrcSession {
             channel.basic_qos(cfg.prefetch.max(1), BasicQosOptions { global: false }).await?;
             let tag = format!("liftlog-{}-g{generation}-p{p}", std::process::id());
             let consumer = channel
-                .basic_consume(
-                    cfg.partition_queue(p).into(),
-                    tag.into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
+                .basic_consume(cfg.partition_queue(p).into(), tag.into(), BasicConsumeOptions::default(), FieldTable::default())
                 .await?;
             session.parts.push(SrcPart { channel, consumer_tag: consumer.tag(), settled: tokio::sync::Mutex::new(0) });
             consumers.push(consumer);
@@ -116,8 +111,7 @@ impl AmqpSource {
         let capacity = cfg.partition_count() as usize * cfg.prefetch.max(1) as usize;
         let (tx, rx) = mpsc::channel(capacity);
         let stop = Stop::default();
-        let supervisor =
-            tokio::spawn(supervise_source(cfg, tx, stop.clone(), counters.clone(), Some((session, consumers))));
+        let supervisor = tokio::spawn(supervise_source(cfg, tx, stop.clone(), counters.clone(), Some((session, consumers))));
         Ok(AmqpSource { rx, stop, counters, supervisor })
     }
 
@@ -294,9 +288,7 @@ async fn supervise_source(
                     let cancel = part.channel.basic_cancel(part.consumer_tag.clone(), BasicCancelOptions::default());
                     let _ = tokio::time::timeout(Duration::from_secs(5), cancel).await;
                 }
-                let drained =
-                    tokio::time::timeout(Duration::from_secs(5), async { while pumps.join_next().await.is_some() {} })
-                        .await;
+                let drained = tokio::time::timeout(Duration::from_secs(5), async { while pumps.join_next().await.is_some() {} }).await;
                 if drained.is_err() {
                     pumps.abort_all();
                 }

@@ -49,14 +49,7 @@ fn explain_declare_error(cfg: &AmqpConfig, queue: &str, e: lapin::Error) -> Amqp
 pub(super) async fn declare_on(channel: &Channel, cfg: &AmqpConfig) -> Result<(), AmqpError> {
     let durable_exchange = ExchangeDeclareOptions { durable: true, ..Default::default() };
     let durable_queue = QueueDeclareOptions::durable();
-    channel
-        .exchange_declare(
-            cfg.dead_letter_exchange().into(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
+    channel.exchange_declare(cfg.dead_letter_exchange().into(), ExchangeKind::Fanout, durable_exchange, FieldTable::default()).await?;
     channel.queue_declare(cfg.dead_queue().into(), durable_queue, quorum_args(cfg, false)).await?;
     channel
         .queue_bind(
@@ -67,9 +60,7 @@ pub(super) async fn declare_on(channel: &Channel, cfg: &AmqpConfig) -> Result<()
             FieldTable::default(),
         )
         .await?;
-    channel
-        .exchange_declare(cfg.rides_exchange().into(), ExchangeKind::Direct, durable_exchange, FieldTable::default())
-        .await?;
+    channel.exchange_declare(cfg.rides_exchange().into(), ExchangeKind::Direct, durable_exchange, FieldTable::default()).await?;
     for p in 0..cfg.partition_count() {
         let queue = cfg.partition_queue(p);
         channel
@@ -107,13 +98,8 @@ pub async fn declare_topology(cfg: &AmqpConfig) -> Result<(), PublishError> {
 pub(super) async fn queue_depths(channel: &Channel, cfg: &AmqpConfig) -> Result<Vec<u64>, lapin::Error> {
     let mut depths = Vec::with_capacity(cfg.partition_count() as usize);
     for p in 0..cfg.partition_count() {
-        let q = channel
-            .queue_declare(
-                cfg.partition_queue(p).into(),
-                QueueDeclareOptions::durable().passive(),
-                FieldTable::default(),
-            )
-            .await?;
+        let q =
+            channel.queue_declare(cfg.partition_queue(p).into(), QueueDeclareOptions::durable().passive(), FieldTable::default()).await?;
         depths.push(q.message_count() as u64);
     }
     Ok(depths)
