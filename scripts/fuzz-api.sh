@@ -90,9 +90,9 @@ echo "== schemathesis $SCHEMATHESIS_VERSION ($PYTHON)"
 # Always through cargo: a binary left from older sources must not be what gets fuzzed.
 bin="${CARGO_TARGET_DIR:-target}/$profile/liftlog"
 echo "== building $bin"
-# LIFTLOG_BUILD_FEATURES: the test command's features, so its build is reused, not redone.
+# BUILD_FEATURES: the test command's features, so its build is reused, not redone.
 build_features=()
-if [ -n "${LIFTLOG_BUILD_FEATURES:-}" ]; then build_features=(--features "$LIFTLOG_BUILD_FEATURES"); fi
+if [ -n "${BUILD_FEATURES:-}" ]; then build_features=(--features "$BUILD_FEATURES"); fi
 if [ "$profile" = release ]; then
   cargo build --release --locked --bin liftlog "${build_features[@]}"
 else

@@ -20,9 +20,10 @@ export LIFTLOG_TEST_AMQP="${LIFTLOG_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672
 export LIFTLOG_TEST_DYNAMODB="${LIFTLOG_TEST_DYNAMODB:-http://127.0.0.1:${DYNAMODB_PORT:-8000}}"
 
 # One feature set for every cargo step, so nothing is built twice: the crash tests' fault
-# points (LIFTLOG_FAULT_*) exist only in this build. fuzz-api.sh builds with it too.
-export LIFTLOG_BUILD_FEATURES="liftlog/fault-injection"
-features=(--features "$LIFTLOG_BUILD_FEATURES")
+# points (LIFTLOG_FAULT_*) exist only in this build. fuzz-api.sh builds with it too. (Not a
+# LIFTLOG_* name: the node refuses unknown LIFTLOG_* variables as misspelt config keys.)
+export BUILD_FEATURES="liftlog/fault-injection"
+features=(--features "$BUILD_FEATURES")
 
 echo "== format"
 if ! cargo fmt --version >/dev/null 2>&1; then

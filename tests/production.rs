@@ -185,6 +185,10 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
     consumer = b.start(fresh.path(), "consume");
     let bad = expected.settle(&consumer.base, Duration::from_secs(20), 1);
     assert!(bad.is_empty(), "consumer after an empty-disk restart: {:?}", &bad[..bad.len().min(5)]);
+    // The README ride was posted without a key: its id is random, so it is recognised by its fields.
+    let readme = |r: &liftlog::domain::RideEvent| (r.resort, r.day, r.skier, r.time, r.lift) == (1, 1, 7, 10, 5);
+    let raw = common::raw::settle_with(&b.dynamodb, &format!("{}_", b.prefix), &rides, &readme, Duration::from_secs(60));
+    assert!(raw.is_empty(), "SkierLiftRides: {} raw rides wrong, e.g. {:?}", raw.len(), &raw[..raw.len().min(5)]);
 }
 
 #[test]
@@ -209,6 +213,8 @@ fn consumer_killed_after_wal_fsync_before_ack_counts_each_ride_once() {
     let expected = Expected::from(&rides);
     let bad = expected.settle(&consumer.base, Duration::from_secs(30), 1);
     assert!(bad.is_empty(), "{} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    let raw = common::raw::settle(&b.dynamodb, &format!("{}_", b.prefix), &rides, Duration::from_secs(60));
+    assert!(raw.is_empty(), "SkierLiftRides: {} raw rides wrong, e.g. {:?}", raw.len(), &raw[..raw.len().min(5)]);
     let (_, body) = get(&agent(), &consumer.url("/admin/actors"));
     let dups: u64 = json(&body)["actors"].as_array().unwrap().iter().map(|a| a["duplicates"].as_u64().unwrap()).sum();
     assert!(dups > 0, "the unacked batch must have been redelivered and dropped as duplicates: {body}");
@@ -242,6 +248,8 @@ fn dynamodb_outage_during_ingest_keeps_accepting_and_catches_up_exactly() {
     let expected = Expected::from(&rides);
     let bad = expected.settle(&reader.base, Duration::from_secs(90), 1);
     assert!(bad.is_empty(), "{} mismatches after the outage, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    let raw = common::raw::settle(&b.dynamodb, &format!("{}_", b.prefix), &rides, Duration::from_secs(60));
+    assert!(raw.is_empty(), "SkierLiftRides: {} raw rides wrong, e.g. {:?}", raw.len(), &raw[..raw.len().min(5)]);
 }
 
 #[test]
@@ -288,6 +296,8 @@ fn rabbitmq_restart_during_ingest_answers_503_then_recovers_losing_nothing() {
     let expected = Expected::from(&rides);
     let bad = expected.settle(&consumer.base, Duration::from_secs(90), 1);
     assert!(bad.is_empty(), "{} mismatches after the broker restart, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    let raw = common::raw::settle(&b.dynamodb, &format!("{}_", b.prefix), &rides, Duration::from_secs(60));
+    assert!(raw.is_empty(), "SkierLiftRides: {} raw rides wrong, e.g. {:?}", raw.len(), &raw[..raw.len().min(5)]);
 }
 
 #[test]
@@ -327,6 +337,8 @@ fn active_consumer_killed_standby_takes_over_exactly_with_ack_after_table() {
     assert!(bad.is_empty(), "standby actors: {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
     let bad = expected.settle(&reader.base, Duration::from_secs(60), 1);
     assert!(bad.is_empty(), "tables: {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    let raw = common::raw::settle(&b.dynamodb, &format!("{}_", b.prefix), &rides, Duration::from_secs(60));
+    assert!(raw.is_empty(), "SkierLiftRides: {} raw rides wrong, e.g. {:?}", raw.len(), &raw[..raw.len().min(5)]);
     let (_, body) = get(&agent(), &standby.url("/admin/wal"));
     let deliveries = json(&body)["source"]["deliveries"].as_u64().unwrap_or(0);
     assert!(deliveries > 0, "the standby must have taken over: {body}");
@@ -545,4 +557,6 @@ fn dynamodb_outage_a_new_day_waits_while_resident_days_apply_and_sigterm_is_boun
     assert!(bad.is_empty(), "consumer after the restart: {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
     let bad = Expected::from(&all).settle(&reader.base, Duration::from_secs(90), 2);
     assert!(bad.is_empty(), "tables after the restart: {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    let raw = common::raw::settle(&b.dynamodb, &format!("{}_", b.prefix), &all, Duration::from_secs(60));
+    assert!(raw.is_empty(), "SkierLiftRides: {} raw rides wrong, e.g. {:?}", raw.len(), &raw[..raw.len().min(5)]);
 }
