@@ -8,7 +8,7 @@
 mod common;
 
 use common::{agent, random_rides, Expected, Rng, Server};
-use liftlog::domain::{event_id, RideEvent};
+use liftlog::domain::RideEvent;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -156,22 +156,6 @@ fn raw_rides(data_dir: &Path) -> Vec<RideEvent> {
         .collect()
 }
 
-/// The raw ride a keyed ride is stored as (its id is the hash of key and ride).
-fn raw_of(r: &common::Ride) -> RideEvent {
-    let mut e = RideEvent {
-        id: 0,
-        resort: r.resort,
-        season: r.season,
-        day: r.day,
-        skier: r.skier,
-        time: r.time,
-        lift: r.lift,
-        vertical: r.lift as u32 * 10,
-    };
-    e.id = event_id(&e, Some(r.key.as_bytes()));
-    e
-}
-
 /// Compares the raw rides table with the model: every keyed ride that got its 201 is there
 /// exactly once, field for field, and besides them only rides of `other` (which says,
 /// for a raw ride not keyed, whether it may be there). Returns the mismatches.
@@ -182,7 +166,7 @@ fn reconcile_raw(stored: &[RideEvent], keyed: &[common::Ride], mut other: impl F
         by_id.entry(r.id).or_default().push(r);
     }
     for r in keyed {
-        let want = raw_of(r);
+        let want = common::raw::row_of(r);
         match by_id.remove(&want.id).as_deref() {
             Some([got]) if **got == want => {}
             Some(got) => bad.push(format!("ride {}: stored as {got:?}, want {want:?}", r.key)),

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{agent, random_rides, Expected, Ride, Server};
-use liftlog::domain::{event_id, RideEvent};
+use liftlog::domain::RideEvent;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,17 +108,7 @@ fn assert_raw_rides_are(data_dir: &std::path::Path, acked: &[Ride]) {
     let keys: BTreeSet<&str> = acked.iter().map(|r| r.key.as_str()).collect();
     assert_eq!(keys.len(), acked.len(), "the model holds a ride twice");
     for r in acked {
-        let mut want = RideEvent {
-            id: 0,
-            resort: r.resort,
-            season: r.season,
-            day: r.day,
-            skier: r.skier,
-            time: r.time,
-            lift: r.lift,
-            vertical: r.lift as u32 * 10,
-        };
-        want.id = event_id(&want, Some(r.key.as_bytes()));
+        let want = common::raw::row_of(r);
         match stored.remove(&want.id).as_deref() {
             Some([got]) if *got == want => {}
             other => bad.push(format!("ride {}: stored {other:?}, want {want:?}", r.key)),

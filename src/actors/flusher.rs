@@ -455,73 +455,12 @@ mod tests {
         assert!(!n.registry.resident(&day1).unwrap().passivatable(), "a dead actor is kept: it holds the checkpoint");
     }
 
-    /// The sled store, except that it refuses skier 13's skier-day items for good while
-    /// `refuse` is set, as DynamoDB refuses an item larger than 400 KB.
-    struct Refusing {
-        inner: Arc<SledTables>,
-        refuse: std::sync::atomic::AtomicBool,
-    }
-
-    #[async_trait::async_trait]
-    impl Tables for Refusing {
-        fn name(&self) -> &'static str {
-            "refusing"
-        }
-        async fn create(&self) -> Result<(), TableError> {
-            self.inner.create().await
-        }
-        async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError> {
-            let refuse = |d: &SkierDayItem| d.skier == 13 && self.refuse.load(Ordering::Relaxed);
-            let ok: Vec<SkierDayItem> = items.iter().filter(|d| !refuse(d)).cloned().collect();
-            let mut r = self.inner.put_skier_days(&ok).await?;
-            r.refused = items
-                .iter()
-                .enumerate()
-                .filter(|(_, d)| refuse(d))
-                .map(|(i, _)| (i, "Item size has exceeded the maximum allowed size".to_string()))
-                .collect();
-            Ok(r)
-        }
-        async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError> {
-            self.inner.put_day_counts(items).await
-        }
-        async fn put_rides(&self, rides: &[RideEvent]) -> Result<(), TableError> {
-            self.inner.put_rides(rides).await
-        }
-        async fn put_seasons(&self, seasons: &[(u32, u16)]) -> Result<(), TableError> {
-            self.inner.put_seasons(seasons).await
-        }
-        async fn sync(&self) -> Result<(), TableError> {
-            self.inner.sync().await
-        }
-        async fn get_day_count(&self, key: DayKey) -> Result<Option<DayCountItem>, TableError> {
-            self.inner.get_day_count(key).await
-        }
-        async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError> {
-            self.inner.get_skier_day(skier, key).await
-        }
-        async fn query_skier_resort(&self, skier: u32, resort: u32) -> Result<Vec<SkierDayItem>, TableError> {
-            self.inner.query_skier_resort(skier, resort).await
-        }
-        async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError> {
-            self.inner.query_day(key).await
-        }
-        async fn query_seasons(&self, resort: u32) -> Result<Vec<u16>, TableError> {
-            self.inner.query_seasons(resort).await
-        }
-        async fn scan_seasons(&self) -> Result<Vec<(u32, u16)>, TableError> {
-            self.inner.scan_seasons().await
-        }
-        async fn scan_season_totals(&self, sink: &mut (dyn FnMut(u32, u32, u16, u64) + Send)) -> Result<(), TableError> {
-            self.inner.scan_season_totals(sink).await
-        }
-    }
-
     #[actix_rt::test]
     async fn an_item_the_store_refuses_is_isolated_and_holds_only_its_own_wal_records() {
         let dir = tempfile::tempdir().unwrap();
         let sled = Arc::new(SledTables::open(&dir.path().join("tables")).unwrap());
-        let store = Arc::new(Refusing { inner: sled.clone(), refuse: true.into() });
+        let store = Arc::new(crate::tables::scripted::Scripted::new(sled.clone()));
+        store.refuse_skier(Some(13));
         let n = node_with(dir.path(), sled.clone(), store.clone());
         let day1 = DayKey { resort: 1, season: 2025, day: 1 };
         let day2 = DayKey { day: 2, ..day1 };
@@ -548,7 +487,7 @@ mod tests {
         assert!(!n.registry.resident(&day1).unwrap().passivatable());
         assert_eq!(n.flusher.flush().await.unwrap().refused, 1);
         // Once the store takes it, the checkpoint moves on past everything.
-        store.refuse.store(false, Ordering::Relaxed);
+        store.refuse_skier(None);
         let report = n.flusher.flush().await.unwrap();
         assert_eq!((report.refused, report.checkpoint), (0, 3));
         assert_eq!(sled.get_skier_day(13, day1).await.unwrap().map(|d| d.vertical), Some(50));

@@ -17,6 +17,8 @@
 //! the skier-season totals at start-up.
 
 pub mod dynamo;
+#[cfg(test)]
+pub mod scripted;
 pub mod sled_store;
 
 use async_trait::async_trait;
