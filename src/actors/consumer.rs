@@ -501,6 +501,33 @@ impl Consumer {
         }
     }
 
+    /// Waits for the actors that were handed a batch's groups (`(day, indexes of its rides in
+    /// the batch, the apply)`): the indexes of the rides refused at apply, or, if an actor
+    /// was dead (`dead` holds the days found dead before), `Unapplied`, with `seq` noted so
+    /// that no checkpoint passes it.
+    async fn await_applied<F>(&self, seq: u64, applied: Vec<F>, mut dead: Vec<DayKey>) -> Result<Vec<usize>, Unapplied>
+    where
+        F: std::future::Future<Output = (DayKey, Vec<usize>, Result<crate::actors::aggregator::Applied, actix::MailboxError>)>,
+    {
+        let mut refused = Vec::new();
+        for (key, at, result) in futures_util::future::join_all(applied).await {
+            match result {
+                Ok(out) => refused.extend(out.refused.iter().map(|i| at[*i])),
+                Err(e) => {
+                    tracing::error!(%key, seq, cause = %e, "aggregator is dead; its rides stay in the WAL, unacknowledged");
+                    dead.push(key);
+                }
+            }
+        }
+        if !dead.is_empty() {
+            self.progress.note_unapplied(seq);
+            self.progress.actor_failures.fetch_add(1, Ordering::Relaxed);
+            return Err(Unapplied { days: dead });
+        }
+        self.progress.rides_refused.fetch_add(refused.len() as u64, Ordering::Relaxed);
+        Ok(refused)
+    }
+
     /// The replay's dispatch (before the node serves): activates the owners (retrying while
     /// the tables are unreachable: the rides are already durable, so giving up is not an
     /// option), dispatches the batch and waits
@@ -532,22 +559,7 @@ impl Consumer {
                 }
             }
         }
-        let mut refused = Vec::new();
-        for (key, at, result) in futures_util::future::join_all(applied).await {
-            match result {
-                Ok(out) => refused.extend(out.refused.iter().map(|i| at[*i])),
-                Err(e) => {
-                    tracing::error!(%key, seq, cause = %e, "aggregator is dead; its rides stay in the WAL, unacknowledged");
-                    dead.push(key);
-                }
-            }
-        }
-        if !dead.is_empty() {
-            self.progress.note_unapplied(seq);
-            self.progress.actor_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(Unapplied { days: dead });
-        }
-        self.progress.rides_refused.fetch_add(refused.len() as u64, Ordering::Relaxed);
+        let mut refused = self.await_applied(seq, applied, dead).await?;
         refused.sort_unstable();
         Ok(refused)
     }
@@ -607,22 +619,7 @@ impl Consumer {
                 waits += 1;
             }
         }
-        let mut refused = Vec::new();
-        for (key, at, result) in futures_util::future::join_all(applied).await {
-            match result {
-                Ok(out) => refused.extend(out.refused.iter().map(|i| at[*i])),
-                Err(e) => {
-                    tracing::error!(%key, seq, cause = %e, "aggregator is dead; its rides stay in the WAL, unacknowledged");
-                    dead.push(key);
-                }
-            }
-        }
-        if !dead.is_empty() {
-            self.progress.note_unapplied(seq);
-            self.progress.actor_failures.fetch_add(1, Ordering::Relaxed);
-            return Err(Unapplied { days: dead });
-        }
-        self.progress.rides_refused.fetch_add(refused.len() as u64, Ordering::Relaxed);
+        let refused = self.await_applied(seq, applied, dead).await?;
         Ok((refused, waits))
     }
 

@@ -359,7 +359,6 @@ mod tests {
     use crate::bus::{embedded, Publisher};
     use crate::domain::{DayKey, RideEvent};
     use crate::tables::sled_store::SledTables;
-    use crate::tables::{DayCountItem, SkierDayItem, WriteReport};
     use liftlog_wal::{Durability, WalConfig};
 
     /// A consuming node in one process: WAL and sled tables in `dir`, the embedded bus.
@@ -559,79 +558,6 @@ mod tests {
         assert_eq!(h.stats().await.unwrap().rides_refused, 1);
     }
 
-    /// The sled store, except that every call fails while `down` is set: a table outage.
-    struct Outage {
-        inner: Arc<SledTables>,
-        down: std::sync::atomic::AtomicBool,
-    }
-
-    impl Outage {
-        fn check(&self) -> Result<(), TableError> {
-            match self.down.load(Ordering::SeqCst) {
-                true => Err(TableError::Unavailable("connection refused (test outage)".into())),
-                false => Ok(()),
-            }
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl Tables for Outage {
-        fn name(&self) -> &'static str {
-            "outage"
-        }
-        async fn create(&self) -> Result<(), TableError> {
-            self.inner.create().await
-        }
-        async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError> {
-            self.check()?;
-            self.inner.put_skier_days(items).await
-        }
-        async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError> {
-            self.check()?;
-            self.inner.put_day_counts(items).await
-        }
-        async fn put_rides(&self, rides: &[RideEvent]) -> Result<(), TableError> {
-            self.check()?;
-            self.inner.put_rides(rides).await
-        }
-        async fn put_seasons(&self, seasons: &[(u32, u16)]) -> Result<(), TableError> {
-            self.check()?;
-            self.inner.put_seasons(seasons).await
-        }
-        async fn sync(&self) -> Result<(), TableError> {
-            self.check()?;
-            self.inner.sync().await
-        }
-        async fn get_day_count(&self, key: DayKey) -> Result<Option<DayCountItem>, TableError> {
-            self.check()?;
-            self.inner.get_day_count(key).await
-        }
-        async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError> {
-            self.check()?;
-            self.inner.get_skier_day(skier, key).await
-        }
-        async fn query_skier_resort(&self, skier: u32, resort: u32) -> Result<Vec<SkierDayItem>, TableError> {
-            self.check()?;
-            self.inner.query_skier_resort(skier, resort).await
-        }
-        async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError> {
-            self.check()?;
-            self.inner.query_day(key).await
-        }
-        async fn query_seasons(&self, resort: u32) -> Result<Vec<u16>, TableError> {
-            self.check()?;
-            self.inner.query_seasons(resort).await
-        }
-        async fn scan_seasons(&self) -> Result<Vec<(u32, u16)>, TableError> {
-            self.check()?;
-            self.inner.scan_seasons().await
-        }
-        async fn scan_season_totals(&self, sink: &mut (dyn FnMut(u32, u32, u16, u64) + Send)) -> Result<(), TableError> {
-            self.check()?;
-            self.inner.scan_season_totals(sink).await
-        }
-    }
-
     /// Polls a figure of the node's own progress (never a fixed sleep), for at most 10 s.
     async fn until(what: &str, mut cond: impl FnMut() -> bool) {
         let started = Instant::now();
@@ -650,13 +576,13 @@ mod tests {
     async fn a_new_day_waiting_for_the_tables_does_not_hold_up_the_resident_days() {
         let dir = tempfile::tempdir().unwrap();
         let sled = Arc::new(SledTables::open(&dir.path().join("tables")).unwrap());
-        let store = Arc::new(Outage { inner: sled.clone(), down: false.into() });
+        let store = Arc::new(crate::tables::scripted::Scripted::new(sled.clone()));
         let n = node_with(dir.path(), sled.clone(), store.clone());
         let (day1, day2) = (DayKey { resort: 1, season: 2025, day: 1 }, DayKey { resort: 1, season: 2025, day: 2 });
         n.publisher.publish(ride(1, 1, 7)).await.unwrap();
         assert_eq!(n.flusher.flush().await.unwrap().checkpoint, 1);
 
-        store.down.store(true, Ordering::SeqCst);
+        store.set_down(true);
         // A ride for a new day: its POST waits (the WAL holds it) while its day cannot load.
         let waiting = {
             let p = n.publisher.clone();
@@ -675,7 +601,7 @@ mod tests {
 
         // The tables come back: the day loads, its ride is applied and answered, and the
         // next flush writes everything and checkpoints past all three records.
-        store.down.store(false, Ordering::SeqCst);
+        store.set_down(false);
         until("the parked day applied", || n.progress.view().parked_rides == 0).await;
         assert!(matches!(waiting.await, Ok(Ok(()))), "the parked ride is answered once applied");
         assert_eq!(n.registry.resident(&day2).unwrap().read(|d| d.rides), 1);
@@ -691,9 +617,9 @@ mod tests {
     async fn past_the_bound_on_unflushed_rides_no_batch_is_taken_until_a_flush() {
         let dir = tempfile::tempdir().unwrap();
         let sled = Arc::new(SledTables::open(&dir.path().join("tables")).unwrap());
-        let store = Arc::new(Outage { inner: sled.clone(), down: false.into() });
+        let store = Arc::new(crate::tables::scripted::Scripted::new(sled.clone()));
         let n = node_bounded(dir.path(), sled.clone(), store.clone(), 2);
-        store.down.store(true, Ordering::SeqCst);
+        store.set_down(true);
         n.publisher.publish(ride(1, 1, 7)).await.unwrap_err(); // the new day waits: the 5 s deadline
         n.publisher.publish(ride(2, 1, 7)).await.unwrap_err();
         assert_eq!(n.progress.view().unflushed_events, 2);
@@ -703,7 +629,7 @@ mod tests {
         };
         until("the consumer holding for memory", || n.progress.view().holding_for_memory).await;
         assert_eq!(n.progress.view().unflushed_events, 2, "no batch taken past the bound");
-        store.down.store(false, Ordering::SeqCst);
+        store.set_down(false);
         until("the parked day applied", || n.progress.view().parked_rides == 0).await;
         n.flusher.flush().await.unwrap();
         assert!(matches!(third.await, Ok(Ok(()))), "taken once a flush made room");
