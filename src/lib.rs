@@ -4,18 +4,23 @@
 //! The data path: HTTP POST → validate → [`bus`] → [`actors::consumer`] (WAL group commit,
 //! then the owning aggregator actor) → 201; the [`actors::flusher`] moves state into the
 //! [`tables`] and checkpoints the WAL; GETs read the actors' state and fall back to the
-//! tables for days that are not resident.
+//! tables for days that are not resident. `docs/architecture.md` walks each path through
+//! the code; `docs/adr/` says why it is built so.
 //!
 //! Module map:
 //! - [`config`]: the configuration, one section per subsystem (defaults ← file ← env ← flags).
 //! - [`catalog`]: resorts and their lifts' vertical rise.
-//! - [`cluster`]: shard leases in DynamoDB, fencing epochs, the balancer and the lease keeper.
-//! - [`domain`]: ride events, aggregate keys, validation, event ids.
+//! - [`cluster`]: shard leases in DynamoDB, fencing epochs, the balancer and the lease keeper
+//!   (a library so far: not yet wired into the consumer, see ADR 005).
+//! - [`domain`]: ride events, aggregate keys and the shard that owns each
+//!   (`DayKey::partition`), validation, event ids.
 //! - [`error`]: error enums per layer and the one mapping to HTTP.
-//! - [`bus`]: publisher/consumer traits and the embedded in-process bus.
+//! - [`bus`]: publisher/consumer traits, the embedded in-process bus, RabbitMQ
+//!   ([`bus::amqp`]: one folder by concern, batched publishing) and admission control.
 //! - [`actors`]: aggregator actors, registry, season index, consumer, flusher.
-//! - [`tables`]: the table-store trait and its sled implementation.
-//! - [`http`]: public API, admin endpoints, request statistics, OpenAPI document.
+//! - [`tables`]: the table-store trait, its sled and DynamoDB implementations.
+//! - [`http`]: public API, admin endpoints (behind one token guard), request statistics,
+//!   the OpenAPI document, the listener's per-head deadline ([`http::conn`]).
 //! - [`service`]: wiring, start-up (replay) and ordered shutdown.
 //! - [`retry`]: the one backoff every retry loop waits by.
 //! - `liftlog_wal` (crate `wal/`): the write-ahead log.
