@@ -8,6 +8,7 @@
 //! Batches form on mailbox drain: whatever queued up during the previous fsync is the next
 //! batch, so the fsync rate, not the request rate, bounds the cost of durability.
 
+use crate::retry::Backoff;
 use futures_util::StreamExt as _;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
@@ -335,7 +336,7 @@ struct Parked {
     loads: futures_util::stream::FuturesUnordered<Load>,
     batches: FxHashMap<u64, Waiting>,
     rides: usize,
-    backoff: Duration,
+    backoff: Backoff,
     retry_at: tokio::time::Instant,
 }
 
@@ -347,7 +348,7 @@ impl Default for Parked {
             loads: Default::default(),
             batches: FxHashMap::default(),
             rides: 0,
-            backoff: ACTIVATION_RETRY_FIRST,
+            backoff: Backoff::new(ACTIVATION_RETRY_FIRST, ACTIVATION_RETRY_CAP),
             retry_at: tokio::time::Instant::now(),
         }
     }
@@ -414,7 +415,8 @@ impl Consumer {
         pause: &crate::bus::Stop,
     ) -> Held {
         let held = Instant::now();
-        let (mut backoff, mut attempts, mut logged) = (WAL_RETRY_FIRST, 1u64, Instant::now());
+        let mut backoff = Backoff::new(WAL_RETRY_FIRST, WAL_RETRY_CAP);
+        let (mut attempts, mut logged) = (1u64, Instant::now());
         self.progress.wal_failures.fetch_add(1, Ordering::Relaxed);
         tracing::error!(cause = %first, rides = events.len(), "WAL refused a batch: consumption paused; the batch is held unacked and written again with backoff");
         loop {
@@ -424,9 +426,8 @@ impl Consumer {
                     tracing::warn!(attempts, "consumer paused while holding a batch the WAL refused; the broker redelivers it");
                     return Held::Paused;
                 }
-                _ = tokio::time::sleep(backoff) => {}
+                _ = backoff.wait() => {}
             }
-            backoff = (backoff * 2).min(WAL_RETRY_CAP);
             attempts += 1;
             match self.write_wal(events, appended).await {
                 Ok((events, Ok(seq))) => {
@@ -540,14 +541,13 @@ impl Consumer {
         let mut dead = Vec::new();
         for (key, (at, group)) in group(events) {
             self.seasons.observe(key.resort, key.season, false);
-            let mut backoff = Duration::from_millis(50);
+            let mut backoff = Backoff::new(ACTIVATION_RETRY_FIRST, ACTIVATION_RETRY_CAP);
             loop {
                 match self.registry.activate(key).await {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::warn!(%key, cause = %e, "activating aggregator failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff.wait().await;
                     }
                 }
             }
@@ -608,7 +608,7 @@ impl Consumer {
                         self.progress.activation_failures.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(%key, cause = %e, "activating aggregator failed; its rides wait in the WAL while the other days go on");
                         parked.park(key, seq, at, group);
-                        parked.retry_at = tokio::time::Instant::now() + parked.backoff;
+                        parked.retry_at = tokio::time::Instant::now() + parked.backoff.ceiling();
                         waits += 1;
                     }
                 }
@@ -641,14 +641,14 @@ impl Consumer {
             Ok(day) => day,
             Err(e) => {
                 self.progress.activation_failures.fetch_add(1, Ordering::Relaxed);
-                parked.backoff = (parked.backoff * 2).min(ACTIVATION_RETRY_CAP);
-                parked.retry_at = tokio::time::Instant::now() + parked.backoff;
-                tracing::warn!(%key, cause = %e, retry_in_ms = parked.backoff.as_millis() as u64, "activating a parked day failed; retrying");
+                parked.backoff.next_delay();
+                parked.retry_at = tokio::time::Instant::now() + parked.backoff.ceiling();
+                tracing::warn!(%key, cause = %e, retry_in_ms = parked.backoff.ceiling().as_millis() as u64, "activating a parked day failed; retrying");
                 return;
             }
         };
         self.registry.install(day);
-        parked.backoff = ACTIVATION_RETRY_FIRST;
+        parked.backoff.reset();
         parked.retry_at = tokio::time::Instant::now();
         let groups = parked.days.remove(&key).unwrap_or_default();
         let mut done = Vec::new();
