@@ -412,15 +412,19 @@ fn emit(shared: &Shared, event: ShardEvent) {
     let _ = shared.events.send(event); // a dropped receiver only means nobody listens
 }
 
+/// Removes `shard` from the held set if it is still held under `epoch` (a later epoch of
+/// the same shard is another tenure, not this one); true if it was.
+fn take_held(shared: &Shared, shard: ShardId, epoch: u64) -> bool {
+    let mut held = shared.held.lock();
+    match held.get(&shard) {
+        Some(h) if h.epoch == epoch => held.remove(&shard).is_some(),
+        _ => false,
+    }
+}
+
 /// Removes `shard` if still held under `epoch` and reports it lost.
 fn lose(shared: &Shared, shard: ShardId, epoch: u64, reason: LostReason) {
-    let removed = {
-        let mut held = shared.held.lock();
-        match held.get(&shard) {
-            Some(h) if h.epoch == epoch => held.remove(&shard).is_some(),
-            _ => false,
-        }
-    };
+    let removed = take_held(shared, shard, epoch);
     if removed {
         warn!(node = %shared.cfg.node.id, shard, epoch, ?reason, "shard lost");
         {
@@ -701,13 +705,7 @@ async fn round(shared: &Shared, state: &mut RoundState, leaving: bool) {
 
 /// Removes `shard` if still held under `epoch` and reports it released.
 fn released(shared: &Shared, shard: ShardId, epoch: u64) {
-    let removed = {
-        let mut held = shared.held.lock();
-        match held.get(&shard) {
-            Some(h) if h.epoch == epoch => held.remove(&shard).is_some(),
-            _ => false,
-        }
-    };
+    let removed = take_held(shared, shard, epoch);
     if removed {
         shared.stats.lock().released += 1;
         info!(node = %shared.cfg.node.id, shard, epoch, "shard released");

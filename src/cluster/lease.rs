@@ -181,6 +181,41 @@ fn get_s(key: &str, item: &Item, name: &str) -> Result<Option<String>, LeaseErro
 }
 
 impl DynamoLeases {
+    /// An update of a shard's row by its owner: conditional on (owner = me, epoch = mine),
+    /// bumping the renewal counter (`update` must use `#o`, `#c` and `:one`; `names` binds
+    /// any other names it uses). `Ok(false)`: the condition failed, someone else holds it.
+    async fn owner_update(
+        &self,
+        shard: ShardId,
+        me: &str,
+        epoch: u64,
+        update: &str,
+        names: &[(&str, &str)],
+        what: &'static str,
+    ) -> Result<bool, LeaseError> {
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(A_KEY, shard_key(shard))
+            .update_expression(update)
+            .condition_expression("#o = :me AND #e = :e")
+            .expression_attribute_names("#o", A_OWNER)
+            .expression_attribute_names("#e", A_EPOCH)
+            .expression_attribute_names("#c", A_COUNTER)
+            .expression_attribute_values(":me", s(me))
+            .expression_attribute_values(":e", n(epoch))
+            .expression_attribute_values(":one", n(1));
+        for (name, attribute) in names {
+            request = request.expression_attribute_names(*name, *attribute);
+        }
+        match request.send().await {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
+            Err(e) => Err(unavailable(what, e)),
+        }
+    }
+
     /// Uses an existing client (e.g. [`DynamoTables::client`], so the process has one
     /// connection pool). Makes no request.
     pub fn new(client: Client, table_prefix: &str, shards: u16) -> Result<Self, LeaseError> {
@@ -390,50 +425,11 @@ impl LeaseStore for DynamoLeases {
     }
 
     async fn renew(&self, shard: ShardId, me: &str, epoch: u64) -> Result<bool, LeaseError> {
-        let out = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key(A_KEY, shard_key(shard))
-            .update_expression("SET #c = #c + :one")
-            .condition_expression("#o = :me AND #e = :e")
-            .expression_attribute_names("#o", A_OWNER)
-            .expression_attribute_names("#e", A_EPOCH)
-            .expression_attribute_names("#c", A_COUNTER)
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":e", n(epoch))
-            .expression_attribute_values(":one", n(1))
-            .send()
-            .await;
-        match out {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
-            Err(e) => Err(unavailable("UpdateItem (renew)", e)),
-        }
+        self.owner_update(shard, me, epoch, "SET #c = #c + :one", &[], "UpdateItem (renew)").await
     }
 
     async fn release(&self, shard: ShardId, me: &str, epoch: u64) -> Result<bool, LeaseError> {
-        let out = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key(A_KEY, shard_key(shard))
-            .update_expression("REMOVE #o, #p SET #c = #c + :one")
-            .condition_expression("#o = :me AND #e = :e")
-            .expression_attribute_names("#o", A_OWNER)
-            .expression_attribute_names("#p", A_ENDPOINT)
-            .expression_attribute_names("#e", A_EPOCH)
-            .expression_attribute_names("#c", A_COUNTER)
-            .expression_attribute_values(":me", s(me))
-            .expression_attribute_values(":e", n(epoch))
-            .expression_attribute_values(":one", n(1))
-            .send()
-            .await;
-        match out {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_conditional_check_failed_exception()) => Ok(false),
-            Err(e) => Err(unavailable("UpdateItem (release)", e)),
-        }
+        self.owner_update(shard, me, epoch, "REMOVE #o, #p SET #c = #c + :one", &[("#p", A_ENDPOINT)], "UpdateItem (release)").await
     }
 
     async fn heartbeat(&self, me: &NodeInfo) -> Result<(), LeaseError> {
