@@ -22,6 +22,7 @@
 //! how long it may keep trying. The table is small (shards + nodes, ~100 bytes a row), so
 //! a strongly consistent Scan of it every second costs a few read units per node.
 
+use crate::tables::dynamo::{n, s};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -138,14 +139,6 @@ pub struct DynamoLeases {
     client: Client,
     table: String,
     shards: u16,
-}
-
-fn n(v: impl ToString) -> AttributeValue {
-    AttributeValue::N(v.to_string())
-}
-
-fn s(v: impl Into<String>) -> AttributeValue {
-    AttributeValue::S(v.into())
 }
 
 fn shard_key(shard: ShardId) -> AttributeValue {

@@ -176,11 +176,13 @@ fn corrupt(table: &'static str, detail: impl Into<String>) -> TableError {
     TableError::Corrupt { table, detail: detail.into() }
 }
 
-fn n(v: impl ToString) -> AttributeValue {
+/// A number attribute (also used by the lease table, `cluster::lease`).
+pub(crate) fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
-fn s(v: impl Into<String>) -> AttributeValue {
+/// A string attribute (also used by the lease table, `cluster::lease`).
+pub(crate) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
