@@ -1012,6 +1012,7 @@ mod tests {
         b_store.stalled.store(true, Ordering::SeqCst);
         wait_until("a takes all 8", Duration::from_secs(30), || held(&a).len() == 8).await;
         assert!(held(&b).is_empty(), "b gives out no fence");
+        let a_had = held(&a);
 
         for (&shard, &old) in &b_had {
             let (lost_at, lost) = b_log.first(|e| matches!(e, ShardEvent::Lost { shard: s, .. } if *s == shard)).unwrap();
@@ -1044,8 +1045,10 @@ mod tests {
         // Back from the pause, b rejoins and gets its share by hand-off, under new epochs.
         b_store.stalled.store(false, Ordering::SeqCst);
         wait_until("4/4 again", Duration::from_secs(50), || held(&a).len() == 4 && held(&b).len() == 4).await;
+        // Which shards a hands back is the planner's choice, not necessarily b's old ones; each
+        // one b takes comes from a by a change of owner, so its epoch is above a's.
         for (shard, epoch) in held(&b) {
-            assert!(epoch >= 3, "shard {shard} back at epoch {epoch}: b, a, b");
+            assert!(epoch > a_had[&shard], "shard {shard} back at epoch {epoch}, a held it at {}", a_had[&shard]);
         }
         a.stop().await;
         b.stop().await;
