@@ -114,6 +114,7 @@ pub struct Config {
     pub tables: TablesConfig,
     pub admission: AdmissionSection,
     pub limits: Limits,
+    pub cluster: ClusterSection,
 }
 
 impl Default for Config {
@@ -133,6 +134,7 @@ impl Default for Config {
             tables: TablesConfig::default(),
             admission: AdmissionSection::default(),
             limits: Limits::default(),
+            cluster: ClusterSection::default(),
         }
     }
 }
@@ -427,6 +429,58 @@ impl Default for AdmissionSection {
             breaker_open_ms: 2_000,
             shed_queue_depth: 200_000,
             shed_flush_lag_secs: 120,
+        }
+    }
+}
+
+/// `[cluster]`: shard ownership under leases in DynamoDB (issue 12, ADR 005). With it,
+/// every consumer node consumes its share of the partition queues (the shards; their count
+/// is `bus.amqp.partitions`), acks wait for the tables, and every node forwards a day's
+/// reads to the node that owns its shard.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// Cluster mode. Needs a broker and DynamoDB tables.
+    pub enabled: bool,
+    /// This node's id, unique among running nodes (a restarted node may reuse its id).
+    /// Empty: `{host name}-{http port}`.
+    pub node_id: String,
+    /// The base URL other nodes forward reads to. Empty: `http://{host name}:{http port}`,
+    /// or `http://{http.listen}` when that is a specific address.
+    pub endpoint: String,
+    /// How long an unchanged lease stands before another node may take the shard over.
+    pub lease_ms: u64,
+    /// Heartbeat and lease renewal period.
+    pub renew_ms: u64,
+    /// Lease table scan period: rebalancing rounds and the read-forwarding map's refresh.
+    pub scan_ms: u64,
+    /// An owner stops using a lease this long before another node may take it.
+    pub safety_margin_ms: u64,
+    /// Timeout of one lease table request.
+    pub call_timeout_ms: u64,
+    /// Longest a cooperative hand-off waits for this node to flush and ack the shard.
+    pub handoff_timeout_ms: u64,
+    /// Longest a read waits for a shard whose owner is changing before it is answered
+    /// from the tables (with a header saying so).
+    pub forward_wait_ms: u64,
+    /// Timeout of one forwarded read.
+    pub forward_timeout_ms: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            enabled: false,
+            node_id: String::new(),
+            endpoint: String::new(),
+            lease_ms: 10_000,
+            renew_ms: 3_000,
+            scan_ms: 1_000,
+            safety_margin_ms: 2_000,
+            call_timeout_ms: 2_000,
+            handoff_timeout_ms: 30_000,
+            forward_wait_ms: 1_500,
+            forward_timeout_ms: 2_000,
         }
     }
 }
@@ -930,6 +984,45 @@ impl Config {
         }
     }
 
+    /// This node as the cluster knows it (`cluster.node_id`, `cluster.endpoint`, or their
+    /// defaults from the host name and the HTTP port).
+    pub fn cluster_node(&self) -> crate::cluster::NodeInfo {
+        let host = || {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| "localhost".into())
+        };
+        let port = self.http.listen.port();
+        let id = match self.cluster.node_id.as_str() {
+            "" => format!("{}-{port}", host()),
+            id => id.to_string(),
+        };
+        let endpoint = match self.cluster.endpoint.as_str() {
+            "" if self.http.listen.ip().is_unspecified() => format!("http://{}:{port}", host()),
+            "" => format!("http://{}", self.http.listen),
+            e => e.trim_end_matches('/').to_string(),
+        };
+        crate::cluster::NodeInfo { id, endpoint }
+    }
+
+    /// The lease keeper's timings (`[cluster]`).
+    pub fn keeper_config(&self) -> crate::cluster::KeeperConfig {
+        let c = &self.cluster;
+        let ms = Duration::from_millis;
+        crate::cluster::KeeperConfig {
+            lease_duration: ms(c.lease_ms),
+            renew_interval: ms(c.renew_ms),
+            scan_interval: ms(c.scan_ms),
+            safety_margin: ms(c.safety_margin_ms),
+            call_timeout: ms(c.call_timeout_ms),
+            handoff_timeout: ms(c.handoff_timeout_ms),
+            ..crate::cluster::KeeperConfig::new(self.cluster_node())
+        }
+    }
+
     /// Combinations that cannot work, or that would be unsafe, refused at start with the
     /// reason.
     fn check(&self) -> Result<(), String> {
@@ -959,6 +1052,20 @@ impl Config {
         }
         if self.bus.amqp.partitions == 0 {
             return Err("bus.amqp.partitions must be at least 1".into());
+        }
+        if self.cluster.enabled {
+            if self.bus.broker.is_none() || self.tables.store != TableStore::Dynamodb {
+                return Err("cluster.enabled needs a broker (bus.broker) and DynamoDB tables (tables.store = \"dynamodb\")".into());
+            }
+            if consume && self.consumer.ack_after != AckAfter::Table {
+                return Err(
+                    "cluster.enabled needs consumer.ack_after = \"table\": a shard's next owner finds every acked ride in the tables"
+                        .into(),
+                );
+            }
+            if consume {
+                self.keeper_config().validate().map_err(|e| e.to_string())?;
+            }
         }
         Ok(())
     }
@@ -1037,6 +1144,10 @@ mod tests {
             }
             if path != "tables.dynamodb.endpoint" {
                 vars.push(("LIFTLOG_TABLES__DYNAMODB__ENDPOINT".into(), "http://127.0.0.1:8000".into()));
+            }
+            // cluster.enabled needs acks after the tables.
+            if path == "cluster.enabled" {
+                vars.push(("LIFTLOG_CONSUMER__ACK_AFTER".into(), "table".into()));
             }
             let r = Config::resolve_with_env(&ServeArgs::default(), vars.clone()).unwrap_or_else(|e| panic!("{path}: {e}"));
             assert!(r.warnings.is_empty(), "{path}: {:?}", r.warnings);
