@@ -1054,8 +1054,9 @@ impl Config {
             return Err("bus.amqp.partitions must be at least 1".into());
         }
         if self.cluster.enabled {
-            if self.bus.broker.is_none() || self.tables.store != TableStore::Dynamodb {
-                return Err("cluster.enabled needs a broker (bus.broker) and DynamoDB tables (tables.store = \"dynamodb\")".into());
+            // A read-only node needs no broker: it finds owners in the lease table.
+            if (self.bus.broker.is_none() && (write || consume)) || self.tables.store != TableStore::Dynamodb {
+                return Err("cluster.enabled needs a broker (bus.broker) on write and consume nodes, and DynamoDB tables (tables.store = \"dynamodb\")".into());
             }
             if consume && self.consumer.ack_after != AckAfter::Table {
                 return Err(

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::actors::consumer::{Consumer, Progress};
+use crate::actors::consumer::{ClusterLink, Consumer, Progress};
 use crate::actors::flusher::Flusher;
 use crate::actors::registry::Registry;
 use crate::actors::season_index::SeasonIndex;
@@ -25,6 +25,7 @@ use crate::bus::admission::{Admitted, Pressure};
 use crate::bus::amqp::{self, AmqpPublisher, AmqpSource};
 use crate::bus::{embedded, EventSource, Publisher, Stop};
 use crate::catalog::Catalog;
+use crate::cluster::{DynamoLeases, KeeperHandle, LeaseKeeper};
 use crate::config::{Config, Role, TableStore};
 use crate::http::{self, stats::RequestStats, AppState, ConsumerNode};
 use crate::tables::dynamo::DynamoTables;
@@ -56,6 +57,8 @@ struct ConsumeTasks {
     flusher_task: tokio::task::JoinHandle<()>,
     /// Bound on the flusher's last cycles at shutdown (`flush.shutdown_timeout_ms`).
     final_flush: Duration,
+    /// Cluster mode: the lease keeper, stopped (every shard handed off) before the rest.
+    keeper: Option<KeeperHandle>,
 }
 
 async fn open_tables(config: &Config) -> anyhow::Result<Arc<dyn Tables>> {
@@ -80,41 +83,47 @@ pub async fn create_tables(config: &Config) -> anyhow::Result<()> {
 
 type SourceStatsFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// The consume end of the bus: the source, its figures for the admin view, and in cluster
+/// mode the handle that picks the partition queues it consumes.
+struct SourceEnd {
+    source: Box<dyn EventSource>,
+    stats: Option<SourceStatsFn>,
+    subscriptions: Option<amqp::Subscriptions>,
+}
+
 /// The bus ends this node needs: a publisher if it writes, a source if it consumes.
-async fn open_bus(config: &Config) -> anyhow::Result<(Option<Arc<dyn Publisher>>, Option<Box<dyn EventSource>>, Option<SourceStatsFn>)> {
+async fn open_bus(config: &Config) -> anyhow::Result<(Option<Arc<dyn Publisher>>, Option<SourceEnd>)> {
     let (write, consume) = (config.has_role(Role::Write), config.has_role(Role::Consume));
     match &config.bus.broker {
         None => {
             // Config::check guarantees write == consume here.
             let (p, s) = embedded::channel(config.bus.capacity, config.publish_deadline());
-            Ok((Some(Arc::new(p)), Some(Box::new(s)), None))
+            Ok((Some(Arc::new(p)), Some(SourceEnd { source: Box::new(s), stats: None, subscriptions: None })))
         }
         Some(url) => {
             let amqp = config.amqp_config(url.expose());
             amqp::declare_topology(&amqp).await?;
             let publisher: Option<Arc<dyn Publisher>> =
                 if write { Some(Arc::new(AmqpPublisher::connect(amqp.clone()).await?)) } else { None };
-            let (source, stats): (Option<Box<dyn EventSource>>, Option<SourceStatsFn>) = if consume {
-                let source = AmqpSource::connect(amqp).await?;
+            let source = if consume {
+                // Cluster mode: no queue until the keeper hands this node its shards.
+                let source = if config.cluster.enabled { AmqpSource::connect_sharded(amqp).await? } else { AmqpSource::connect(amqp).await? };
                 let handle = source.stats_handle();
                 let stats: SourceStatsFn = Arc::new(move || serde_json::to_value(handle.snapshot()).unwrap_or_default());
-                (Some(Box::new(source)), Some(stats))
+                let subscriptions = config.cluster.enabled.then(|| source.subscriptions());
+                Some(SourceEnd { source: Box::new(source), stats: Some(stats), subscriptions })
             } else {
-                (None, None)
+                None
             };
-            Ok((publisher, source, stats))
+            Ok((publisher, source))
         }
     }
 }
 
 /// Opens the WAL, rebuilds state (the seasons from the tables, then the WAL replay into
 /// the actors) and starts the consumer and the flusher.
-async fn start_consumer(
-    config: &Config,
-    tables: Arc<dyn Tables>,
-    source: Box<dyn EventSource>,
-    source_stats: Option<SourceStatsFn>,
-) -> anyhow::Result<(ConsumerNode, ConsumeTasks)> {
+async fn start_consumer(config: &Config, tables: Arc<dyn Tables>, end: SourceEnd) -> anyhow::Result<(ConsumerNode, ConsumeTasks)> {
+    let SourceEnd { source, stats: source_stats, subscriptions } = end;
     let (wal, recovery) = Wal::open(config.wal_config())?;
     let wal = Arc::new(wal);
     tracing::info!(checkpoint = recovery.checkpoint, records = recovery.records, truncated = recovery.truncated_records, "WAL opened");
@@ -145,25 +154,54 @@ async fn start_consumer(
         ack_after: config.consumer.ack_after,
     };
     progress.max_unflushed_rides.store(config.actors.max_unflushed_rides, Ordering::Relaxed);
-    consumer.replay().await?;
+    if config.cluster.enabled {
+        // Not replayed: acks wait for the tables, so every record past the checkpoint holds
+        // rides the broker still has and redelivers to whichever node owns their shard now
+        // (replaying them here would apply rides of shards this node may never hold again).
+        let last = wal.last_seq();
+        if last > wal.checkpoint() {
+            tracing::info!(from = wal.checkpoint() + 1, to = last, "cluster mode: the WAL's unacked tail is left to the broker's redelivery");
+            wal.set_checkpoint(last)?;
+        }
+        progress.dispatched_seq.store(last, Ordering::Release);
+        progress.acked_through.store(last, Ordering::Release);
+    } else {
+        consumer.replay().await?;
+    }
 
     let disk_guard = (config.tables.store == TableStore::Sled && config.wal.min_free_disk_bytes > 0)
         .then(|| (config.data_dir.join("tables"), config.wal.min_free_disk_bytes / 4));
     let flusher =
         Flusher::new(registry.clone(), tables, wal.clone(), seasons.clone(), progress.clone(), config.flush.rides_per_actor, disk_guard)
             .with_abort_mid_flush(fault("LIFTLOG_FAULT_ABORT_MID_FLUSH"));
+    let keeper = match subscriptions {
+        Some(subscriptions) => {
+            let shards = config.bus.amqp.partitions;
+            let leases = DynamoLeases::connect(config.dynamo_config(), shards).await?;
+            let (keeper, events) = LeaseKeeper::start(config.keeper_config(), Arc::new(leases)).await?;
+            tracing::info!(node = %keeper.node().id, endpoint = %keeper.node().endpoint, shards, "cluster mode: lease keeper started");
+            Some(ClusterLink { keeper, events, subscriptions, shards })
+        }
+        None => None,
+    };
+    let flusher = match &keeper {
+        Some(link) => flusher.with_fencing(link.keeper.clone(), link.shards),
+        None => flusher,
+    };
     let flusher = Arc::new(flusher);
     let (flusher_stop, stop_rx) = tokio::sync::watch::channel(false);
     let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush.interval_ms.max(10)), stop_rx));
     let source_stop = source.stop_handle();
     let pause = Stop::default();
     // On the system arbiter: activating an aggregator starts an actix actor.
-    let consumer_task = actix_rt::spawn(consumer.run(source, pause.clone()));
+    let keeper_handle = keeper.as_ref().map(|link| link.keeper.clone());
+    let consumer_task = actix_rt::spawn(consumer.run_with(source, pause.clone(), keeper));
     let index_complete = config.bus.broker.is_none();
     let node = ConsumerNode { registry, index, index_complete, seasons, wal, recovery, progress, flusher, source_stats };
     let broker = config.bus.broker.is_some();
     let final_flush = Duration::from_millis(config.flush.shutdown_timeout_ms);
-    Ok((node, ConsumeTasks { source_stop, pause, broker, consumer_task, flusher_stop, flusher_task, final_flush }))
+    let tasks = ConsumeTasks { source_stop, pause, broker, consumer_task, flusher_stop, flusher_task, final_flush, keeper: keeper_handle };
+    Ok((node, tasks))
 }
 
 /// Wraps the publisher in admission control whose pressure reads the bus, and the WAL and
@@ -204,10 +242,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     });
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     let tables = open_tables(&config).await?;
-    let (publisher, source, source_stats) = open_bus(&config).await?;
+    let (publisher, source) = open_bus(&config).await?;
     let (node, consume) = match source {
-        Some(source) => {
-            let (node, tasks) = start_consumer(&config, tables.clone(), source, source_stats).await?;
+        Some(end) => {
+            let (node, tasks) = start_consumer(&config, tables.clone(), end).await?;
             (Some(node), Some(tasks))
         }
         None => (None, None),
@@ -330,6 +368,13 @@ impl Running {
             tracing::info!("shutdown complete");
             return Ok(());
         };
+        if let Some(keeper) = &tasks.keeper {
+            // Cluster mode: hand every shard off while the consumer and the flusher still run
+            // (each is drained, flushed, acked, then released), so the next owners take over
+            // at once instead of after a lease.
+            tracing::info!("shutdown: handing the shards off");
+            keeper.stop().await;
+        }
         // Broker: stop between batches but keep the subscription, so a standby does not
         // take the partitions while this node still writes its last rides; it does once
         // the source is dropped after the final flush, and gets what was never applied.

@@ -33,8 +33,10 @@
 
 mod common;
 
+use common::leases::Leases;
 use common::{agent, call, get, wait_for, Expected, Ride, Rng};
 use serde_json::Value;
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,6 +61,13 @@ struct Cluster {
     base: String,
     /// Nodes stopped, killed or frozen on purpose: not asked for figures.
     down: BTreeSet<String>,
+    /// The cluster's shard lease table, read straight from DynamoDB.
+    leases: Leases,
+    /// Expectations about how shards moved (hand-off or takeover, lost or not) that did not
+    /// hold. They fail the test at its end, not at once, so that one run shows every
+    /// scenario's: the scenarios after one still run on a sound cluster, and a wrong count
+    /// is never a reason to stop looking. Exactness and balance fail at once.
+    findings: RefCell<Vec<String>>,
     _tmp: tempfile::TempDir,
 }
 
@@ -82,10 +91,13 @@ impl Cluster {
         if let (Ok(amqp), Ok(dynamodb)) = (std::env::var("LIFTLOG_TEST_AMQP"), std::env::var("LIFTLOG_TEST_DYNAMODB")) {
             (settings.services, settings.broker, settings.dynamodb) = (false, amqp, dynamodb);
         }
+        let leases = Leases::connect(&settings.dynamodb, &format!("{}_", settings.prefix), SHARDS);
         let mut c = Cluster {
             kit: cluster::Cluster::new(settings).expect("cluster settings"),
             base: format!("http://127.0.0.1:{port}"),
             down: BTreeSet::new(),
+            leases,
+            findings: RefCell::new(Vec::new()),
             _tmp: tmp,
         };
         // The guard exists before `up`, so a half-started cluster is torn down too.
@@ -127,6 +139,21 @@ impl Cluster {
         self.down.remove(name);
     }
 
+    /// Records a finding unless `ok` (see [`Cluster::findings`]).
+    fn expect(&self, ok: bool, finding: impl FnOnce() -> String) {
+        if !ok {
+            let text = finding();
+            eprintln!("FINDING: {text}");
+            self.findings.borrow_mut().push(text);
+        }
+    }
+
+    /// Fails the test if any expectation did not hold.
+    fn assert_no_findings(&self) {
+        let findings = self.findings.borrow();
+        assert!(findings.is_empty(), "{} expectations did not hold:\n{}", findings.len(), findings.join("\n---\n"));
+    }
+
     /// Every process's `/ready` (and the services', when the cluster brought them).
     fn status(&self) -> cluster::Status {
         self.kit.status().expect("cluster status")
@@ -166,7 +193,7 @@ impl Drop for Cluster {
     /// closed pipe), and a panic here while the test panics would abort before `down`.
     fn drop(&mut self) {
         use std::io::Write as _;
-        let diagnostics = std::thread::panicking().then(|| self.diagnostics());
+        let diagnostics = std::thread::panicking().then(|| format!("{}\nfindings: {:#?}", self.diagnostics(), self.findings.borrow()));
         let down = self.kit.down(true);
         let mut err = std::io::stderr().lock();
         if let Some(text) = diagnostics {
@@ -311,47 +338,90 @@ impl Load {
 
 // -------------------------------------------------------------------- shards ---
 
-/// One consumer's `keeper` of `GET /admin/cluster`: the shards it holds and its counters.
+/// One consumer's share of the shards, as the lease table and the node itself show it.
+///
+/// `held` comes from the lease table (the record every keeper writes to), `consuming`
+/// from the node's `/admin/wal` (`source.subscribed`: the queues it consumes). The
+/// keeper's own counters come from `GET /admin/cluster` when the node has that route
+/// (built with read forwarding); without it, the consumer's figures in `/admin/wal`
+/// (`shards_handed_off`, `shards_lost`) stand in, and the counters only the keeper has
+/// (`taken_over`, `acquired`, `lost_deadline`) are None.
 #[derive(Debug, Clone)]
 struct Keeper {
-    /// Held shards and their epochs, hand-offs in progress included.
+    /// Shards the lease table says it owns, and their epochs.
     held: BTreeMap<u16, u64>,
-    /// Held shards being handed off.
+    /// Shards whose queue it consumes now.
+    consuming: BTreeSet<u16>,
+    /// Held shards it is handing off: the keeper's `draining`, or else held but no longer
+    /// consumed (a hand-off cancels the subscription first, then releases the lease).
     draining: BTreeSet<u16>,
-    stats: Value,
+    /// Shards handed off (after their flush and acks) and lost (lease gone without one).
+    handed_off: u64,
+    lost: u64,
+    /// The keeper's `stats` (KeeperStats) when the node has `/admin/cluster`.
+    stats: Option<Value>,
 }
 
 impl Keeper {
-    fn of(v: &Value) -> Option<Keeper> {
-        let k = v.get("keeper").filter(|k| !k.is_null())?;
-        let mut held = BTreeMap::new();
-        let mut draining = BTreeSet::new();
-        for h in k["held"].as_array()? {
-            let shard = h["shard"].as_u64()? as u16;
-            held.insert(shard, h["epoch"].as_u64()?);
-            if h["draining"].as_bool() == Some(true) {
-                draining.insert(shard);
-            }
-        }
-        Some(Keeper { held, draining, stats: k.clone() })
-    }
-
-    fn counter(&self, name: &str) -> u64 {
-        self.stats[name].as_u64().unwrap_or(0)
-    }
-
-    /// Shards lost (not handed off) and taken over from an expired lease, so far.
-    fn lost(&self) -> u64 {
-        ["lost_deadline", "lost_refused", "lost_stolen"].iter().map(|k| self.counter(k)).sum()
+    /// A KeeperStats counter; None without `/admin/cluster`.
+    fn counter(&self, name: &str) -> Option<u64> {
+        self.stats.as_ref().and_then(|s| s[name].as_u64())
     }
 }
 
-/// A node's keeper (None if it has none or does not answer).
+/// The keepers of the live consumers that answer, from one look at the lease table.
+fn keepers(c: &Cluster) -> BTreeMap<String, Keeper> {
+    let Some(owners) = c.leases.owners() else { return BTreeMap::new() };
+    c.live(Role::Consume)
+        .into_iter()
+        .filter_map(|name| {
+            let wal = c.admin(&name, "/admin/wal")?;
+            let consuming: BTreeSet<u16> =
+                wal["source"]["subscribed"].as_array()?.iter().filter_map(|s| s.as_u64()).map(|s| s as u16).collect();
+            let held: BTreeMap<u16, u64> = owners
+                .iter()
+                .enumerate()
+                .filter_map(|(s, o)| o.as_ref().filter(|(n, _)| *n == name).map(|(_, e)| (s as u16, *e)))
+                .collect();
+            let stats = c.admin(&name, "/admin/cluster").and_then(|v| v.get("keeper").filter(|k| !k.is_null()).cloned());
+            let num = |v: &Value| v.as_u64().unwrap_or(0);
+            let k = match &stats {
+                Some(s) => Keeper {
+                    draining: s["held"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|h| h["draining"].as_bool() == Some(true))
+                        .filter_map(|h| h["shard"].as_u64())
+                        .map(|s| s as u16)
+                        .collect(),
+                    handed_off: num(&s["released"]),
+                    lost: ["lost_deadline", "lost_refused", "lost_stolen"].iter().map(|k| num(&s[*k])).sum(),
+                    held,
+                    consuming,
+                    stats,
+                },
+                None => Keeper {
+                    draining: held.keys().filter(|s| !consuming.contains(s)).copied().collect(),
+                    handed_off: num(&wal["consumer"]["shards_handed_off"]),
+                    lost: num(&wal["consumer"]["shards_lost"]),
+                    held,
+                    consuming,
+                    stats: None,
+                },
+            };
+            Some((name, k))
+        })
+        .collect()
+}
+
+/// One node's keeper (None if it does not answer).
 fn keeper(c: &Cluster, name: &str) -> Option<Keeper> {
-    Keeper::of(&c.admin(name, "/admin/cluster")?)
+    keepers(c).remove(name)
 }
 
-/// The owner `(node, epoch)` of every shard in a node's map, if it has a full one.
+/// The owner `(node, epoch)` of every shard in a node's own map (`/admin/cluster`), if it
+/// has a full one; an owner it judges expired counts as none.
 fn map_of(v: &Value) -> Option<Vec<Option<(String, u64)>>> {
     let shards = v["map"]["shards"].as_array().filter(|s| s.len() == usize::from(SHARDS))?;
     shards
@@ -366,58 +436,67 @@ fn map_of(v: &Value) -> Option<Vec<Option<(String, u64)>>> {
         .collect()
 }
 
-/// True if the live consumers run keepers (cluster mode is wired into the binary).
+/// True if the consumers run lease keepers (cluster mode is wired into the binary): their
+/// heartbeat rows appear in the lease table within a few seconds of start.
 fn cluster_mode(c: &Cluster) -> bool {
-    c.live(Role::Consume).iter().any(|n| keeper(c, n).is_some())
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if c.leases.snapshot().is_some_and(|t| !t.nodes.is_empty()) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Where the shards stand now: each live consumer's keeper, and why the cluster is not
 /// balanced over them (None: balanced). Balanced means every shard held by exactly one of
-/// them with nothing draining, each holding `SHARDS / n` ± 1, and every node that has a
-/// map (every node with read forwarding) showing exactly those owners and epochs.
+/// them with nothing draining, each consuming exactly the queues of the shards it holds,
+/// each holding `SHARDS / n` ± 1, and every node that has a map of its own (read
+/// forwarding) showing exactly the lease table's owners and epochs.
 fn unbalanced(c: &Cluster) -> (BTreeMap<String, Keeper>, Option<String>) {
     let consumers = c.live(Role::Consume);
-    let keepers: BTreeMap<String, Keeper> = consumers.iter().filter_map(|n| keeper(c, n).map(|k| (n.clone(), k))).collect();
+    let keepers = keepers(c);
     if keepers.len() < consumers.len() {
         let missing: Vec<&String> = consumers.iter().filter(|n| !keepers.contains_key(*n)).collect();
-        return (keepers, Some(format!("no keeper answers on {missing:?}")));
+        return (keepers, Some(format!("no /admin/wal with source.subscribed (or no lease table) on {missing:?}")));
     }
-    let mut owner: BTreeMap<u16, (String, u64)> = BTreeMap::new();
-    for (name, k) in &keepers {
-        if !k.draining.is_empty() {
-            return (keepers.clone(), Some(format!("{name} is handing off {:?}", k.draining)));
-        }
-        for (shard, epoch) in &k.held {
-            if let Some((other, _)) = owner.insert(*shard, (name.clone(), *epoch)) {
-                return (keepers.clone(), Some(format!("shard {shard} held by {other} and {name}")));
+    let why = || {
+        let mut owner: BTreeMap<u16, (String, u64)> = BTreeMap::new();
+        for (name, k) in &keepers {
+            if !k.draining.is_empty() {
+                return Some(format!("{name} is handing off {:?}", k.draining));
             }
+            let held: BTreeSet<u16> = k.held.keys().copied().collect();
+            if k.consuming != held {
+                return Some(format!("{name} consumes {:?} but holds {held:?}", k.consuming));
+            }
+            owner.extend(k.held.iter().map(|(s, e)| (*s, (name.clone(), *e))));
         }
-    }
-    if owner.len() != usize::from(SHARDS) {
-        let free: Vec<u16> = (0..SHARDS).filter(|s| !owner.contains_key(s)).collect();
-        return (keepers, Some(format!("shards {free:?} held by none of {consumers:?}")));
-    }
-    let share = f64::from(SHARDS) / consumers.len() as f64;
-    for (name, k) in &keepers {
-        if (k.held.len() as f64 - share).abs() > 1.0 {
-            return (keepers.clone(), Some(format!("{name} holds {} shards, not {share:.1} ± 1", k.held.len())));
+        if owner.len() != usize::from(SHARDS) {
+            let free: Vec<u16> = (0..SHARDS).filter(|s| !owner.contains_key(s)).collect();
+            return Some(format!("shards {free:?} held by none of {consumers:?}"));
         }
-    }
-    let want: Vec<Option<(String, u64)>> = (0..SHARDS).map(|s| owner.get(&s).cloned()).collect();
-    for name in c.kit.nodes().into_iter().map(|n| n.name).filter(|n| !c.down.contains(n)) {
-        let Some(map) = c.admin(&name, "/admin/cluster").as_ref().and_then(map_of) else {
+        let share = f64::from(SHARDS) / consumers.len() as f64;
+        if let Some((name, k)) = keepers.iter().find(|(_, k)| (k.held.len() as f64 - share).abs() > 1.0) {
+            return Some(format!("{name} holds {} shards, not {share:.1} ± 1", k.held.len()));
+        }
+        let want: Vec<Option<(String, u64)>> = (0..SHARDS).map(|s| owner.get(&s).cloned()).collect();
+        for name in c.kit.nodes().into_iter().map(|n| n.name).filter(|n| !c.down.contains(n)) {
             // A node without a map of its own (no read forwarding in this build) has
-            // nothing to agree with; a consumer always has one.
-            if consumers.contains(&name) {
-                return (keepers, Some(format!("{name} shows no map of {SHARDS} shards")));
+            // nothing to agree with.
+            if let Some(map) = c.admin(&name, "/admin/cluster").as_ref().and_then(map_of) {
+                if map != want {
+                    return Some(format!("{name}'s map {map:?} is not the lease table's {want:?}"));
+                }
             }
-            continue;
-        };
-        if map != want {
-            return (keepers, Some(format!("{name}'s map {map:?} is not the keepers' {want:?}")));
         }
-    }
-    (keepers, None)
+        None
+    };
+    let why = why();
+    (keepers, why)
 }
 
 /// Waits until the shards are balanced over the live consumers (see [`unbalanced`]);
@@ -438,12 +517,12 @@ fn wait_balanced(c: &Cluster, what: &str, within: Duration) -> (BTreeMap<String,
 }
 
 /// Waits until every shard of `shards` is held by one of the live consumers other than
-/// `from`, none of them draining; returns the seconds it took.
+/// `from` and consumed by it; returns the seconds it took.
 fn wait_moved(c: &Cluster, from: &str, shards: &BTreeSet<u16>, what: &str, within: Duration) -> f64 {
     let started = Instant::now();
     loop {
-        let others: Vec<Keeper> = c.live(Role::Consume).iter().filter(|n| *n != from).filter_map(|n| keeper(c, n)).collect();
-        let moved = shards.iter().all(|s| others.iter().any(|k| k.held.contains_key(s) && !k.draining.contains(s)));
+        let others = keepers(c);
+        let moved = shards.iter().all(|s| others.iter().any(|(n, k)| n != from && k.held.contains_key(s) && k.consuming.contains(s)));
         if moved {
             return started.elapsed().as_secs_f64();
         }
@@ -452,35 +531,66 @@ fn wait_moved(c: &Cluster, from: &str, shards: &BTreeSet<u16>, what: &str, withi
     }
 }
 
-/// Each consumer's held shards and loss counters, one line each, for failure messages.
-fn shard_report(c: &Cluster) -> String {
-    c.nodes(Role::Consume)
-        .into_iter()
-        .map(|n| match c.admin(&n, "/admin/cluster") {
-            Some(v) => {
-                let k = &v["keeper"];
-                format!(
-                    "{n}: held={} acquired={} taken_over={} released={} lost(deadline/refused/stolen)={}/{}/{} live_nodes={} map={}",
-                    k["held"],
-                    k["acquired"],
-                    k["taken_over"],
-                    k["released"],
-                    k["lost_deadline"],
-                    k["lost_refused"],
-                    k["lost_stolen"],
-                    k["live_nodes"],
-                    v["map"]["shards"]
-                )
-            }
-            None => format!("{n}: no answer on /admin/cluster"),
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+/// Why a node's keeper lost shards since the node started, by reason (`Deadline`,
+/// `Refused`, `Stolen`), from its log's `shard lost` lines: the keeper's counters
+/// (`lost_deadline`, ...) for a node without `/admin/cluster`, which shows them otherwise.
+fn lost_in_log(c: &Cluster, name: &str) -> BTreeMap<String, u64> {
+    let log = c.kit.logs(name, 200_000).unwrap_or_default();
+    // This run only: every start appends a `=== <time>: <command>` line.
+    let run = log.rfind("\n=== ").map_or(log.as_str(), |i| &log[i..]);
+    let mut reasons = BTreeMap::new();
+    for line in run.lines().filter(|l| l.contains("shard lost")) {
+        let plain: String = strip_ansi(line);
+        let reason = plain.split_whitespace().find_map(|w| w.strip_prefix("reason=")).unwrap_or("?");
+        *reasons.entry(reason.to_string()).or_default() += 1;
+    }
+    reasons
 }
 
-/// Each node's counter `name` grew by how much since `before`.
-fn grew(before: &BTreeMap<String, Keeper>, after: &BTreeMap<String, Keeper>, name: &str) -> BTreeMap<String, u64> {
-    after.iter().map(|(n, k)| (n.clone(), k.counter(name).saturating_sub(before.get(n).map_or(0, |b| b.counter(name))))).collect()
+/// `text` without the terminal colour codes the nodes' text log format writes.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            // ESC [ ... m
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
+
+/// The lease table and each consumer's shards and counters, for failure messages.
+fn shard_report(c: &Cluster) -> String {
+    let mut lines = vec![format!("lease table (owner, epoch) by shard: {:?}", c.leases.owners())];
+    let keepers = keepers(c);
+    for n in c.nodes(Role::Consume) {
+        lines.push(match keepers.get(&n) {
+            Some(k) => format!(
+                "{n}: held={:?} consuming={:?} draining={:?} handed_off={} lost={} (in its log, by reason: {:?}) keeper={}",
+                k.held,
+                k.consuming,
+                k.draining,
+                k.handed_off,
+                k.lost,
+                lost_in_log(c, &n),
+                k.stats.as_ref().map_or_else(|| "(no /admin/cluster)".into(), |s| s.to_string())
+            ),
+            None => format!("{n}: no answer (down: {})", c.down.contains(&n)),
+        });
+    }
+    lines.join("\n")
+}
+
+/// How much each node's figure grew since `before` (a node new since then from 0).
+fn grew(before: &BTreeMap<String, Keeper>, after: &BTreeMap<String, Keeper>, figure: impl Fn(&Keeper) -> u64) -> BTreeMap<String, u64> {
+    after.iter().map(|(n, k)| (n.clone(), figure(k).saturating_sub(before.get(n).map_or(0, &figure)))).collect()
 }
 
 /// `keepers` without the one of node `name`.
@@ -574,21 +684,26 @@ fn wait_drained(c: &Cluster, what: &str) -> f64 {
     }
 }
 
-/// Why not every shard is held by exactly one live consumer, undrained (None: it is).
+/// Why not every shard is held by exactly one live consumer that consumes its queue and is
+/// not handing it off (None: each is).
 fn unbalanced_owners(c: &Cluster) -> Option<String> {
-    let mut owners: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-    for n in c.live(Role::Consume) {
-        let Some(k) = keeper(c, &n) else { return Some(format!("{n} has no keeper")) };
+    let consumers = c.live(Role::Consume);
+    let keepers = keepers(c);
+    if let Some(n) = consumers.iter().find(|n| !keepers.contains_key(*n)) {
+        return Some(format!("{n} does not answer"));
+    }
+    let mut owners: BTreeMap<u16, Vec<&String>> = BTreeMap::new();
+    for (n, k) in &keepers {
         if !k.draining.is_empty() {
             return Some(format!("{n} is handing off {:?}", k.draining));
         }
-        for s in k.held.keys() {
-            owners.entry(*s).or_default().push(n.clone());
+        for s in k.held.keys().filter(|s| k.consuming.contains(s)) {
+            owners.entry(*s).or_default().push(n);
         }
     }
-    let wrong: Vec<(u16, Vec<String>)> =
+    let wrong: Vec<(u16, Vec<&String>)> =
         (0..SHARDS).map(|s| (s, owners.remove(&s).unwrap_or_default())).filter(|(_, o)| o.len() != 1).collect();
-    (!wrong.is_empty()).then(|| format!("owners {wrong:?}"))
+    (!wrong.is_empty()).then(|| format!("shards not held and consumed by exactly one live consumer: {wrong:?}"))
 }
 
 /// The flusher's figures of every consumer (`GET /admin/wal`), one line each: what a
@@ -678,11 +793,7 @@ fn consumer_nodes_share_the_shards_through_join_kill_freeze_and_rolling_restart_
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let started = Instant::now();
     let mut c = Cluster::up(1, 3, 1);
-    assert!(
-        cluster_mode(&c),
-        "the consumers run no lease keeper (GET /admin/cluster has no keeper): this binary has no cluster mode\n{}",
-        shard_report(&c)
-    );
+    assert!(cluster_mode(&c), "no consumer heartbeats in the lease table: this binary has no cluster mode wired\n{}", shard_report(&c));
     let mut model = Vec::new();
 
     let t = Instant::now();
@@ -713,24 +824,26 @@ fn consumer_nodes_share_the_shards_through_join_kill_freeze_and_rolling_restart_
     let status = c.status();
     assert!(status.ok(), "every node ready:\n{status}");
     eprintln!("consumer nodes: {:.1}s in all", started.elapsed().as_secs_f64());
+    c.assert_no_findings();
 }
 
-/// 1. Soon after start each of the three consumers holds a third of the shards (± 1), and
-///    every node's map shows the same owners and epochs.
+/// 1. Soon after start each of the three consumers holds a third of the shards (± 1),
+///    consumes exactly their queues, and every node's map shows the same owners and epochs.
 fn three_consumers_hold_a_third_each(c: &Cluster) {
     // A keeper waits a whole lease before it judges anything expired, and a node counts
     // for the others only from its second heartbeat: a few leases are plenty.
     let (keepers, _) = wait_balanced(c, "three consumers after start", LEASE * 5);
     assert_eq!(keepers.len(), 3);
     for (name, k) in &keepers {
-        assert_eq!(k.counter("shards"), u64::from(SHARDS), "{name}'s keeper knows the shard count");
-        // At start nothing was anyone's: every shard was free, none taken from an expired lease.
-        assert_eq!((k.counter("taken_over"), k.lost()), (0, 0), "{name} at start: {}", k.stats);
+        // At start nothing was anyone's: every shard was free, none lost or taken over.
+        c.expect(k.lost == 0, || format!("at start: {name} lost {} shards (none was anyone's)\n{}", k.lost, shard_report(c)));
+        c.expect(k.counter("taken_over").unwrap_or(0) == 0, || format!("at start: {name} took a shard over\n{}", shard_report(c)));
+        assert!(k.held.values().all(|e| *e >= 1), "{name}'s epochs: {:?}", k.held);
     }
 }
 
-/// 2. A fourth consumer joins under load: the others hand it shards cooperatively (their
-///    keepers count releases, nobody takes a lease over or loses one), 3/3/3/3 ± 1, exact.
+/// 2. A fourth consumer joins under load: the others hand it shards cooperatively (they
+///    count hand-offs, nobody loses a shard or takes a lease over), 3/3/3/3 ± 1, exact.
 fn a_fourth_consumer_joins_by_hand_off(c: &mut Cluster, model: &mut Vec<Ride>) {
     let load = Load::steady(&c.base, 7101);
     load.wait_more(300, "before the join");
@@ -742,20 +855,31 @@ fn a_fourth_consumer_joins_by_hand_off(c: &mut Cluster, model: &mut Vec<Ride>) {
     model.extend(load.finish());
 
     let k4 = &after[&joined];
-    assert!(k4.held.len() >= 2, "{joined} must have shards: {}", k4.stats);
-    let (taken, lost) = (grew(&before, &after, "taken_over"), after.values().map(Keeper::lost).sum::<u64>());
-    assert!(taken.values().all(|n| *n == 0), "a join moves shards by hand-off, never by takeover: taken_over grew {taken:?}");
-    assert_eq!(lost, before.values().map(Keeper::lost).sum::<u64>(), "nobody lost a shard in a join\n{}", shard_report(c));
-    let released: u64 = grew(&before, &after, "released").values().sum();
-    assert!(released >= k4.held.len() as u64, "{joined}'s {} shards came from releases ({released})", k4.held.len());
-    assert_eq!(k4.counter("acquired"), k4.held.len() as u64, "{joined} acquired each of its shards once: {}", k4.stats);
-    eprintln!("{joined} joined: balanced {took:.1}s later, {released} shards handed off");
+    assert!(k4.held.len() >= 2, "{joined} must have shards\n{}", shard_report(c));
+    let lost = grew(&before, &after, |k| k.lost);
+    c.expect(lost.values().all(|n| *n == 0), || format!("join: nobody loses a shard in a join, lost grew {lost:?}\n{}", shard_report(c)));
+    let taken = grew(&before, &after, |k| k.counter("taken_over").unwrap_or(0));
+    c.expect(taken.values().all(|n| *n == 0), || format!("join: shards move by hand-off, never by takeover: taken_over grew {taken:?}"));
+    let handed: u64 = grew(&before, &after, |k| k.handed_off).values().sum();
+    c.expect(handed >= k4.held.len() as u64, || {
+        format!("join: {joined}'s {} shards came from hand-offs (counted {handed})\n{}", k4.held.len(), shard_report(c))
+    });
+    // A hand-off keeps the epoch in the row and the next claim bumps it: every shard that
+    // moved to the new node carries a higher epoch than under its old owner.
+    for (s, epoch) in &k4.held {
+        let old = before.values().find_map(|k| k.held.get(s)).copied().unwrap_or(0);
+        c.expect(*epoch > old, || format!("join: shard {s} moved to {joined} under epoch {epoch}, not above its old {old}"));
+    }
+    if let Some(acquired) = k4.counter("acquired") {
+        c.expect(acquired == k4.held.len() as u64, || format!("join: {joined} acquired {acquired} times for its {} shards", k4.held.len()));
+    }
+    eprintln!("{joined} joined: balanced {took:.1}s later, {handed} shards handed off");
     assert_exact(c, model, "after consume-4 joined under load");
 }
 
 /// 3. `kill -9` of a consumer under load: nothing is released; once its lease expires the
-///    others take its shards over (the time from the kill is printed), exact with it down;
-///    then it comes back (its WAL replayed), gets shards back by hand-off, exact again.
+///    others take its shards over under new epochs (the time from the kill is printed),
+///    exact with it down; then it comes back, gets shards back by hand-off, exact again.
 fn a_killed_consumers_shards_move_after_its_lease(c: &mut Cluster, model: &mut Vec<Ride>, victim: &str) {
     let load = Load::steady(&c.base, 7102);
     load.wait_more(300, "before the kill");
@@ -765,14 +889,22 @@ fn a_killed_consumers_shards_move_after_its_lease(c: &mut Cluster, model: &mut V
     // Observers judge expiry a lease after they last saw a renewal, which was up to a
     // renewal period and a scan before the kill: the takeover comes 1.5-3.5 s after it.
     let moved = wait_moved(c, victim, &shards, "after the kill", LEASE * 5);
-    eprintln!("{victim} killed: its shards {shards:?} held by the others {moved:.1}s later (lease {LEASE:?})");
+    eprintln!("{victim} killed: its shards {shards:?} held and consumed by the others {moved:.1}s later (lease {LEASE:?})");
     let (after, _) = wait_balanced(c, &format!("with {victim} dead"), LEASE * 10);
-    let taken: u64 = grew(&before, &after, "taken_over").values().sum();
-    assert!(
-        taken >= shards.len() as u64,
-        "the dead node's {} shards were taken over from expired leases: taken_over grew {taken}",
-        shards.len()
-    );
+    for s in &shards {
+        let (owner, epoch) = after.iter().find_map(|(n, k)| k.held.get(s).map(|e| (n, *e))).expect("balanced: every shard held");
+        c.expect(epoch > before[victim].held[s], || {
+            format!("kill: shard {s} taken over by {owner} under epoch {epoch}, not above the dead node's")
+        });
+    }
+    let taken: u64 = grew(&before, &after, |k| k.counter("taken_over").unwrap_or(0)).values().sum();
+    if after.values().any(|k| k.stats.is_some()) {
+        c.expect(taken >= shards.len() as u64, || {
+            format!("kill: the dead node's {} shards were taken over from expired leases: {taken}", shards.len())
+        });
+    }
+    let lost = grew(&before, &after, |k| k.lost);
+    c.expect(lost.values().all(|n| *n == 0), || format!("kill: the survivors lose nothing, lost grew {lost:?}\n{}", shard_report(c)));
     load.wait_more(300, "after the takeover");
     model.extend(load.finish());
     assert_exact(c, model, &format!("with {victim} killed (kill -9) under load"));
@@ -784,34 +916,49 @@ fn a_killed_consumers_shards_move_after_its_lease(c: &mut Cluster, model: &mut V
 
 /// 4. A consumer frozen with SIGSTOP under load, past its lease: the others take its shards
 ///    over while it sleeps; resumed, it finds its leases past their deadline and gives
-///    them up (`lost_deadline`), its late writes refused by the epoch; exact.
+///    them up (`lost_deadline` with the keeper's counters, `shards_lost` in any case), and
+///    holds none of them under its old epoch; exact.
 fn a_frozen_consumer_loses_its_shards(c: &mut Cluster, model: &mut Vec<Ride>, victim: &str) {
     let load = Load::steady(&c.base, 7103);
     load.wait_more(300, "before the freeze");
     let (before, _) = wait_balanced(c, "before the freeze", LEASE * 5);
-    let shards: BTreeSet<u16> = before[victim].held.keys().copied().collect();
+    let was = before[victim].clone();
+    let shards: BTreeSet<u16> = was.held.keys().copied().collect();
+    let deadline_lost = |c: &Cluster| lost_in_log(c, victim).get("Deadline").copied().unwrap_or(0);
+    let was_deadline = deadline_lost(c);
     c.pause(victim);
     let moved = wait_moved(c, victim, &shards, "while frozen", LEASE * 5);
-    eprintln!("{victim} frozen: its shards {shards:?} held by the others {moved:.1}s later");
+    eprintln!("{victim} frozen: its shards {shards:?} held and consumed by the others {moved:.1}s later");
     load.wait_more(200, "while it is frozen");
     c.resume(victim);
     let resumed = Instant::now();
-    wait_for(&format!("{victim} to count its shards lost"), LEASE * 5, || {
-        keeper(c, victim).is_some_and(|k| k.counter("lost_deadline") > before[victim].counter("lost_deadline"))
+    wait_for(&format!("{victim} to count its {} shards lost", shards.len()), LEASE * 5, || {
+        keeper(c, victim).is_some_and(|k| k.lost >= was.lost + shards.len() as u64)
     });
-    let k = keeper(c, victim).expect("its keeper answers");
+    let k = keeper(c, victim).expect("its node answers");
     eprintln!(
-        "{victim} resumed: lost its shards {:.1}s later (deadline/refused/stolen {}/{}/{}); flusher {}",
+        "{victim} resumed: counted its shards lost {:.1}s later (keeper lost deadline/refused/stolen {:?}/{:?}/{:?}); flusher {}",
         resumed.elapsed().as_secs_f64(),
         k.counter("lost_deadline"),
         k.counter("lost_refused"),
         k.counter("lost_stolen"),
         c.admin(victim, "/admin/wal").map_or(Value::Null, |v| v["flusher"].clone())
     );
-    assert!(k.lost() - before[victim].lost() >= shards.len() as u64, "{victim} lost each of {shards:?}: {}", k.stats);
-    // No shard it held before the freeze under its old epoch is still its.
-    for (s, epoch) in &before[victim].held {
-        assert!(k.held.get(s) != Some(epoch), "{victim} still holds shard {s} under its pre-freeze epoch {epoch}: {}", k.stats);
+    // The keeper's counter, or without `/admin/cluster` the reasons in its log.
+    let (then, now) = match (was.counter("lost_deadline"), k.counter("lost_deadline")) {
+        (Some(then), Some(now)) => (then, now),
+        _ => (was_deadline, deadline_lost(c)),
+    };
+    c.expect(now > then, || {
+        format!(
+            "freeze: {victim} passed its self-fence deadline while frozen, yet lost_deadline {then} -> {now} (its log's losses by reason: {:?})",
+            lost_in_log(c, victim)
+        )
+    });
+    for (s, epoch) in &was.held {
+        c.expect(k.held.get(s) != Some(epoch), || {
+            format!("freeze: {victim} still holds shard {s} under its pre-freeze epoch {epoch}\n{}", shard_report(c))
+        });
     }
     wait_balanced(c, &format!("after {victim} resumed"), LEASE * 10);
     load.wait_more(300, "after the resume");
@@ -830,13 +977,14 @@ fn rolling_restart_of_every_node(c: &mut Cluster, model: &mut Vec<Ride>) {
         c.restart(&name);
         let (after, took) = wait_balanced(c, &format!("after restarting {name}"), LEASE * 10);
         let (before, after) = (without(&before, &name), without(&after, &name));
-        let taken = grew(&before, &after, "taken_over");
-        let lost: u64 = after.values().map(Keeper::lost).sum::<u64>() - before.values().map(Keeper::lost).sum::<u64>();
-        assert!(
-            taken.values().all(|n| *n == 0) && lost == 0,
-            "{name} restarted with SIGTERM must hand its shards off: taken_over grew {taken:?}, {lost} lost\n{}",
-            shard_report(c)
-        );
+        let taken = grew(&before, &after, |k| k.counter("taken_over").unwrap_or(0));
+        let lost = grew(&before, &after, |k| k.lost);
+        c.expect(taken.values().chain(lost.values()).all(|n| *n == 0), || {
+            format!(
+                "rolling restart: {name} stopped with SIGTERM hands its shards off, yet taken_over grew {taken:?}, lost grew {lost:?}\n{}",
+                shard_report(c)
+            )
+        });
         load.wait_more(100, &format!("after restarting {name}"));
         eprintln!("{name} restarted, balanced {took:.1}s after it was ready");
     }

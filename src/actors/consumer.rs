@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use super::registry::Registry;
 use super::seasons::SeasonBook;
 use crate::bus::EventSource;
+use crate::cluster::ShardEvent;
 use crate::domain::{DayKey, RideEvent};
 use crate::error::PublishError;
 use liftlog_wal::{Wal, WalError};
@@ -81,6 +82,14 @@ pub struct Progress {
     pub actor_failures: AtomicU64,
     /// Rides durable in the WAL but refused at apply (their skier-day was full).
     pub rides_refused: AtomicU64,
+    /// The checkpoint whose held acks the flusher has sent (`AckAfter::Table`): a shard
+    /// being handed off is released once this passes its last delivery's WAL record.
+    pub acked_through: AtomicU64,
+    /// Cluster mode: shards handed off after their flush and acks, and shards lost (their
+    /// lease gone without a hand-off: all resident state dropped, everything unacked
+    /// redelivered).
+    pub shards_handed_off: AtomicU64,
+    pub shards_lost: AtomicU64,
 }
 
 impl Progress {
@@ -150,6 +159,8 @@ pub struct ProgressView {
     pub parked_days: u64,
     pub parked_floor: u64,
     pub activation_failures: u64,
+    pub shards_handed_off: u64,
+    pub shards_lost: u64,
 }
 
 impl Progress {
@@ -181,6 +192,8 @@ impl Progress {
             parked_days: self.parked_days.load(Ordering::Relaxed),
             parked_floor: self.parked_floor.load(Ordering::Relaxed),
             activation_failures: self.activation_failures.load(Ordering::Relaxed),
+            shards_handed_off: self.shards_handed_off.load(Ordering::Relaxed),
+            shards_lost: self.shards_lost.load(Ordering::Relaxed),
         }
     }
 
@@ -688,6 +701,70 @@ impl Consumer {
         parked.publish(&self.progress);
     }
 
+    /// Drops every resident day, the held acks and the parked rides: whatever they hold that
+    /// the tables lack was never acked, so the broker redelivers it to the partition's owner
+    /// (this node again, or another), and the days reload from the tables.
+    fn drop_state(&self, parked: &mut Parked, why: &str) {
+        let dropped_acks = std::mem::take(&mut *self.progress.held_acks.lock()).len();
+        // A load begun before the reset may be stale.
+        let dropped_parked = std::mem::take(parked).rides;
+        parked.publish(&self.progress);
+        let days = self.registry.clear();
+        self.progress.ownership_resets.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(days, dropped_acks, dropped_parked, "{why}: resident state dropped; the broker redelivers what was not acked");
+    }
+
+    /// A change of this node's shards (cluster mode, ADR 005).
+    fn shard_event(&self, event: ShardEvent, link: &ClusterLink, drains: &mut Drains, parked: &mut Parked) {
+        match event {
+            ShardEvent::Acquired { shard, epoch } => {
+                // Days of the shard from an earlier ownership are stale: the next owner may
+                // have written since. They were dropped when the shard went; this is cheap.
+                let stale = self.registry.drop_where(|k| k.partition(link.shards) == shard);
+                tracing::info!(shard, epoch, stale, "shard acquired: consuming its queue");
+                link.subscriptions.subscribe(shard);
+            }
+            ShardEvent::Releasing { shard, epoch } => {
+                tracing::info!(shard, epoch, "shard handed off: draining, flushing and acking it");
+                drains.begin(shard, epoch);
+                link.subscriptions.cancel(shard);
+            }
+            ShardEvent::Released { shard, epoch } => {
+                if drains.take(shard).is_some() {
+                    // The keeper stopped waiting (`cluster.handoff_timeout_ms`): what the
+                    // shard still holds must not be flushed or acked any more.
+                    self.lose(shard, epoch, link, drains, parked, "hand-off timed out");
+                }
+            }
+            ShardEvent::Lost { shard, epoch, reason } => {
+                drains.take(shard);
+                self.lose(shard, epoch, link, drains, parked, &format!("lease lost ({reason:?})"));
+            }
+        }
+    }
+
+    /// A shard gone without its hand-off: nothing more is acked on any channel (the source
+    /// opens every subscription again) and all resident state goes, so that no ride of it
+    /// is acked by this node now. Coarse, and rare: a paused, cut-off or overloaded node.
+    fn lose(&self, shard: u16, epoch: u64, link: &ClusterLink, drains: &mut Drains, parked: &mut Parked, why: &str) {
+        self.progress.shards_lost.fetch_add(1, Ordering::Relaxed);
+        link.subscriptions.reset(shard);
+        self.drop_state(parked, &format!("shard {shard} (epoch {epoch}): {why}"));
+        drains.abandon(link);
+    }
+
+    /// Releases the shards being handed off whose last delivery is flushed and acked.
+    fn finish_drains(&self, link: &ClusterLink, drains: &mut Drains) {
+        let acked = self.progress.acked_through.load(Ordering::Acquire);
+        for (shard, epoch) in drains.done(acked) {
+            link.subscriptions.close(shard);
+            let days = self.registry.drop_where(|k| k.partition(link.shards) == shard);
+            self.progress.shards_handed_off.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(shard, epoch, days, "shard flushed and acked: released");
+            link.keeper.ready_to_release(shard, epoch);
+        }
+    }
+
     /// Answers a batch whose rides are all applied (ADR 002's ack policy).
     async fn settle(&self, seq: u64, acker: Box<dyn crate::bus::Acker>, mut refused: Vec<usize>, events: &[RideEvent]) {
         refused.sort_unstable();
@@ -723,15 +800,28 @@ impl Consumer {
     /// meanwhile get the publisher's deadline answer, 503 "may have been recorded", which
     /// is true: the WAL holds them. Past `max_unflushed_rides` no batch is taken until the
     /// checkpoint moves, except to drain a closing source.
-    pub async fn run(self, mut source: Box<dyn EventSource>, pause: crate::bus::Stop) -> Box<dyn EventSource> {
+    pub async fn run(self, source: Box<dyn EventSource>, pause: crate::bus::Stop) -> Box<dyn EventSource> {
+        self.run_with(source, pause, None).await
+    }
+
+    /// [`Self::run`], in cluster mode when `cluster` is given: the keeper's shard events
+    /// decide which partition queues are consumed (see [`ClusterLink`]).
+    pub async fn run_with(
+        self,
+        mut source: Box<dyn EventSource>,
+        pause: crate::bus::Stop,
+        mut cluster: Option<ClusterLink>,
+    ) -> Box<dyn EventSource> {
         let mut epoch = None;
         let mut parked = Parked::default();
+        let mut drains = Drains::default();
         let closing = source.stop_handle();
         let bound = match self.progress.max_unflushed_rides.load(Ordering::Relaxed) {
             0 => u64::MAX,
             n => n,
         };
         loop {
+            drains.mark(&self.progress);
             let full = self.progress.unflushed_events.load(Ordering::Relaxed) >= bound;
             let take = !full || closing.is_stopped();
             let was_holding = self.progress.holding_for_memory.swap(!take, Ordering::Relaxed);
@@ -758,29 +848,37 @@ impl Consumer {
                     self.retry_parked(&mut parked);
                     continue;
                 }
+                Some(event) = next_shard_event(&mut cluster), if cluster.is_some() => {
+                    if let Some(link) = &cluster {
+                        self.shard_event(event, link, &mut drains, &mut parked);
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep(DRAIN_POLL), if drains.waiting() => {
+                    if let Some(link) = &cluster {
+                        self.finish_drains(link, &mut drains);
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep(MEMORY_HOLD_POLL), if !take => continue,
                 batch = source.next_batch(self.max_batch), if take => match batch {
                     Some(batch) => batch,
                     None => break,
                 },
             };
+            // Hand-offs whose last delivery this batch holds (or came before it).
+            drains.drained(&batch.drained);
+            if batch.events.is_empty() {
+                continue;
+            }
             if epoch.is_some_and(|e| e != batch.epoch) && self.ack_after == AckAfter::Table {
-                let dropped_acks = std::mem::take(&mut *self.progress.held_acks.lock()).len();
-                // Parked rides were never acked either: the broker redelivers them to the
-                // partition's owner, and a load begun before the reset may be stale.
-                let dropped_parked = std::mem::take(&mut parked).rides;
-                parked.publish(&self.progress);
-                if dropped_parked > 0 {
-                    tracing::warn!(rides = dropped_parked, "parked rides dropped with the lost subscription; the broker redelivers them");
+                self.drop_state(&mut parked, "broker subscription taken again");
+                if let Some(link) = &cluster {
+                    // Their deliveries were on the lost connection: nothing of them is left
+                    // to flush or ack here, and their next owner gets them redelivered.
+                    drains.abandon(link);
                 }
-                let days = self.registry.clear();
-                self.progress.ownership_resets.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    epoch = batch.epoch,
-                    days,
-                    dropped_acks,
-                    "broker subscription taken again: resident days dropped, to be reloaded from the tables"
-                );
+                tracing::warn!(epoch = batch.epoch, "resident days dropped, to be reloaded from the tables");
             }
             epoch = Some(batch.epoch);
             let n = batch.events.len() as u64;
@@ -857,6 +955,97 @@ impl Consumer {
         }
         tracing::info!("consumer stopped");
         source
+    }
+}
+
+/// How often a consumer with a hand-off under way looks whether its acks went out.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// Cluster mode's link between the consumer and the lease keeper (ADR 005): the keeper's
+/// events say which shards (partition queues) to consume, and a shard handed off is
+/// released only once its deliveries are flushed and acked.
+pub struct ClusterLink {
+    pub keeper: crate::cluster::KeeperHandle,
+    pub events: tokio::sync::mpsc::UnboundedReceiver<ShardEvent>,
+    pub subscriptions: crate::bus::amqp::Subscriptions,
+    pub shards: u16,
+}
+
+async fn next_shard_event(cluster: &mut Option<ClusterLink>) -> Option<ShardEvent> {
+    match cluster {
+        Some(link) => link.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Shards being handed off. A hand-off goes: cancel the subscription → the source says
+/// every delivery of it is queued (`Batch::drained`) → the WAL record holding the last one
+/// is known once that batch was handled → the flusher has written and acked through it
+/// (`Progress::acked_through`) → close the channel, drop the days, release.
+#[derive(Default)]
+struct Drains {
+    shards: std::collections::BTreeMap<u16, Drain>,
+    /// Drained in the batch just taken: their WAL bound is read at the next loop head,
+    /// after the batch was handled whichever way it went.
+    just_drained: Vec<u16>,
+}
+
+struct Drain {
+    epoch: u64,
+    /// WAL sequence of the last record that can hold one of its rides.
+    upto: Option<u64>,
+}
+
+impl Drains {
+    fn begin(&mut self, shard: u16, epoch: u64) {
+        self.shards.insert(shard, Drain { epoch, upto: None });
+    }
+
+    fn take(&mut self, shard: u16) -> Option<Drain> {
+        self.shards.remove(&shard)
+    }
+
+    fn drained(&mut self, shards: &[u16]) {
+        self.just_drained.extend_from_slice(shards);
+    }
+
+    fn mark(&mut self, progress: &Progress) {
+        if self.just_drained.is_empty() {
+            return;
+        }
+        let upto = progress.dispatched_seq.load(Ordering::Acquire);
+        for shard in std::mem::take(&mut self.just_drained) {
+            if let Some(d) = self.shards.get_mut(&shard) {
+                d.upto = Some(upto);
+                // Flush now rather than at the interval: the hand-off waits for it.
+                progress.flush_kick.notify_one();
+            }
+        }
+    }
+
+    fn waiting(&self) -> bool {
+        self.shards.values().any(|d| d.upto.is_some())
+    }
+
+    /// The shards whose bound `acked` passed, taken out.
+    fn done(&mut self, acked: u64) -> Vec<(u16, u64)> {
+        let done: Vec<(u16, u64)> =
+            self.shards.iter().filter(|(_, d)| d.upto.is_some_and(|u| u <= acked)).map(|(s, d)| (*s, d.epoch)).collect();
+        for (s, _) in &done {
+            self.shards.remove(s);
+        }
+        done
+    }
+
+    /// Resident state was dropped: every shard being handed off has nothing left here to
+    /// flush or ack (its unacked deliveries are redelivered to its next owner), so it is
+    /// released now.
+    fn abandon(&mut self, link: &ClusterLink) {
+        for (shard, d) in std::mem::take(&mut self.shards) {
+            link.subscriptions.close(shard);
+            link.keeper.ready_to_release(shard, d.epoch);
+        }
+        self.just_drained.clear();
     }
 }
 

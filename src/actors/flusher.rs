@@ -104,6 +104,8 @@ pub struct Flusher {
     /// One cycle at a time: the interval timer and `POST /admin/flush` share it.
     lock: tokio::sync::Mutex<()>,
     stats: parking_lot::Mutex<FlushStats>,
+    /// Cluster mode: the keeper whose fences stamp every write, and the shard count.
+    fencing: Option<(crate::cluster::KeeperHandle, u16)>,
 }
 
 impl Flusher {
@@ -128,7 +130,17 @@ impl Flusher {
             torn_cycles: std::sync::atomic::AtomicU64::new(0),
             lock: tokio::sync::Mutex::new(()),
             stats: parking_lot::Mutex::new(FlushStats::default()),
+            fencing: None,
         }
+    }
+
+    /// Cluster mode (ADR 005, "The fencing contract"): a day is written only under a fence
+    /// of its shard, stamped on its items; a day whose shard has none is not written (its
+    /// shard is being lost, and the consumer drops it); the acks a cycle releases wait until
+    /// every fence it wrote under was still held after the writes returned.
+    pub fn with_fencing(mut self, keeper: crate::cluster::KeeperHandle, shards: u16) -> Self {
+        self.fencing = Some((keeper, shards));
+        self
     }
 
     /// Arms the torn-flush fault (see `abort_mid_flush`).
@@ -191,12 +203,31 @@ impl Flusher {
             };
             format!("below WAL record {}, {why}", upto + 1)
         });
-        let handles = self.registry.all();
+        let handles = self.registry.all_keyed();
         let mut snaps = Vec::with_capacity(handles.len());
+        // The epoch each snapshot is written under (cluster mode; 0 otherwise).
+        let mut epochs = Vec::with_capacity(handles.len());
         let mut dead = 0;
-        for h in handles {
+        for (key, h) in handles {
+            let epoch = match &self.fencing {
+                None => 0,
+                Some((keeper, shards)) => match keeper.fence(key.partition(*shards)) {
+                    Some(fence) => fence.epoch,
+                    None => {
+                        // Not ours to write any more: the consumer drops it. Until then it
+                        // holds the checkpoint like any unflushed day.
+                        if let Some(oldest) = h.read(|st| st.oldest_unflushed()) {
+                            checkpoint = checkpoint.min(oldest.saturating_sub(1));
+                        }
+                        continue;
+                    }
+                },
+            };
             match h.take_dirty(self.rides_per_actor).await {
-                Some(s) => snaps.push((h, s)),
+                Some(s) => {
+                    snaps.push((h, s));
+                    epochs.push(epoch);
+                }
                 None => {
                     // Dead: what it holds that the tables lack exists only in the WAL now.
                     dead += 1;
@@ -210,7 +241,11 @@ impl Flusher {
             }
         }
         let seasons = self.seasons.take_dirty();
-        let refusals = match self.write(&seasons, &snaps).await {
+        let written = match self.write(&seasons, &snaps, &epochs).await {
+            Ok(refusals) => self.still_fenced(&snaps, &epochs).map(|()| refusals),
+            Err(e) => Err(e),
+        };
+        let refusals = match written {
             Ok(refusals) => refusals,
             Err(e) => {
                 self.seasons.restore_dirty(seasons);
@@ -253,8 +288,29 @@ impl Flusher {
         for acker in self.progress.release_acks(checkpoint) {
             acker.ack().await;
         }
+        self.progress.acked_through.fetch_max(checkpoint, Ordering::AcqRel);
         self.registry.passivate_idle();
         Ok(report)
+    }
+
+    /// Cluster mode: whether every shard written under a fence in this cycle still has that
+    /// fence now that the writes returned. A write in flight when the lease passed may
+    /// have landed; acking it would be acking for a shard another node owns, so the cycle
+    /// fails instead (nothing is committed or acked; the consumer drops the lost shard, and
+    /// the broker redelivers to its new owner).
+    fn still_fenced(&self, snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)], epochs: &[u64]) -> Result<(), TableError> {
+        let Some((keeper, shards)) = &self.fencing else { return Ok(()) };
+        let mut checked = rustc_hash::FxHashSet::default();
+        for ((_, s), epoch) in snaps.iter().zip(epochs) {
+            let Some(key) = s.skier_days.first().map(|d| d.key).or_else(|| s.count.as_ref().map(|c| c.key)) else { continue };
+            let shard = key.partition(*shards);
+            if checked.insert(shard) && keeper.fence(shard).map(|f| f.epoch) != Some(*epoch) {
+                return Err(TableError::Unavailable(format!(
+                    "the lease of shard {shard} (epoch {epoch}) ended while its days were written; nothing of this flush is acked"
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Writes the snapshots; returns what the store refused for good (see the module doc).
@@ -262,6 +318,7 @@ impl Flusher {
         &self,
         seasons: &[(u32, u16)],
         snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)],
+        epochs: &[u64],
     ) -> Result<Refusals, TableError> {
         if !seasons.is_empty() {
             self.tables.put_seasons(seasons).await?;
@@ -276,8 +333,12 @@ impl Flusher {
         // Which snapshot each item comes from, to keep a refused one dirty.
         let owners: Vec<usize> = snaps.iter().enumerate().flat_map(|(i, (_, s))| std::iter::repeat_n(i, s.skier_days.len())).collect();
         let days: Vec<_> = snaps.iter().flat_map(|(_, s)| s.skier_days.iter().cloned()).collect();
+        let day_epochs: Vec<u64> = owners.iter().map(|i| epochs[*i]).collect();
         for (c, chunk) in days.chunks(WRITE_CHUNK).enumerate() {
-            let r = self.tables.put_skier_days(chunk).await?;
+            let r = match self.fencing {
+                None => self.tables.put_skier_days(chunk).await?,
+                Some(_) => self.tables.put_skier_days_fenced(chunk, &day_epochs[c * WRITE_CHUNK..][..chunk.len()]).await?,
+            };
             stale += r.stale;
             for (at, why) in r.refused {
                 let item = &chunk[at];
@@ -299,8 +360,12 @@ impl Flusher {
         }
         let counted: Vec<usize> = snaps.iter().enumerate().filter(|(_, (_, s))| s.count.is_some()).map(|(i, _)| i).collect();
         let counts: Vec<_> = snaps.iter().filter_map(|(_, s)| s.count.clone()).collect();
+        let count_epochs: Vec<u64> = counted.iter().map(|i| epochs[*i]).collect();
         for (c, chunk) in counts.chunks(WRITE_CHUNK).enumerate() {
-            let r = self.tables.put_day_counts(chunk).await?;
+            let r = match self.fencing {
+                None => self.tables.put_day_counts(chunk).await?,
+                Some(_) => self.tables.put_day_counts_fenced(chunk, &count_epochs[c * WRITE_CHUNK..][..chunk.len()]).await?,
+            };
             stale += r.stale;
             for (at, why) in r.refused {
                 // A count needs no WAL record: activation rebuilds it from the items.
@@ -516,7 +581,7 @@ mod tests {
     impl crate::bus::EventSource for BrokerBatch {
         async fn next_batch(&mut self, _: usize) -> Option<crate::bus::Batch> {
             let events = self.batch.take()?;
-            Some(crate::bus::Batch { events, acker: Box::new(BrokerAcker(self.settled.clone())), epoch: 1 })
+            Some(crate::bus::Batch { events, acker: Box::new(BrokerAcker(self.settled.clone())), epoch: 1, drained: Vec::new() })
         }
         fn stop_handle(&self) -> crate::bus::Stop {
             crate::bus::Stop::default()

@@ -141,6 +141,22 @@ impl Registry {
         dropped
     }
 
+    /// Drops the resident days `which` selects, flushed or not; returns how many. Cluster
+    /// mode: the days of a shard handed off (flushed) or taken again (stale).
+    pub fn drop_where(&self, which: impl Fn(&DayKey) -> bool) -> usize {
+        let mut days = self.days.write();
+        let before = days.len();
+        days.retain(|k, _| !which(k));
+        let dropped = before - days.len();
+        self.passivations.fetch_add(dropped as u64, Ordering::Relaxed);
+        dropped
+    }
+
+    /// Every resident day with its key.
+    pub fn all_keyed(&self) -> Vec<(DayKey, DayHandle)> {
+        self.days.read().iter().map(|(k, h)| (*k, h.clone())).collect()
+    }
+
     pub fn all(&self) -> Vec<DayHandle> {
         self.days.read().values().cloned().collect()
     }

@@ -155,7 +155,7 @@ impl EventSource for EmbeddedSource {
                 Err(_) => break,
             }
         }
-        Some(Batch { events, acker: Box::new(ReplyAcker(replies)), epoch: 0 })
+        Some(Batch { events, acker: Box::new(ReplyAcker(replies)), epoch: 0, drained: Vec::new() })
     }
 
     fn stop_handle(&self) -> Stop {

@@ -92,6 +92,10 @@ pub struct Batch {
     /// subscription was lost and taken again, and the partitions may have had another
     /// owner in between: see [`crate::actors::consumer::Consumer::run`].
     pub epoch: u64,
+    /// Shards whose cancelled subscription has no delivery left after this batch (cluster
+    /// mode's hand-off, see [`amqp::Subscriptions::cancel`]); empty otherwise. A batch may
+    /// carry only this, with no events.
+    pub drained: Vec<u16>,
 }
 
 /// Settles a batch: `ack` once it is durable in the WAL, `nack` when it could not be made

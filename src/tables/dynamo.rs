@@ -54,6 +54,7 @@
 //! multi-item write fails as soon as its first item does. Items that do not decode give
 //! [`TableError::Corrupt`].
 
+use crate::cluster::Fence;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::str::FromStr;
@@ -491,17 +492,34 @@ impl DynamoTables {
     }
 
     /// Conditional put: written, stale (the stored version is as new), or refused for good.
-    async fn put_versioned(&self, table: &'static str, name: &str, item: Item, version: u64) -> Result<Put, TableError> {
+    /// With `epoch` (cluster mode) the item carries it and the condition compares
+    /// `(epoch, version)`, epoch first (ADR 005, [`Fence::versioned_condition`]): a stale
+    /// owner's write fails once the new owner wrote the item.
+    async fn put_versioned(&self, table: &'static str, name: &str, mut item: Item, version: u64, epoch: Option<u64>) -> Result<Put, TableError> {
+        if let Some(epoch) = epoch {
+            let (attr, value) = Fence { shard: 0, epoch }.item_attribute();
+            item.insert(attr.to_string(), value);
+        }
         self.call(table, "PutItem", || {
-            let request = self
+            let mut request = self
                 .inner
                 .client
                 .put_item()
                 .table_name(name)
                 .set_item(Some(item.clone()))
-                .condition_expression("attribute_not_exists(#v) OR #v < :v")
                 .expression_attribute_names("#v", A_VERSION)
                 .expression_attribute_values(":v", n(version));
+            request = match epoch {
+                None => request.condition_expression("attribute_not_exists(#v) OR #v < :v"),
+                Some(epoch) => {
+                    let (name, attr) = Fence::name_binding();
+                    let (value, v) = Fence { shard: 0, epoch }.value_binding();
+                    request
+                        .condition_expression(Fence::versioned_condition("#v", ":v"))
+                        .expression_attribute_names(name, attr)
+                        .expression_attribute_values(value, v)
+                }
+            };
             async move {
                 match request.send().await {
                     Ok(_) => Ok(Put::Written),
@@ -521,10 +539,11 @@ impl DynamoTables {
         &self,
         table: &'static str,
         name: &str,
-        items: impl Iterator<Item = (Item, u64)>,
+        items: impl Iterator<Item = (Item, u64, Option<u64>)>,
     ) -> Result<WriteReport, TableError> {
-        let puts =
-            items.enumerate().map(|(i, (item, version))| async move { Ok((i, self.put_versioned(table, name, item, version).await?)) });
+        let puts = items
+            .enumerate()
+            .map(|(i, (item, version, epoch))| async move { Ok((i, self.put_versioned(table, name, item, version, epoch).await?)) });
         let mut report = WriteReport::default();
         for (i, put) in all_ok(puts).await? {
             match put {
@@ -755,12 +774,24 @@ impl Tables for DynamoTables {
 
     async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError> {
         let name = self.inner.skier_days.as_str();
-        self.put_all_versioned(SKIER_DAYS, name, items.iter().map(|d| (skier_day_to_item(d), d.version))).await
+        self.put_all_versioned(SKIER_DAYS, name, items.iter().map(|d| (skier_day_to_item(d), d.version, None))).await
     }
 
     async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError> {
         let name = self.inner.counts.as_str();
-        self.put_all_versioned(COUNTS, name, items.iter().map(|c| (day_count_to_item(c), c.version))).await
+        self.put_all_versioned(COUNTS, name, items.iter().map(|c| (day_count_to_item(c), c.version, None))).await
+    }
+
+    async fn put_skier_days_fenced(&self, items: &[SkierDayItem], epochs: &[u64]) -> Result<WriteReport, TableError> {
+        let name = self.inner.skier_days.as_str();
+        let items = items.iter().zip(epochs).map(|(d, e)| (skier_day_to_item(d), d.version, Some(*e)));
+        self.put_all_versioned(SKIER_DAYS, name, items).await
+    }
+
+    async fn put_day_counts_fenced(&self, items: &[DayCountItem], epochs: &[u64]) -> Result<WriteReport, TableError> {
+        let name = self.inner.counts.as_str();
+        let items = items.iter().zip(epochs).map(|(c, e)| (day_count_to_item(c), c.version, Some(*e)));
+        self.put_all_versioned(COUNTS, name, items).await
     }
 
     async fn put_rides(&self, rides: &[RideEvent]) -> Result<(), TableError> {

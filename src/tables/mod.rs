@@ -77,6 +77,20 @@ pub trait Tables: Send + Sync + 'static {
     async fn put_skier_days(&self, items: &[SkierDayItem]) -> Result<WriteReport, TableError>;
     /// Conditional on each stored version being older than the item's.
     async fn put_day_counts(&self, items: &[DayCountItem]) -> Result<WriteReport, TableError>;
+    /// [`Self::put_skier_days`] under lease epochs (cluster mode, ADR 005): `epochs[i]` is
+    /// the epoch of the shard `items[i]` belongs to; a store that fences stamps it on the
+    /// item and refuses a write whose epoch is older than the stored one. Stores that do
+    /// not (sled, which is one node's own) write as `put_skier_days`; cluster mode accepts
+    /// only DynamoDB (`Config::check`).
+    async fn put_skier_days_fenced(&self, items: &[SkierDayItem], epochs: &[u64]) -> Result<WriteReport, TableError> {
+        let _ = epochs;
+        self.put_skier_days(items).await
+    }
+    /// [`Self::put_day_counts`] under lease epochs, as [`Self::put_skier_days_fenced`].
+    async fn put_day_counts_fenced(&self, items: &[DayCountItem], epochs: &[u64]) -> Result<WriteReport, TableError> {
+        let _ = epochs;
+        self.put_day_counts(items).await
+    }
     /// Raw rides; idempotent because the key holds the event id.
     async fn put_rides(&self, rides: &[RideEvent]) -> Result<(), TableError>;
     async fn put_seasons(&self, seasons: &[(u32, u16)]) -> Result<(), TableError>;

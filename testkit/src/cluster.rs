@@ -13,8 +13,8 @@
 //!
 //! That is cluster mode (`cluster.enabled`, ADR 005; [`Settings::sharding`], the default).
 //! Without it the consumers run as before: single-active-consumer makes the first one
-//! active on every queue, the others are hot standbys, and GETs go to the read nodes only
-//! (a write or standby node has no way to the actors that hold a day).
+//! active on every queue, the others are hot standbys, and GETs go to the write and read
+//! nodes, which answer them from the tables.
 //!
 //! Beyond the whole cluster's `up` and `down`, the functions a failure test needs act on
 //! one node: [`Cluster::stop`] (SIGTERM or kill -9), [`Cluster::start`],
@@ -949,11 +949,15 @@ impl Cluster {
     }
 
     /// Renders nginx's config for the nodes there are now and starts it (or reloads it).
-    /// POSTs go to the write nodes; GETs to every node in cluster mode (each answers from
-    /// the owner of the day's shard), to the read nodes otherwise.
+    /// POSTs go to the write nodes; GETs to the write nodes (the template puts them in the
+    /// GET pool itself) and the read nodes, and in cluster mode to the consumers too: every
+    /// node answers a GET from the owner of the day's shard.
     fn start_nginx(&self) -> Result<()> {
         let ports = |role| self.nodes_of(role).iter().map(|n| n.port).collect::<Vec<_>>();
-        let get_ports: Vec<u16> = if self.settings.sharding { self.nodes().iter().map(|n| n.port).collect() } else { ports(Role::Read) };
+        let mut get_ports = ports(Role::Read);
+        if self.settings.sharding {
+            get_ports.splice(0..0, ports(Role::Consume));
+        }
         self.nginx().start(&ports(Role::Write), &get_ports)
     }
 

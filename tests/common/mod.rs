@@ -2,6 +2,7 @@
 //! HTTP to it.
 #![allow(dead_code)]
 
+pub mod leases;
 pub mod proxy;
 pub mod raw;
 

@@ -7,13 +7,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::counters::SourceCounters;
-use super::source::{Item, SrcSession};
+use super::source::{Item, SrcPart};
 use crate::bus::{Acker, Batch};
 use crate::error::PublishError;
 
 pub(super) struct AckGroup {
-    session: Arc<SrcSession>,
-    part: u16,
+    part: Arc<SrcPart>,
     max_tag: u64,
     count: u64,
 }
@@ -23,20 +22,20 @@ pub(super) fn make_batch(items: Vec<Item>, counters: Arc<SourceCounters>) -> Bat
     let mut events = Vec::with_capacity(items.len());
     // A batch never mixes connections: a lost one's deliveries are dropped as stale
     // before the next connection is opened.
-    let epoch = items.iter().map(|i| i.session.generation).max().unwrap_or(0);
+    let epoch = items.iter().map(|i| i.part.session.generation).max().unwrap_or(0);
     for item in items {
         let n = item.events.len() as u64;
         events.extend(item.events);
-        let found = groups.iter_mut().find(|g| g.part == item.part && Arc::ptr_eq(&g.session, &item.session));
+        let found = groups.iter_mut().find(|g| Arc::ptr_eq(&g.part, &item.part));
         match found {
             Some(g) => {
                 g.max_tag = g.max_tag.max(item.tag);
                 g.count += n;
             }
-            None => groups.push(AckGroup { session: item.session, part: item.part, max_tag: item.tag, count: n }),
+            None => groups.push(AckGroup { part: item.part, max_tag: item.tag, count: n }),
         }
     }
-    Batch { events, acker: Box::new(AmqpAcker { groups, counters }), epoch }
+    Batch { events, acker: Box::new(AmqpAcker { groups, counters }), epoch, drained: Vec::new() }
 }
 
 struct AmqpAcker {
@@ -47,10 +46,10 @@ struct AmqpAcker {
 impl AmqpAcker {
     async fn settle(self, ack: bool) {
         for g in &self.groups {
-            if g.session.dead.load(Ordering::Acquire) {
-                continue; // redelivered by the broker on a new connection
+            if !g.part.live() {
+                continue; // redelivered by the broker, on a new connection or to the shard's next owner
             }
-            let part = &g.session.parts[g.part as usize];
+            let part = &g.part;
             let mut settled = part.settled.lock().await;
             if g.max_tag <= *settled {
                 continue; // already covered by an earlier multiple ack/nack
@@ -67,8 +66,8 @@ impl AmqpAcker {
                     counter.fetch_add(g.count, Ordering::Relaxed);
                 }
                 Err(e) => tracing::debug!(
-                    generation = g.session.generation,
-                    partition = g.part,
+                    generation = g.part.session.generation,
+                    partition = g.part.part,
                     cause = %e,
                     "settling a batch on a lost channel; the broker redelivers it"
                 ),

@@ -116,7 +116,7 @@ impl Reconnect {
 /// is already closing is logged by lapin as a connection error; an explicitly closed
 /// channel is not closed again. (Dropping the handles alone would close the connection
 /// only once every channel handle, also lapin's internal ones, is gone.)
-pub(super) fn close_in_background(conn: Connection, channels: Vec<Channel>) {
+pub(super) fn close_in_background(conn: impl std::ops::Deref<Target = Connection> + Send + Sync + 'static, channels: Vec<Channel>) {
     if !conn.status().connected() {
         return;
     }

@@ -33,6 +33,8 @@ pub struct SourceStats {
     /// Messages ready (not yet delivered) per partition queue, refreshed every second;
     /// empty while unknown.
     pub queue_depths: Vec<u64>,
+    /// Partition queues consumed now (all of them, or in cluster mode the shards held).
+    pub subscribed: Vec<u16>,
 }
 
 /// The source's counters, shared with whoever shows them (see [`AmqpSource::stats_handle`]).
@@ -47,6 +49,7 @@ pub struct SourceCounters {
     pub(super) stale_dropped: AtomicU64,
     pub(super) reconnects: AtomicU64,
     pub(super) depths: parking_lot::Mutex<Vec<u64>>,
+    pub(super) subscribed: parking_lot::Mutex<Vec<u16>>,
     poison_log: parking_lot::Mutex<Option<Instant>>,
     poison_unlogged: AtomicU64,
 }
@@ -64,6 +67,7 @@ impl SourceCounters {
             stale_dropped: self.stale_dropped.load(Ordering::Relaxed),
             reconnects: self.reconnects.load(Ordering::Relaxed),
             queue_depths: self.depths.lock().clone(),
+            subscribed: self.subscribed.lock().clone(),
         }
     }
 

@@ -154,7 +154,7 @@ pub use config::{AmqpConfig, Batching};
 pub use connection::AmqpError;
 pub use counters::{SourceCounters, SourceStats};
 pub use publisher::AmqpPublisher;
-pub use source::AmqpSource;
+pub use source::{AmqpSource, Subscriptions};
 pub use topology::{declare_topology, DEFAULT_DELIVERY_LIMIT};
 
 use std::time::Duration;

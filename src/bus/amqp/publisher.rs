@@ -73,7 +73,7 @@ impl Drop for PubSession {
         if let Some(conn) = self.conn.take() {
             let mut channels: Vec<Channel> = self.channels.iter().map(|c| c.channel.clone()).collect();
             channels.extend(self.admin.lock().take());
-            close_in_background(conn, channels);
+            close_in_background(Box::new(conn), channels);
         }
     }
 }
