@@ -1062,6 +1062,25 @@ async fn timed_load(
 mod tests {
     use super::*;
 
+    /// A hand-off's bound is the WAL record dispatched when its drain marker was handled,
+    /// and it completes only once the acks went out through that record.
+    #[test]
+    fn a_hand_off_waits_for_the_acks_through_its_last_record() {
+        let progress = Progress::default();
+        let mut drains = Drains::default();
+        drains.begin(3, 7);
+        drains.begin(5, 2);
+        progress.dispatched_seq.store(40, Ordering::Release);
+        assert!(!drains.waiting(), "no marker yet: no bound");
+        drains.drained(&[3, 9]); // 9 is not being handed off: ignored
+        progress.dispatched_seq.store(41, Ordering::Release); // the marker's batch was handled
+        drains.mark(&progress);
+        assert!(drains.waiting());
+        assert_eq!(drains.done(40), vec![], "acks only through 40: record 41 may hold shard 3's rides");
+        assert_eq!(drains.done(41), vec![(3, 7)]);
+        assert!(!drains.waiting() && drains.shards.contains_key(&5), "shard 5 still waits for its marker");
+    }
+
     /// What the embedded bus's clients are told when the WAL refuses their batch: a failed
     /// append wrote nothing, a failed fsync after the append may still surface at replay.
     #[test]

@@ -298,7 +298,11 @@ impl Flusher {
     /// have landed; acking it would be acking for a shard another node owns, so the cycle
     /// fails instead (nothing is committed or acked; the consumer drops the lost shard, and
     /// the broker redelivers to its new owner).
-    fn still_fenced(&self, snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)], epochs: &[u64]) -> Result<(), TableError> {
+    fn still_fenced(
+        &self,
+        snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)],
+        epochs: &[u64],
+    ) -> Result<(), TableError> {
         let Some((keeper, shards)) = &self.fencing else { return Ok(()) };
         let mut checked = rustc_hash::FxHashSet::default();
         for ((_, s), epoch) in snaps.iter().zip(epochs) {
