@@ -169,7 +169,7 @@ async fn start_consumer(config: &Config, tables: Arc<dyn Tables>, end: SourceEnd
             wal.set_checkpoint(last)?;
         }
         progress.dispatched_seq.store(last, Ordering::Release);
-        progress.acked_through.store(last, Ordering::Release);
+        progress.acks.sent_through(last);
     } else {
         consumer.replay().await?;
     }
