@@ -1101,6 +1101,25 @@ mod tests {
     }
 
     #[test]
+    fn cluster_mode_is_refused_without_what_it_needs() {
+        let resolve = |pairs: &[(&str, &str)]| Config::resolve_with_env(&loopback(), env(pairs)).map(|r| r.config);
+        let broker = ("LIFTLOG_BUS__BROKER", "amqp://u:p@127.0.0.1:5672/%2f");
+        let dynamo = ("LIFTLOG_TABLES__DYNAMODB__ENDPOINT", "http://127.0.0.1:8000");
+        let on = ("LIFTLOG_CLUSTER__ENABLED", "true");
+        let table = ("LIFTLOG_CONSUMER__ACK_AFTER", "table");
+        let err = |r: Result<Config, ConfigError>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err(resolve(&[on, dynamo, table])).contains("broker"));
+        assert!(err(resolve(&[on, broker, table])).contains("DynamoDB"));
+        assert!(err(resolve(&[on, broker, dynamo])).contains("ack_after"));
+        assert!(err(resolve(&[on, broker, dynamo, table, ("LIFTLOG_CLUSTER__RENEW_MS", "9000")])).contains("renew_interval"));
+        let c = resolve(&[on, broker, dynamo, table, ("LIFTLOG_CLUSTER__NODE_ID", "c-1")]).unwrap();
+        assert_eq!(c.cluster_node(), crate::cluster::NodeInfo { id: "c-1".into(), endpoint: format!("http://{}", c.http.listen) });
+        // A read-only node finds the owners in the lease table: no broker needed.
+        let read = resolve(&[on, dynamo, ("LIFTLOG_ROLES", "read")]);
+        assert!(read.is_ok(), "{}", err(read));
+    }
+
+    #[test]
     fn file_then_flags_and_unknown_keys_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.toml");

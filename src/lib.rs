@@ -10,8 +10,9 @@
 //! Module map:
 //! - [`config`]: the configuration, one section per subsystem (defaults ← file ← env ← flags).
 //! - [`catalog`]: resorts and their lifts' vertical rise.
-//! - [`cluster`]: shard leases in DynamoDB, fencing epochs, the balancer and the lease keeper
-//!   (a library so far: not yet wired into the consumer, see ADR 005).
+//! - [`cluster`]: cluster mode's shard leases in DynamoDB, fencing epochs, the balancer, the
+//!   lease keeper and read forwarding (ADR 005); the consumer follows the keeper through
+//!   [`actors::consumer::ClusterLink`].
 //! - [`domain`]: ride events, aggregate keys and the shard that owns each
 //!   (`DayKey::partition`), validation, event ids.
 //! - [`error`]: error enums per layer and the one mapping to HTTP.

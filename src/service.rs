@@ -107,7 +107,8 @@ async fn open_bus(config: &Config) -> anyhow::Result<(Option<Arc<dyn Publisher>>
                 if write { Some(Arc::new(AmqpPublisher::connect(amqp.clone()).await?)) } else { None };
             let source = if consume {
                 // Cluster mode: no queue until the keeper hands this node its shards.
-                let source = if config.cluster.enabled { AmqpSource::connect_sharded(amqp).await? } else { AmqpSource::connect(amqp).await? };
+                let source =
+                    if config.cluster.enabled { AmqpSource::connect_sharded(amqp).await? } else { AmqpSource::connect(amqp).await? };
                 let handle = source.stats_handle();
                 let stats: SourceStatsFn = Arc::new(move || serde_json::to_value(handle.snapshot()).unwrap_or_default());
                 let subscriptions = config.cluster.enabled.then(|| source.subscriptions());
@@ -160,11 +161,15 @@ async fn start_consumer(config: &Config, tables: Arc<dyn Tables>, end: SourceEnd
         // (replaying them here would apply rides of shards this node may never hold again).
         let last = wal.last_seq();
         if last > wal.checkpoint() {
-            tracing::info!(from = wal.checkpoint() + 1, to = last, "cluster mode: the WAL's unacked tail is left to the broker's redelivery");
+            tracing::info!(
+                from = wal.checkpoint() + 1,
+                to = last,
+                "cluster mode: the WAL's unacked tail is left to the broker's redelivery"
+            );
             wal.set_checkpoint(last)?;
         }
         progress.dispatched_seq.store(last, Ordering::Release);
-        progress.acked_through.store(last, Ordering::Release);
+        progress.acks.sent_through(last);
     } else {
         consumer.replay().await?;
     }

@@ -264,6 +264,37 @@ async fn dynamodb_reports_an_item_it_cannot_hold_and_writes_the_others() {
     delete_tables(&t).await;
 }
 
+/// Cluster mode's fencing on the real write path (ADR 005): the new owner's epoch wins over
+/// a stale owner's higher version, and the stale owner's later writes are refused whatever
+/// their version, while within one epoch the version rule still holds.
+#[actix_rt::test]
+#[ignore = "needs DynamoDB Local: run scripts/test.sh"]
+async fn dynamodb_fenced_writes_refuse_a_stale_owner() {
+    let endpoint = std::env::var("LIFTLOG_TEST_DYNAMODB").unwrap_or_else(|_| panic!("{IGNORE_MSG}"));
+    let t = dynamo(&endpoint, &unique_prefix(), 16).await;
+    t.create().await.unwrap();
+    let k = key(4, 2025, 9);
+    let item = |vertical: u64, version: u64| skier_day(7, k, vertical, (1..=version).collect(), version);
+    let count = |skiers: u64, version: u64| DayCountItem { key: k, unique_skiers: skiers, rides: version, version };
+    // The old owner (epoch 3) wrote 5 rides; the new owner (epoch 4) loaded only 4 of them
+    // from an earlier flush and writes its state with version 4: the epoch wins.
+    assert_eq!(t.put_skier_days_fenced(&[item(500, 5)], &[3]).await.unwrap().written, 1);
+    assert_eq!(t.put_day_counts_fenced(&[count(1, 5)], &[3]).await.unwrap().written, 1);
+    assert_eq!(t.put_skier_days_fenced(&[item(400, 4)], &[4]).await.unwrap().written, 1, "a newer epoch must win");
+    assert_eq!(t.put_day_counts_fenced(&[count(1, 4)], &[4]).await.unwrap().written, 1);
+    // The zombie's late write, even with a higher version, is refused.
+    let late = t.put_skier_days_fenced(&[item(900, 9)], &[3]).await.unwrap();
+    assert_eq!((late.written, late.stale), (0, 1), "{late:?}");
+    assert_eq!(t.put_day_counts_fenced(&[count(2, 9)], &[3]).await.unwrap().written, 0);
+    // Within the new epoch, versions still order the writes.
+    assert_eq!(t.put_skier_days_fenced(&[item(300, 3)], &[4]).await.unwrap().stale, 1);
+    assert_eq!(t.put_skier_days_fenced(&[item(600, 6)], &[4]).await.unwrap().written, 1);
+    let stored = t.get_skier_day(7, k).await.unwrap().unwrap();
+    assert_eq!((stored.vertical, stored.version), (600, 6));
+    assert_eq!(t.get_day_count(k).await.unwrap().map(|c| c.version), Some(4));
+    delete_tables(&t).await;
+}
+
 fn unique_prefix() -> String {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("t{nanos}_{}_", std::process::id())

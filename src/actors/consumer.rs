@@ -12,7 +12,7 @@ use crate::retry::Backoff;
 use futures_util::StreamExt as _;
 use rustc_hash::FxHashMap;
 use serde::Serialize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,100 +24,7 @@ use crate::domain::{DayKey, RideEvent};
 use crate::error::PublishError;
 use liftlog_wal::{Wal, WalError};
 
-/// Progress shared with the flusher and the admin views.
-#[derive(Default)]
-pub struct Progress {
-    /// Highest WAL sequence whose rides were all handed to their actors. The flusher may
-    /// checkpoint up to here once it flushed what the actors hold.
-    pub dispatched_seq: AtomicU64,
-    pub batches: AtomicU64,
-    pub events: AtomicU64,
-    pub wal_failures: AtomicU64,
-    pub last_batch_size: AtomicU64,
-    pub fsync_micros_total: AtomicU64,
-    pub replayed_records: AtomicU64,
-    pub replayed_events: AtomicU64,
-    pub replay_micros: AtomicU64,
-    /// Times the resident days were dropped because the broker subscription was lost and
-    /// taken again (`AckAfter::Table`; see `Consumer::run`).
-    pub ownership_resets: AtomicU64,
-    /// Rides consumed since the flusher last ran; past `flush_after_rides` the consumer
-    /// wakes the flusher early instead of waiting for its interval.
-    pub unflushed_rides: AtomicU64,
-    pub flush_kick: tokio::sync::Notify,
-    /// When each WAL batch not yet checkpointed was written, and its rides, oldest first:
-    /// the flush lag (age of the oldest ride not yet in the tables) is the age of the front
-    /// entry.
-    pub unflushed_batches: parking_lot::Mutex<std::collections::VecDeque<(u64, Instant, u64)>>,
-    /// Rides in WAL records the checkpoint has not passed: what the resident actors hold
-    /// that the tables may lack (pending raw rides, ids, dirty marks), plus parked rides.
-    /// Past `Consumer::max_unflushed_rides` the consumer takes no new batch (issue 13, item 7).
-    pub unflushed_events: AtomicU64,
-    /// Times the consumer stopped taking batches because of that bound.
-    pub memory_holds: AtomicU64,
-    /// Whether it is holding now.
-    pub holding_for_memory: std::sync::atomic::AtomicBool,
-    /// Lowest WAL sequence with rides parked behind their day's activation (0: none). The
-    /// checkpoint stays below it: those rides are only in the WAL until they are applied.
-    pub parked_floor: AtomicU64,
-    /// Rides and days parked behind an activation that the tables refuse for now.
-    pub parked_rides: AtomicU64,
-    pub parked_days: AtomicU64,
-    /// Attempts to load a day from the tables that failed.
-    pub activation_failures: AtomicU64,
-    /// Bound on [`Self::unflushed_events`] (`actors.max_unflushed_rides`; 0: none, the
-    /// default): past it the consumer takes no new batch until a flush lets the checkpoint
-    /// move. A table outage otherwise grows resident state without a memory bound, since
-    /// only a flushed day can be passivated. The embedded queue then fills and POSTs get
-    /// 429, then 503 "not recorded"; a broker keeps the rides. Here rather than a field of
-    /// `Consumer`, which tests build literally.
-    pub max_unflushed_rides: AtomicU64,
-    /// With `AckAfter::Table`: batches durable in the WAL whose ack waits for the tables,
-    /// oldest first. The flusher acks them once its checkpoint covers them.
-    pub held_acks: parking_lot::Mutex<std::collections::VecDeque<(u64, Box<dyn crate::bus::Acker>)>>,
-    /// Lowest WAL sequence of a batch some actor did not apply because it was dead
-    /// (0: none). The checkpoint stays below it until a restart replays the WAL.
-    pub unapplied_floor: AtomicU64,
-    /// Batches not acknowledged because an owning actor was dead.
-    pub actor_failures: AtomicU64,
-    /// Rides durable in the WAL but refused at apply (their skier-day was full).
-    pub rides_refused: AtomicU64,
-    /// The checkpoint whose held acks the flusher has sent (`AckAfter::Table`): a shard
-    /// being handed off is released once this passes its last delivery's WAL record.
-    pub acked_through: AtomicU64,
-    /// Cluster mode: shards handed off after their flush and acks, and shards lost (their
-    /// lease gone without a hand-off: all resident state dropped, everything unacked
-    /// redelivered).
-    pub shards_handed_off: AtomicU64,
-    pub shards_lost: AtomicU64,
-}
-
-impl Progress {
-    /// How far the WAL may be checkpointed as far as the consumer knows: what it dispatched,
-    /// but never past a batch a dead actor did not apply (its rides are only in the WAL).
-    /// Nor past rides parked behind their day's activation.
-    pub fn checkpoint_limit(&self) -> u64 {
-        let upto = self.dispatched_seq.load(Ordering::Acquire);
-        let floors = [self.unapplied_floor.load(Ordering::Acquire), self.parked_floor.load(Ordering::Acquire)];
-        floors.into_iter().filter(|f| *f > 0).fold(upto, |upto, floor| upto.min(floor - 1))
-    }
-
-    fn note_unapplied(&self, seq: u64) {
-        let _ = self.unapplied_floor.fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| (f == 0 || seq < f).then_some(seq));
-    }
-
-    /// Takes the held acks a checkpoint at `upto` covers, oldest first.
-    pub fn release_acks(&self, upto: u64) -> Vec<Box<dyn crate::bus::Acker>> {
-        let mut held = self.held_acks.lock();
-        let mut out = Vec::new();
-        while held.front().is_some_and(|(seq, _)| *seq <= upto) {
-            if let Some((_, acker)) = held.pop_front() {
-                out.push(acker);
-            }
-        }
-        out
-    }
-}
+pub use super::progress::{AckLedger, FlushTrigger, Progress, ProgressView};
 
 /// When a batch is acknowledged to the bus (ADR 002).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -131,90 +38,6 @@ pub enum AckAfter {
     /// gets the rest redelivered, so failover is exact without the dead node's disk.
     /// Acks wait up to a flush interval: raise `prefetch` accordingly.
     Table,
-}
-
-#[derive(Serialize)]
-pub struct ProgressView {
-    pub dispatched_seq: u64,
-    pub batches: u64,
-    pub events: u64,
-    pub wal_failures: u64,
-    pub last_batch_size: u64,
-    pub mean_batch_size: f64,
-    pub mean_fsync_micros: f64,
-    pub replayed_records: u64,
-    pub replayed_events: u64,
-    pub replay_millis: u64,
-    pub ownership_resets: u64,
-    pub actor_failures: u64,
-    pub unapplied_floor: u64,
-    pub rides_refused: u64,
-    /// Age of the oldest ride not yet in the tables, ms (0 when all are).
-    pub flush_lag_ms: u64,
-    pub unflushed_events: u64,
-    pub max_unflushed_rides: u64,
-    pub memory_holds: u64,
-    pub holding_for_memory: bool,
-    pub parked_rides: u64,
-    pub parked_days: u64,
-    pub parked_floor: u64,
-    pub activation_failures: u64,
-    pub shards_handed_off: u64,
-    pub shards_lost: u64,
-}
-
-impl Progress {
-    pub fn view(&self) -> ProgressView {
-        let batches = self.batches.load(Ordering::Relaxed);
-        let events = self.events.load(Ordering::Relaxed);
-        let per = |x: u64| if batches == 0 { 0.0 } else { x as f64 / batches as f64 };
-        ProgressView {
-            dispatched_seq: self.dispatched_seq.load(Ordering::Relaxed),
-            batches,
-            events,
-            wal_failures: self.wal_failures.load(Ordering::Relaxed),
-            last_batch_size: self.last_batch_size.load(Ordering::Relaxed),
-            mean_batch_size: per(events),
-            mean_fsync_micros: per(self.fsync_micros_total.load(Ordering::Relaxed)),
-            replayed_records: self.replayed_records.load(Ordering::Relaxed),
-            replayed_events: self.replayed_events.load(Ordering::Relaxed),
-            replay_millis: self.replay_micros.load(Ordering::Relaxed) / 1000,
-            ownership_resets: self.ownership_resets.load(Ordering::Relaxed),
-            actor_failures: self.actor_failures.load(Ordering::Relaxed),
-            unapplied_floor: self.unapplied_floor.load(Ordering::Relaxed),
-            rides_refused: self.rides_refused.load(Ordering::Relaxed),
-            flush_lag_ms: self.flush_lag().as_millis() as u64,
-            unflushed_events: self.unflushed_events.load(Ordering::Relaxed),
-            max_unflushed_rides: self.max_unflushed_rides.load(Ordering::Relaxed),
-            memory_holds: self.memory_holds.load(Ordering::Relaxed),
-            holding_for_memory: self.holding_for_memory.load(Ordering::Relaxed),
-            parked_rides: self.parked_rides.load(Ordering::Relaxed),
-            parked_days: self.parked_days.load(Ordering::Relaxed),
-            parked_floor: self.parked_floor.load(Ordering::Relaxed),
-            activation_failures: self.activation_failures.load(Ordering::Relaxed),
-            shards_handed_off: self.shards_handed_off.load(Ordering::Relaxed),
-            shards_lost: self.shards_lost.load(Ordering::Relaxed),
-        }
-    }
-
-    pub fn flush_lag(&self) -> Duration {
-        self.unflushed_batches.lock().front().map_or(Duration::ZERO, |(_, at, _)| at.elapsed())
-    }
-
-    /// Forgets the batches a checkpoint now covers.
-    pub fn checkpointed(&self, upto: u64) {
-        let mut q = self.unflushed_batches.lock();
-        while q.front().is_some_and(|(seq, _, _)| *seq <= upto) {
-            if let Some((_, _, rides)) = q.pop_front() {
-                self.unflushed_events.fetch_sub(rides, Ordering::Relaxed);
-            }
-        }
-    }
-
-    fn unflushed(&self, seq: u64, at: Instant, rides: u64) {
-        self.unflushed_batches.lock().push_back((seq, at, rides));
-        self.unflushed_events.fetch_add(rides, Ordering::Relaxed);
-    }
 }
 
 pub struct Consumer {
@@ -705,7 +528,7 @@ impl Consumer {
     /// the tables lack was never acked, so the broker redelivers it to the partition's owner
     /// (this node again, or another), and the days reload from the tables.
     fn drop_state(&self, parked: &mut Parked, why: &str) {
-        let dropped_acks = std::mem::take(&mut *self.progress.held_acks.lock()).len();
+        let dropped_acks = self.progress.acks.drop_all();
         // A load begun before the reset may be stale.
         let dropped_parked = std::mem::take(parked).rides;
         parked.publish(&self.progress);
@@ -755,7 +578,7 @@ impl Consumer {
 
     /// Releases the shards being handed off whose last delivery is flushed and acked.
     fn finish_drains(&self, link: &ClusterLink, drains: &mut Drains) {
-        let acked = self.progress.acked_through.load(Ordering::Acquire);
+        let acked = self.progress.acks.acked_through();
         for (shard, epoch) in drains.done(acked) {
             link.subscriptions.close(shard);
             let days = self.registry.drop_where(|k| k.partition(link.shards) == shard);
@@ -771,12 +594,7 @@ impl Consumer {
         let acker = Refusing::wrap(acker, refused, events);
         match self.ack_after {
             AckAfter::Wal => acker.ack().await,
-            AckAfter::Table => {
-                // In WAL order: a parked batch is settled after later ones.
-                let mut held = self.progress.held_acks.lock();
-                let at = held.iter().position(|(s, _)| *s > seq).unwrap_or(held.len());
-                held.insert(at, (seq, acker));
-            }
+            AckAfter::Table => self.progress.acks.hold(seq, acker),
         }
     }
 
@@ -939,9 +757,7 @@ impl Consumer {
                 parked.batches.insert(seq, Waiting { acker: batch.acker, events, refused, days: waits });
                 parked.publish(&self.progress);
             }
-            if self.progress.unflushed_rides.fetch_add(n, Ordering::Relaxed) + n >= self.flush_after_rides {
-                self.progress.flush_kick.notify_one();
-            }
+            self.progress.trigger.consumed(n, self.flush_after_rides);
         }
         if parked.rides > 0 {
             // Their batches stay unanswered (the embedded POSTs get "may have been recorded",
@@ -981,7 +797,7 @@ async fn next_shard_event(cluster: &mut Option<ClusterLink>) -> Option<ShardEven
 /// Shards being handed off. A hand-off goes: cancel the subscription → the source says
 /// every delivery of it is queued (`Batch::drained`) → the WAL record holding the last one
 /// is known once that batch was handled → the flusher has written and acked through it
-/// (`Progress::acked_through`) → close the channel, drop the days, release.
+/// (`AckLedger::acked_through`) → close the channel, drop the days, release.
 #[derive(Default)]
 struct Drains {
     shards: std::collections::BTreeMap<u16, Drain>,
@@ -1018,7 +834,7 @@ impl Drains {
             if let Some(d) = self.shards.get_mut(&shard) {
                 d.upto = Some(upto);
                 // Flush now rather than at the interval: the hand-off waits for it.
-                progress.flush_kick.notify_one();
+                progress.trigger.kick();
             }
         }
     }
@@ -1061,6 +877,25 @@ async fn timed_load(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hand-off's bound is the WAL record dispatched when its drain marker was handled,
+    /// and it completes only once the acks went out through that record.
+    #[test]
+    fn a_hand_off_waits_for_the_acks_through_its_last_record() {
+        let progress = Progress::default();
+        let mut drains = Drains::default();
+        drains.begin(3, 7);
+        drains.begin(5, 2);
+        progress.dispatched_seq.store(40, Ordering::Release);
+        assert!(!drains.waiting(), "no marker yet: no bound");
+        drains.drained(&[3, 9]); // 9 is not being handed off: ignored
+        progress.dispatched_seq.store(41, Ordering::Release); // the marker's batch was handled
+        drains.mark(&progress);
+        assert!(drains.waiting());
+        assert_eq!(drains.done(40), vec![], "acks only through 40: record 41 may hold shard 3's rides");
+        assert_eq!(drains.done(41), vec![(3, 7)]);
+        assert!(!drains.waiting() && drains.shards.contains_key(&5), "shard 5 still waits for its marker");
+    }
 
     /// What the embedded bus's clients are told when the WAL refuses their batch: a failed
     /// append wrote nothing, a failed fsync after the append may still surface at replay.

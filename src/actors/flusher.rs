@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::consumer::Progress;
+use super::progress::Progress;
 use super::registry::Registry;
 use super::seasons::SeasonBook;
 use super::unix_ms;
@@ -190,7 +190,7 @@ impl Flusher {
                 return Err(TableError::Unavailable(format!("disk nearly full: {free} bytes free under {}", dir.display())));
             }
         }
-        self.progress.unflushed_rides.store(0, Ordering::Relaxed);
+        self.progress.trigger.cycle_started();
         // Never past a batch a dead actor did not apply, nor past rides parked behind their
         // day's activation (`Progress::checkpoint_limit`).
         let upto = self.progress.checkpoint_limit();
@@ -285,10 +285,10 @@ impl Flusher {
         report.checkpoint = checkpoint;
         self.progress.checkpointed(checkpoint);
         // AckAfter::Table: these batches are in the tables now.
-        for acker in self.progress.release_acks(checkpoint) {
+        for acker in self.progress.acks.release(checkpoint) {
             acker.ack().await;
         }
-        self.progress.acked_through.fetch_max(checkpoint, Ordering::AcqRel);
+        self.progress.acks.sent_through(checkpoint);
         self.registry.passivate_idle();
         Ok(report)
     }
@@ -298,7 +298,11 @@ impl Flusher {
     /// have landed; acking it would be acking for a shard another node owns, so the cycle
     /// fails instead (nothing is committed or acked; the consumer drops the lost shard, and
     /// the broker redelivers to its new owner).
-    fn still_fenced(&self, snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)], epochs: &[u64]) -> Result<(), TableError> {
+    fn still_fenced(
+        &self,
+        snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)],
+        epochs: &[u64],
+    ) -> Result<(), TableError> {
         let Some((keeper, shards)) = &self.fencing else { return Ok(()) };
         let mut checked = rustc_hash::FxHashSet::default();
         for ((_, s), epoch) in snaps.iter().zip(epochs) {
@@ -402,7 +406,7 @@ impl Flusher {
             let healthy = wait == interval;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.progress.flush_kick.notified(), if healthy => {}
+                _ = self.progress.trigger.kicked(), if healthy => {}
                 _ = stop.changed() => break,
             }
             match self.flush().await {

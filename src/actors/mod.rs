@@ -9,10 +9,12 @@
 //! - [`seasons`]: which seasons exist per resort.
 //! - [`consumer`]: bus → WAL (group commit) → actors → ack; WAL replay at start.
 //! - [`flusher`]: dirty aggregates and raw rides → tables, then WAL checkpoint.
+//! - [`progress`]: what those two share: the held acks, the flush trigger, the counters.
 
 pub mod aggregator;
 pub mod consumer;
 pub mod flusher;
+pub mod progress;
 pub mod registry;
 pub mod season_index;
 pub mod seasons;

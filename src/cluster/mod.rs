@@ -18,8 +18,9 @@
 //! - [`fence`]: the epoch a data-table write carries and the condition that refuses a
 //!   stale owner's write.
 //!
-//! Nothing here is wired into the consumer, flusher or HTTP layer yet (see ADR 005,
-//! "What remains to wire").
+//! Wired in cluster mode (`cluster.enabled`, ADR 005 "As wired"): `service` starts the
+//! keeper, [`crate::actors::consumer::ClusterLink`] turns its events into subscriptions and
+//! hand-offs, and the flusher writes under its fences ([`crate::actors::flusher::Flusher::with_fencing`]).
 
 pub mod balance;
 pub mod expiry;

@@ -495,7 +495,14 @@ impl DynamoTables {
     /// With `epoch` (cluster mode) the item carries it and the condition compares
     /// `(epoch, version)`, epoch first (ADR 005, [`Fence::versioned_condition`]): a stale
     /// owner's write fails once the new owner wrote the item.
-    async fn put_versioned(&self, table: &'static str, name: &str, mut item: Item, version: u64, epoch: Option<u64>) -> Result<Put, TableError> {
+    async fn put_versioned(
+        &self,
+        table: &'static str,
+        name: &str,
+        mut item: Item,
+        version: u64,
+        epoch: Option<u64>,
+    ) -> Result<Put, TableError> {
         if let Some(epoch) = epoch {
             let (attr, value) = Fence { shard: 0, epoch }.item_attribute();
             item.insert(attr.to_string(), value);

@@ -336,6 +336,9 @@ async fn pump(part: Arc<SrcPart>, queue: String, mut consumer: Consumer, tx: mps
     PumpEnd::Cancelled
 }
 
+/// A connection just opened, with its subscriptions started.
+type Opened = (Arc<SrcSession>, Vec<(Arc<SrcPart>, Consumer)>);
+
 /// Runs the source's connections: partition tasks, subscription changes, depth refresh,
 /// reconnects, stop.
 struct Supervisor {
@@ -428,7 +431,7 @@ impl Supervisor {
         let _ = self.tx.send(Feed::Drained(p)).await;
     }
 
-    async fn run(mut self, mut first: Option<(Arc<SrcSession>, Vec<(Arc<SrcPart>, Consumer)>)>) {
+    async fn run(mut self, mut first: Option<Opened>) {
         let mut generation = 1u64;
         let mut reconnect = Reconnect::new("consumer", &self.cfg.prefix);
         loop {
