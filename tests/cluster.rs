@@ -937,8 +937,9 @@ fn a_frozen_consumer_loses_its_shards(c: &mut Cluster, model: &mut Vec<Ride>, vi
     });
     let k = keeper(c, victim).expect("its node answers");
     eprintln!(
-        "{victim} resumed: counted its shards lost {:.1}s later (keeper lost deadline/refused/stolen {:?}/{:?}/{:?}); flusher {}",
+        "{victim} resumed: counted its shards lost {:.1}s later (by reason in its log {:?}; keeper lost deadline/refused/stolen {:?}/{:?}/{:?}); flusher {}",
         resumed.elapsed().as_secs_f64(),
+        lost_in_log(c, victim),
         k.counter("lost_deadline"),
         k.counter("lost_refused"),
         k.counter("lost_stolen"),
