@@ -398,27 +398,33 @@ impl Flusher {
     }
 
     /// Flushes every `interval`, or earlier when the consumer signals that many rides are
-    /// waiting, until `stop` fires; failures back off up to 30 s (and ignore the size
-    /// trigger meanwhile, so an outage does not turn into a retry storm).
-    pub async fn run(self: Arc<Self>, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut wait = interval;
+    /// waiting, until `stop` fires; failures back off up to [`FAILED_FLUSH_CAP`] (and ignore
+    /// the size trigger meanwhile, so an outage does not turn into a retry storm).
+    pub async fn run(self: Arc<Self>, interval: Duration, stop: crate::bus::Stop) {
+        let mut failing = crate::retry::Backoff::new((interval * 2).min(FAILED_FLUSH_CAP), FAILED_FLUSH_CAP);
+        let (mut wait, mut healthy) = (interval, true);
         loop {
-            let healthy = wait == interval;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.progress.trigger.kicked(), if healthy => {}
-                _ = stop.changed() => break,
+                _ = stop.stopped() => break,
             }
             match self.flush().await {
-                Ok(_) => wait = interval,
+                Ok(_) => {
+                    failing.reset();
+                    (wait, healthy) = (interval, true);
+                }
                 Err(e) => {
-                    wait = (wait * 2).min(Duration::from_secs(30));
+                    (wait, healthy) = (failing.next_delay(), false);
                     tracing::warn!(cause = %e, retry_in_ms = wait.as_millis() as u64, "flush failed; WAL keeps the rides");
                 }
             }
         }
     }
 }
+
+/// Longest wait between two cycles while they fail.
+pub const FAILED_FLUSH_CAP: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {
