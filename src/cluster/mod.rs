@@ -17,6 +17,8 @@
 //!   publishes [`keeper::ShardEvent`]s and the [`keeper::ShardMap`].
 //! - [`fence`]: the epoch a data-table write carries and the condition that refuses a
 //!   stale owner's write.
+//! - [`map_watch`]: the [`keeper::ShardMap`] built from one scan (shared with the keeper),
+//!   and the watcher that refreshes it on nodes without a keeper.
 //!
 //! Nothing here is wired into the consumer, flusher or HTTP layer yet (see ADR 005,
 //! "What remains to wire").
@@ -26,6 +28,7 @@ pub mod expiry;
 pub mod fence;
 pub mod keeper;
 pub mod lease;
+pub mod map_watch;
 
 pub use balance::{plan, BalanceInput, Plan, ShardState};
 pub use expiry::ExpiryObserver;
