@@ -217,7 +217,7 @@ impl std::fmt::Debug for ClusterReads {
 pub struct ClusterView {
     pub node: NodeInfo,
     pub keeper: Option<KeeperStats>,
-    pub map: Arc<ShardMap>,
+    pub map: ShardMap,
     pub forwarding: ForwardStats,
 }
 
@@ -237,15 +237,16 @@ impl ClusterReads {
     }
 
     /// As [`ClusterReads::new`], from explicit settings and any source of fences.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (it keeps the current one's handle); start-up code only.
     pub fn with_fences(settings: ReadSettings, map: watch::Receiver<Arc<ShardMap>>, fences: Option<Arc<dyn LocalFences>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.timeout));
         // Small requests and answers: do not wait for Nagle.
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
-            .build(connector);
+        let client =
+            Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).pool_max_idle_per_host(POOL_IDLE_PER_HOST).build(connector);
         ClusterReads { settings, map, fences, client, runtime: tokio::runtime::Handle::current(), counters: Counters::default() }
     }
 
@@ -270,7 +271,7 @@ impl ClusterReads {
         ClusterView {
             node: self.settings.node.clone(),
             keeper: self.fences.as_ref().and_then(|f| f.stats()),
-            map: self.map.borrow().clone(),
+            map: ShardMap::clone(&self.map.borrow()),
             forwarding: self.stats(),
         }
     }
@@ -299,8 +300,8 @@ impl ClusterReads {
                 self.counters.local.fetch_add(1, Ordering::Relaxed);
                 return Ok(Route::Local);
             }
-            let target = target(&map.borrow_and_update(), me, shard);
-            match target {
+            let now = target(&map.borrow_and_update(), me, shard);
+            match now {
                 // An owner that did not answer is not asked again under the same epoch:
                 // wait for a map that names another (or the same node, re-elected).
                 Ok(owner) if failed.contains(&(owner.node.clone(), owner.epoch)) => {}
@@ -459,5 +460,330 @@ fn target(map: &ShardMap, me: &str, shard: ShardId) -> Result<ShardOwner, Fallba
         Some(o) if o.node == me => Err(Fallback::NotHeld),
         Some(o) if o.endpoint.is_empty() => Err(Fallback::OwnerUnreachable),
         Some(o) => Ok(o.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Real sockets: the owner is a liftlog app (the real handlers and its own
+    //! `ClusterReads`) on an actix server bound to 127.0.0.1:0, the reader is another
+    //! app called in-process, and the forward between them goes over TCP.
+    use std::collections::HashMap;
+
+    use actix_web::dev::{Service, ServiceResponse};
+    use actix_web::{test, web, App};
+    use parking_lot::Mutex;
+
+    use super::*;
+    use crate::http::AppState;
+    use crate::tables::{sled_store::SledTables, DayCountItem, SkierDayItem, Tables};
+
+    const SHARDS: u16 = 4;
+    const DAY: DayKey = DayKey { resort: 1, season: 2025, day: 1 };
+    const SKIERS: &str = "/resorts/1/seasons/2025/day/1/skiers";
+    const VERTICAL: &str = "/skiers/1/seasons/2025/days/1/skiers/5";
+
+    fn shard() -> ShardId {
+        DAY.partition(SHARDS)
+    }
+
+    /// Fences set by the test, as a keeper would hold them.
+    #[derive(Default)]
+    struct Fixed(Mutex<HashMap<ShardId, u64>>);
+
+    impl LocalFences for Fixed {
+        fn epoch(&self, shard: ShardId) -> Option<u64> {
+            self.0.lock().get(&shard).copied()
+        }
+    }
+
+    fn map(owner: Option<ShardOwner>) -> Arc<ShardMap> {
+        let mut shards = vec![None; SHARDS as usize];
+        shards[shard() as usize] = owner;
+        Arc::new(ShardMap { me: "a".into(), shards, nodes: Vec::new(), generation: 1 })
+    }
+
+    fn owned_by(node: &str, endpoint: &str, epoch: u64) -> Option<ShardOwner> {
+        Some(ShardOwner { node: node.into(), endpoint: endpoint.into(), epoch, expired: false })
+    }
+
+    /// A node's state over its own tables, which hold `skiers` unique skiers for the day and
+    /// a vertical of `skiers * 100` for skier 5, so that every answer shows who gave it.
+    async fn node(dir: &tempfile::TempDir, name: &str, skiers: u64, cluster: Arc<ClusterReads>) -> web::Data<AppState> {
+        let tables = Arc::new(SledTables::open(&dir.path().join(name)).unwrap());
+        tables.put_day_counts(&[DayCountItem { key: DAY, unique_skiers: skiers, rides: skiers, version: 1 }]).await.unwrap();
+        tables.put_skier_days(&[SkierDayItem { skier: 5, key: DAY, vertical: skiers * 100, ids: vec![1], version: 1 }]).await.unwrap();
+        web::Data::new(AppState {
+            catalog: Arc::new(crate::catalog::Catalog::default()),
+            limits: crate::domain::Limits::default(),
+            tables,
+            publisher: None,
+            node: None,
+            cluster: Some(cluster),
+            roles: "read".into(),
+            requests: Arc::new(crate::http::stats::RequestStats::new("")),
+            max_body_bytes: 16 * 1024,
+            admin_token: None,
+            ready: true.into(),
+            started: std::time::Instant::now(),
+        })
+    }
+
+    fn reads(id: &str, map: watch::Receiver<Arc<ShardMap>>, fences: Arc<Fixed>, wait: Duration, timeout: Duration) -> Arc<ClusterReads> {
+        let settings = ReadSettings { node: NodeInfo { id: id.into(), endpoint: String::new() }, shards: SHARDS, wait, timeout };
+        Arc::new(ClusterReads::with_fences(settings, map, Some(fences)))
+    }
+
+    /// The owner "b": its app on a real listener; returns its endpoint and its fences.
+    struct Owner {
+        endpoint: String,
+        fences: Arc<Fixed>,
+        reads: Arc<ClusterReads>,
+        _map: watch::Sender<Arc<ShardMap>>,
+        server: actix_web::dev::ServerHandle,
+    }
+
+    async fn owner(dir: &tempfile::TempDir, epoch: u64) -> Owner {
+        let fences = Arc::new(Fixed::default());
+        fences.0.lock().insert(shard(), epoch);
+        let (tx, rx) = watch::channel(map(None));
+        let reads = reads("b", rx, fences.clone(), Duration::from_millis(100), Duration::from_secs(1));
+        let state = node(dir, "b", 7, reads.clone()).await;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let server =
+            actix_web::HttpServer::new(move || App::new().app_data(state.clone()).configure(|c| crate::http::configure(c, "", false)))
+                .workers(1)
+                .disable_signals()
+                .listen(listener)
+                .unwrap()
+                .run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        Owner { endpoint, fences, reads, _map: tx, server: handle }
+    }
+
+    async fn reader(
+        dir: &tempfile::TempDir,
+        name: &str,
+        first: Arc<ShardMap>,
+        wait: Duration,
+        timeout: Duration,
+    ) -> (
+        impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
+        Arc<ClusterReads>,
+        Arc<Fixed>,
+        watch::Sender<Arc<ShardMap>>,
+    ) {
+        let fences = Arc::new(Fixed::default());
+        let (tx, rx) = watch::channel(first);
+        let reads = reads("a", rx, fences.clone(), wait, timeout);
+        let state = node(dir, name, 3, reads.clone()).await;
+        let app = test::init_service(App::new().app_data(state).configure(|c| crate::http::configure(c, "", true))).await;
+        (app, reads, fences, tx)
+    }
+
+    struct Answer {
+        status: u16,
+        source: String,
+        etag: Option<String>,
+        body: String,
+    }
+
+    async fn get(
+        app: &impl Service<actix_http::Request, Response = ServiceResponse, Error = actix_web::Error>,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
+        let mut req = test::TestRequest::get().uri(uri);
+        for &(k, v) in headers {
+            req = req.insert_header((k, v));
+        }
+        let resp = test::call_service(app, req.to_request()).await;
+        let header = |name: &str| resp.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        let (status, source, etag) = (resp.status().as_u16(), header(SOURCE_HEADER).unwrap_or_default(), header("etag"));
+        let cache = header("cache-control");
+        let day_read = uri.starts_with("/resorts/") || uri.starts_with("/skiers/");
+        if status == 200 && day_read {
+            assert_eq!(cache.as_deref(), Some("public, max-age=1"), "caching headers pass through");
+            assert_eq!(header("content-type").as_deref(), Some("application/json"));
+        }
+        let body = String::from_utf8(test::read_body(resp).await.to_vec()).unwrap();
+        Answer { status, source, etag, body }
+    }
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    #[actix_web::test]
+    async fn reads_are_local_under_a_fence_forwarded_to_the_owner_and_refused_without_its_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = owner(&dir, 5).await;
+        let (a, a_reads, a_fences, _tx) = reader(&dir, "a1", map(owned_by("b", &b.endpoint, 5)), LONG, LONG).await;
+
+        // Forwarded: b's numbers, b's caching headers, and a 304 through the forwarder.
+        let r = get(&a, SKIERS, &[]).await;
+        assert_eq!((r.status, r.source.as_str()), (200, "owner; node=b"), "{}", r.body);
+        assert!(r.body.contains(r#""numSkiers":7"#), "{}", r.body);
+        let etag = r.etag.expect("an ETag from the owner");
+        let r = get(&a, SKIERS, &[("If-None-Match", &etag)]).await;
+        assert_eq!((r.status, r.source.as_str(), r.etag.as_deref()), (304, "owner; node=b", Some(etag.as_str())));
+        let r = get(&a, VERTICAL, &[]).await;
+        assert_eq!((r.status, r.source.as_str(), r.body.as_str()), (200, "owner; node=b", "700"));
+        let r = get(&a, "/skiers/1/seasons/2025/days/1/skiers/6", &[]).await;
+        assert_eq!((r.status, r.source.as_str()), (404, "owner; node=b"), "the owner's 404 passes through: {}", r.body);
+        assert_eq!(a_reads.stats(), ForwardStats { forwarded: 4, ..ForwardStats::default() });
+        assert_eq!(b.reads.stats(), ForwardStats { local: 4, ..ForwardStats::default() });
+
+        // Bad input is answered by the node that got it, never forwarded.
+        for bad in
+            ["/resorts/1/seasons/2025/day/0/skiers", "/resorts/99/seasons/2025/day/1/skiers", "/skiers/1/seasons/2025/days/1/skiers/x"]
+        {
+            let r = get(&a, bad, &[]).await;
+            assert!((400..500).contains(&r.status) && r.source.is_empty(), "{bad}: {} {}", r.status, r.body);
+        }
+        assert_eq!(b.reads.stats().local, 4, "nothing reached the owner");
+
+        // Holding the fence itself, a answers from its own state and says so.
+        a_fences.0.lock().insert(shard(), 6);
+        let r = get(&a, SKIERS, &[]).await;
+        assert_eq!((r.status, r.source.as_str()), (200, "local"));
+        assert!(r.body.contains(r#""numSkiers":3"#), "{}", r.body);
+        let r = get(&a, "/skiers/1/seasons/2025/days/1/skiers/6", &[]).await;
+        assert_eq!((r.status, r.source.as_str()), (404, "local"), "a local 404 names its source too");
+
+        // A marked request is served locally only under exactly the named epoch, and is
+        // never forwarded (a holds 6; b, which the map names, is not asked).
+        let marked = |epoch: &'static str| [(FORWARDED_HEADER, "x"), (EPOCH_HEADER, epoch)];
+        let r = get(&a, SKIERS, &marked("6")).await;
+        assert_eq!((r.status, r.source.as_str()), (200, "local"));
+        for wrong in [&marked("5")[..], &marked("junk")[..], &[(FORWARDED_HEADER, "x")][..]] {
+            let r = get(&a, SKIERS, wrong).await;
+            assert_eq!(r.status, 421, "{wrong:?}: {}", r.body);
+            assert!(r.body.contains("never forwarded again") && r.body.contains("holds it at epoch 6"), "{}", r.body);
+        }
+        a_fences.0.lock().clear();
+        let r = get(&a, SKIERS, &marked("5")).await;
+        assert!(r.status == 421 && r.body.contains("does not hold it"), "{}", r.body);
+        assert_eq!(b.reads.stats().local, 4, "marked requests are not forwarded");
+        let s = a_reads.stats();
+        assert_eq!((s.local, s.misdirected, s.forwarded), (3, 4, 4), "{s:?}");
+
+        // The admin view and the metrics show it.
+        let r = get(&a, "/admin/cluster", &[]).await;
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["node"]["id"], "a");
+        assert!(v["keeper"].is_null(), "a test node has no keeper");
+        assert_eq!(v["map"]["shards"][shard() as usize]["node"], "b");
+        assert_eq!(v["forwarding"]["forwarded"], 4);
+        let r = get(&a, "/metrics", &[]).await;
+        assert!(r.body.contains("liftlog_cluster_reads_forwarded_total 4"), "{}", r.body);
+        b.server.stop(false).await;
+    }
+
+    /// Waits until `ok` holds, bounded: the owner's counters move on its own threads.
+    async fn until(what: &str, ok: impl Fn() -> bool) {
+        let started = Instant::now();
+        while !ok() {
+            assert!(started.elapsed() < LONG, "{what} within {LONG:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[actix_web::test]
+    async fn a_421_waits_for_the_next_map_and_retries_once_then_the_tables_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = owner(&dir, 5).await;
+        // a's map is behind: it still shows epoch 4.
+        let (a, a_reads, _, tx) = reader(&dir, "a2", map(owned_by("b", &b.endpoint, 4)), LONG, LONG).await;
+        let next_map = async {
+            until("b refused once", || b.reads.stats().misdirected == 1).await;
+            tx.send_replace(map(owned_by("b", &b.endpoint, 5)));
+        };
+        let (r, ()) = tokio::join!(get(&a, SKIERS, &[]), next_map);
+        assert_eq!((r.status, r.source.as_str()), (200, "owner; node=b"), "{}", r.body);
+        assert!(r.body.contains(r#""numSkiers":7"#));
+        let s = a_reads.stats();
+        assert_eq!((s.forwarded, s.retried, s.tables_fallback), (1, 1, 0), "{s:?}");
+
+        // The next map still names an epoch b does not hold (b moved on to 6): one retry,
+        // then the tables, saying why.
+        b.fences.0.lock().insert(shard(), 6);
+        let same_map = async {
+            until("b refused again", || b.reads.stats().misdirected == 2).await;
+            tx.send_replace(map(owned_by("b", &b.endpoint, 5)));
+        };
+        let (r, ()) = tokio::join!(get(&a, SKIERS, &[]), same_map);
+        assert_eq!((r.status, r.source.as_str()), (200, "tables; reason=misdirected"), "{}", r.body);
+        assert!(r.body.contains(r#""numSkiers":3"#), "a's tables: {}", r.body);
+        assert_eq!(b.reads.stats().misdirected, 3, "exactly one retry");
+        let s = a_reads.stats();
+        assert_eq!((s.retried, s.tables_fallback, s.errors), (2, 1, 0), "{s:?}");
+        b.server.stop(false).await;
+    }
+
+    #[actix_web::test]
+    async fn without_a_live_owner_a_read_waits_for_one_at_most_the_wait_then_the_tables_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = owner(&dir, 5).await;
+        let wait = Duration::from_millis(300);
+        let (a, a_reads, _, tx) = reader(&dir, "a3", map(None), wait, LONG).await;
+        let started = Instant::now();
+        let r = get(&a, SKIERS, &[]).await;
+        assert_eq!((r.status, r.source.as_str()), (200, "tables; reason=no-owner"));
+        assert!(started.elapsed() >= wait, "waited {:?}", started.elapsed());
+        tx.send_replace(Arc::new(ShardMap { generation: 0, ..(*map(None)).clone() }));
+        assert_eq!(get(&a, SKIERS, &[]).await.source, "tables; reason=no-map");
+        tx.send_replace(map(Some(ShardOwner { expired: true, ..owned_by("b", &b.endpoint, 5).unwrap() })));
+        assert_eq!(get(&a, VERTICAL, &[]).await.source, "tables; reason=owner-expired");
+        tx.send_replace(map(owned_by("a", "http://a", 5)));
+        let r = get(&a, VERTICAL, &[]).await;
+        assert_eq!((r.source.as_str(), r.body.as_str()), ("tables; reason=not-held", "300"));
+        assert_eq!(a_reads.stats().tables_fallback, 4);
+
+        // An owner that shows up while the read waits answers it. (join! polls the read
+        // first, so it is waiting on the map when the new one is sent.)
+        tx.send_replace(map(None));
+        let (a2, _, _, tx2) = reader(&dir, "a4", map(None), LONG, LONG).await;
+        let started = Instant::now();
+        let (r, ()) = tokio::join!(get(&a2, SKIERS, &[]), async {
+            tx2.send_replace(map(owned_by("b", &b.endpoint, 5)));
+        });
+        assert_eq!((r.status, r.source.as_str()), (200, "owner; node=b"));
+        assert!(started.elapsed() < LONG);
+        b.server.stop(false).await;
+    }
+
+    #[actix_web::test]
+    async fn a_dead_owner_falls_back_to_the_tables_within_wait_plus_timeout() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wait, timeout) = (Duration::from_millis(400), Duration::from_millis(600));
+        // Slack for a loaded machine; the bound itself is wait + timeout.
+        let slack = Duration::from_millis(500);
+
+        // A closed port: refused at once, then the map is waited for, then the tables.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let (a, a_reads, _, _tx) = reader(&dir, "a5", map(owned_by("c", &closed, 9)), wait, timeout).await;
+        let started = Instant::now();
+        let r = get(&a, SKIERS, &[]).await;
+        let took = started.elapsed();
+        assert_eq!((r.status, r.source.as_str()), (200, "tables; reason=owner-unreachable"), "{}", r.body);
+        assert!(r.body.contains(r#""numSkiers":3"#), "{}", r.body);
+        assert!(took >= wait && took <= wait + timeout + slack, "took {took:?}");
+        let s = a_reads.stats();
+        assert_eq!((s.errors, s.tables_fallback, s.forwarded), (1, 1, 0), "one attempt at a dead owner, not two: {s:?}");
+
+        // An owner that accepts the connection and never answers: the timeout bounds it.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_url = format!("http://{}", silent.local_addr().unwrap());
+        let (a, _, _, _tx) = reader(&dir, "a6", map(owned_by("d", &silent_url, 9)), wait, timeout).await;
+        let started = Instant::now();
+        let r = get(&a, VERTICAL, &[]).await;
+        let took = started.elapsed();
+        assert_eq!((r.status, r.source.as_str(), r.body.as_str()), (200, "tables; reason=owner-unreachable", "300"));
+        assert!(took >= timeout && took <= wait + timeout + slack, "took {took:?}");
+        drop(silent);
     }
 }
