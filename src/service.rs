@@ -263,6 +263,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tables,
         publisher,
         node,
+        cluster: None,
         roles: config.roles_label(),
         requests: Arc::new(RequestStats::new(&config.http.base_path)),
         max_body_bytes: config.http.max_body_bytes,

@@ -203,7 +203,7 @@ fn operations_endpoints_and_admin_token() {
         assert_eq!(code, 401, "{method} {path} with a wrong token");
         checked += 1;
     }
-    assert_eq!(checked, 4);
+    assert_eq!(checked, 5);
     let auth = [("Authorization", "Bearer s3cret")];
     for r in random_rides(7, 50, 10) {
         assert_eq!(r.post(&a, &s.base), 201);
