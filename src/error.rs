@@ -114,6 +114,10 @@ pub enum ApiError {
     /// 503 + Retry-After + `Ride-Outcome`: a POSTed ride got no 201; the header and the
     /// message say whether it is not recorded or may have been.
     RideNotConfirmed { message: String, retry_after_secs: u32, outcome: RideOutcome },
+    /// 421: a read forwarded by another cluster node (`Liftlog-Forwarded-By`) for a shard
+    /// this node does not hold under the epoch it names; the forwarder waits for its next
+    /// shard map and retries once, then answers from the tables (`cluster::forward`).
+    Misdirected(String),
     /// 429 + Retry-After: admission control refused the request to keep latency bounded.
     TooManyRequests { message: String, retry_after_secs: u32 },
     /// 500: a bug of ours. Never produced by client input; logged where it happens.
@@ -128,7 +132,7 @@ struct Message<'a> {
 impl fmt::Display for ApiError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ApiError::BadRequest(m) | ApiError::Conflict(m) => f.write_str(m),
+            ApiError::BadRequest(m) | ApiError::Conflict(m) | ApiError::Misdirected(m) => f.write_str(m),
             ApiError::ResortNotFound => f.write_str("Resort not found"),
             ApiError::DataNotFound => f.write_str("Data not found"),
             ApiError::NoSuchEndpoint => f.write_str("No such endpoint; see /openapi.json for the API"),
@@ -151,6 +155,7 @@ impl ResponseError for ApiError {
             ApiError::ResortNotFound | ApiError::DataNotFound | ApiError::NoSuchEndpoint => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -53,7 +53,7 @@ struct ConsumeTasks {
     /// Broker mode: the partitions must stay ours until the final flush is done.
     broker: bool,
     consumer_task: tokio::task::JoinHandle<Box<dyn EventSource>>,
-    flusher_stop: tokio::sync::watch::Sender<bool>,
+    flusher_stop: Stop,
     flusher_task: tokio::task::JoinHandle<()>,
     /// Bound on the flusher's last cycles at shutdown (`flush.shutdown_timeout_ms`).
     final_flush: Duration,
@@ -194,8 +194,8 @@ async fn start_consumer(config: &Config, tables: Arc<dyn Tables>, end: SourceEnd
         None => flusher,
     };
     let flusher = Arc::new(flusher);
-    let (flusher_stop, stop_rx) = tokio::sync::watch::channel(false);
-    let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush.interval_ms.max(10)), stop_rx));
+    let flusher_stop = Stop::default();
+    let flusher_task = actix_rt::spawn(flusher.clone().run(Duration::from_millis(config.flush.interval_ms.max(10)), flusher_stop.clone()));
     let source_stop = source.stop_handle();
     let pause = Stop::default();
     // On the system arbiter: activating an aggregator starts an actix actor.
@@ -263,6 +263,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tables,
         publisher,
         node,
+        cluster: None,
         roles: config.roles_label(),
         requests: Arc::new(RequestStats::new(&config.http.base_path)),
         max_body_bytes: config.http.max_body_bytes,
@@ -396,7 +397,7 @@ impl Running {
         // nothing: the checkpoint only moves after a successful cycle, so the WAL still
         // holds every ride the tables may lack, and the next start replays it.
         let deadline = tokio::time::Instant::now() + tasks.final_flush;
-        let _ = tasks.flusher_stop.send(true);
+        tasks.flusher_stop.stop();
         let mut flusher_task = tasks.flusher_task;
         if tokio::time::timeout_at(deadline, &mut flusher_task).await.is_err() {
             flusher_task.abort();

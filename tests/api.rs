@@ -1,10 +1,12 @@
-//! The public API against the real binary: the README session, every client error of
-//! API.md with its status and message (and no count changed), compatibility details, the
-//! operational endpoints, passivation and graceful shutdown.
+//! The public API: the README session, every client error of API.md with its status and
+//! message (and no count changed), compatibility details, the operational endpoints,
+//! passivation and graceful shutdown. Cases that need no kill, restart or process
+//! environment run in-process (`InProcess`: `service::start` on port 0); the others
+//! against the real binary (`Server`).
 
 mod common;
 
-use common::{agent, call, get, random_rides, Expected, Server};
+use common::{agent, call, get, random_rides, Expected, InProcess, Server};
 use serde_json::Value;
 
 const JSON: (&str, &str) = ("Content-Type", "application/json");
@@ -40,7 +42,7 @@ fn readme_session_and_restart() {
 #[test]
 fn every_bad_input_gets_its_4xx_with_a_message_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &["--set", "http.base_path=skiers-app"]);
+    let s = InProcess::start(dir.path(), &["--set", "http.base_path=skiers-app"]);
     let a = agent();
     let ride = "/skiers-app/skiers/1/seasons/2025/days/1/skiers/7";
     assert_eq!(call(&a, "POST", &s.url(ride), &[JSON], Some(r#"{"time":10,"liftID":5}"#)).0, 201);
@@ -118,7 +120,7 @@ fn every_bad_input_gets_its_4xx_with_a_message_and_changes_nothing() {
 #[test]
 fn compatibility_details() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &[]);
+    let s = InProcess::start(dir.path(), &[]);
     let a = agent();
     // Java's HttpClient asks for h2c on plain http; we answer in HTTP/1.1.
     let h2c = [("Connection", "Upgrade, HTTP2-Settings"), ("Upgrade", "h2c"), ("HTTP2-Settings", "AAMAAABkAARAAAAAAAIAAAAA"), JSON];
@@ -161,7 +163,7 @@ fn compatibility_details() {
 #[test]
 fn openapi_lists_exactly_the_routes_we_serve() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &[]);
+    let s = InProcess::start(dir.path(), &[]);
     let a = agent();
     let (code, body) = get(&a, &s.url("/openapi.json"));
     assert_eq!(code, 200);
@@ -201,7 +203,7 @@ fn operations_endpoints_and_admin_token() {
         assert_eq!(code, 401, "{method} {path} with a wrong token");
         checked += 1;
     }
-    assert_eq!(checked, 4);
+    assert_eq!(checked, 5);
     let auth = [("Authorization", "Bearer s3cret")];
     for r in random_rides(7, 50, 10) {
         assert_eq!(r.post(&a, &s.base), 201);
@@ -424,7 +426,7 @@ fn season_vertical_refuses_more_resort_parameters_than_the_bound() {
     let catalog = dir.path().join("catalog.toml");
     let resorts: String = (1..=20).map(|i| format!("[[resorts]]\nid = {i}\nname = \"Resort {i}\"\nlift_count = 40\n")).collect();
     std::fs::write(&catalog, resorts).unwrap();
-    let s = Server::start(&dir.path().join("data"), &["--set", &format!("catalog={}", catalog.display())]);
+    let s = InProcess::start(&dir.path().join("data"), &["--set", &format!("catalog={}", catalog.display())]);
     let a = agent();
     assert_eq!(call(&a, "POST", &s.url("/skiers/1/seasons/2025/days/1/skiers/7"), &[JSON], Some(r#"{"time":10,"liftID":5}"#)).0, 201);
     let query =

@@ -398,27 +398,33 @@ impl Flusher {
     }
 
     /// Flushes every `interval`, or earlier when the consumer signals that many rides are
-    /// waiting, until `stop` fires; failures back off up to 30 s (and ignore the size
-    /// trigger meanwhile, so an outage does not turn into a retry storm).
-    pub async fn run(self: Arc<Self>, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
-        let mut wait = interval;
+    /// waiting, until `stop` fires; failures back off up to [`FAILED_FLUSH_CAP`] (and ignore
+    /// the size trigger meanwhile, so an outage does not turn into a retry storm).
+    pub async fn run(self: Arc<Self>, interval: Duration, stop: crate::bus::Stop) {
+        let mut failing = crate::retry::Backoff::new((interval * 2).min(FAILED_FLUSH_CAP), FAILED_FLUSH_CAP);
+        let (mut wait, mut healthy) = (interval, true);
         loop {
-            let healthy = wait == interval;
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.progress.trigger.kicked(), if healthy => {}
-                _ = stop.changed() => break,
+                _ = stop.stopped() => break,
             }
             match self.flush().await {
-                Ok(_) => wait = interval,
+                Ok(_) => {
+                    failing.reset();
+                    (wait, healthy) = (interval, true);
+                }
                 Err(e) => {
-                    wait = (wait * 2).min(Duration::from_secs(30));
+                    (wait, healthy) = (failing.next_delay(), false);
                     tracing::warn!(cause = %e, retry_in_ms = wait.as_millis() as u64, "flush failed; WAL keeps the rides");
                 }
             }
         }
     }
 }
+
+/// Longest wait between two cycles while they fail.
+pub const FAILED_FLUSH_CAP: Duration = Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {
@@ -625,6 +631,94 @@ mod tests {
         let h = n.registry.resident(&day1).unwrap();
         assert_eq!(h.read(|st| st.rides), MAX as u64);
         assert_eq!(h.stats().await.unwrap().rides_refused, 1);
+    }
+
+    /// A broker stand-in fed by the test: each batch with the epoch (connection generation)
+    /// it says, its settlement recorded under its name.
+    struct Scripted(tokio::sync::mpsc::UnboundedReceiver<(u64, &'static str, Vec<RideEvent>)>, Arc<parking_lot::Mutex<Vec<&'static str>>>);
+
+    struct Named(&'static str, Arc<parking_lot::Mutex<Vec<&'static str>>>);
+
+    #[async_trait::async_trait]
+    impl crate::bus::Acker for Named {
+        async fn ack(self: Box<Self>) {
+            self.1.lock().push(self.0);
+        }
+        async fn nack(self: Box<Self>, _: crate::error::PublishError) {
+            self.1.lock().push("nack");
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl crate::bus::EventSource for Scripted {
+        async fn next_batch(&mut self, _: usize) -> Option<crate::bus::Batch> {
+            let (epoch, name, events) = self.0.recv().await?;
+            Some(crate::bus::Batch { events, acker: Box::new(Named(name, self.1.clone())), epoch, drained: Vec::new() })
+        }
+        fn stop_handle(&self) -> crate::bus::Stop {
+            crate::bus::Stop::default()
+        }
+    }
+
+    /// `ack_after = table` in-process: a batch is acked only by the flush whose checkpoint
+    /// covers it, and a batch of a new broker epoch first drops the resident days and the
+    /// held acks (ADR 006), so the day reloads from the tables and the dropped batch is
+    /// left to the broker's redelivery instead of being acked for a stale state.
+    #[actix_rt::test]
+    async fn acks_after_the_table_wait_for_the_checkpoint_and_a_new_epoch_drops_the_resident_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path());
+        let wal_cfg = WalConfig {
+            dir: dir.path().join("wal2"),
+            durability: Durability::GroupCommit,
+            max_bytes: 1 << 30,
+            min_free_bytes: 0,
+            truncate_corrupt: false,
+        };
+        let wal = Arc::new(Wal::open(wal_cfg).unwrap().0);
+        let progress = Arc::new(Progress::default());
+        let consumer = Consumer {
+            wal: wal.clone(),
+            registry: n.registry.clone(),
+            seasons: Arc::new(SeasonBook::default()),
+            progress: progress.clone(),
+            max_batch: 10_000,
+            abort_after_batches: None,
+            flush_after_rides: u64::MAX,
+            ack_after: AckAfter::Table,
+        };
+        let flusher = Flusher::new(
+            n.registry.clone(),
+            n.tables.clone(),
+            wal.clone(),
+            Arc::new(SeasonBook::default()),
+            progress.clone(),
+            10_000,
+            None,
+        );
+        let settled = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        actix_rt::spawn(consumer.run(Box::new(Scripted(rx, settled.clone())), crate::bus::Stop::default()));
+        let day = DayKey { resort: 1, season: 2025, day: 1 };
+        let batches = || progress.batches.load(Ordering::Relaxed);
+
+        tx.send((1, "first", vec![ride(1, 1, 7)])).unwrap();
+        until("the first batch", || batches() == 1).await;
+        assert!(settled.lock().is_empty(), "acked before the tables held it");
+        assert_eq!(flusher.flush().await.unwrap().checkpoint, 1);
+        assert_eq!(*settled.lock(), vec!["first"]);
+
+        tx.send((1, "second", vec![ride(2, 1, 7)])).unwrap();
+        until("the second batch", || batches() == 2).await;
+        assert_eq!(n.registry.resident(&day).unwrap().read(|d| d.rides), 2);
+        // The connection was lost and taken again: another consumer may have owned the day.
+        tx.send((2, "third", vec![ride(3, 1, 7)])).unwrap();
+        until("the third batch", || batches() == 3).await;
+        assert_eq!(progress.view().ownership_resets, 1);
+        assert_eq!(n.registry.resident(&day).unwrap().read(|d| d.rides), 2, "reloaded from the tables (ride 1) plus ride 3");
+        flusher.flush().await.unwrap();
+        assert_eq!(*settled.lock(), vec!["first", "third"], "the second batch's ack went with its connection");
+        assert_eq!(n.tables.get_skier_day(7, day).await.unwrap().map(|d| d.vertical), Some(100));
     }
 
     /// Polls a figure of the node's own progress (never a fixed sleep), for at most 10 s.

@@ -12,9 +12,6 @@ pub mod embedded;
 
 use async_trait::async_trait;
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use tokio::sync::Notify;
 
 use crate::domain::RideEvent;
 use crate::error::PublishError;
@@ -54,32 +51,30 @@ pub trait EventSource: Send + 'static {
     fn stop_handle(&self) -> Stop;
 }
 
-/// A one-way stop signal shared between tasks.
+/// A one-way stop signal shared between tasks: the code base's one stop mechanism, a
+/// [`CancellationToken`](tokio_util::sync::CancellationToken) underneath, so that stops form
+/// a tree ([`Stop::child`]): stopping a node's root stops every task below it, while the
+/// ordered shutdown stops the children one by one.
 #[derive(Clone, Default)]
-pub struct Stop {
-    flag: Arc<AtomicBool>,
-    notify: Arc<Notify>,
-}
+pub struct Stop(tokio_util::sync::CancellationToken);
 
 impl Stop {
     pub fn stop(&self) {
-        self.flag.store(true, Ordering::Release);
-        self.notify.notify_waiters();
+        self.0.cancel();
     }
 
     pub fn is_stopped(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
+        self.0.is_cancelled()
     }
 
-    /// Resolves once `stop` was called (immediately if it already was).
+    /// Resolves once `stop` was called here or above (immediately if it already was).
     pub async fn stopped(&self) {
-        loop {
-            let notified = self.notify.notified();
-            if self.is_stopped() {
-                return;
-            }
-            notified.await;
-        }
+        self.0.cancelled().await
+    }
+
+    /// A stop of its own that also fires when this one does.
+    pub fn child(&self) -> Stop {
+        Stop(self.0.child_token())
     }
 }
 

@@ -47,9 +47,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
 use super::balance::{plan, BalanceInput, ShardState};
-use super::expiry::ExpiryObserver;
 use super::fence::Fence;
 use super::lease::{LeaseError, LeaseRow, LeaseStore, TableSnapshot};
+use super::map_watch::MapBuilder;
 use super::{NodeInfo, ShardId};
 use crate::domain::DayKey;
 
@@ -525,23 +525,18 @@ async fn renewer(shared: &Shared) {
 
 /// The balancer's state between rounds.
 struct RoundState {
-    leases: ExpiryObserver<ShardId, (u64, u64)>,
-    nodes: ExpiryObserver<String, u64>,
+    /// The observers of lease and heartbeat rows, and the map they build (shared with the
+    /// watcher of nodes without a keeper, so both judge expiry alike).
+    map: MapBuilder,
     /// Nodes that appeared after our first scan, with the heartbeat counter first seen:
     /// they count for the balancer only once the counter has moved (see `round`).
     joining: HashMap<String, u64>,
-    generation: u64,
 }
 
 /// Balancer rounds, every `scan_interval`, until a stop has handed every shard off.
 async fn rounds(shared: &Shared) {
     let cfg = &shared.cfg;
-    let mut state = RoundState {
-        leases: ExpiryObserver::new(cfg.lease_duration),
-        nodes: ExpiryObserver::new(cfg.lease_duration),
-        joining: HashMap::new(),
-        generation: 0,
-    };
+    let mut state = RoundState { map: MapBuilder::new(cfg.lease_duration), joining: HashMap::new() };
     let mut stop = shared.stop.subscribe();
     let mut tick = tokio::time::interval(cfg.scan_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -588,52 +583,37 @@ async fn round(shared: &Shared, state: &mut RoundState, leaving: bool) {
     };
     let now = Instant::now();
     *shared.last_scan.lock() = Some(now);
-    state.generation += 1;
+    let observed = state.map.observe(&cfg.node, &snapshot, now, !leaving);
     let TableSnapshot { shards: rows, nodes } = snapshot;
 
     // Membership. A node that shows up after our first scan is live for forwarding at once
     // but counts for the balancer only once its heartbeat has advanced: a node that
     // flaps (one heartbeat, then silence) or a stale row does not trigger hand-offs.
+    if state.map.generation() > 1 {
+        state.joining.extend(observed.appeared.iter().cloned());
+    }
     let mut live: Vec<String> = Vec::new();
-    let mut live_info: Vec<NodeInfo> = Vec::new();
-    let mut dead = Vec::new();
-    for node in &nodes {
-        if node.id == me {
-            continue;
-        }
-        let first_seen = !state.nodes.knows(&node.id);
-        if state.nodes.observe(&node.id, &node.counter, now) {
-            dead.push((node.id.clone(), node.counter));
-            continue;
-        }
-        live_info.push(NodeInfo { id: node.id.clone(), endpoint: node.endpoint.clone() });
-        if first_seen && state.generation > 1 {
-            state.joining.insert(node.id.clone(), node.counter);
-        }
-        match state.joining.get(&node.id) {
-            Some(&counter) if counter == node.counter => {} // not proven alive yet
+    for (id, counter) in &observed.live_others {
+        match state.joining.get(id) {
+            Some(first) if first == counter => {} // not proven alive yet
             _ => {
-                state.joining.remove(&node.id);
-                live.push(node.id.clone());
+                state.joining.remove(id);
+                live.push(id.clone());
             }
         }
     }
     let present: HashSet<&str> = nodes.iter().map(|n| n.id.as_str()).collect();
-    state.nodes.retain(|id| present.contains(id.as_str()));
     state.joining.retain(|id, _| present.contains(id.as_str()));
     if !leaving {
         live.push(me.to_string());
-        live_info.push(cfg.node.clone());
     }
-    live_info.sort();
+    let dead = observed.dead;
 
     // Reconcile what we hold with what the table says.
     let held: BTreeMap<ShardId, (u64, bool)> = shared.held.lock().iter().map(|(&s, h)| (s, (h.epoch, h.draining.is_some()))).collect();
     let mut orphans = Vec::new();
     let mut states = Vec::with_capacity(rows.len());
-    let mut map = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let expired = state.leases.observe(&row.shard, &row.version(), now);
+    for (row, &expired) in rows.iter().zip(&observed.expired) {
         let mine = held.get(&row.shard);
         match (&row.owner, mine) {
             (Some(owner), Some(&(epoch, _))) if owner != me || row.epoch != epoch => {
@@ -659,20 +639,10 @@ async fn round(shared: &Shared, state: &mut RoundState, leaving: bool) {
             Some(owner) => ShardState::Owned { owner: owner.clone(), expired },
             None => ShardState::Free,
         });
-        map.push(row.owner.as_ref().map(|owner| ShardOwner {
-            node: owner.clone(),
-            endpoint: row.endpoint.clone().unwrap_or_default(),
-            epoch: row.epoch,
-            expired,
-        }));
     }
-    let _ = shared.map.send_replace(Arc::new(ShardMap {
-        me: me.to_string(),
-        shards: map,
-        nodes: live_info.clone(),
-        generation: state.generation,
-    }));
-    shared.stats.lock().live_nodes = live_info.len();
+    let live_nodes = observed.map.nodes.len();
+    let _ = shared.map.send_replace(Arc::new(observed.map));
+    shared.stats.lock().live_nodes = live_nodes;
 
     // Orphans: ours in the table, not held. Release so that the next owner bumps the epoch.
     run_all(shared, orphans, |row| async move {

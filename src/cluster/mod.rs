@@ -17,6 +17,10 @@
 //!   publishes [`keeper::ShardEvent`]s and the [`keeper::ShardMap`].
 //! - [`fence`]: the epoch a data-table write carries and the condition that refuses a
 //!   stale owner's write.
+//! - [`forward`]: day-scoped reads through any node: answered locally by the shard's
+//!   owner, forwarded to it (epoch-checked, 421 when it moved), or from the tables.
+//! - [`map_watch`]: the [`keeper::ShardMap`] built from one scan (shared with the keeper),
+//!   and the watcher that refreshes it on nodes without a keeper.
 //!
 //! Wired in cluster mode (`cluster.enabled`, ADR 005 "As wired"): `service` starts the
 //! keeper, [`crate::actors::consumer::ClusterLink`] turns its events into subscriptions and
@@ -25,12 +29,15 @@
 pub mod balance;
 pub mod expiry;
 pub mod fence;
+pub mod forward;
 pub mod keeper;
 pub mod lease;
+pub mod map_watch;
 
 pub use balance::{plan, BalanceInput, Plan, ShardState};
 pub use expiry::ExpiryObserver;
 pub use fence::Fence;
+pub use forward::{ClusterReads, ForwardStats, ReadSettings, Route};
 pub use keeper::{HeldShard, KeeperConfig, KeeperHandle, KeeperStats, LeaseKeeper, LostReason, ShardEvent, ShardMap, ShardOwner};
 pub use lease::{DynamoLeases, LeaseError, LeaseRow, LeaseStore, NodeRow, TableSnapshot};
 

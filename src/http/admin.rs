@@ -1,8 +1,9 @@
 //! Our operational endpoints, outside the SkiDataAPI paths: health and readiness for the
 //! load balancer, Prometheus metrics, the OpenAPI document, and the admin views of the
-//! actors, the WAL and the flusher. Admin routes and metrics need the bearer token when
-//! one is configured: [`require_token`] wraps every admin resource (see
-//! `http::admin_resource`), so a handler here never checks it by hand.
+//! actors, the WAL and the flusher, and of the cluster (its shard map and read forwarding).
+//! Admin routes and metrics need the bearer token when one is configured: [`require_token`]
+//! wraps every admin resource (see `http::admin_resource`), so a handler here never checks
+//! it by hand.
 
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use serde::Serialize;
@@ -116,6 +117,14 @@ pub async fn wal(state: State) -> Reply {
     })
 }
 
+/// `GET /admin/cluster`: this node, its keeper (on consumer nodes), the shard map as it
+/// last saw it, and how its reads were routed.
+pub async fn cluster(state: State) -> Reply {
+    let cluster =
+        state.cluster.as_ref().ok_or_else(|| ApiError::BadRequest(format!("this node ({}) does not run in cluster mode", state.roles)))?;
+    fresh_json(&cluster.view())
+}
+
 pub async fn flush(state: State) -> Reply {
     let report = consumer(&state)?.flusher.flush().await?;
     fresh_json(&report)
@@ -148,6 +157,20 @@ pub async fn metrics(state: State) -> Reply {
     }
     if let Some(node) = &state.node {
         node_metrics(node, &mut metric);
+    }
+    if let Some(cluster) = &state.cluster {
+        let f = cluster.stats();
+        metric("cluster_reads_local_total", "counter", "Day reads answered here as the shard's owner.", f.local as f64);
+        metric("cluster_reads_forwarded_total", "counter", "Day reads answered by the owner on another node.", f.forwarded as f64);
+        metric("cluster_reads_retried_total", "counter", "Second forwards after a 421 or a failed first one.", f.retried as f64);
+        metric(
+            "cluster_reads_tables_fallback_total",
+            "counter",
+            "Day reads answered from the tables: no owner answered.",
+            f.tables_fallback as f64,
+        );
+        metric("cluster_forward_errors_total", "counter", "Forwards that failed (refused, timed out, unreadable).", f.errors as f64);
+        metric("cluster_misdirected_total", "counter", "Forwarded reads refused with 421 (epoch not held here).", f.misdirected as f64);
     }
     metric("uptime_seconds", "gauge", "Seconds since start.", state.started.elapsed().as_secs_f64());
     let _ = writeln!(

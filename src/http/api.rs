@@ -8,6 +8,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 
 use super::{cached_json, fresh_json, AppState};
+use crate::cluster::Route;
 use crate::domain::{parse_id, parse_resort, parse_season, validate_ride, DayKey, RideBody, RidePath, SeasonBody};
 use crate::error::{ApiError, RideOutcome};
 
@@ -121,12 +122,20 @@ struct DaySkiers<'a> {
 pub async fn resort_day_skiers(req: HttpRequest, state: State, path: web::Path<(String, String, String)>) -> Reply {
     let (resort, season, day) = path.into_inner();
     let key = day_key(&state, &resort, &season, &day)?;
-    let num_skiers = match state.resident(&key) {
-        Some(h) => h.read(|d| d.unique_skiers() as u64),
-        None => state.tables.get_day_count(key).await?.map_or(0, |c| c.unique_skiers),
+    let route = match day_route(&req, &state, &key).await? {
+        Some(Route::Owner(answer)) => return Ok(answer),
+        route => route,
     };
-    let name = state.catalog.resort(key.resort).map_or("", |r| r.name.as_str());
-    cached_json(&req, &DaySkiers { time: name, num_skiers })
+    let answer = async {
+        let num_skiers = match state.resident_for(&key, route.as_ref()) {
+            Some(h) => h.read(|d| d.unique_skiers() as u64),
+            None => state.tables.get_day_count(key).await?.map_or(0, |c| c.unique_skiers),
+        };
+        let name = state.catalog.resort(key.resort).map_or("", |r| r.name.as_str());
+        cached_json(&req, &DaySkiers { time: name, num_skiers })
+    }
+    .await;
+    stamped(route, answer)
 }
 
 pub async fn post_ride(req: HttpRequest, state: State, path: web::Path<(String, String, String, String)>, body: web::Payload) -> Reply {
@@ -156,11 +165,37 @@ pub async fn skier_day_vertical(req: HttpRequest, state: State, path: web::Path<
     let (resort, season, day, skier) = path.into_inner();
     let key = day_key(&state, &resort, &season, &day)?;
     let skier = parse_id("skierID", &skier, state.limits.max_skier as u64)? as u32;
-    let vertical = match state.resident(&key) {
-        Some(h) => h.read(|d| d.skiers.get(&skier).map(|s| s.vertical)),
-        None => state.tables.get_skier_day(skier, key).await?.map(|i| i.vertical),
+    let route = match day_route(&req, &state, &key).await? {
+        Some(Route::Owner(answer)) => return Ok(answer),
+        route => route,
     };
-    cached_json(&req, &vertical.ok_or(ApiError::DataNotFound)?)
+    let answer = async {
+        let vertical = match state.resident_for(&key, route.as_ref()) {
+            Some(h) => h.read(|d| d.skiers.get(&skier).map(|s| s.vertical)),
+            None => state.tables.get_skier_day(skier, key).await?.map(|i| i.vertical),
+        };
+        cached_json(&req, &vertical.ok_or(ApiError::DataNotFound)?)
+    }
+    .await;
+    stamped(route, answer)
+}
+
+/// Where a day-scoped GET is answered, decided after its parameters were validated (a bad
+/// request is answered by the node that got it, never forwarded). `None` off cluster mode.
+async fn day_route(req: &HttpRequest, state: &AppState, key: &DayKey) -> Result<Option<Route>, ApiError> {
+    match &state.cluster {
+        Some(cluster) => cluster.route(req, key).await.map(Some),
+        None => Ok(None),
+    }
+}
+
+/// A locally built answer with the cluster's `Liftlog-Read-Source` header. Errors are
+/// turned into their one HTTP mapping here so that a 404 says its source too.
+fn stamped(route: Option<Route>, answer: Reply) -> Reply {
+    match route {
+        None => answer,
+        Some(route) => Ok(route.stamp(answer.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e)))),
+    }
 }
 
 #[derive(Serialize)]
@@ -177,7 +212,9 @@ struct SkierVertical {
 }
 
 /// `GET /skiers/{skierID}/vertical?resort=R[&resort=R2][&season=S]`: one entry per
-/// season, summed over the asked resorts.
+/// season, summed over the asked resorts. In cluster mode it is not forwarded: a season
+/// spans days in every shard, so no one node owns it, and it reads the tables' by-skier
+/// index, as it already does with a broker (`index_complete` is false there).
 pub async fn skier_vertical(req: HttpRequest, state: State, path: web::Path<String>) -> Reply {
     let skier = parse_id("skierID", &path, state.limits.max_skier as u64)? as u32;
     let mut resorts = Vec::new();
@@ -281,6 +318,16 @@ impl AppState {
     /// The resident aggregator of a day, on a consuming node.
     fn resident(&self, key: &DayKey) -> Option<crate::actors::aggregator::DayHandle> {
         self.node.as_ref().and_then(|n| n.registry.resident(key))
+    }
+
+    /// The aggregator a day's read may use on this route: none when the read falls back to
+    /// the tables, since this node does not own the shard and a day still resident here
+    /// (from before a hand-off) may be behind the owner's.
+    fn resident_for(&self, key: &DayKey, route: Option<&Route>) -> Option<crate::actors::aggregator::DayHandle> {
+        match route {
+            Some(Route::Tables(_)) => None,
+            _ => self.resident(key),
+        }
     }
 }
 
@@ -387,6 +434,7 @@ mod tests {
             tables: tables.clone(),
             publisher: None,
             node: None,
+            cluster: None,
             roles: "write".into(),
             requests: Arc::new(crate::http::stats::RequestStats::new("")),
             max_body_bytes: 16 * 1024,

@@ -49,6 +49,7 @@ pub const ROUTES: &[(&str, &str, bool)] = &[
     ("GET", "/openapi.json", false),
     ("GET", "/admin/actors", false),
     ("GET", "/admin/wal", false),
+    ("GET", "/admin/cluster", false),
     ("POST", "/admin/flush", false),
 ];
 
@@ -61,6 +62,10 @@ pub struct AppState {
     pub publisher: Option<Arc<dyn Publisher>>,
     /// Present on a node with the `consume` role: the actors reads are served from.
     pub node: Option<ConsumerNode>,
+    /// Cluster mode: where a day-scoped GET is answered (this node as the shard's owner,
+    /// the owner on another node, or the tables), see [`crate::cluster::forward`]. `None`
+    /// off cluster mode: every read is answered here, as on a single node.
+    pub cluster: Option<Arc<crate::cluster::ClusterReads>>,
     /// The roles this node runs, for error messages and the admin views.
     pub roles: String,
     pub requests: Arc<RequestStats>,
@@ -114,13 +119,14 @@ pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str, with_admin: bool
     cfg.service(scope.default_service(web::to(no_such_endpoint)));
 }
 
-/// The operator routes: actors, WAL, flush, metrics. Served on the public listener only
+/// The operator routes: actors, WAL, cluster, flush, metrics. Served on the public listener only
 /// when `admin_listen = "main"`; otherwise on their own (loopback by default) listener,
 /// with health and readiness too so an agent on the host needs one port.
 pub fn configure_admin(cfg: &mut web::ServiceConfig) {
     cfg.service(admin_resource("/metrics", "GET").route(web::get().to(admin::metrics)))
         .service(admin_resource("/admin/actors", "GET").route(web::get().to(admin::actors)))
         .service(admin_resource("/admin/wal", "GET").route(web::get().to(admin::wal)))
+        .service(admin_resource("/admin/cluster", "GET").route(web::get().to(admin::cluster)))
         .service(admin_resource("/admin/flush", "POST").route(web::post().to(admin::flush)));
 }
 

@@ -279,3 +279,66 @@ pub fn random_rides(seed: u64, n: usize, skiers: u32) -> Vec<Ride> {
         })
         .collect()
 }
+
+/// The in-process tier: `service::start` on port 0, in a thread with an actix system of its
+/// own, for the tests that need no kill or restart (the API and hostile-input cases). The
+/// same flags as [`Server::start`] (parsed by the binary's own `ServeArgs`), the same `url`;
+/// dropped, it shuts the node down in the fixed order and waits for it.
+pub struct InProcess {
+    pub base: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(clap::Parser)]
+struct Cli {
+    #[command(flatten)]
+    serve: liftlog::config::ServeArgs,
+}
+
+impl InProcess {
+    pub fn start(data_dir: &Path, extra: &[&str]) -> InProcess {
+        use clap::Parser as _;
+        let mut argv = vec!["liftlog", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().expect("a UTF-8 temp dir")];
+        if !extra.contains(&"--admin-listen") {
+            argv.extend(["--admin-listen", "main"]);
+        }
+        argv.extend_from_slice(extra);
+        let args = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("flags {extra:?}: {e}")).serve;
+        // The environment is not read: a test's LIFTLOG_TEST_* variables are not config.
+        let config = liftlog::config::Config::resolve_with_env(&args, Vec::new()).expect("config").config;
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            actix_rt::System::new().block_on(async move {
+                let running = match liftlog::service::start(config).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = addr_tx.send(Err(format!("{e:#}")));
+                        return;
+                    }
+                };
+                let _ = addr_tx.send(Ok(running.addr));
+                let _ = stopped.await;
+                running.shutdown().await.expect("ordered shutdown");
+            })
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).expect("the node started in time").expect("the node started");
+        InProcess { base: format!("http://{addr}"), stop: Some(stop), thread: Some(thread) }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
