@@ -257,13 +257,29 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
 
     let publisher = publisher.map(|p| admit(&config, p, node.as_ref()));
+    let cluster = match config.cluster.enabled {
+        false => None,
+        true => {
+            // The owners of the shards: the keeper's own map on a consumer node, a scan of
+            // the lease table every `cluster.scan_ms` elsewhere.
+            let keeper = consume.as_ref().and_then(|t| t.keeper.clone());
+            let map = match &keeper {
+                Some(k) => k.map(),
+                None => {
+                    let leases = DynamoLeases::connect(config.dynamo_config(), config.bus.amqp.partitions).await?;
+                    crate::cluster::map_watch::spawn(Arc::new(leases), &config.keeper_config())
+                }
+            };
+            Some(Arc::new(crate::cluster::ClusterReads::new(&config, map, keeper)))
+        }
+    };
     let state = web::Data::new(AppState {
         catalog,
         limits: config.limits.clone(),
         tables,
         publisher,
         node,
-        cluster: None,
+        cluster,
         roles: config.roles_label(),
         requests: Arc::new(RequestStats::new(&config.http.base_path)),
         max_body_bytes: config.http.max_body_bytes,
