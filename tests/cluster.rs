@@ -35,6 +35,7 @@ mod common;
 
 use common::leases::Leases;
 use common::{agent, call, get, wait_for, Expected, Ride, Rng};
+use liftlog::domain::DayKey;
 use serde_json::Value;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -1013,27 +1014,48 @@ fn get_with_source(agent: &ureq::Agent, url: &str) -> (u16, String, Option<Strin
 }
 
 /// 6. Once drained, GETs sent straight to each node (every role) agree with the model, and
-///    with read forwarding built (a write node answers `/admin/cluster` with its map) day
-///    reads on a node that does not own the day are answered by the owner
-///    (`Liftlog-Read-Source: owner`).
+///    with read forwarding built (a write node answers `/admin/cluster` with its map) every
+///    day read says where it was answered: `local` only on the owner of the day's shard (per
+///    the lease table), `owner; node=<id>` naming that owner everywhere else, and none from
+///    the tables (ownership is settled, so nothing waits on a hand-off).
 fn reads_through_every_node_agree(c: &Cluster, model: &[Ride]) {
     let expected = Expected::from(model);
     wait_drained(c, "before reading through every node");
     let forwarding = c.admin("write-1", "/admin/cluster").is_some_and(|v| v.get("forwarding").is_some_and(|f| !f.is_null()));
+    let owners = c.leases.owners().expect("the lease table");
+    let owner_of = |resort: u32, season: u16, day: u16| {
+        let shard = DayKey { resort, season, day }.partition(SHARDS);
+        owners[usize::from(shard)].as_ref().map(|(n, _)| n.clone()).unwrap_or_default()
+    };
     let agent = agent();
+    // (node, source as judged) -> answers; "right" sources are `local`/`owner` as above.
     let mut sources: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut bad = Vec::new();
+    let mut wrong_source = Vec::new();
     for node in c.kit.nodes() {
         let base = format!("http://127.0.0.1:{}", node.port);
-        // Every resort-day and a slice of the skier-days: the day reads are the ones a
-        // node forwards to the owner's actors.
+        let mut judge = |what: String, owner: String, source: Option<String>| {
+            let source = source.unwrap_or_else(|| "-".into());
+            let kind = source.split(';').next().unwrap_or_default().trim().to_string();
+            let right = match kind.as_str() {
+                "local" => node.name == owner,
+                "owner" => node.name != owner && source.ends_with(&format!("node={owner}")),
+                _ => false,
+            };
+            if !right {
+                wrong_source.push(format!("{}: {what}: Liftlog-Read-Source '{source}', owner {owner}", node.name));
+            }
+            *sources.entry((node.name.clone(), kind)).or_default() += 1;
+        };
+        // Every resort-day and a slice of the skier-days: the day-scoped reads, the ones a
+        // node answers from the owner of the day's shard.
         for ((resort, season, day), skiers) in &expected.day_skiers {
             let (code, body, source) = get_with_source(&agent, &format!("{base}/resorts/{resort}/seasons/{season}/day/{day}/skiers"));
             let n = serde_json::from_str::<Value>(&body).ok().and_then(|v| v["numSkiers"].as_u64());
             if code != 200 || n != Some(skiers.len() as u64) {
                 bad.push(format!("{}: day {resort}/{season}/{day}: got {code} {body}, want {}", node.name, skiers.len()));
             }
-            *sources.entry((node.name.clone(), source.unwrap_or_else(|| "-".into()))).or_default() += 1;
+            judge(format!("day {resort}/{season}/{day}"), owner_of(*resort, *season, *day), source);
         }
         for ((resort, season, day, skier), v) in expected.skier_day.iter().step_by(20) {
             let (code, body, source) =
@@ -1041,16 +1063,21 @@ fn reads_through_every_node_agree(c: &Cluster, model: &[Ride]) {
             if code != 200 || body.trim() != v.to_string() {
                 bad.push(format!("{}: skier-day {resort}/{season}/{day}/{skier}: got {code} {body}, want {v}", node.name));
             }
-            *sources.entry((node.name.clone(), source.unwrap_or_else(|| "-".into()))).or_default() += 1;
+            judge(format!("skier-day {resort}/{season}/{day}/{skier}"), owner_of(*resort, *season, *day), source);
         }
     }
     assert!(bad.is_empty(), "{} reads straight to the nodes disagree with the model, e.g. {:#?}", bad.len(), &bad[..bad.len().min(8)]);
-    eprintln!("read sources per node (Liftlog-Read-Source, '-' = none): {sources:?}");
+    eprintln!("day reads straight to each node, by Liftlog-Read-Source ('-' = none): {sources:?}");
     if forwarding {
-        let none: Vec<&(String, String)> = sources.keys().filter(|(_, s)| s == "-").collect();
-        assert!(none.is_empty(), "with read forwarding every day read says where it was answered: none on {none:?}");
-        let owner: usize = sources.iter().filter(|((_, s), _)| s == "owner").map(|(_, n)| n).sum();
-        assert!(owner > 0, "no read was forwarded to the owner: {sources:?}");
+        let forwarded: usize = sources.iter().filter(|((_, s), _)| s == "owner").map(|(_, n)| n).sum();
+        assert!(forwarded > 0, "no read was forwarded to the owner: {sources:?}");
+        c.expect(wrong_source.is_empty(), || {
+            format!(
+                "reads: {} day reads not answered by their shard's owner, e.g. {:#?}",
+                wrong_source.len(),
+                &wrong_source[..wrong_source.len().min(8)]
+            )
+        });
     } else {
         eprintln!("read forwarding is not in this build (write-1 has no /admin/cluster map): Liftlog-Read-Source not checked");
     }
