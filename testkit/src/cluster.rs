@@ -731,15 +731,24 @@ impl Cluster {
         }
         let services = Services::from_env()?;
         let mark = s.dir.join(SERVICES_MARK);
+        let before = services.status().ok();
         if mark.is_file() {
             log(TAG, "services: started by an earlier 'up' of this cluster");
             services.up()
-        } else if services.status().is_ok_and(|st| st.ok()) {
+        } else if before.as_ref().is_some_and(|st| st.ok()) {
             log(TAG, "services: RabbitMQ and DynamoDB Local already running (down leaves them)");
             Ok(())
         } else {
             services.up()?;
-            std::fs::write(&mark, "").map_err(Error::io(format!("write {}", mark.display())))
+            // Ours to stop only if neither was running: `services down` stops whatever its
+            // state dir started, and a DynamoDB Local another run started there (seen as
+            // down by a status check that lost a race on a loaded machine) must outlive us.
+            if before.is_some_and(|st| !st.rabbitmq_up && !st.dynamodb_up) {
+                std::fs::write(&mark, "").map_err(Error::io(format!("write {}", mark.display())))
+            } else {
+                log(TAG, "services: partly running before 'up' (down leaves them)");
+                Ok(())
+            }
         }
     }
 
