@@ -34,7 +34,7 @@
 mod common;
 
 use common::leases::Leases;
-use common::{agent, call, get, wait_for, Expected, Ride, Rng};
+use common::{agent, call, get, wait_for, Expected, Ride};
 use liftlog::domain::DayKey;
 use serde_json::Value;
 use std::cell::RefCell;
@@ -212,18 +212,7 @@ impl Drop for Cluster {
 /// gets some and a moved shard carries rides) and `skiers` skiers per resort-day; keys
 /// `ride-{seed}-{i}`, so that rides of two seeds never share a key.
 fn rides(seed: u64, n: usize, skiers: u32) -> Vec<Ride> {
-    let mut rng = Rng(seed | 1);
-    (0..n)
-        .map(|i| Ride {
-            resort: rng.range(1, 3) as u32,
-            season: 2025,
-            day: rng.range(1, 10) as u16,
-            skier: rng.range(1, u64::from(skiers)) as u32,
-            time: rng.range(1, 360) as u16,
-            lift: rng.range(1, 40) as u16,
-            key: format!("ride-{seed}-{i}"),
-        })
-        .collect()
+    common::random_rides_over(seed, n, skiers, 10)
 }
 
 /// Counters of a load run, shared with the threads.
