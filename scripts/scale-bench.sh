@@ -47,9 +47,9 @@ for a in "$@"; do
 done
 
 if ((QUICK)); then
-  FIXED_RATE=500 FIXED_S=4 FLAT_N=6000 BG_RATE=300 LAG_S=4 TAG=scale-quick
+  FIXED_RATE=500 FIXED_S=4 FLAT_N=6000 BG_RATE=300 LAG_S=4 CEIL_S=2 TAG=scale-quick
 else
-  FIXED_RATE=1000 FIXED_S=15 FLAT_N=20000 BG_RATE=500 LAG_S=10 TAG=scale
+  FIXED_RATE=1000 FIXED_S=12 FLAT_N=15000 BG_RATE=500 LAG_S=10 CEIL_S=6 TAG=scale
 fi
 LAG_RATE=1000 # the background rate of the 201 -> visible probe (issue 12's target: p99 <= 100 ms at 1k rides/s)
 SHARDS=12
@@ -266,6 +266,15 @@ for k in "${NODE_COUNTS[@]}"; do
   log "K=$k consumer node(s), $SHARDS shards"
   cluster_env "$k"
   CLUSTER_LIVE=$k
+  if ((k == NODE_COUNTS[0])); then
+    # The flat-out rows' ceiling: raw per-message publish+confirm on this cluster's own
+    # queues (declared by liftlog's code before the nodes start, purged afterwards), as many
+    # in flight as the flat-out run's connections, 4 channels (the write node's).
+    "$BIN/liftlog-bench" amqp --url "$AMQP_URL" --liftlog-prefix "$LIFTLOG_CLUSTER_PREFIX" --queues "$SHARDS" --channels 4 \
+      --in-flight "$FLAT_C" --seconds "$CEIL_S" >"$OUT/amqp-ceiling.json" 2>"$RUN/logs/amqp-ceiling.err" ||
+      { fail "the raw publish+confirm ceiling failed (see amqp-ceiling.err)"; rm -f "$OUT/amqp-ceiling.json"; }
+    [[ -s $OUT/amqp-ceiling.json ]] && log "  raw publish+confirm on the $SHARDS queues, $FLAT_C in flight: $(jq -r '.rate | floor' "$OUT/amqp-ceiling.json") msg/s"
+  fi
   if ! "$BIN/xtask" cluster up >"$RUN/logs/up-$k.log" 2>&1; then
     fail "K=$k: cluster up failed (see up-$k.log)"
     tail -n 20 "$RUN/logs/up-$k.log" >&2
@@ -388,25 +397,33 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
     printf -- '- %s\n' "${FAILURES[@]}"
     echo
   fi
+  CEIL=null
   echo "## POST end to end, by consumer count"
   echo
-  echo "| K | run | 201s (liftlog-load) | errors / non-2xx | applied, rides/s | acked, rides/s | each node: share of the rides applied; CPU s per 1,000 rides | write node CPU s per 1,000 rides | reconciliation |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  if [[ -s $OUT/amqp-ceiling.json ]]; then
+    CEIL=$(jq .rate "$OUT/amqp-ceiling.json")
+    echo "Ceiling, same run: raw persistent publish + confirm, one ride per message, on the K = ${NODE_COUNTS[0]} cluster's own $SHARDS partition queues (declared by liftlog's code, its exchange and routing; before the nodes started, purged after), $FLAT_C in flight (= the flat-out run's connections) over 4 channels (= the write node's): $(jq -r '"\(.rate | round) msg/s, confirm p99 \(.confirm_latency_us.p99 / 1000) ms, \(.nacked) nacked, \(.errors) errors"' "$OUT/amqp-ceiling.json"). The write node batches rides per shard into one message, so the flat-out ratio may exceed 1: per message, this ceiling does not bound a batched path. The fixed-rate rows are bounded by the rate asked, not compared."
+  else
+    echo "Ceiling: not measured (the raw publish+confirm step failed)."
+  fi
+  echo
+  echo "| K | run | 201s (liftlog-load) | errors / non-2xx | applied, rides/s | ÷ raw publish+confirm | acked, rides/s | each node: share of the rides applied; CPU s per 1,000 rides | write node CPU s per 1,000 rides | reconciliation |"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
   for k in "${NODE_COUNTS[@]}"; do
     for label in fixed flat; do
       f=$OUT/k$k-$label.json
       what=$([[ $label == fixed ]] && echo "fixed $FIXED_RATE rides/s asked" || echo "flat out, $FLAT_C connections")
       if [[ ! -s $f ]]; then
-        echo "| $k | $what | n/a | n/a | n/a | n/a | n/a | n/a | n/a (step failed) |"
+        echo "| $k | $what | n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a (step failed) |"
         continue
       fi
-      jq -r --arg what "$what" '
+      jq -r --arg what "$what" --argjson ceil "$CEIL" --arg run "$label" '
         def r(x): if x == null then "n/a" else (x * 100 | round / 100 | tostring) end;
         def i(x): if x == null then "n/a" else (x | round | tostring) end;
         (.nodes | map(select(.name != "write-1"))) as $c | ([$c[].events] | add) as $tot |
         (.nodes | map(select(.name == "write-1")) | first) as $w |
         ([.nodes[] | .shards_lost] | add) as $lost | ([.nodes[] | .shards_handed_off] | add) as $hand |
-        "| \(.k) | \($what) | \(i(.acked_201)) at \(i(.load.post.throughput_per_s))/s, p50 \(r(.load.post.latency_us.p50 / 1000)) ms, p99 \(r(.load.post.latency_us.p99 / 1000)) ms | \(i(.load.post.failures)) failures, \(i(.load.post.retries)) retries | \(if .applied_s then i(.acked_201 / .applied_s) + " (" + r(.applied_s) + " s)" else "n/a" end) | \(if .acked_s then i(.acked_201 / .acked_s) + " (" + r(.acked_s) + " s)" else "n/a (not all acked)" end) | \([$c | sort_by(.name)[] | "\(.name): \(if $tot > 0 then r(.events / $tot * 100) else "n/a" end) % (\(.events) rides, \(.shards) shards), \(if .events > 0 then r(.cpu_s / .events * 1000) else "n/a" end) s"] | join("; ")) | \(if $w and .acked_201 > 0 then r($w.cpu_s / .acked_201 * 1000) else "n/a" end) | applied \(i(.applied)) for \(i(.acked_201)) 201s\(if ($lost + $hand) > 0 then " (**\($lost) shards lost, \($hand) handed off during the run**: their unacked rides were delivered and applied again, so the applied count is not a reconciliation here)" elif .applied == .acked_201 then "" else " **MISMATCH**" end); liftlog-load: \(if .load.reconcile == null then "n/a" elif (.load.reconcile.mismatches | length) == 0 then "OK (\(.load.reconcile.resort_days) resort-days, \(.load.reconcile.skier_days_checked) skier-days)" else "**\(.load.reconcile.mismatches | length) mismatches**" end) |"' "$f"
+        "| \(.k) | \($what) | \(i(.acked_201)) at \(i(.load.post.throughput_per_s))/s, p50 \(r(.load.post.latency_us.p50 / 1000)) ms, p99 \(r(.load.post.latency_us.p99 / 1000)) ms | \(i(.load.post.failures)) failures, \(i(.load.post.retries)) retries | \(if .applied_s then i(.acked_201 / .applied_s) + " (" + r(.applied_s) + " s)" else "n/a" end) | \(if $run == "flat" and $ceil != null and .applied_s then r(.acked_201 / .applied_s / $ceil) + (if .acked_201 / .applied_s > $ceil then " (**does not bound**)" else "" end) else "—" end) | \(if .acked_s then i(.acked_201 / .acked_s) + " (" + r(.acked_s) + " s)" else "n/a (not all acked)" end) | \([$c | sort_by(.name)[] | "\(.name): \(if $tot > 0 then r(.events / $tot * 100) else "n/a" end) % (\(.events) rides, \(.shards) shards), \(if .events > 0 then r(.cpu_s / .events * 1000) else "n/a" end) s"] | join("; ")) | \(if $w and .acked_201 > 0 then r($w.cpu_s / .acked_201 * 1000) else "n/a" end) | applied \(i(.applied)) for \(i(.acked_201)) 201s\(if ($lost + $hand) > 0 then " (**\($lost) shards lost, \($hand) handed off during the run**: their unacked rides were delivered and applied again, so the applied count is not a reconciliation here)" elif .applied == .acked_201 then "" else " **MISMATCH**" end); liftlog-load: \(if .load.reconcile == null then "n/a" elif (.load.reconcile.mismatches | length) == 0 then "OK (\(.load.reconcile.resort_days) resort-days, \(.load.reconcile.skier_days_checked) skier-days)" else "**\(.load.reconcile.mismatches | length) mismatches**" end) |"' "$f"
     done
   done
   echo
