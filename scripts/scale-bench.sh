@@ -5,7 +5,7 @@
 # queues. Writes bench/results/<date>-scale.md (<date>-scale-quick.md with --quick).
 #
 # Usage: scripts/scale-bench.sh [--quick] [--no-build]
-#   --quick     small sizes (a smoke run, about 5 minutes on 2 shared cores)
+#   --quick     small sizes (a smoke run, about 4 minutes on 2 shared cores)
 #   --no-build  skip the release build (bench.sh has just built it)
 #
 # For every K, on a fresh cluster (own queue and table prefix):
@@ -106,6 +106,13 @@ if [[ ${SCALE_SERVICES:-1} == 1 ]]; then
   "$BIN/xtask" services up >"$RUN/logs/services-up.log" 2>&1 ||
     { cat "$RUN/logs/services-up.log" >&2; exit 1; }
 fi
+
+# DynamoDB Local's JVM is several times slower in its first seconds: lease renewals there
+# miss the 500 ms call timeout and the owner fences itself (seen: 56 shard losses in the
+# first minute). Warm it up first, as bench.sh does for its ceilings.
+log "DynamoDB Local warm-up (liftlog-bench dynamo, 3 s)"
+"$BIN/liftlog-bench" dynamo --endpoint "$DDB_URL" --seconds 3 --concurrency 16 --prefix "scalewarm$$_" >"$RUN/logs/dynamo-warm-up.json" 2>&1 ||
+  fail "the DynamoDB Local warm-up failed (see dynamo-warm-up.json)"
 
 # ------------------------------------------------------------ helpers ---
 # The cluster of one K: xtask reads these (and saves them in its state dir).
