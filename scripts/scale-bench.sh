@@ -367,13 +367,18 @@ for k in "${NODE_COUNTS[@]}"; do
         --skier-base 2101000000 --poll-us 1000 --label nginx >"$OUT/lag-nginx.json" 2>"$RUN/logs/lag-nginx.err" &
       lagn=$!
       PIDS+=("$lagn")
+      "$BIN/liftlog-bench" lag --post "$WRITE_URL" --read "$READ_URL" --rate 10 --seconds "$LAG_S" --season 2080 --cold \
+        --skier-base 2102000000 --poll-us 1000 --label non-owner-cold >"$OUT/lag-nonowner-cold.json" 2>"$RUN/logs/lag-nonowner-cold.err" &
+      lagc=$!
+      PIDS+=("$lagc")
       "$BIN/liftlog-bench" lag --post "$WRITE_URL" --read "$READ_URL" --rate 50 --seconds "$LAG_S" --season 2071 \
         --skier-base 2100000000 --poll-us 1000 --label non-owner >"$OUT/lag-nonowner.json" 2>"$RUN/logs/lag-nonowner.err" ||
         { fail "K=$k: the lag probe through read-1 failed"; rm -f "$OUT/lag-nonowner.json"; }
       wait "$lagn" || { fail "K=$k: the lag probe through nginx failed"; rm -f "$OUT/lag-nginx.json"; }
+      wait "$lagc" || { fail "K=$k: the cold-day lag probe through read-1 failed"; rm -f "$OUT/lag-nonowner-cold.json"; }
       wait "$bg" || fail "K=$k: the lag probe's background load failed"
       jq -n --arg src "$src" --argjson k "$k" '{k: $k, read_source_header: $src, days: "warm"}' >"$OUT/lag-meta.json"
-      for f in lag-nonowner lag-nginx; do
+      for f in lag-nonowner lag-nginx lag-nonowner-cold; do
         [[ -s $OUT/$f.json ]] && log "  $f: $(jq -c '{lag_ms, visible, never_visible}' "$OUT/$f.json")"
       done
     else
@@ -452,12 +457,16 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "## 201 → visible through a node that does not own the day (K = ${NODE_COUNTS[-1]}, background $LAG_RATE rides/s asked)"
   echo
   if [[ -s $OUT/lag-meta.json ]]; then
-    echo "Days warm: a 1 s warm-up probe activated every day the probes use before they started. read-1 owns no shard, so every read it answers is forwarded (its \`Liftlog-Read-Source\` for a sample day: \`$(jq -r .read_source_header "$OUT/lag-meta.json")\`); nginx sends GETs to the write and read nodes, neither an owner."
+    echo "Warm days: a 1 s warm-up probe activated every day the first two probes use before they started. Cold days: every probe of the third takes a day no one has used (its POST is the day's first ride, no GET before it), so it includes the day's activation on its owner. read-1 owns no shard, so every read it answers is forwarded (its \`Liftlog-Read-Source\` for a sample day: \`$(jq -r .read_source_header "$OUT/lag-meta.json")\`); nginx sends GETs to the write and read nodes, neither an owner."
     echo
     echo "| read through | p50 / p99 / max | probes visible | not visible within 10 s, POST failed, transport errors | background achieved | target |"
     echo "|---|---|---|---|---|---|"
-    for f in lag-nonowner lag-nginx; do
-      what=$([[ $f == lag-nginx ]] && echo "nginx" || echo "read-1 (non-owner, forwards)")
+    for f in lag-nonowner lag-nginx lag-nonowner-cold; do
+      case $f in
+        lag-nginx) what="nginx, warm days" ;;
+        lag-nonowner) what="read-1 (non-owner, forwards), warm days" ;;
+        *) what="read-1 (non-owner, forwards), cold days" ;;
+      esac
       if [[ -s $OUT/$f.json ]]; then
         jq -r --arg what "$what" --slurpfile bg "$OUT/lag-bg.json" '
           "| \($what) | \(.lag_ms.p50) / \(.lag_ms.p99) / \(.lag_ms.max) ms | \(.visible) of \(.probes) | \(.never_visible), \(.post_failed), \(.transport_errors) | \([$bg[0].runs[].endpoints[] | select(.type == "POST ride") | .throughput_per_s] | first // 0 | round)/s | p99 ≤ 100 ms: \(if .visible > 0 and .lag_ms.p99 <= 100 and .never_visible == 0 then "met" else "**missed**" end) |"' "$OUT/$f.json"
