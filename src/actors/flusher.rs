@@ -568,61 +568,19 @@ mod tests {
         assert_eq!(n.flusher.stats().checkpoint_held, None);
     }
 
-    /// A broker's batch: the publisher got its 201 at the broker's confirm, so the acker
-    /// has no way to answer a ride refused at apply. Records how the batch was settled.
-    struct BrokerBatch {
-        batch: Option<Vec<RideEvent>>,
-        settled: Arc<parking_lot::Mutex<Vec<&'static str>>>,
-    }
-
-    struct BrokerAcker(Arc<parking_lot::Mutex<Vec<&'static str>>>);
-
-    #[async_trait::async_trait]
-    impl crate::bus::Acker for BrokerAcker {
-        async fn ack(self: Box<Self>) {
-            self.0.lock().push("ack");
-        }
-        async fn nack(self: Box<Self>, _: crate::error::PublishError) {
-            self.0.lock().push("nack");
-        }
-    }
-
-    #[async_trait::async_trait]
-    impl crate::bus::EventSource for BrokerBatch {
-        async fn next_batch(&mut self, _: usize) -> Option<crate::bus::Batch> {
-            let events = self.batch.take()?;
-            Some(crate::bus::Batch { events, acker: Box::new(BrokerAcker(self.settled.clone())), epoch: 1, drained: Vec::new() })
-        }
-        fn stop_handle(&self) -> crate::bus::Stop {
-            crate::bus::Stop::default()
-        }
-    }
-
     #[actix_rt::test]
     async fn with_a_broker_a_ride_past_the_bound_is_acked_dropped_and_counted() {
         use crate::domain::MAX_RIDES_PER_SKIER_DAY as MAX;
         let dir = tempfile::tempdir().unwrap();
         let n = node(dir.path());
-        let wal_cfg = WalConfig {
-            dir: dir.path().join("wal2"),
-            durability: Durability::GroupCommit,
-            max_bytes: 1 << 30,
-            min_free_bytes: 0,
-            truncate_corrupt: false,
-        };
-        let consumer = Consumer {
-            wal: Arc::new(Wal::open(wal_cfg).unwrap().0),
-            registry: n.registry.clone(),
-            seasons: Arc::new(SeasonBook::default()),
-            progress: n.progress.clone(),
-            max_batch: 10_000,
-            abort_after_batches: None,
-            flush_after_rides: u64::MAX,
-            ack_after: AckAfter::Wal,
-        };
+        // A broker's batch: the publisher got its 201 at the broker's confirm, so the acker
+        // has no way to answer a ride refused at apply.
+        let consumer = broker_consumer(&n, dir.path(), n.progress.clone(), AckAfter::Wal);
         let settled = Arc::new(parking_lot::Mutex::new(Vec::new()));
-        let rides: Vec<RideEvent> = (1..=MAX as u64 + 1).map(|id| ride(id, 1, 7)).collect();
-        let source = BrokerBatch { batch: Some(rides), settled: settled.clone() };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tx.send((1, "ack", (1..=MAX as u64 + 1).map(|id| ride(id, 1, 7)).collect())).unwrap();
+        drop(tx);
+        let source = Scripted(rx, settled.clone());
         consumer.run(Box::new(source), crate::bus::Stop::default()).await;
         // Acked, not nacked: a requeue would only be refused again, forever.
         assert_eq!(*settled.lock(), vec!["ack"]);
@@ -631,6 +589,28 @@ mod tests {
         let h = n.registry.resident(&day1).unwrap();
         assert_eq!(h.read(|st| st.rides), MAX as u64);
         assert_eq!(h.stats().await.unwrap().rides_refused, 1);
+    }
+
+    /// A second consumer on the node's registry with a WAL of its own, for the tests that
+    /// feed it batches as a broker would ([`Scripted`]).
+    fn broker_consumer(n: &Node, dir: &std::path::Path, progress: Arc<Progress>, ack_after: AckAfter) -> Consumer {
+        let wal_cfg = WalConfig {
+            dir: dir.join("wal2"),
+            durability: Durability::GroupCommit,
+            max_bytes: 1 << 30,
+            min_free_bytes: 0,
+            truncate_corrupt: false,
+        };
+        Consumer {
+            wal: Arc::new(Wal::open(wal_cfg).unwrap().0),
+            registry: n.registry.clone(),
+            seasons: Arc::new(SeasonBook::default()),
+            progress,
+            max_batch: 10_000,
+            abort_after_batches: None,
+            flush_after_rides: u64::MAX,
+            ack_after,
+        }
     }
 
     /// A broker stand-in fed by the test: each batch with the epoch (connection generation)
@@ -668,25 +648,9 @@ mod tests {
     async fn acks_after_the_table_wait_for_the_checkpoint_and_a_new_epoch_drops_the_resident_days() {
         let dir = tempfile::tempdir().unwrap();
         let n = node(dir.path());
-        let wal_cfg = WalConfig {
-            dir: dir.path().join("wal2"),
-            durability: Durability::GroupCommit,
-            max_bytes: 1 << 30,
-            min_free_bytes: 0,
-            truncate_corrupt: false,
-        };
-        let wal = Arc::new(Wal::open(wal_cfg).unwrap().0);
         let progress = Arc::new(Progress::default());
-        let consumer = Consumer {
-            wal: wal.clone(),
-            registry: n.registry.clone(),
-            seasons: Arc::new(SeasonBook::default()),
-            progress: progress.clone(),
-            max_batch: 10_000,
-            abort_after_batches: None,
-            flush_after_rides: u64::MAX,
-            ack_after: AckAfter::Table,
-        };
+        let consumer = broker_consumer(&n, dir.path(), progress.clone(), AckAfter::Table);
+        let wal = consumer.wal.clone();
         let flusher = Flusher::new(
             n.registry.clone(),
             n.tables.clone(),

@@ -477,7 +477,10 @@ async fn renewer(shared: &Shared) {
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let held: Vec<(ShardId, u64)> = shared.held.lock().iter().map(|(&s, h)| (s, h.epoch)).collect();
+        // A shard whose release is under way is not renewed: the release changes its row, and
+        // a renewal racing it would be refused and read as a lost lease (the release's own
+        // answer says how the hand-off ended).
+        let held: Vec<(ShardId, u64)> = shared.held.lock().iter().filter(|(_, h)| !h.releasing).map(|(&s, h)| (s, h.epoch)).collect();
         let heartbeat = async {
             if *shared.stop.borrow() {
                 return; // leaving: the row is deleted at the end, do not re-create it
@@ -511,6 +514,8 @@ async fn renewer(shared: &Shared) {
                         drop(held);
                         shared.stats.lock().renewals += 1;
                     }
+                    // Sent before the release began, answered after it landed.
+                    Ok(false) if held_releasing(shared, shard) => {}
                     Ok(false) => lose(shared, shard, epoch, LostReason::Refused),
                     Err(e) => {
                         shared.stats.lock().renew_failures += 1;

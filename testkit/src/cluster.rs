@@ -2,12 +2,25 @@
 //! nginx standing in for the ALB:
 //!
 //! ```text
-//! nginx 127.0.0.1:PORT ──POST──▶ write-1, write-2      (least_conn)
-//!                      └─GET───▶ read-1, read-2        (least_conn)
-//! write-* ──publish──▶ RabbitMQ quorum queues {prefix}.rides.{0..P-1}
-//!                        └─single-active-consumer─▶ consume-1 (active), consume-2 (hot standby)
-//! consume-* ──flush──▶ DynamoDB Local (tables {prefix}_*) ◀──get/query── read-*
+//! nginx 127.0.0.1:PORT ──POST──▶ write-1, write-2                      (least_conn)
+//!                      └─GET───▶ every node (any node answers a GET)   (least_conn)
+//! write-* ──publish──▶ RabbitMQ quorum queues {prefix}.rides.{0..P-1} (the shards)
+//!                        └─▶ consume-1, consume-2, consume-3: each subscribes to the
+//!                            shards it holds under a lease in {prefix}_ShardLeases
+//! consume-* ──flush (fenced by the lease epoch)──▶ DynamoDB Local (tables {prefix}_*)
+//! a GET on a node that does not own the day's shard is forwarded to its owner
 //! ```
+//!
+//! That is cluster mode (`cluster.enabled`, ADR 005; [`Settings::sharding`], the default).
+//! Without it the consumers run as before: single-active-consumer makes the first one
+//! active on every queue, the others are hot standbys, and GETs go to the write and read
+//! nodes, which answer them from the tables.
+//!
+//! Beyond the whole cluster's `up` and `down`, the functions a failure test needs act on
+//! one node: [`Cluster::stop`] (SIGTERM or kill -9), [`Cluster::start`],
+//! [`Cluster::pause`]/[`Cluster::resume`] (SIGSTOP/SIGCONT: a zombie owner),
+//! [`Cluster::add`] (one more node of a role, e.g. a 4th consumer joining) and
+//! [`Cluster::admin`] (a node's `/admin/cluster`, `/admin/wal`, ... as JSON).
 //!
 //! [`Cluster::up`] starts what is not running yet (idempotent): the services (unless they
 //! are someone else's), the tables, the nodes in [`Cluster::nodes`] order (each waits for
@@ -107,7 +120,8 @@ pub struct Settings {
     pub writers: u16,
     pub consumers: u16,
     pub readers: u16,
-    /// Partition queues (`CLUSTER_PARTITIONS`, 4).
+    /// Partition queues, the shards in cluster mode (`CLUSTER_PARTITIONS`, 12: a few per
+    /// consumer, so that a join or a death moves some shards and keeps others put).
     pub partitions: u32,
     /// `flush.interval_ms` of the consumers (`CLUSTER_FLUSH_MS`, 1000).
     pub flush_ms: u64,
@@ -129,12 +143,21 @@ pub struct Settings {
     pub bin: Option<PathBuf>,
     /// `RUST_LOG` of the nodes (`info`).
     pub node_log: String,
+    /// Cluster mode (`CLUSTER_SHARDING=1`, the default): every node runs with
+    /// `cluster.enabled`, its name as `cluster.node_id` and its own URL as
+    /// `cluster.endpoint`; every consumer is active on the shards it holds, and nginx sends
+    /// GETs to every node. 0: the single-active-consumer standby layout of before.
+    pub sharding: bool,
+    /// `cluster.lease_ms` in cluster mode (`CLUSTER_LEASE_MS`, 3000); the other lease
+    /// timings follow from it (see [`lease_timings`]). Short, so that a test waits seconds
+    /// for a dead owner's shards, not the production default's 10 s and more.
+    pub lease_ms: u64,
     /// How long a process may take to become ready (`CLUSTER_TIMEOUT`, 60 s; not saved).
     pub timeout: Duration,
 }
 
 /// The saved names of the settings, and the environment variables they come from.
-const KEYS: [(&str, &str); 16] = [
+const KEYS: [(&str, &str); 18] = [
     ("PREFIX", "LIFTLOG_CLUSTER_PREFIX"),
     ("PORT", "CLUSTER_PORT"),
     ("NODE_PORT", "CLUSTER_NODE_PORT"),
@@ -151,6 +174,8 @@ const KEYS: [(&str, &str); 16] = [
     ("SERVICES", "CLUSTER_SERVICES"),
     ("BIN", "LIFTLOG_BIN"),
     ("NODE_LOG", "RUST_LOG"),
+    ("SHARDING", "CLUSTER_SHARDING"),
+    ("LEASE_MS", "CLUSTER_LEASE_MS"),
 ];
 
 impl Settings {
@@ -205,9 +230,9 @@ impl Settings {
             port,
             node_port: number("NODE_PORT", get("NODE_PORT"), port.saturating_add(1))?,
             writers: number("WRITERS", get("WRITERS"), 2)?,
-            consumers: number("CONSUMERS", get("CONSUMERS"), 2)?,
+            consumers: number("CONSUMERS", get("CONSUMERS"), 3)?,
             readers: number("READERS", get("READERS"), 2)?,
-            partitions: number("PARTITIONS", get("PARTITIONS"), 4)?,
+            partitions: number("PARTITIONS", get("PARTITIONS"), 12)?,
             flush_ms: number("FLUSH_MS", get("FLUSH_MS"), 1000)?,
             ack_after: match get("ACK_AFTER") {
                 None => Some("table".into()),
@@ -221,6 +246,8 @@ impl Settings {
             services: get("SERVICES").is_none_or(|s| s == "1"),
             bin: get("BIN").filter(|b| !b.is_empty()).map(PathBuf::from),
             node_log: get("NODE_LOG").unwrap_or_else(|| "info".into()),
+            sharding: get("SHARDING").is_none_or(|s| s == "1"),
+            lease_ms: number("LEASE_MS", get("LEASE_MS"), 3_000)?,
             timeout: Duration::from_secs(number("CLUSTER_TIMEOUT", timeout.map(String::from), 60)?),
             dir,
         };
@@ -246,6 +273,12 @@ impl Settings {
         if u32::from(self.node_port) + 20 + 8 + 50 > u32::from(u16::MAX) {
             return Err(Error::Setting(format!("CLUSTER_NODE_PORT {} leaves no room for the node and admin ports", self.node_port)));
         }
+        if self.sharding && self.ack_after.as_deref() != Some("table") {
+            return Err(Error::Setting("cluster mode (CLUSTER_SHARDING=1) needs CLUSTER_ACK_AFTER=table".into()));
+        }
+        if self.lease_ms < 600 {
+            return Err(Error::Setting(format!("CLUSTER_LEASE_MS must be at least 600, got {}", self.lease_ms)));
+        }
         if [&self.prefix, &self.broker, &self.dynamodb, &self.node_log].iter().any(|v| v.contains('\n')) {
             return Err(Error::Setting("settings cannot contain a newline".into()));
         }
@@ -257,6 +290,14 @@ impl Settings {
             Role::Write => self.writers,
             Role::Consume => self.consumers,
             Role::Read => self.readers,
+        }
+    }
+
+    fn count_mut(&mut self, role: Role) -> &mut u16 {
+        match role {
+            Role::Write => &mut self.writers,
+            Role::Consume => &mut self.consumers,
+            Role::Read => &mut self.readers,
         }
     }
 
@@ -280,6 +321,8 @@ impl Settings {
             if self.services { "1" } else { "0" }.to_string(),
             bin,
             self.node_log.clone(),
+            if self.sharding { "1" } else { "0" }.to_string(),
+            self.lease_ms.to_string(),
         ];
         let mut text = String::from("# written by `cluster up`; read by the other cluster commands\n");
         for ((key, _), value) in KEYS.iter().zip(values) {
@@ -287,6 +330,24 @@ impl Settings {
         }
         text
     }
+}
+
+/// The `[cluster]` timings of a node in cluster mode, from the lease alone, as
+/// `(key, ms)`: renew every third of the lease and a request timeout of a sixth, so that
+/// an owner survives one failed renewal before it fences itself a quarter lease before
+/// expiry (the keeper refuses `renew + call_timeout > lease - margin` and
+/// `call_timeout > renew`); a scan every sixth, so that an expiry is noticed soon after it
+/// happens; a hand-off may take three leases before the keeper releases anyway. With the
+/// default 3000: renew 1000, call timeout 500, margin 750, scan 500, hand-off 9000.
+pub fn lease_timings(lease_ms: u64) -> [(&'static str, u64); 6] {
+    [
+        ("lease_ms", lease_ms),
+        ("renew_ms", lease_ms / 3),
+        ("scan_ms", lease_ms / 6),
+        ("safety_margin_ms", lease_ms / 4),
+        ("call_timeout_ms", lease_ms / 6),
+        ("handoff_timeout_ms", lease_ms * 3),
+    ]
 }
 
 /// One line of [`Status`].
@@ -378,7 +439,8 @@ impl Cluster {
         self.settings.dir.join(SAVED).is_file()
     }
 
-    /// The nodes in start order: consumers first (the first one to attach is the active
+    /// The nodes in start order: consumers first (in cluster mode they share out the
+    /// shards before rides arrive; without it the first one to attach is the active
     /// consumer of every partition), then writers, then readers.
     pub fn nodes(&self) -> Vec<Node> {
         [Role::Consume, Role::Write, Role::Read].into_iter().flat_map(|role| self.nodes_of(role)).collect()
@@ -530,7 +592,59 @@ impl Cluster {
         Ok(())
     }
 
+    /// Freezes one node with SIGSTOP: it keeps its sockets and its leases' rows but runs
+    /// no code, as a long GC pause or a stalled VM would. [`Cluster::resume`] thaws it.
+    pub fn pause(&mut self, name: &str) -> Result<()> {
+        self.signal_node(name, "STOP")
+    }
+
+    /// SIGCONT to a node frozen by [`Cluster::pause`].
+    pub fn resume(&mut self, name: &str) -> Result<()> {
+        self.signal_node(name, "CONT")
+    }
+
+    /// Adds one more node of `role` (the next number, e.g. `consume-4`), starts it, waits for
+    /// `/ready` and reloads nginx so that it gets its share of requests; the count is saved,
+    /// so later commands and `down` know it. Returns the node.
+    pub fn add(&mut self, role: Role) -> Result<Node> {
+        let _lock = self.lock_up()?;
+        if self.settings.count(role) >= 9 {
+            return Err(Error::Setting(format!("{} nodes: at most 9", role.name())));
+        }
+        *self.settings.count_mut(role) += 1;
+        let node = self.nodes_of(role).pop().expect("a node of the role just counted");
+        self.save()?;
+        self.start_node(&node)?;
+        self.start_nginx()?;
+        Ok(node)
+    }
+
+    /// `GET <admin url><path>` of a node (e.g. `/admin/cluster`, `/admin/wal`) as JSON,
+    /// within 5 s. Err if the node does not answer 200 with JSON (down, frozen, or a binary
+    /// without that route).
+    pub fn admin(&self, name: &str, path: &str) -> Result<serde_json::Value> {
+        let url = format!("{}{path}", self.admin_url(name)?);
+        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+        let body = match agent.get(&url).call() {
+            Ok(r) => r.into_string().map_err(Error::io(format!("read {url}")))?,
+            Err(ureq::Error::Status(code, _)) => return Err(Error::Failed(format!("{name}: GET {path}: {code}"))),
+            Err(ureq::Error::Transport(t)) => return Err(Error::Failed(format!("{name}: GET {path}: {t}"))),
+        };
+        serde_json::from_str(&body).map_err(|e| Error::Failed(format!("{name}: GET {path}: not JSON ({e})")))
+    }
+
     // ----------------------------------------------------------------- helpers ---
+
+    fn signal_node(&mut self, name: &str, signal: &str) -> Result<()> {
+        let node = self.node(name)?;
+        let _lock = self.lock_up()?;
+        let pid = self.node_pid(&node).ok_or_else(|| Error::Failed(format!("{name}: not running")))?;
+        log(TAG, format!("{name}: SIG{signal} {pid}"));
+        if !process::signal(pid, signal) {
+            return Err(Error::Failed(format!("{name}: kill -s {signal} {pid} failed")));
+        }
+        Ok(())
+    }
 
     fn lock(&self) -> Result<StateLock> {
         StateLock::take(&self.settings.dir, "cluster command")
@@ -617,15 +731,24 @@ impl Cluster {
         }
         let services = Services::from_env()?;
         let mark = s.dir.join(SERVICES_MARK);
+        let before = services.status().ok();
         if mark.is_file() {
             log(TAG, "services: started by an earlier 'up' of this cluster");
             services.up()
-        } else if services.status().is_ok_and(|st| st.ok()) {
+        } else if before.as_ref().is_some_and(|st| st.ok()) {
             log(TAG, "services: RabbitMQ and DynamoDB Local already running (down leaves them)");
             Ok(())
         } else {
             services.up()?;
-            std::fs::write(&mark, "").map_err(Error::io(format!("write {}", mark.display())))
+            // Ours to stop only if neither was running: `services down` stops whatever its
+            // state dir started, and a DynamoDB Local another run started there (seen as
+            // down by a status check that lost a race on a loaded machine) must outlive us.
+            if before.is_some_and(|st| !st.rabbitmq_up && !st.dynamodb_up) {
+                std::fs::write(&mark, "").map_err(Error::io(format!("write {}", mark.display())))
+            } else {
+                log(TAG, "services: partly running before 'up' (down leaves them)");
+                Ok(())
+            }
         }
     }
 
@@ -717,6 +840,15 @@ impl Cluster {
                 format!("bus.amqp.prefetch={}", s.prefetch),
             ]);
         }
+        if s.sharding {
+            let mut set = |key: &str, value: String| args.extend(["--set".into(), format!("cluster.{key}={value}")]);
+            set("enabled", "true".into());
+            set("node_id", node.name.clone());
+            set("endpoint", format!("http://127.0.0.1:{}", node.port));
+            for (key, ms) in lease_timings(s.lease_ms) {
+                set(key, ms.to_string());
+            }
+        }
         args.extend(s.node_args.iter().cloned());
         Ok(args)
     }
@@ -807,7 +939,10 @@ impl Cluster {
                 "TERM"
             }
         };
-        if !process::stop_pid(TAG, name, pid, signal, STOP_WITHIN) {
+        // A node frozen with SIGSTOP acts on SIGTERM only once it runs again (SIGKILL
+        // needs no help).
+        let frozen = process::pid_stopped(pid);
+        if !process::stop_pid_resuming(TAG, name, pid, signal, frozen, STOP_WITHIN) {
             return Err(Error::Failed(format!("{name}: pid {pid} does not die")));
         }
         if let Some(mut child) = self.children.remove(name) {
@@ -822,9 +957,17 @@ impl Cluster {
         Nginx { dir: self.settings.dir.join("nginx"), port: self.settings.port, timeout: self.settings.timeout }
     }
 
+    /// Renders nginx's config for the nodes there are now and starts it (or reloads it).
+    /// POSTs go to the write nodes; GETs to the write nodes (the template puts them in the
+    /// GET pool itself) and the read nodes, and in cluster mode to the consumers too: every
+    /// node answers a GET from the owner of the day's shard.
     fn start_nginx(&self) -> Result<()> {
         let ports = |role| self.nodes_of(role).iter().map(|n| n.port).collect::<Vec<_>>();
-        self.nginx().start(&ports(Role::Write), &ports(Role::Read))
+        let mut get_ports = ports(Role::Read);
+        if self.settings.sharding {
+            get_ports.splice(0..0, ports(Role::Consume));
+        }
+        self.nginx().start(&ports(Role::Write), &get_ports)
     }
 
     /// nginx takes a node that failed back only after its fail_timeout (2 s): a rolling
@@ -874,7 +1017,7 @@ mod tests {
     fn nodes_start_consumers_first_and_take_the_documented_ports() {
         let c = Cluster::new(Settings::new("/tmp/x")).unwrap();
         let names: Vec<String> = c.nodes().into_iter().map(|n| n.name).collect();
-        assert_eq!(names, ["consume-1", "consume-2", "write-1", "write-2", "read-1", "read-2"]);
+        assert_eq!(names, ["consume-1", "consume-2", "consume-3", "write-1", "write-2", "read-1", "read-2"]);
         let port = |n: &str| c.node(n).unwrap().port;
         assert_eq!((port("write-1"), port("write-2"), port("consume-1"), port("read-2")), (9081, 9082, 9091, 9102));
         assert_eq!(c.node("read-1").unwrap().admin_port, 9151);
@@ -892,6 +1035,8 @@ mod tests {
         s.port = 23000;
         s.node_port = 23001;
         s.ack_after = None;
+        s.sharding = false;
+        s.lease_ms = 6_000;
         s.node_args = vec!["--set".into(), "http.workers=2".into()];
         s.bin = Some("/bin/true".into());
         s.services = false;
@@ -908,8 +1053,31 @@ mod tests {
         assert!(bad(Settings { ack_after: Some("never".into()), ..Settings::new("/d") }).contains("CLUSTER_ACK_AFTER"));
         assert!(bad(Settings { writers: 10, ..Settings::new("/d") }).contains("1..9"));
         assert!(bad(Settings { node_port: 65_500, ..Settings::new("/d") }).contains("CLUSTER_NODE_PORT"));
+        assert!(bad(Settings { ack_after: Some("wal".into()), ..Settings::new("/d") }).contains("CLUSTER_SHARDING"));
+        assert!(bad(Settings { lease_ms: 100, ..Settings::new("/d") }).contains("CLUSTER_LEASE_MS"));
         let lookup = |k: &str| (k == "PORT").then(|| "90x".to_string());
         let err = Settings::parse("/d".into(), &lookup, None).unwrap_err().to_string();
         assert_eq!(err, "CLUSTER_PORT must be a number, got '90x'");
+    }
+
+    #[test]
+    fn cluster_mode_gives_each_node_its_id_endpoint_and_timings_the_keeper_accepts() {
+        let mut c = Cluster::new(Settings { bin: Some("/bin/true".into()), ..Settings::new("/tmp/x") }).unwrap();
+        c.admin_listener.set(true).unwrap();
+        let node = c.node("consume-2").unwrap();
+        let args = c.node_args(&node).unwrap().join(" ");
+        for want in ["cluster.enabled=true", "cluster.node_id=consume-2", "cluster.endpoint=http://127.0.0.1:9092", "cluster.lease_ms=3000"]
+        {
+            assert!(args.contains(want), "{want} missing in {args}");
+        }
+        assert!(args.contains("consumer.ack_after=table") && args.contains("bus.amqp.partitions=12"), "{args}");
+        for lease in [600, 3_000, 10_000] {
+            let t: HashMap<&str, u64> = lease_timings(lease).into_iter().collect();
+            assert!(t["renew_ms"] + t["call_timeout_ms"] <= lease - t["safety_margin_ms"], "{lease}: {t:?}");
+            assert!(t["call_timeout_ms"] <= t["renew_ms"] && t["scan_ms"] > 0, "{lease}: {t:?}");
+        }
+        c.settings.sharding = false;
+        let args = c.node_args(&node).unwrap().join(" ");
+        assert!(!args.contains("cluster."), "{args}");
     }
 }

@@ -34,6 +34,14 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
     stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z'))
 }
 
+/// True if the process is stopped (SIGSTOP, state `T`).
+pub(crate) fn pid_stopped(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+}
+
 /// True if the process's command line contains `text` (guards against pid reuse).
 pub(crate) fn cmdline_has(pid: u32, text: &str) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -78,7 +86,17 @@ pub(crate) fn signal(pid: u32, signal: &str) -> bool {
 /// Signals `pid` and waits up to `within` for it to die; then SIGKILL and 10 s more.
 /// Returns false if it still lives.
 pub(crate) fn stop_pid(tag: &str, what: &str, pid: u32, first: &str, within: Duration) -> bool {
+    stop_pid_resuming(tag, what, pid, first, false, within)
+}
+
+/// [`stop_pid`] for a process that may be frozen: with `resume`, SIGCONT follows the first
+/// signal, so that a SIGTERM is acted on (a stopped process only queues it). Sent once:
+/// a second SIGTERM may cut a node's ordered shutdown short.
+pub(crate) fn stop_pid_resuming(tag: &str, what: &str, pid: u32, first: &str, resume: bool, within: Duration) -> bool {
     signal(pid, first);
+    if resume {
+        signal(pid, "CONT");
+    }
     if wait_until(within, Duration::from_millis(200), || !pid_alive(pid)) {
         return true;
     }

@@ -2,6 +2,7 @@
 //! HTTP to it.
 #![allow(dead_code)]
 
+pub mod leases;
 pub mod proxy;
 pub mod raw;
 
@@ -264,13 +265,20 @@ pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Rides over 3 resorts × 3 days; keys `ride-{seed}-{i}`, so that rides of two seeds never
+/// share a key.
 pub fn random_rides(seed: u64, n: usize, skiers: u32) -> Vec<Ride> {
+    random_rides_over(seed, n, skiers, 3)
+}
+
+/// [`random_rides`] over `days` days per resort.
+pub fn random_rides_over(seed: u64, n: usize, skiers: u32, days: u16) -> Vec<Ride> {
     let mut rng = Rng(seed | 1);
     (0..n)
         .map(|i| Ride {
             resort: rng.range(1, 3) as u32,
             season: 2025,
-            day: rng.range(1, 3) as u16,
+            day: rng.range(1, u64::from(days)) as u16,
             skier: rng.range(1, skiers as u64) as u32,
             time: rng.range(1, 360) as u16,
             lift: rng.range(1, 40) as u16,

@@ -7,7 +7,7 @@
 //! build of the workspace): scripts that already built the workspace can run it directly.
 
 use std::process::ExitCode;
-use testkit::cluster::{Cluster, Stop};
+use testkit::cluster::{Cluster, Role, Stop};
 use testkit::services::Services;
 use testkit::Error;
 
@@ -30,7 +30,9 @@ Environment: LIFTLOG_STATE_DIR (/tmp/liftlog-services: pid, marker and log files
   LIFTLOG_CACHE_DIR (~/.cache/liftlog: the npm install), DYNAMODB_PORT (8000),
   DYNAMODB_JAVA_OPTS (e.g. -Xmx1g), LIFTLOG_SERVICES_TIMEOUT (60 s per service).
 
-cluster: nginx on 127.0.0.1:$CLUSTER_PORT in front of write, consume and read nodes
+cluster: nginx on 127.0.0.1:$CLUSTER_PORT in front of write, consume and read nodes; in
+cluster mode (the default) every consumer holds a share of the shards under a lease and
+nginx sends GETs to every node
   up                 start everything that is not running yet (idempotent): the services,
                      the tables, the nodes (each waits for /ready), then nginx
   down [--purge]     stop only what `up` started (nodes with SIGTERM: each drains and
@@ -39,6 +41,12 @@ cluster: nginx on 127.0.0.1:$CLUSTER_PORT in front of write, consume and read no
   stop NODE [--kill] SIGTERM one node (e.g. write-1) and wait; --kill sends SIGKILL
   start NODE         start one node again, wait for /ready and for nginx to take it back
   restart NODE       stop, then start (a rolling restart is this, node by node)
+  pause NODE         SIGSTOP: frozen with its sockets open (a zombie lease owner)
+  resume NODE        SIGCONT
+  add ROLE           one more node of write|consume|read (e.g. consume-4 joins), started,
+                     ready, and in nginx's pools; `down` stops it too
+  admin NODE PATH    GET a node's admin route as JSON, e.g. /admin/cluster (its shards,
+                     the lease map) or /admin/wal
   nodes              the node names, one per line (start order)
   url NODE|nginx     the base URL of a node or of the entry point
   admin-url NODE     the base URL of a node's /admin/* and /metrics (its own listener)
@@ -46,9 +54,11 @@ cluster: nginx on 127.0.0.1:$CLUSTER_PORT in front of write, consume and read no
 Environment (read by `up`, saved in $LIFTLOG_CLUSTER_DIR/cluster.env for the other commands):
   LIFTLOG_CLUSTER_DIR (/tmp/liftlog-cluster), LIFTLOG_CLUSTER_PREFIX (cluster),
   CLUSTER_PORT (9080), CLUSTER_NODE_PORT (port+1; consumers +10, readers +20, admin +50),
-  CLUSTER_WRITERS, CLUSTER_CONSUMERS, CLUSTER_READERS (2 each, at most 9),
-  CLUSTER_PARTITIONS (4), CLUSTER_FLUSH_MS (1000), CLUSTER_ACK_AFTER (table; wal; empty:
-  the binary's default), CLUSTER_PREFETCH (20000), CLUSTER_NODE_ARGS (extra node flags),
+  CLUSTER_WRITERS (2), CLUSTER_CONSUMERS (3), CLUSTER_READERS (2) (at most 9 each),
+  CLUSTER_PARTITIONS (12: the shards), CLUSTER_SHARDING (1: cluster mode; 0: one active
+  consumer, the others standbys), CLUSTER_LEASE_MS (3000; renew, scan, margin and timeouts
+  follow from it), CLUSTER_FLUSH_MS (1000), CLUSTER_ACK_AFTER (table, which cluster mode
+  needs; wal; empty: the binary's default), CLUSTER_PREFETCH (20000), CLUSTER_NODE_ARGS (extra node flags),
   CLUSTER_BROKER, CLUSTER_DYNAMODB, CLUSTER_SERVICES (1: bring the services up; 0: they
   are someone else's), LIFTLOG_BIN (default target/release/liftlog, rebuilt when stale),
   CLUSTER_TIMEOUT (60 s), RUST_LOG (node log level, info).
@@ -145,6 +155,19 @@ fn cluster(args: &[&str]) -> Result<(), Failure> {
         ["stop", node, "--kill"] => c.stop(node, Stop::Kill)?,
         ["start", node] => c.start(node)?,
         ["restart", node] => c.restart(node)?,
+        ["pause", node] => c.pause(node)?,
+        ["resume", node] => c.resume(node)?,
+        ["add", role] => {
+            let Some(role) = Role::ALL.into_iter().find(|r| r.name() == *role) else {
+                return usage("ROLE is write, consume or read");
+            };
+            let node = c.add(role)?;
+            println!("{}", node.name);
+        }
+        ["admin", node, path] if path.starts_with('/') => {
+            let json = c.admin(node, path)?;
+            println!("{json:#}");
+        }
         ["nodes"] => c.nodes().iter().for_each(|n| println!("{}", n.name)),
         ["url", "nginx"] => println!("{}", c.url()),
         ["url", node] => println!("{}", c.node_url(node)?),
@@ -152,7 +175,9 @@ fn cluster(args: &[&str]) -> Result<(), Failure> {
         ["logs", node] => println!("{}", c.logs(node, 40)?),
         ["up" | "status" | "nodes", ..] => return usage("takes no arguments"),
         ["down", ..] => return usage("the only option is --purge"),
-        ["stop" | "start" | "restart" | "url" | "admin-url" | "logs", ..] => {
+        ["add", ..] => return usage("needs one ROLE: write, consume or read"),
+        ["admin", ..] => return usage("needs NODE and a PATH starting with /, e.g. /admin/cluster"),
+        ["stop" | "start" | "restart" | "pause" | "resume" | "url" | "admin-url" | "logs", ..] => {
             return usage("needs one NODE (see `cargo xtask cluster nodes`)")
         }
         [] => return usage("no command"),
