@@ -22,11 +22,17 @@
 #   5. liftlog in production mode (three processes on RabbitMQ + DynamoDB Local): POST end
 #      to end, the flusher, GETs from the tables, the 201-to-visible probe
 #   6. WAL replay and cold start after kill -9 with 1M rides (30M with --big), and VmRSS
-#   7. the results file (`liftlog-bench report`)
+#   7. cluster mode, 1-3 consumer nodes (scripts/scale-bench.sh on the same services; not
+#      with --quick, where it is `scripts/scale-bench.sh --quick` on its own): <date>-scale.md
+#   8. the results file (`liftlog-bench report`)
+# Any failed step (a ceiling, a probe, a reconciliation, a node that did not start) is
+# listed at the top of the results file and makes the script exit 1.
 #
 # The same generator measures a ceiling and the figure compared with it: wrk (2 threads,
 # 128 connections, bench/wrk/api.lua) for the HTTP throughput pairs, liftlog-load for the
-# open-loop pairs. Everything shares the machine's cores with the generators and the
+# open-loop pairs; POST end to end (liftlog-load, PROD_C connections) is compared with raw
+# publish+confirm at PROD_C in flight on liftlog's own partition queues. Rows whose pair
+# differs in generator, concurrency or work say so in the report. Everything shares the machine's cores with the generators and the
 # broker, so compare ratios, not absolute figures, across machines.
 #
 # Needs: the Rust toolchain, wrk (apt-get install wrk), jq, curl, and what
@@ -56,7 +62,7 @@ done
 # ------------------------------------------------------------------ sizes ---
 if ((QUICK)); then
   WRK_S=3 C6000_S=3 OPEN_N=100 STD_POST_N=40000 AMQP_S=2 SLED_RECORDS=100000 DYNAMO_S=2
-  PROD_N=20000 PROD_GET_N=20 LAG_S=4 REPLAY_N=100000 TAG=quick
+  PROD_N=10000 PROD_GET_N=20 LAG_S=4 REPLAY_N=100000 TAG=quick
 else
   WRK_S=10 C6000_S=10 OPEN_N=1000 STD_POST_N=200000 AMQP_S=8 SLED_RECORDS=500000 DYNAMO_S=8
   PROD_N=100000 PROD_GET_N=100 LAG_S=15 REPLAY_N=1000000 TAG=""
@@ -67,6 +73,7 @@ LAG_RATE=10000    # background rides/s while the 201-to-visible probe runs (the 
 LAG_LOW_RATE=1000 # and a rate the production pipeline sustains here, for comparison
 OPEN_RATE=20000
 PARTITIONS=4
+PROD_C=256 # connections of the production POST run, and the in-flight count of its like-for-like ceiling
 
 DATE=$(date +%F)
 NAME=$DATE${TAG:+-$TAG}
@@ -90,6 +97,12 @@ export RUST_LOG=${RUST_LOG:-info,actix_server=warn}
 
 log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 warn() { printf '[bench %s] WARNING: %s\n' "$(date +%T)" "$*" >&2; }
+FAILURES=()
+# fail WHAT: a step that did not do its job; the run goes on, then exits 1.
+fail() {
+  printf '[bench %s] FAILED: %s\n' "$(date +%T)" "$*" >&2
+  FAILURES+=("$*")
+}
 now_ms() { date +%s%3N; }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
@@ -150,13 +163,13 @@ wait_listening() {
   for ((i = 0; i < limit * 100; i++)); do
     grep -q listening "$RUN/logs/$name.out" 2>/dev/null && return 0
     if ! kill -0 "$pid" 2>/dev/null; then
-      warn "$name exited during start-up:"
+      fail "$name exited during start-up"
       tail -n 20 "$RUN/logs/$name.err" >&2 || true
       return 1
     fi
     sleep 0.01
   done
-  warn "$name not listening after ${limit}s"
+  fail "$name not listening after ${limit}s"
   return 1
 }
 
@@ -172,7 +185,7 @@ wrk_run() {
   if [[ -s $OUT/$file ]]; then
     log "  wrk $endpoint x$conns: $(jq -r '"\(.rps|floor) req/s, p99 \(.latency_ms.p99) ms, non-2xx \(.errors.status), socket errors \(.errors.connect+.errors.read+.errors.write+.errors.timeout)"' "$OUT/$file")"
   else
-    warn "wrk $endpoint produced no summary (see $RUN/logs)"
+    fail "wrk $endpoint ($file) produced no summary (see $RUN/logs)"
     rm -f "$OUT/$file"
   fi
 }
@@ -181,7 +194,7 @@ wrk_run() {
 load() {
   local name=$1
   shift
-  "$BIN/liftlog-load" "$@" -q --json "$OUT/$name.json" >"$RUN/logs/$name.txt" 2>&1 || warn "liftlog-load $name exited non-zero (see $RUN/logs/$name.txt)"
+  "$BIN/liftlog-load" "$@" -q --json "$OUT/$name.json" >"$RUN/logs/$name.txt" 2>&1 || fail "liftlog-load $name exited non-zero: a failed reconciliation or run (see $RUN/logs/$name.txt)"
   [[ -s $OUT/$name.json ]] && log "  liftlog-load $name: $(jq -r '[.runs[].endpoints[] | "\(.type) \(.throughput_per_s|floor)/s p99 \(.latency_us.p99/1000) ms fail \(.failures)"] | join("; ")' "$OUT/$name.json")"
   return 0
 }
@@ -206,9 +219,9 @@ prod_lag() {
   "$BIN/liftlog-bench" lag --post "http://127.0.0.1:$WRITE_PORT" --read "http://127.0.0.1:$READ_PORT" --rate 10 \
     --seconds "$LAG_S" --season 2032 --skier-base $((2000000000 + ${#sfx} * 1000000)) --poll-us 20000 --label "production-tables$sfx" \
     >"$OUT/lag-prod-tables$sfx.json" 2>"$RUN/logs/lag-prod-tables$sfx.err" ||
-    { warn "lag probe (tables) failed"; rm -f "$OUT/lag-prod-tables$sfx.json"; }
-  wait "$lag_a" || { warn "lag probe (actors) failed"; rm -f "$OUT/lag-prod-actors$sfx.json"; }
-  wait "$bg" || true
+    { fail "lag probe (tables$sfx) failed"; rm -f "$OUT/lag-prod-tables$sfx.json"; }
+  wait "$lag_a" || { fail "lag probe (actors$sfx) failed"; rm -f "$OUT/lag-prod-actors$sfx.json"; }
+  wait "$bg" || fail "the lag probe's background load ($rate rides/s) failed (see $RUN/logs/load-prod-bg$sfx.txt)"
   for f in "lag-prod-actors$sfx" "lag-prod-tables$sfx"; do
     [[ -s $OUT/$f.json ]] && log "  $f: $(jq -c '{lag_ms, visible, never_visible}' "$OUT/$f.json")"
   done
@@ -258,13 +271,13 @@ for spec in "quorum $PARTITIONS" "quorum 1" "classic 1"; do
   read -r qt nq <<<"$spec"
   "$BIN/liftlog-bench" amqp --url "$AMQP_URL" --queue-type "$qt" --queues "$nq" --channels 4 --in-flight 1000 \
     --seconds "$AMQP_S" --prefix "$AMQP_PREFIX-ceiling" >"$OUT/amqp-$qt-$nq.json" 2>"$RUN/logs/amqp-$qt-$nq.err" ||
-    { warn "amqp ceiling $qt x$nq failed"; rm -f "$OUT/amqp-$qt-$nq.json"; }
+    { fail "amqp ceiling $qt x$nq failed"; rm -f "$OUT/amqp-$qt-$nq.json"; }
   [[ -s $OUT/amqp-$qt-$nq.json ]] && log "  $qt x$nq queues: $(jq -r '.rate|floor' "$OUT/amqp-$qt-$nq.json") msg/s"
 done
 
 log " disk (fsync, sled) in $RUN"
 "$BIN/liftlog-bench" sled --dir "$RUN/sled" --records "$SLED_RECORDS" --batch 1000 >"$OUT/disk.json" 2>"$RUN/logs/disk.err" ||
-  { warn "disk ceiling failed"; rm -f "$OUT/disk.json"; }
+  { fail "disk ceiling failed"; rm -f "$OUT/disk.json"; }
 [[ -s $OUT/disk.json ]] && log "  $(jq -r '"fsync \(.fsync_per_s|floor)/s, sled batch+flush \(.batch_flush_records_per_s|floor) rec/s, iterate \(.iterate_records_per_s|floor) rec/s"' "$OUT/disk.json")"
 
 log " raw DynamoDB Local (after a warm-up run: the JVM's first seconds are several times slower)"
@@ -273,7 +286,7 @@ log " raw DynamoDB Local (after a warm-up run: the JVM's first seconds are sever
 # items, 90/s at 114k here), so the index is measured on a table the size of the one the
 # production run leaves (about one skier-day per ride).
 "$BIN/liftlog-bench" dynamo --endpoint "$DDB_URL" --seconds "$DYNAMO_S" --concurrency 16 --prefix "${TABLE_PREFIX}ceiling_" --gsi-fill "$PROD_N" \
-  >"$OUT/dynamo.json" 2>"$RUN/logs/dynamo.err" || { warn "dynamodb ceiling failed"; rm -f "$OUT/dynamo.json"; }
+  >"$OUT/dynamo.json" 2>"$RUN/logs/dynamo.err" || { fail "dynamodb ceiling failed"; rm -f "$OUT/dynamo.json"; }
 [[ -s $OUT/dynamo.json ]] && log "  $(jq -r '"BatchWriteItem \(.batch_write_items_per_s|floor) items/s, GetItem \(.get_items_per_s|floor)/s, conditional PutItem \(.conditional_put_items_per_s|floor)/s, GSI Query \(.gsi_queries_per_s|floor)/s"' "$OUT/dynamo.json")"
 
 # ------------------------------------------------------------- embedded ---
@@ -296,8 +309,8 @@ if wait_listening embedded "$EMB_PID"; then
   PIDS+=("$BG")
   sleep 1
   "$BIN/liftlog-bench" lag --post "$EMB" --read "$EMB" --rate 100 --seconds "$LAG_S" --season 2031 --poll-us 500 \
-    --label embedded --skier-base 2100000000 >"$OUT/lag-emb.json" 2>"$RUN/logs/lag-emb.err" || { warn "lag probe failed"; rm -f "$OUT/lag-emb.json"; }
-  wait "$BG" || true
+    --label embedded --skier-base 2100000000 >"$OUT/lag-emb.json" 2>"$RUN/logs/lag-emb.err" || { fail "lag probe (embedded) failed"; rm -f "$OUT/lag-emb.json"; }
+  wait "$BG" || fail "the embedded lag probe's background load failed (see $RUN/logs/load-emb-bg.txt)"
   [[ -s $OUT/lag-emb.json ]] && log "  lag $(jq -c .lag_ms "$OUT/lag-emb.json")"
 fi
 stop_pid "$EMB_PID"
@@ -319,6 +332,14 @@ interval_ms = 600000
 after_rides = 1000000000000
 EOF
 PROD_DECLARED=1
+# The POST run's like-for-like ceiling: raw per-message publish+confirm on the very queues the
+# nodes will use (declared by liftlog's code), PROD_C in flight over 4 channels (the write
+# node's publish_channels), before any node consumes; the queues are purged afterwards.
+log " raw lapin publish+confirm on liftlog's $PARTITIONS partition queues, $PROD_C in flight"
+"$BIN/liftlog-bench" amqp --url "$AMQP_URL" --liftlog-prefix "$AMQP_PREFIX" --queues "$PARTITIONS" --channels 4 --in-flight "$PROD_C" \
+  --seconds "$AMQP_S" >"$OUT/amqp-liftlog.json" 2>"$RUN/logs/amqp-liftlog.err" ||
+  { fail "amqp ceiling on liftlog's queues failed (see $RUN/logs/amqp-liftlog.err)"; rm -f "$OUT/amqp-liftlog.json"; }
+[[ -s $OUT/amqp-liftlog.json ]] && log "  $(jq -r '"\(.rate|floor) msg/s, confirm p99 \(.confirm_latency_us.p99 / 1000) ms, \(.purged) purged"' "$OUT/amqp-liftlog.json")"
 start consume env RUST_LOG="info,actix_server=warn,liftlog::actors::flusher=debug" \
   "$BIN/liftlog" serve --config "$RUN/deferred-flush.toml" --set log.format=json --role consume \
   --listen "127.0.0.1:$CONS_PORT" --data-dir "$RUN/prod/consume" "${PROD[@]}"
@@ -331,9 +352,10 @@ if wait_listening consume "$CONS_PID"; then
   READ_PID=$LAST_PID
   wait_listening write "$WRITE_PID" && wait_listening read "$READ_PID" && prod_ok=1
 fi
+((prod_ok)) || fail "production mode: the nodes did not start; its figures are missing"
 if ((prod_ok)); then
   t0=$(now_ms)
-  load load-prod-post post --base "http://127.0.0.1:$WRITE_PORT" -n "$PROD_N" -c 256 --phase1-rides 100 --season 2025 \
+  load load-prod-post post --base "http://127.0.0.1:$WRITE_PORT" -n "$PROD_N" -c "$PROD_C" --phase1-rides 100 --season 2025 \
     --plot "$RUN/post-production.png"
   acked=$(jq '[.runs[].endpoints[].successes] | add // 0' "$OUT/load-prod-post.json" 2>/dev/null || echo 0)
   # End to end: until the consumer has written, applied and acked every acknowledged ride.
@@ -346,17 +368,17 @@ if ((prod_ok)); then
     fi
     sleep 0.1
   done
-  ((t1 > 0)) || warn "consumer saw ${events:-0} of $acked rides after 300 s"
+  ((t1 > 0)) || fail "consumer saw ${events:-0} of $acked rides after 300 s"
   jq -n --argjson acked "$acked" --argjson events "${events:-0}" --argjson t0 "$t0" --argjson t1 "$t1" \
     '{acked: $acked, consumer_events: $events, e2e_seconds: (if $t1 > 0 then ($t1 - $t0) / 1000 else null end),
       e2e_rides_per_s: (if $t1 > 0 then $acked / (($t1 - $t0) / 1000) else null end)}' >"$OUT/prod-e2e.json"
   log "  end to end: $(jq -c . "$OUT/prod-e2e.json")"
 
   log " one flush cycle of all of it to DynamoDB Local"
-  curl -s -m 900 -X POST "http://127.0.0.1:$CONS_PORT/admin/flush" >"$RUN/flush.json" || warn "POST /admin/flush failed"
+  curl -s -m 900 -X POST "http://127.0.0.1:$CONS_PORT/admin/flush" >"$RUN/flush.json" || fail "POST /admin/flush failed"
   phases=$(grep '"flush phases"' "$RUN/logs/consume.err" | tail -1 | jq -c '.fields' 2>/dev/null || true)
   jq -c --argjson phases "${phases:-null}" '. + {phases: $phases}' "$RUN/flush.json" >"$OUT/flush.json" 2>/dev/null ||
-    { warn "flush answered: $(head -c 300 "$RUN/flush.json")"; rm -f "$OUT/flush.json"; }
+    { fail "flush answered: $(head -c 300 "$RUN/flush.json")"; rm -f "$OUT/flush.json"; }
   [[ -s $OUT/flush.json ]] && log "  $(jq -c . "$OUT/flush.json")"
 
   log " GETs from the tables (read node)"
@@ -376,6 +398,8 @@ if ((prod_ok)); then
     done
     prod_lag "$LAG_LOW_RATE" -low
     prod_lag "$LAG_RATE" ""
+  else
+    fail "the restarted consumer did not start: no 201-to-visible figures"
   fi
 fi
 # Scratch state: the consumer's final flush of the probe's rides is not waited for long.
@@ -411,7 +435,7 @@ replay_run() {
     stop_pid "$pid" KILL
   else
     "$BIN/liftlog-bench" wal-fill --data-dir "$dir" --rides "$rides" --batch "${MEAN_BATCH:-128}" --season 2025 \
-      >"$OUT/$name-walfill.json" 2>"$RUN/logs/$name-walfill.err" || { warn "wal-fill failed"; return 1; }
+      >"$OUT/$name-walfill.json" 2>"$RUN/logs/$name-walfill.err" || { fail "wal-fill failed"; return 1; }
     fill_rate=$(jq .rides_per_s "$OUT/$name-walfill.json")
     mean_batch=${MEAN_BATCH:-128}
   fi
@@ -437,15 +461,26 @@ replay_run() {
 }
 
 log "6. WAL replay and cold start: $REPLAY_N rides through POST, kill -9, restart"
-replay_run replay "$RUN/replay" "$REPLAY_N" post || warn "replay run failed"
+replay_run replay "$RUN/replay" "$REPLAY_N" post || fail "replay run failed"
 MEAN_BATCH=$(jq -r '.mean_batch_size // 128 | floor | if . < 1 then 128 else . end' "$OUT/replay.json" 2>/dev/null || echo 128)
 if ((BIG)); then
   log "   --big: $BIG_N rides written straight into the WAL ($MEAN_BATCH rides per record), restart"
-  replay_run replay-big "$RUN/replay-big" "$BIG_N" wal || warn "big replay run failed"
+  replay_run replay-big "$RUN/replay-big" "$BIG_N" wal || fail "big replay run failed"
+fi
+
+# -------------------------------------------------------------- cluster ---
+SCALE_FILE=""
+if ((QUICK)); then
+  log "7. cluster mode: skipped with --quick (scripts/scale-bench.sh --quick runs it on its own)"
+else
+  log "7. cluster mode, 1-3 consumer nodes: scripts/scale-bench.sh on the same services"
+  SCALE_SERVICES=0 BENCH_DYNAMODB_PORT=$DDB_PORT scripts/scale-bench.sh --no-build >"$RUN/logs/scale.log" 2>&1 ||
+    fail "the cluster scale bench failed a step (listed in bench/results/$DATE-scale.md; log in $RUN/logs/scale.log)"
+  [[ -s $RESULTS/$DATE-scale.md ]] && SCALE_FILE=$DATE-scale.md
 fi
 
 # --------------------------------------------------------------- report ---
-log "7. results"
+log "8. results"
 for p in post-embedded get-open-embedded post-production; do
   [[ -f $RUN/$p.png ]] && cp "$RUN/$p.png" "$RESULTS/$NAME-$p.png"
 done
@@ -461,10 +496,19 @@ jq -n --arg command "$CMD" --arg name "$NAME" --arg date "$DATE" --arg started "
   --arg dirty "$(git status --porcelain -- src wal Cargo.toml 2>/dev/null | wc -l)" \
   --arg before "$LOAD_BEFORE" --arg after "$LOAD_AFTER" --arg workers "$WORKERS" --arg wrk_s "$WRK_S" --arg wrk_c "$WRK_C" \
   --arg lag_rate "$LAG_RATE" --arg open_rate "$OPEN_RATE" --arg partitions "$PARTITIONS" --arg disk "$(df -h "$RUN" | awk 'NR==2 {print $1" ("$2")"}')" \
+  --arg prod_c "$PROD_C" --arg scale_file "$SCALE_FILE" --argjson failures "$(jq -n '$ARGS.positional' --args "${FAILURES[@]}")" \
+  --arg days_emb "cold, not warmed: each of the probes' 30 days is new when its first probe comes" \
+  --arg days_prod "warm: a warm-up probe activated every day used first" \
   '{command: $command, name: $name, date: $date, started: $started, finished: $finished, quick: ($quick == "1"), big: ($big == "1"),
     nproc: ($nproc|tonumber), cpu: $cpu, mem_kb: ($mem_kb|tonumber), kernel: $kernel, rustc: $rustc, rabbitmq: $rabbitmq,
     dynamodb: $dynamodb, wrk: $wrk, commit: $commit, dirty_files: ($dirty|tonumber), load_before: $before, load_after: $after,
     http_workers: ($workers|tonumber), wrk_seconds: ($wrk_s|tonumber), wrk_connections: ($wrk_c|tonumber),
-    lag_rate: ($lag_rate|tonumber), open_rate: ($open_rate|tonumber), partitions: ($partitions|tonumber), disk: $disk}' >"$OUT/meta.json"
+    lag_rate: ($lag_rate|tonumber), open_rate: ($open_rate|tonumber), partitions: ($partitions|tonumber), disk: $disk,
+    prod_concurrency: ($prod_c|tonumber), scale_file: $scale_file, failures: $failures,
+    lag_days_embedded: $days_emb, lag_days_production: $days_prod}' >"$OUT/meta.json"
 "$BIN/liftlog-bench" report --dir "$OUT" --out "$RESULTS/$NAME.md"
 log "wrote $RESULTS/$NAME.md; load average after: $LOAD_AFTER"
+if ((${#FAILURES[@]})); then
+  log "${#FAILURES[@]} step(s) failed (listed at the top of $RESULTS/$NAME.md)"
+  exit 1
+fi

@@ -3,11 +3,19 @@
 //! `--channels` confirm-mode channels share `--in-flight` unconfirmed publishes; each
 //! channel is driven by one task (publish, then keep its confirms in a window), so no lock
 //! is needed around lapin's publish numbering. The queues are deleted afterwards.
+//!
+//! With `--liftlog-prefix P` it measures liftlog's own queues instead: the topology is
+//! declared by liftlog's code (`bus::amqp::declare_topology`: quorum, single active
+//! consumer, dead-letter exchange, delivery limit) for prefix P and `--queues` partitions,
+//! every message goes through liftlog's rides exchange with the partition as routing key
+//! (mandatory, as the write node publishes), one ride per message, and the queues are
+//! purged afterwards (not deleted: the nodes started next use them). Run it before any
+//! consumer subscribes.
 
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 use rand::{Rng, SeedableRng};
@@ -39,7 +47,7 @@ fn ride(rng: &mut impl Rng) -> RideEvent {
     }
 }
 
-/// `amqp --url URL --queue-type quorum|classic --queues 4 --channels 4 --in-flight 1000 --seconds 8`
+/// `amqp --url URL --queue-type quorum|classic --queues 4 --channels 4 --in-flight 1000 --seconds 8 [--liftlog-prefix P]`
 pub fn run(args: &Args) -> Result<(), String> {
     let url = args.string("url", "amqp://guest:guest@127.0.0.1:5672/%2f");
     let queue_type = args.string("queue-type", "quorum");
@@ -48,6 +56,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let in_flight: usize = args.get("in-flight", 1000);
     let seconds: f64 = args.get("seconds", 8.0);
     let prefix = args.string("prefix", &format!("liftlog-bench.{}", std::process::id()));
+    let liftlog_prefix = args.string("liftlog-prefix", "");
     if queues == 0 || channels == 0 || in_flight < channels {
         return Err("need queues >= 1, channels >= 1, in-flight >= channels".into());
     }
@@ -57,15 +66,28 @@ pub fn run(args: &Args) -> Result<(), String> {
             .await
             .map_err(|e| format!("connecting {url}: {e}"))?;
         let admin = conn.create_channel().await.map_err(|e| e.to_string())?;
-        let names: Vec<String> = (0..queues).map(|i| format!("{prefix}.{queue_type}.{i}")).collect();
-        let mut qargs = FieldTable::default();
-        qargs.insert("x-queue-type".into(), AMQPValue::LongString(queue_type.clone().into()));
-        for n in &names {
-            admin
-                .queue_declare(n.clone().into(), QueueDeclareOptions::durable(), qargs.clone())
-                .await
-                .map_err(|e| format!("declaring {n}: {e}"))?;
-        }
+        // (exchange, routing key) of every queue, and the queue names.
+        let (targets, names): (Vec<(String, String)>, Vec<String>) = if liftlog_prefix.is_empty() {
+            let names: Vec<String> = (0..queues).map(|i| format!("{prefix}.{queue_type}.{i}")).collect();
+            let mut qargs = FieldTable::default();
+            qargs.insert("x-queue-type".into(), AMQPValue::LongString(queue_type.clone().into()));
+            for n in &names {
+                admin
+                    .queue_declare(n.clone().into(), QueueDeclareOptions::durable(), qargs.clone())
+                    .await
+                    .map_err(|e| format!("declaring {n}: {e}"))?;
+            }
+            (names.iter().map(|n| (String::new(), n.clone())).collect(), names)
+        } else {
+            let mut config = liftlog::config::Config::default();
+            config.bus.amqp.prefix = liftlog_prefix.clone();
+            config.bus.amqp.partitions = u16::try_from(queues).map_err(|_| "--queues must fit in u16")?;
+            let cfg = config.amqp_config(&url);
+            liftlog::bus::amqp::declare_topology(&cfg).await.map_err(|e| format!("declaring liftlog's topology: {e}"))?;
+            let parts = 0..config.bus.amqp.partitions;
+            (parts.clone().map(|p| (cfg.rides_exchange(), p.to_string())).collect(), parts.map(|p| cfg.partition_queue(p)).collect())
+        };
+        let liftlog_queues = !liftlog_prefix.is_empty();
         let deadline = Instant::now() + Duration::from_secs_f64(seconds);
         let started = Instant::now();
         let window = in_flight / channels;
@@ -73,7 +95,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         for c in 0..channels {
             let ch = conn.create_channel().await.map_err(|e| e.to_string())?;
             ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| e.to_string())?;
-            let names = names.clone();
+            let targets = targets.clone();
             tasks.push(tokio::spawn(async move {
                 let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64 + 1);
                 let mut count = Count { hist: hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).ok(), ..Default::default() };
@@ -97,10 +119,11 @@ pub fn run(args: &Args) -> Result<(), String> {
                         }
                     }
                     let body = liftlog::bus::amqp::encode_event(&ride(&mut rng));
-                    let q = &names[i % names.len()];
+                    let (exchange, key) = &targets[i % targets.len()];
                     i += channels;
                     let sent = Instant::now();
-                    match ch.basic_publish("".into(), q.clone().into(), BasicPublishOptions::default(), &body, props.clone()).await {
+                    let opts = BasicPublishOptions { mandatory: liftlog_queues, immediate: false };
+                    match ch.basic_publish(exchange.clone().into(), key.clone().into(), opts, &body, props.clone()).await {
                         Ok(confirm) => pending.push(async move { (sent, confirm.await) }),
                         Err(_) => {
                             count.errors += 1;
@@ -125,8 +148,18 @@ pub fn run(args: &Args) -> Result<(), String> {
             }
         }
         let elapsed = started.elapsed().as_secs_f64();
+        let mut purged = 0u64;
         for n in &names {
-            let _ = admin.queue_delete(n.clone().into(), QueueDeleteOptions::default()).await;
+            if liftlog_queues {
+                purged += u64::from(
+                    admin
+                        .queue_purge(n.clone().into(), QueuePurgeOptions::default())
+                        .await
+                        .map_err(|e| format!("purging {n}: {e}"))?,
+                );
+            } else {
+                let _ = admin.queue_delete(n.clone().into(), QueueDeleteOptions::default()).await;
+            }
         }
         let _ = conn.close(200, "OK".into()).await;
         let h = total.hist.as_ref();
@@ -135,7 +168,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             "{}",
             json!({
                 "kind": "amqp-publish-confirm",
-                "queue_type": queue_type, "queues": queues, "channels": channels, "in_flight": in_flight,
+                "queue_type": queue_type, "queues": queues, "liftlog_queues": liftlog_queues, "purged": purged, "channels": channels, "in_flight": in_flight,
                 "acked": total.acked, "nacked": total.nacked, "errors": total.errors,
                 "seconds": elapsed, "rate": total.acked as f64 / elapsed,
                 "confirm_latency_us": { "p50": q(0.5), "p99": q(0.99) },

@@ -4,6 +4,10 @@
 //! skier-day on the read node every `--poll-us` until it answers 200. The lag is the
 //! time from the 201 to that first 200 (the poll period bounds its resolution). Meant to
 //! run next to a steady background load (bench.sh runs `liftlog-load post --rate`).
+//!
+//! `--cold`: every probe takes a day no one has used (season `--season + i / 30`, the 30
+//! resort-days of the standard ranges in turn), and skips the first GET, so its POST is the
+//! day's first ride: the figure includes the day's activation on its consumer.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,18 +27,31 @@ enum Probe {
     Transport,
 }
 
-async fn probe(post: Arc<Target>, read: Arc<Target>, i: u64, skier: u64, season: u16, poll: Duration, give_up: Duration) -> Probe {
+#[allow(clippy::too_many_arguments)]
+async fn probe(
+    post: Arc<Target>,
+    read: Arc<Target>,
+    i: u64,
+    skier: u64,
+    season: u16,
+    poll: Duration,
+    give_up: Duration,
+    cold: bool,
+) -> Probe {
     let resort = i % 10 + 1;
     let day = i % 3 + 1;
     let path = format!("/skiers/{resort}/seasons/{season}/days/{day}/skiers/{skier}");
     let timeout = Duration::from_secs(10);
     let mut reader = Conn::new(read);
     let mut writer = Conn::new(post);
-    // Opens the read connection and checks the skier is new.
-    match reader.request("GET", path.as_bytes(), None, None, timeout).await {
-        Ok(r) if r.status == 404 => {}
-        Ok(_) => return Probe::AlreadyThere,
-        Err(_) => return Probe::Transport,
+    // Opens the read connection and checks the skier is new (not on a cold day: the GET
+    // would reach the day before its first ride does).
+    if !cold {
+        match reader.request("GET", path.as_bytes(), None, None, timeout).await {
+            Ok(r) if r.status == 404 => {}
+            Ok(_) => return Probe::AlreadyThere,
+            Err(_) => return Probe::Transport,
+        }
     }
     let key = format!("lag-probe-{season}-{skier}");
     let sent = Instant::now();
@@ -69,6 +86,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let poll = Duration::from_micros(args.get("poll-us", 500));
     let give_up = Duration::from_millis(args.get("give-up-ms", 10_000));
     let label = args.string("label", "lag");
+    let cold = args.string("cold", "false") == "true";
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let post = Arc::new(Target::resolve(&post_base, "").await?);
@@ -80,7 +98,8 @@ pub fn run(args: &Args) -> Result<(), String> {
             let at = started + Duration::from_secs_f64(i as f64 / rate);
             tokio::time::sleep_until(at.into()).await;
             let (post, read) = (post.clone(), read.clone());
-            tasks.push(tokio::spawn(probe(post, read, i, skier_base + i, season, poll, give_up)));
+            let season = if cold { season.saturating_add((i / 30) as u16) } else { season };
+            tasks.push(tokio::spawn(probe(post, read, i, skier_base + i, season, poll, give_up, cold)));
         }
         let mut lag = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).map_err(|e| e.to_string())?;
         let mut post_lat = lag.clone();
@@ -104,7 +123,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         println!(
             "{}",
             json!({
-                "kind": "lag", "label": label, "post": post_base, "read": read_base,
+                "kind": "lag", "label": label, "post": post_base, "read": read_base, "cold": cold,
                 "rate": rate, "probes": total, "visible": lag.len(),
                 "post_failed": post_failed, "already_there": already, "never_visible": never, "transport_errors": transport,
                 "poll_us": poll.as_micros() as u64,

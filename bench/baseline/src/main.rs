@@ -22,10 +22,11 @@ mod wal_fill;
 const USAGE: &str = "usage: liftlog-bench <bare-http|amqp|amqp-cleanup|sled|dynamo|lag|wal-fill|report> [--flag value ...]
   bare-http --listen 127.0.0.1:18080 --workers 2 --rides 200000
   amqp      --url amqp://guest:guest@127.0.0.1:5672/%2f --queue-type quorum|classic --queues 4 --channels 4 --in-flight 1000 --seconds 8
+            [--liftlog-prefix P: liftlog's own partition queues, declared by its code, purged after]
   amqp-cleanup --url URL --prefix P --partitions 4
   sled      --dir /tmp/x --records 500000 --batch 1000 --fsync-seconds 1
   dynamo    --endpoint http://127.0.0.1:8000 --seconds 8 --concurrency 16
-  lag       --post http://127.0.0.1:8081 --read http://127.0.0.1:8082 --rate 100 --seconds 15 --season 2031 --poll-us 500
+  lag       --post http://127.0.0.1:8081 --read http://127.0.0.1:8082 --rate 100 --seconds 15 --season 2031 --poll-us 500 [--cold]
   wal-fill  --data-dir D --rides 30000000 --batch 128 --season 2025
   report    --dir JSON_DIR --out bench/results/DATE.md";
 
