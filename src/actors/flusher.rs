@@ -205,14 +205,16 @@ impl Flusher {
         });
         let handles = self.registry.all_keyed();
         let mut snaps = Vec::with_capacity(handles.len());
-        // The epoch each snapshot is written under (cluster mode; 0 otherwise).
+        // The epoch each snapshot is written under (cluster mode; 0 otherwise), and the
+        // fences used, checked again once the writes returned.
         let mut epochs = Vec::with_capacity(handles.len());
+        let mut fences = rustc_hash::FxHashSet::default();
         let mut dead = 0;
         for (key, h) in handles {
-            let epoch = match &self.fencing {
-                None => 0,
+            let fence = match &self.fencing {
+                None => None,
                 Some((keeper, shards)) => match keeper.fence(key.partition(*shards)) {
-                    Some(fence) => fence.epoch,
+                    Some(fence) => Some(fence),
                     None => {
                         // Not ours to write any more: the consumer drops it. Until then it
                         // holds the checkpoint like any unflushed day.
@@ -226,7 +228,8 @@ impl Flusher {
             match h.take_dirty(self.rides_per_actor).await {
                 Some(s) => {
                     snaps.push((h, s));
-                    epochs.push(epoch);
+                    epochs.push(fence.map_or(0, |f| f.epoch));
+                    fences.extend(fence);
                 }
                 None => {
                     // Dead: what it holds that the tables lack exists only in the WAL now.
@@ -242,7 +245,7 @@ impl Flusher {
         }
         let seasons = self.seasons.take_dirty();
         let written = match self.write(&seasons, &snaps, &epochs).await {
-            Ok(refusals) => self.still_fenced(&snaps, &epochs).map(|()| refusals),
+            Ok(refusals) => self.still_fenced(&fences).map(|()| refusals),
             Err(e) => Err(e),
         };
         let refusals = match written {
@@ -298,23 +301,15 @@ impl Flusher {
     /// have landed; acking it would be acking for a shard another node owns, so the cycle
     /// fails instead (nothing is committed or acked; the consumer drops the lost shard, and
     /// the broker redelivers to its new owner).
-    fn still_fenced(
-        &self,
-        snaps: &[(crate::actors::aggregator::DayHandle, crate::actors::aggregator::DirtySnapshot)],
-        epochs: &[u64],
-    ) -> Result<(), TableError> {
-        let Some((keeper, shards)) = &self.fencing else { return Ok(()) };
-        let mut checked = rustc_hash::FxHashSet::default();
-        for ((_, s), epoch) in snaps.iter().zip(epochs) {
-            let Some(key) = s.skier_days.first().map(|d| d.key).or_else(|| s.count.as_ref().map(|c| c.key)) else { continue };
-            let shard = key.partition(*shards);
-            if checked.insert(shard) && keeper.fence(shard).map(|f| f.epoch) != Some(*epoch) {
-                return Err(TableError::Unavailable(format!(
-                    "the lease of shard {shard} (epoch {epoch}) ended while its days were written; nothing of this flush is acked"
-                )));
-            }
+    fn still_fenced(&self, used: &rustc_hash::FxHashSet<crate::cluster::Fence>) -> Result<(), TableError> {
+        let Some((keeper, _)) = &self.fencing else { return Ok(()) };
+        match used.iter().find(|f| keeper.fence(f.shard) != Some(**f)) {
+            None => Ok(()),
+            Some(f) => Err(TableError::Unavailable(format!(
+                "the lease of shard {} (epoch {}) ended while its days were written; nothing of this flush is acked",
+                f.shard, f.epoch
+            ))),
         }
-        Ok(())
     }
 
     /// Writes the snapshots; returns what the store refused for good (see the module doc).
