@@ -51,6 +51,7 @@ use super::fence::Fence;
 use super::lease::{LeaseError, LeaseRow, LeaseStore, TableSnapshot};
 use super::map_watch::MapBuilder;
 use super::{NodeInfo, ShardId};
+use crate::bus::Stop;
 use crate::domain::DayKey;
 
 /// Timing and limits of a keeper. [`KeeperConfig::new`] gives the defaults (ADR 005).
@@ -265,7 +266,9 @@ struct Shared {
     last_scan: Mutex<Option<Instant>>,
     /// Wakes the watchdog when a shard with a new deadline is added.
     deadlines: Notify,
-    stop: watch::Sender<bool>,
+    /// The keeper's own stop (the code base's one stop mechanism): set by
+    /// [`KeeperHandle::stop`], after which the rounds hand every shard off.
+    stop: Stop,
 }
 
 /// Starts keepers; see the module doc.
@@ -284,7 +287,6 @@ impl LeaseKeeper {
         let (events, rx) = mpsc::unbounded_channel();
         let shards = store.shards();
         let (map, _) = watch::channel(Arc::new(ShardMap { me: cfg.node.id.clone(), ..ShardMap::default() }));
-        let (stop, _) = watch::channel(false);
         let stats = KeeperStats { node: cfg.node.id.clone(), shards, ..KeeperStats::default() };
         let shared = Arc::new(Shared {
             cfg,
@@ -295,7 +297,7 @@ impl LeaseKeeper {
             map,
             last_scan: Mutex::new(None),
             deadlines: Notify::new(),
-            stop,
+            stop: Stop::default(),
         });
         info!(node = %shared.cfg.node.id, shards, lease_ms = shared.cfg.lease_duration.as_millis() as u64, "lease keeper started");
         let task = tokio::spawn(run(shared.clone()));
@@ -378,7 +380,7 @@ impl KeeperHandle {
     /// Hands every shard off (cooperatively, as for a rebalance), deletes the heartbeat row
     /// and waits for the task to end. Idempotent.
     pub async fn stop(&self) {
-        self.shared.stop.send_replace(true);
+        self.shared.stop.stop();
         let task = self.task.lock().take();
         if let Some(task) = task {
             if let Err(e) = task.await {
@@ -482,7 +484,7 @@ async fn renewer(shared: &Shared) {
         // answer says how the hand-off ended).
         let held: Vec<(ShardId, u64)> = shared.held.lock().iter().filter(|(_, h)| !h.releasing).map(|(&s, h)| (s, h.epoch)).collect();
         let heartbeat = async {
-            if *shared.stop.borrow() {
+            if shared.stop.is_stopped() {
                 return; // leaving: the row is deleted at the end, do not re-create it
             }
             if let Err(e) = timed(shared, shared.store.heartbeat(&cfg.node)).await {
@@ -542,15 +544,20 @@ struct RoundState {
 async fn rounds(shared: &Shared) {
     let cfg = &shared.cfg;
     let mut state = RoundState { map: MapBuilder::new(cfg.lease_duration), joining: HashMap::new() };
-    let mut stop = shared.stop.subscribe();
     let mut tick = tokio::time::interval(cfg.scan_interval);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => {}
+        if shared.stop.is_stopped() {
+            // Leaving: one round a tick until every hand-off is done (the stop itself
+            // resolves at once from now on, so it cannot pace the loop).
+            tick.tick().await;
+        } else {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shared.stop.stopped() => {}
+            }
         }
-        let leaving = *shared.stop.borrow();
+        let leaving = shared.stop.is_stopped();
         let started = Instant::now();
         round(shared, &mut state, leaving).await;
         {
