@@ -732,6 +732,102 @@ mod tests {
         assert_eq!(sled.get_day_count(day1).await.unwrap().map(|c| c.rides), Some(2));
     }
 
+    /// A torn flush — a crash after a cycle wrote the skier-days and before it wrote the
+    /// day's count — is repaired once the day is activated: the count is rebuilt from the
+    /// items and written by the next cycle, even though no ride of the day comes again;
+    /// the ids the items hold still drop a redelivered ride.
+    #[actix_rt::test]
+    async fn a_torn_flush_is_repaired_by_the_next_cycle_after_its_day_is_activated() {
+        use crate::tables::{DayCountItem, SkierDayItem};
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Arc::new(SledTables::open(&dir.path().join("tables")).unwrap());
+        let day = DayKey { resort: 1, season: 2025, day: 1 };
+        // What the crash left: skier 8's first ride reached its item, not the count.
+        sled.put_skier_days(&[
+            SkierDayItem { skier: 7, key: day, vertical: 100, ids: vec![1, 2], version: 2 },
+            SkierDayItem { skier: 8, key: day, vertical: 50, ids: vec![3], version: 1 },
+        ])
+        .await
+        .unwrap();
+        sled.put_day_counts(&[DayCountItem { key: day, unique_skiers: 1, rides: 2, version: 2 }]).await.unwrap();
+
+        let n = node_with(dir.path(), sled.clone(), sled.clone());
+        n.registry.activate(day).await.unwrap();
+        n.flusher.flush().await.unwrap();
+        let count = || async { sled.get_day_count(day).await.unwrap().map(|c| (c.unique_skiers, c.rides)) };
+        assert_eq!(count().await, Some((2, 3)), "the count rebuilt from the items");
+
+        n.publisher.publish(ride(3, 1, 8)).await.unwrap(); // redelivered: already in skier 8's ids
+        n.publisher.publish(ride(4, 1, 9)).await.unwrap();
+        n.flusher.flush().await.unwrap();
+        assert_eq!(count().await, Some((3, 4)));
+        assert_eq!(sled.get_skier_day(8, day).await.unwrap().map(|d| d.vertical), Some(50));
+    }
+
+    /// The flusher's pacing, in tokio's paused clock (no real waiting, and every delay
+    /// exact): while the tables fail, cycles back off 2·interval, 4·, … up to
+    /// [`FAILED_FLUSH_CAP`] and ignore the size trigger (an outage must not become a retry
+    /// storm); the first success brings back the interval, and a kick is obeyed again.
+    #[actix_rt::test]
+    async fn while_the_tables_fail_cycles_back_off_to_the_cap_and_ignore_kicks_then_the_interval_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = Arc::new(SledTables::open(&dir.path().join("tables")).unwrap());
+        let store = Arc::new(crate::tables::scripted::Scripted::new(sled.clone()));
+        let n = node_with(dir.path(), sled.clone(), store.clone());
+        n.publisher.publish(ride(1, 1, 7)).await.unwrap(); // a dirty day, so a cycle writes
+        store.set_down(true);
+        tokio::time::pause();
+
+        let flusher = Arc::new(n.flusher);
+        let stop = crate::bus::Stop::default();
+        actix_rt::spawn(flusher.clone().run(Duration::from_secs(1), stop.clone()));
+        let t0 = tokio::time::Instant::now();
+        // The virtual second at which the flusher's figure `what` first reached `want`.
+        let at = |what: fn(&FlushStats) -> u64, want: u64| {
+            let flusher = flusher.clone();
+            async move {
+                while what(&flusher.stats()) < want {
+                    assert!(t0.elapsed() < Duration::from_secs(600), "no cycle number {want} within 600 virtual seconds");
+                    if flusher.lock.try_lock().is_err() {
+                        // A cycle is under way and may wait on sled's own thread: keep the
+                        // runtime busy so that the paused clock does not run on meanwhile.
+                        tokio::task::yield_now().await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                (t0.elapsed().as_millis() as u64 + 500) / 1000
+            }
+        };
+        let mut failed_at = Vec::new();
+        for k in 1..=7 {
+            failed_at.push(at(|s| s.failures, k).await);
+            // Rides keep arriving past the size trigger: it must not shorten the back-off.
+            flusher.progress.trigger.consumed(1_000_000, 1);
+            flusher.progress.trigger.kick();
+        }
+        // After 1 s, then waits of 2, 4, 8, 16 and 30 s (the cap), and 30 s again.
+        assert_eq!(failed_at, [1, 3, 7, 15, 31, 61, 91]);
+        assert_eq!(flusher.stats().cycles, 7);
+
+        store.set_down(false);
+        assert_eq!(at(|s| s.cycles, 8).await, 121, "the next attempt keeps its back-off");
+        assert_eq!(flusher.stats().failures, 7);
+        // The outage's kicks were kept (as one): a second cycle follows at once, for what
+        // came in meanwhile; then the interval.
+        let mut later = Vec::new();
+        for k in 9..=11 {
+            later.push(at(|s| s.cycles, k).await);
+        }
+        assert_eq!(later, [121, 122, 123], "healthy again: the interval");
+        let before = t0.elapsed();
+        flusher.progress.trigger.kick();
+        at(|s| s.cycles, 12).await;
+        assert!(t0.elapsed() - before < Duration::from_millis(10), "a kick is obeyed once the cycles succeed");
+        stop.stop();
+        assert_eq!(sled.get_skier_day(7, DayKey { resort: 1, season: 2025, day: 1 }).await.unwrap().map(|d| d.vertical), Some(50));
+    }
+
     /// Issue 13, item 7: resident state is bounded through an outage. Past the bound on
     /// unflushed rides the consumer takes no new batch (the embedded queue then fills and
     /// sheds); a successful flush moves the checkpoint and lets it go on.
