@@ -1,14 +1,16 @@
-//! Hostile input against the real binary: oversized and endless bodies, deep and mistyped
+//! Hostile input against a real node: oversized and endless bodies, deep and mistyped
 //! JSON, hostile ids and paths, wrong methods, huge URLs and headers, malformed heads,
 //! slow clients (head, body, slowloris) and more connections than the limit. Every case
 //! ends with the server still answering, and nothing a hostile request sent is counted.
 //! And the log, at its most verbose, holds no request body, token or idempotency key.
-//! Needs no services; runs in well under 30 s (the slow-client cases wait for timeouts, in
+//! The input cases run against a node in this process (`common::InProcess`: the same flags,
+//! the real listener on a port of its own); the log checks spawn the binary, whose stderr
+//! they read. Needs no services; runs in well under 30 s (the slow-client cases wait for timeouts, in
 //! parallel with the rest).
 
 mod common;
 
-use common::{agent, call, get, Server};
+use common::{agent, call, get, InProcess as Server};
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
