@@ -54,9 +54,9 @@ fi
 # The rides' resort-days: a resort-day belongs to one shard, so a node's share of the rides
 # follows how many days hash to its shards. The load generator's standard ranges (10
 # resorts x 3 days = 30 resort-days over 12 shards) measured that hash more than the
-# balancing (3 nodes: 26.7 / 39.9 / 33.4 %); 100 resorts x 10 days (1,000 resort-days, ~83 a
-# shard) is closer to a real season's day of many resorts.
-RESORTS=1-100 DAYS=1-10
+# balancing (3 nodes: 26.7 / 39.9 / 33.4 %). The catalog has 10 resorts, so the rides spread
+# over 100 days of each (1,000 resort-days, ~83 a shard), as a season's traffic does.
+RESORTS=1-10 DAYS=1-100
 RANGES=(--resorts "$RESORTS" --days "$DAYS")
 RESORT_DAYS=1000
 LAG_RATE=1000 # the background rate of the 201 -> visible probe (issue 12's target: p99 <= 100 ms at 1k rides/s)
@@ -440,7 +440,7 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "- Command: \`scripts/scale-bench.sh${*:+ $*}\` (started $STARTED, finished $(date -u +%FT%TZ)); liftlog commit $(git rev-parse --short HEAD)"
   echo "- Machine: $(nproc) cores, $(awk '/^MemTotal/ {printf "%.1f", $2 / 1048576}' /proc/meminfo) GiB; load average (1/5/15 min) before \`$LOAD_BEFORE\`, after \`$LOAD_AFTER\`. Every process (nginx, 1 write node, 1 read node, K consumer nodes, RabbitMQ, DynamoDB Local, liftlog-load and the sampler's curl/jq) shares these cores, so K nodes cannot scale linearly here: the rows show the per-node work and the trend."
   echo "- Cluster mode (ADR 005): $SHARDS shards (partition queues), consumers ack after the tables, leases 3 s (renew 1 s, scan 0.5 s, margin 0.75 s). Each K runs on a fresh cluster (own queues and tables)."
-  echo "- POSTs go straight to the write node (liftlog-load, a 201 after the broker's confirm; the write node batches rides per shard into one message). **applied** = the consumers' \`consumer.events\` grew by the run's 201 count (WAL, actors); **acked** = their \`source.acked\` did (after the tables). Shares and CPU are deltas from /admin/wal and /proc/<pid>/stat (utime+stime) from the run's start to the acked sample (every 0.25 s), so CPU includes the flusher's work for those rides. Reconciliation: the applied count equals the 201 count, and liftlog-load --reconcile checks every resort-day and a sample of skier-days read back through the write node (from the tables). Every POST run spreads its rides over $RESORT_DAYS resort-days (liftlog-load \`--resorts $RESORTS --days $DAYS\`; until 2026-12-03 13:48 the standard ranges' 30, which measured the hash of 30 keys more than the balancing: 26.7 / 39.9 / 33.4 % with 3 nodes). A resort-day belongs to one shard, so a node's share still follows how many rides' days hash to its shards (~$((RESORT_DAYS / SHARDS)) days a shard here) as well as how many shards it holds."
+  echo "- POSTs go straight to the write node (liftlog-load, a 201 after the broker's confirm; the write node batches rides per shard into one message). **applied** = the consumers' \`consumer.events\` grew by the run's 201 count (WAL, actors); **acked** = their \`source.acked\` did (after the tables). Shares and CPU are deltas from /admin/wal and /proc/<pid>/stat (utime+stime) from the run's start to the acked sample (every 0.25 s), so CPU includes the flusher's work for those rides. Reconciliation: the applied count equals the 201 count, and liftlog-load --reconcile checks every resort-day and a sample of skier-days read back through the write node (from the tables). Every POST run spreads its rides over $RESORT_DAYS resort-days (liftlog-load \`--resorts $RESORTS --days $DAYS\`; the run before, at commit 3e28a58, used the standard ranges' 30, which measured the hash of 30 keys more than the balancing: 26.7 / 39.9 / 33.4 % with 3 nodes). A resort-day belongs to one shard, so a node's share still follows how many rides' days hash to its shards (~$((RESORT_DAYS / SHARDS)) days a shard here) as well as how many shards it holds."
   echo
   if ((${#FAILURES[@]})); then
     echo "## FAILED steps (the run exited 1)"
