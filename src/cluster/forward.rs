@@ -199,10 +199,14 @@ pub struct ClusterReads {
     map: watch::Receiver<Arc<ShardMap>>,
     fences: Option<Arc<dyn LocalFences>>,
     client: Client<HttpConnector, Empty<Bytes>>,
-    /// Forwards run here, on the runtime that built this (the service's), rather than on
-    /// the actix worker that took the request: pooled connections and their tasks then
-    /// live on one runtime whichever worker dialled them.
-    runtime: tokio::runtime::Handle,
+    /// Forwards run on a runtime of their own, rather than on the actix worker that took
+    /// the request: pooled connections and their tasks then live on one runtime whichever
+    /// worker dialled them. Not the service's main runtime either: that one thread also
+    /// runs the publisher's batches and confirms on a write node and the consumer loop,
+    /// flusher and keeper on a consumer node, and a forward queued behind them there
+    /// (issue 12: nginx's upstream times of day GETs at 1k rides/s, K = 3, went from p90
+    /// 53-85 ms per node to 18-30 ms with this thread).
+    runtime: ForwardRuntime,
     counters: Counters,
 }
 
@@ -224,7 +228,7 @@ pub struct ClusterView {
 impl ClusterReads {
     /// The read routing of a node: `map` from its keeper (`KeeperHandle::map`) or, without
     /// one, from [`super::map_watch::spawn`]; `keeper` on consumer nodes. Call it on the
-    /// service's tokio runtime (it keeps a handle to run forwards on).
+    /// service's tokio runtime (the map's and the keeper's tasks are there).
     pub fn new(config: &crate::config::Config, map: watch::Receiver<Arc<ShardMap>>, keeper: Option<KeeperHandle>) -> Self {
         let c = &config.cluster;
         let settings = ReadSettings {
@@ -239,7 +243,7 @@ impl ClusterReads {
     /// As [`ClusterReads::new`], from explicit settings and any source of fences.
     ///
     /// # Panics
-    /// Outside a tokio runtime (it keeps the current one's handle); start-up code only.
+    /// Outside a tokio runtime; start-up code only.
     pub fn with_fences(settings: ReadSettings, map: watch::Receiver<Arc<ShardMap>>, fences: Option<Arc<dyn LocalFences>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.timeout));
@@ -247,7 +251,7 @@ impl ClusterReads {
         connector.set_nodelay(true);
         let client =
             Client::builder(TokioExecutor::new()).pool_idle_timeout(POOL_IDLE).pool_max_idle_per_host(POOL_IDLE_PER_HOST).build(connector);
-        ClusterReads { settings, map, fences, client, runtime: tokio::runtime::Handle::current(), counters: Counters::default() }
+        ClusterReads { settings, map, fences, client, runtime: ForwardRuntime::start(), counters: Counters::default() }
     }
 
     pub fn node(&self) -> &NodeInfo {
@@ -394,7 +398,7 @@ impl ClusterReads {
             let body = Limited::new(body, MAX_ANSWER_BYTES).collect().await.map_err(|e| e.to_string())?.to_bytes();
             Ok::<_, String>((parts, body))
         };
-        let task = self.runtime.spawn(tokio::time::timeout(timeout, call));
+        let task = self.runtime.handle().spawn(tokio::time::timeout(timeout, call));
         // If the client goes away, so does the forward.
         let _abort = AbortOnDrop(task.abort_handle());
         let answer = match task.await {
@@ -439,6 +443,43 @@ enum Forwarded {
     Answer(HttpResponse),
     Misdirected,
     Failed,
+}
+
+/// The forwarder's own runtime: one thread, which only dials owners and carries their
+/// answers back (a few dozen bytes each), so it stays free while the service's main thread
+/// is busy. If that thread cannot be started, forwards run on the caller's runtime (the
+/// service's), as before, and a warning says so.
+struct ForwardRuntime {
+    own: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl ForwardRuntime {
+    /// Call it on a tokio runtime (the fallback is the current one).
+    fn start() -> Self {
+        let built = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("liftlog-forward").enable_all().build();
+        match built {
+            Ok(runtime) => ForwardRuntime { handle: runtime.handle().clone(), own: Some(runtime) },
+            Err(e) => {
+                warn!(cause = %e, "cannot start the read forwarder's own thread; forwards share the service's runtime");
+                ForwardRuntime { own: None, handle: tokio::runtime::Handle::current() }
+            }
+        }
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
+    }
+}
+
+impl Drop for ForwardRuntime {
+    /// Dropped from async code at shutdown, where a plain drop of a runtime panics; forwards
+    /// still in flight then end (their callers, the HTTP workers, are stopping too).
+    fn drop(&mut self) {
+        if let Some(runtime) = self.own.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 struct AbortOnDrop(tokio::task::AbortHandle);
