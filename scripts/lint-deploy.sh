@@ -9,7 +9,12 @@
 #   4. systemd-analyze verify on deploy/systemd/*.service with their drop-ins (any warning
 #      fails);
 #   5. nginx -t on deploy/nginx/liftlog-cluster.conf rendered as the testkit renders
-#      it.
+#      it;
+#   6. the Grafana dashboard (deploy/grafana/*.json) parses as JSON with panels and queries,
+#      and the Prometheus rules (deploy/prometheus/*.yaml) parse and each rule has an alert,
+#      an expr and a for (python3 with PyYAML; promtool too when it is on the PATH). That
+#      every liftlog_* series they name is one liftlog exports is a Rust test run by the test
+#      command (`cargo test --lib deploy_files_name_only_exported_metrics`).
 # A tool that is missing is installed (shellcheck, systemd-analyze and nginx with apt-get, as
 # root: Debian packages shellcheck, systemd and nginx); if it cannot be, its check FAILS.
 # No check is ever skipped.
@@ -217,6 +222,27 @@ if need nginx nginx; then
   fi
 else
   fail "nginx is not installed and could not be installed (apt-get install nginx)"
+fi
+
+if python3 - deploy/grafana/*.json deploy/prometheus/*.yaml <<'PY'
+import json, sys, yaml
+for path in sys.argv[1:]:
+    with open(path) as f:
+        if path.endswith(".json"):
+            d = json.load(f)
+            exprs = [t["expr"] for p in d["panels"] for t in p["targets"]]
+            assert exprs and all("liftlog_" in e for e in exprs), f"{path}: a panel without a liftlog query"
+        else:
+            rules = [r for g in yaml.safe_load(f)["groups"] for r in g["rules"]]
+            assert rules and all({"alert", "expr", "for"} <= r.keys() for r in rules), f"{path}: a rule without alert/expr/for"
+PY
+then
+  pass "Grafana dashboard and Prometheus rules parse (deploy/grafana, deploy/prometheus)"
+else
+  fail "Grafana dashboard or Prometheus rules (deploy/grafana, deploy/prometheus)"
+fi
+if command -v promtool >/dev/null 2>&1; then
+  if promtool check rules deploy/prometheus/*.yaml; then pass "promtool check rules"; else fail "promtool check rules"; fi
 fi
 
 if ((failed)); then

@@ -185,11 +185,14 @@ pub struct AdminConfig {
     pub listen: String,
     /// Bearer token for `/admin/*` and `/metrics`; none = open (only allowed on loopback).
     pub token: Option<Secret>,
+    /// Record the latency histograms of `/metrics` (`crate::metrics`). On by default: they
+    /// are what p99 alerts read; off only to measure what they cost (`scripts/bench.sh`).
+    pub histograms: bool,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: "127.0.0.1:9090".into(), token: None }
+        AdminConfig { listen: "127.0.0.1:9090".into(), token: None, histograms: true }
     }
 }
 

@@ -22,6 +22,8 @@
 //! - [`tables`]: the table-store trait, its sled and DynamoDB implementations.
 //! - [`http`]: public API, admin endpoints (behind one token guard), request statistics,
 //!   the OpenAPI document, the listener's per-head deadline ([`http::conn`]).
+//! - [`metrics`]: `/metrics`: each stats type's description (which fields are metrics) and
+//!   the latency histograms, rendered with `prometheus-client`.
 //! - [`service`]: wiring, start-up (replay) and ordered shutdown.
 //! - [`retry`]: the one backoff every retry loop waits by.
 //! - `liftlog_wal` (crate `wal/`): the write-ahead log.
@@ -34,6 +36,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod retry;
 pub mod service;
 pub mod tables;

@@ -273,6 +273,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Some(Arc::new(crate::cluster::ClusterReads::new(&config, map, keeper)))
         }
     };
+    crate::metrics::set_enabled(config.admin.histograms);
     let state = web::Data::new(AppState {
         catalog,
         limits: config.limits.clone(),

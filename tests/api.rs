@@ -223,6 +223,27 @@ fn operations_endpoints_and_admin_token() {
     let (code, text) = call(&a, "GET", &s.url("/metrics"), &auth, None);
     assert_eq!(code, 200);
     assert!(text.contains("liftlog_bus_published_total 50"), "{text}");
+    // The histograms, after 50 POSTs: every family, and the POST route's series with its
+    // bounded labels, increasing buckets ending in +Inf, and a count of at least the 50.
+    for family in liftlog::metrics::HISTOGRAM_FAMILIES {
+        assert!(text.contains(&format!("# TYPE {family} histogram")), "{family} missing:\n{text}");
+    }
+    let post = r#"method="POST",route="/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}",status="2xx""#;
+    let buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("liftlog_http_request_duration_seconds_bucket{{{post},le=\"")))
+        .map(|rest| {
+            let (le, count) = rest.split_once("\"} ").unwrap();
+            (if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() }, count.parse().unwrap())
+        })
+        .collect();
+    assert!(buckets.len() > 10, "{text}");
+    assert!(buckets.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1), "{buckets:?}");
+    assert_eq!(buckets.last().unwrap().0, f64::INFINITY);
+    assert!(buckets.last().unwrap().1 >= 50.0, "{buckets:?}");
+    assert!(text.contains("liftlog_wal_fsync_duration_seconds_count "), "{text}");
+    // Still behind the token.
+    assert_eq!(call(&a, "GET", &s.url("/metrics"), &[], None).0, 401);
 }
 
 #[test]

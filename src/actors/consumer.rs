@@ -232,7 +232,9 @@ impl Consumer {
                     Err(e) => return (events, Err((None, e))),
                 },
             };
+            let fsync = Instant::now();
             let synced = wal.sync().map(|()| seq).map_err(|e| (Some(seq), e));
+            crate::metrics::wal_fsync(fsync, events.len());
             (events, synced)
         })
         .await

@@ -161,6 +161,7 @@ impl Flusher {
         let mut s = self.stats.lock();
         s.cycles += 1;
         s.last_duration_ms = started.elapsed().as_millis() as u64;
+        crate::metrics::flush_cycle(started);
         match &result {
             Ok(r) => {
                 s.consecutive_failures = 0;

@@ -373,6 +373,7 @@ impl ClusterReads {
 
     /// One forward to `owner`, bounded by the timeout as a whole.
     async fn forward(&self, req: &HttpRequest, owner: &ShardOwner, shard: ShardId) -> Forwarded {
+        let _timed = crate::metrics::ForwardTimer::start();
         let path = req.uri().path_and_query().map_or_else(|| req.uri().path(), |pq| pq.as_str());
         let url = format!("{}{}", owner.endpoint.trim_end_matches('/'), path);
         let mut builder = hyper::Request::get(url.as_str())

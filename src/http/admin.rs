@@ -7,7 +7,6 @@
 
 use actix_web::{http::header, web, HttpRequest, HttpResponse};
 use serde::Serialize;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 
 use super::{fresh_json, AppState};
@@ -130,84 +129,24 @@ pub async fn flush(state: State) -> Reply {
     fresh_json(&report)
 }
 
-/// Prometheus text format, written by hand: a handful of gauges and counters do not
-/// justify a metrics framework on the hot path.
+/// Prometheus text format: every component's stats rendered through its description
+/// (`metrics::components`) and the histograms, by `prometheus-client` (see [`crate::metrics`]).
 pub async fn metrics(state: State) -> Reply {
-    let mut out = String::with_capacity(4096);
-    let mut metric = |name: &str, kind: &str, help: &str, value: f64| {
-        let _ = writeln!(out, "# HELP liftlog_{name} {help}\n# TYPE liftlog_{name} {kind}\nliftlog_{name} {value}");
-    };
-    let r = &state.requests;
-    metric("http_responses_2xx_total", "counter", "Responses with a 2xx status.", r.status_2xx.load(Ordering::Relaxed) as f64);
-    metric("http_responses_4xx_total", "counter", "Responses with a 4xx status.", r.status_4xx.load(Ordering::Relaxed) as f64);
-    metric("http_responses_5xx_total", "counter", "Responses with a 5xx status.", r.status_5xx.load(Ordering::Relaxed) as f64);
-    metric("http_shed_total", "counter", "Requests refused with 429/503 to shed load.", r.shed.load(Ordering::Relaxed) as f64);
-    if let Some(bus) = state.publisher.as_ref().map(|p| p.stats()) {
-        metric("bus_depth", "gauge", "Rides queued for the consumer.", bus.depth as f64);
-        metric("bus_published_total", "counter", "Rides published and confirmed durable.", bus.published as f64);
-        metric("bus_rejected_full_total", "counter", "Publishes refused because the bus was full.", bus.rejected_full as f64);
-        metric("bus_confirm_timeouts_total", "counter", "Publishes not confirmed in time.", bus.timeouts as f64);
-        if let Some(a) = &bus.admission {
-            metric("admission_refill_rate", "gauge", "Token bucket refill now, rides/s (follows pressure).", a.refill_rate_now);
-            metric("admission_rate_limited_total", "counter", "POSTs refused with 429 by the token bucket.", a.rate_limited_total as f64);
-            let open = matches!(a.breaker, crate::bus::admission::BreakerState::Open) as u8 as f64;
-            metric("breaker_open", "gauge", "1 while the write path's circuit breaker is open.", open);
-            metric("breaker_opens_total", "counter", "Times the circuit breaker opened.", a.breaker_opens_total as f64);
-        }
+    use crate::metrics::{components::Uptime, Describe};
+    let bus = state.publisher.as_ref().map(|p| p.stats());
+    let node = state.node.as_ref().map(|n| (n.progress.view(), n.wal.stats(), n.flusher.stats(), n.registry.stats()));
+    let cluster = state.cluster.as_ref().map(|c| c.view());
+    let uptime = Uptime(state.started.elapsed());
+    let mut parts: Vec<&dyn Describe> = vec![state.requests.as_ref()];
+    if let Some(b) = &bus {
+        parts.push(b);
     }
-    if let Some(node) = &state.node {
-        node_metrics(node, &mut metric);
+    if let Some((progress, wal, flusher, registry)) = &node {
+        parts.extend([progress as &dyn Describe, wal, flusher, registry]);
     }
-    if let Some(cluster) = &state.cluster {
-        let f = cluster.stats();
-        metric("cluster_reads_local_total", "counter", "Day reads answered here as the shard's owner.", f.local as f64);
-        metric("cluster_reads_forwarded_total", "counter", "Day reads answered by the owner on another node.", f.forwarded as f64);
-        metric("cluster_reads_retried_total", "counter", "Second forwards after a 421 or a failed first one.", f.retried as f64);
-        metric(
-            "cluster_reads_tables_fallback_total",
-            "counter",
-            "Day reads answered from the tables: no owner answered.",
-            f.tables_fallback as f64,
-        );
-        metric("cluster_forward_errors_total", "counter", "Forwards that failed (refused, timed out, unreadable).", f.errors as f64);
-        metric("cluster_misdirected_total", "counter", "Forwarded reads refused with 421 (epoch not held here).", f.misdirected as f64);
+    if let Some(c) = &cluster {
+        parts.push(c);
     }
-    metric("uptime_seconds", "gauge", "Seconds since start.", state.started.elapsed().as_secs_f64());
-    let _ = writeln!(
-        out,
-        "# HELP liftlog_endpoint_requests_total Requests per public endpoint.\n# TYPE liftlog_endpoint_requests_total counter"
-    );
-    for (m, p, count, _) in r.per_endpoint() {
-        let _ = writeln!(out, "liftlog_endpoint_requests_total{{method=\"{m}\",path=\"{p}\"}} {count}");
-    }
-    let _ = writeln!(
-        out,
-        "# HELP liftlog_endpoint_seconds_total Time spent per public endpoint.\n# TYPE liftlog_endpoint_seconds_total counter"
-    );
-    for (m, p, _, secs) in r.per_endpoint() {
-        let _ = writeln!(out, "liftlog_endpoint_seconds_total{{method=\"{m}\",path=\"{p}\"}} {secs}");
-    }
-    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(out))
-}
-
-fn node_metrics(node: &crate::http::ConsumerNode, metric: &mut impl FnMut(&str, &str, &str, f64)) {
-    let p = node.progress.view();
-    metric("consumer_batches_total", "counter", "WAL batches written by the consumer.", p.batches as f64);
-    metric("consumer_events_total", "counter", "Rides consumed (duplicates included).", p.events as f64);
-    metric("consumer_wal_failures_total", "counter", "Batches refused because the WAL write failed.", p.wal_failures as f64);
-    metric("consumer_mean_batch_size", "gauge", "Mean rides per WAL batch.", p.mean_batch_size);
-    metric("flush_lag_seconds", "gauge", "Age of the oldest ride not yet in the tables.", p.flush_lag_ms as f64 / 1000.0);
-    let w = node.wal.stats();
-    metric("wal_live_bytes", "gauge", "WAL bytes not yet checkpointed.", w.live_bytes as f64);
-    metric("wal_max_bytes", "gauge", "WAL bound; POSTs get 503 beyond it.", w.max_bytes as f64);
-    metric("wal_fsyncs_total", "counter", "WAL fsyncs.", w.fsyncs as f64);
-    metric("wal_checkpoint", "gauge", "Highest WAL sequence known to be in the tables.", w.checkpoint as f64);
-    metric("wal_last_seq", "gauge", "Highest WAL sequence written.", w.last_seq.unwrap_or(0) as f64);
-    let f = node.flusher.stats();
-    metric("flush_cycles_total", "counter", "Flush cycles run.", f.cycles as f64);
-    metric("flush_failures_total", "counter", "Flush cycles that failed (table errors).", f.failures as f64);
-    metric("flush_rides_written_total", "counter", "Raw rides written to the tables.", f.rides_written as f64);
-    let g = node.registry.stats();
-    metric("actors_resident", "gauge", "Aggregator actors resident.", g.resident as f64);
-    metric("actors_passivated_total", "counter", "Aggregator actors passivated.", g.passivations as f64);
+    parts.push(&uptime);
+    Ok(HttpResponse::Ok().content_type(crate::metrics::CONTENT_TYPE).body(crate::metrics::render(&parts)))
 }

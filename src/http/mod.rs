@@ -187,7 +187,9 @@ pub async fn account<B: MessageBody>(
         // The matched resource's data is on the request once it was routed.
         let template = res.request().app_data::<RouteTemplate>().map(|t| t.0);
         let endpoint = template.and_then(|t| RequestStats::endpoint_of(method.as_str(), t));
-        s.record(endpoint, res.status().as_u16(), started.elapsed());
+        let status = res.status().as_u16();
+        s.record(endpoint, status, started.elapsed());
+        crate::metrics::http_request(template.and_then(|t| crate::metrics::route_index(method.as_str(), t)), status, started);
     }
     Ok(res)
 }

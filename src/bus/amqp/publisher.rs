@@ -218,8 +218,10 @@ impl PubShared {
             let confirm = first_poll_locked(&pc.order, publish).await.map_err(|e| (false, e))?;
             confirm.await.map_err(|e| (true, e))
         };
+        let started = std::time::Instant::now();
         match tokio::time::timeout(self.cfg.confirm_timeout, confirmed).await {
             Ok(Ok(Confirmation::Ack(None))) => {
+                crate::metrics::bus_confirm(started);
                 self.published.fetch_add(rides.len() as u64, Ordering::Relaxed);
                 self.messages.fetch_add(1, Ordering::Relaxed);
                 Ok(())
