@@ -411,11 +411,11 @@ for k in "${NODE_COUNTS[@]}"; do
       wait "$bg" || fail "K=$k: the flat-out lag probe's background load failed"
       # Which nodes nginx sends GETs to, from the config it runs (its liftlog_get block).
       pool=""
-      for p in $(sed -n '/upstream liftlog_get {/,/}/s/.*server 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$LIFTLOG_CLUSTER_DIR/nginx/nginx.conf" 2>/dev/null); do
+      while read -r p; do
         for n in $("$BIN/xtask" cluster nodes); do
           [[ $("$BIN/xtask" cluster url "$n") == *":$p" ]] && pool+="$n "
         done
-      done
+      done < <(sed -n '/upstream liftlog_get {/,/}/s/.*server 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$LIFTLOG_CLUSTER_DIR/nginx/nginx.conf" 2>/dev/null)
       jq -n --arg src "$src" --argjson k "$k" --arg pool "${pool% }" '{k: $k, read_source_header: $src, days: "warm", nginx_get_pool: $pool}' >"$OUT/lag-meta.json"
       for f in lag-nonowner lag-nginx lag-nonowner-cold lag-hi-nonowner lag-hi-nginx; do
         [[ -s $OUT/$f.json ]] && log "  $f: $(jq -c '{lag_ms, visible, never_visible}' "$OUT/$f.json")"
