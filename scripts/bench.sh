@@ -42,22 +42,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0
-BIG=0
-for a in "$@"; do
-  case $a in
-    --quick) QUICK=1 ;;
-    --big) BIG=1 ;;
-    -h | --help)
-      sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
-      exit 0
-      ;;
-    *)
-      echo "unknown argument: $a (try --help)" >&2
-      exit 2
-      ;;
-  esac
-done
+QUICK=0 BIG=0
+# shellcheck source=scripts/lib/flags.sh
+. scripts/lib/flags.sh
+parse_flags 2,9 --quick=QUICK --big=BIG -- "$@"
 
 # ------------------------------------------------------------------ sizes ---
 if ((QUICK)); then
@@ -201,16 +189,25 @@ load() {
 
 admin_wal() { curl -s -m 5 "http://127.0.0.1:$1/admin/wal"; }
 
+# background_post NAME BASE RATE: liftlog-load POSTs RATE rides/s to BASE in the background
+# for the lag probes' duration (+2 s), into $OUT/NAME.json; its pid in BG_PID. The probes
+# start a second later, once the load is flowing.
+background_post() {
+  local name=$1 base=$2 rate=$3
+  "$BIN/liftlog-load" post --base "$base" --rate "$rate" -n $((rate * (LAG_S + 2))) --season 2026 -q \
+    --json "$OUT/$name.json" >"$RUN/logs/$name.txt" 2>&1 &
+  BG_PID=$!
+  PIDS+=("$BG_PID")
+  sleep 1
+}
+
 # prod_lag RATE SUFFIX: the 201-to-visible probes (from the consumer's actors and from the
 # read node's tables) while liftlog-load posts RATE rides/s to the write node.
 prod_lag() {
   local rate=$1 sfx=$2 bg lag_a f
   log " 201-to-visible under $rate rides/s (production)"
-  "$BIN/liftlog-load" post --base "http://127.0.0.1:$WRITE_PORT" --rate "$rate" -n $((rate * (LAG_S + 2))) --season 2026 -q \
-    --json "$OUT/load-prod-bg$sfx.json" >"$RUN/logs/load-prod-bg$sfx.txt" 2>&1 &
-  bg=$!
-  PIDS+=("$bg")
-  sleep 1
+  background_post "load-prod-bg$sfx" "http://127.0.0.1:$WRITE_PORT" "$rate"
+  bg=$BG_PID
   "$BIN/liftlog-bench" lag --post "http://127.0.0.1:$WRITE_PORT" --read "http://127.0.0.1:$CONS_PORT" --rate 100 \
     --seconds "$LAG_S" --season 2031 --skier-base $((2000000000 + ${#sfx} * 1000000)) --poll-us 500 --label "production-actors$sfx" \
     >"$OUT/lag-prod-actors$sfx.json" 2>"$RUN/logs/lag-prod-actors$sfx.err" &
@@ -303,14 +300,10 @@ if wait_listening embedded "$EMB_PID"; then
   load open-emb get --base "$EMB" --endpoint all --rate "$OPEN_RATE" -n "$OPEN_N" --season 2025 --plot "$RUN/get-open-embedded.png"
   wrk_run wrk-emb-c6000.json "$EMB" resort-day 2025 6000 "$C6000_S" --timeout 10s
   log " 201-to-visible under $LAG_RATE rides/s (embedded)"
-  "$BIN/liftlog-load" post --base "$EMB" --rate "$LAG_RATE" -n $((LAG_RATE * (LAG_S + 2))) --season 2026 -q \
-    --json "$OUT/load-emb-bg.json" >"$RUN/logs/load-emb-bg.txt" 2>&1 &
-  BG=$!
-  PIDS+=("$BG")
-  sleep 1
+  background_post load-emb-bg "$EMB" "$LAG_RATE"
   "$BIN/liftlog-bench" lag --post "$EMB" --read "$EMB" --rate 100 --seconds "$LAG_S" --season 2031 --poll-us 500 \
     --label embedded --skier-base 2100000000 >"$OUT/lag-emb.json" 2>"$RUN/logs/lag-emb.err" || { fail "lag probe (embedded) failed"; rm -f "$OUT/lag-emb.json"; }
-  wait "$BG" || fail "the embedded lag probe's background load failed (see $RUN/logs/load-emb-bg.txt)"
+  wait "$BG_PID" || fail "the embedded lag probe's background load failed (see $RUN/logs/load-emb-bg.txt)"
   [[ -s $OUT/lag-emb.json ]] && log "  lag $(jq -c .lag_ms "$OUT/lag-emb.json")"
 fi
 stop_pid "$EMB_PID"

@@ -29,22 +29,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0
-BUILD=1
-for a in "$@"; do
-  case $a in
-    --quick) QUICK=1 ;;
-    --no-build) BUILD=0 ;;
-    -h | --help)
-      sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'
-      exit 0
-      ;;
-    *)
-      echo "unknown argument: $a (try --help)" >&2
-      exit 2
-      ;;
-  esac
-done
+QUICK=0 NO_BUILD=0
+# shellcheck source=scripts/lib/flags.sh
+. scripts/lib/flags.sh
+parse_flags 2,26 --quick=QUICK --no-build=NO_BUILD -- "$@"
 
 if ((QUICK)); then
   FIXED_RATE=500 FIXED_S=4 FLAT_N=6000 BG_RATE=300 LAG_S=4 HI_S=2 CEIL_S=2 TAG=scale-quick
@@ -102,7 +90,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 for tool in jq curl nginx; do command -v $tool >/dev/null || { echo "$tool is missing" >&2; exit 1; }; done
-if ((BUILD)); then
+if ((!NO_BUILD)); then
   log "cargo build --release --workspace"
   cargo build --release --workspace --locked >"$RUN/logs/build.log" 2>&1 || { tail -n 30 "$RUN/logs/build.log" >&2; exit 1; }
 fi
