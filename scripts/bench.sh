@@ -42,9 +42,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0 BIG=0
-# shellcheck source=scripts/lib/flags.sh
-. scripts/lib/flags.sh
+QUICK=0 BIG=0 LOG_TAG=bench
+# shellcheck source=scripts/lib/common.sh
+. scripts/lib/common.sh
 parse_flags 2,9 --quick=QUICK --big=BIG -- "$@"
 
 # ------------------------------------------------------------------ sizes ---
@@ -83,15 +83,6 @@ mkdir -p "$OUT" "$RUN/logs" "$RESULTS"
 export LIFTLOG_STATE_DIR=$RUN/services DYNAMODB_PORT=$DDB_PORT
 export RUST_LOG=${RUST_LOG:-info,actix_server=warn}
 
-log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
-warn() { printf '[bench %s] WARNING: %s\n' "$(date +%T)" "$*" >&2; }
-FAILURES=()
-# fail WHAT: a step that did not do its job; the run goes on, then exits 1.
-fail() {
-  printf '[bench %s] FAILED: %s\n' "$(date +%T)" "$*" >&2
-  FAILURES+=("$*")
-}
-now_ms() { date +%s%3N; }
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
 # ------------------------------------------------------- processes we own ---

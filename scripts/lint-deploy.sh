@@ -156,7 +156,7 @@ fi
 if need shellcheck shellcheck; then
   for f in "$work"/userdata-*.sh scripts/*.sh scripts/lib/*.sh .ci/run; do
     [[ -f $f ]] || continue
-    # -x: follow the scripts' `source` of lib/flags.sh (their flag parser).
+    # -x: follow the scripts' `source` of lib/common.sh (their flags, log and fail).
     if shellcheck -x -s bash "$f"; then
       pass "shellcheck ${f#"$work"/}"
     else

@@ -29,9 +29,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-QUICK=0 NO_BUILD=0
-# shellcheck source=scripts/lib/flags.sh
-. scripts/lib/flags.sh
+QUICK=0 NO_BUILD=0 LOG_TAG=scale
+# shellcheck source=scripts/lib/common.sh
+. scripts/lib/common.sh
 parse_flags 2,26 --quick=QUICK --no-build=NO_BUILD -- "$@"
 
 if ((QUICK)); then
@@ -67,13 +67,6 @@ mkdir -p "$OUT" "$RUN/logs" bench/results
 # xtask services keeps its pid files here: `services down` stops only what `up` started.
 export LIFTLOG_STATE_DIR=${LIFTLOG_STATE_DIR:-$RUN/services} DYNAMODB_PORT=$DDB_PORT
 
-log() { printf '[scale %s] %s\n' "$(date +%T)" "$*" >&2; }
-FAILURES=()
-fail() {
-  printf '[scale %s] FAILED: %s\n' "$(date +%T)" "$*" >&2
-  FAILURES+=("$*")
-}
-now_ms() { date +%s%3N; }
 
 SERVICES_UP=0
 CLUSTER_LIVE=""

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Sourced by the scripts in scripts/: their on/off command-line flags, parsed one way.
+# Sourced by the benchmark scripts in scripts/: their command-line flags, their log lines and
+# their list of failed steps, written once. Set LOG_TAG (bench, scale) before sourcing.
 #
 # parse_flags HELP_LINES --flag=VAR... -- "$@"
 #   Sets VAR=1 for every --flag given (set VAR=0 before the call). -h/--help prints the
@@ -27,3 +28,14 @@ parse_flags() {
     fi
   done
 }
+
+log() { printf '[%s %s] %s\n' "$LOG_TAG" "$(date +%T)" "$*" >&2; }
+warn() { printf '[%s %s] WARNING: %s\n' "$LOG_TAG" "$(date +%T)" "$*" >&2; }
+# fail WHAT: a step that did not do its job; the run goes on, and the script ends with exit 1
+# after listing FAILURES in its results file.
+FAILURES=()
+fail() {
+  printf '[%s %s] FAILED: %s\n' "$LOG_TAG" "$(date +%T)" "$*" >&2
+  FAILURES+=("$*")
+}
+now_ms() { date +%s%3N; }
