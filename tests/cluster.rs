@@ -715,7 +715,7 @@ fn flusher_report(c: &Cluster) -> String {
 /// owner of the day answers, or the tables once flushed).
 fn readme_session(c: &Cluster) -> Ride {
     let a = agent();
-    let ride = Ride { resort: 1, season: 2025, day: 1, skier: 7, time: 10, lift: 5, key: "gate-3-000123".into() };
+    let ride = Ride { at: DayKey { resort: 1, season: 2025, day: 1 }, skier: 7, time: 10, lift: 5, key: "gate-3-000123".into() };
     assert_eq!(ride.post(&a, &c.base), 201, "README POST through nginx");
     let expected = Expected::from(std::slice::from_ref(&ride));
     assert!(expected.settle(&c.base, Duration::from_secs(20), 4).is_empty(), "README GETs through nginx");

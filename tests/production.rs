@@ -7,6 +7,7 @@ mod common;
 
 use common::proxy::Proxy;
 use common::{agent, call, get, random_rides, wait_for, Expected, Ride, Server};
+use liftlog::domain::DayKey;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -136,7 +137,7 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
         Some(r#"{"time":10,"liftID":5}"#),
     );
     assert_eq!(code, 201);
-    let first = Expected::from(&[Ride { resort: 1, season: 2025, day: 1, skier: 7, time: 10, lift: 5, key: String::new() }]);
+    let first = Expected::from(&[Ride { at: DayKey { resort: 1, season: 2025, day: 1 }, skier: 7, time: 10, lift: 5, key: String::new() }]);
     assert!(first.settle(&consumer.base, Duration::from_secs(10), 1).is_empty(), "consumer actors");
     assert!(first.settle(&reader.base, Duration::from_secs(10), 1).is_empty(), "reader via DynamoDB");
     assert_eq!(get(&a, &reader.url("/resorts/1/seasons")).1, r#"{"seasons":["2025"]}"#);
@@ -154,7 +155,7 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
     let shed = post_all(&writer.base, &rides, 16, Duration::from_secs(120));
     eprintln!("10k rides posted, {shed} retries after 503");
     let mut all = rides.clone();
-    all.push(Ride { resort: 1, season: 2025, day: 1, skier: 7, time: 10, lift: 5, key: String::new() });
+    all.push(Ride { at: DayKey { resort: 1, season: 2025, day: 1 }, skier: 7, time: 10, lift: 5, key: String::new() });
     let expected = Expected::from(&all);
     let bad = expected.settle(&reader.base, Duration::from_secs(60), 1);
     assert!(bad.is_empty(), "reader (DynamoDB): {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
@@ -173,7 +174,7 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
         .await
         .unwrap();
         for ((resort, season, day), skiers) in &expected.day_skiers {
-            let key = liftlog::domain::DayKey { resort: *resort, season: *season, day: *day };
+            let key = DayKey { resort: *resort, season: *season, day: *day };
             let item = t.get_day_count(key).await.unwrap().expect("count item");
             assert_eq!(item.unique_skiers, skiers.len() as u64, "LiftRideCounts {key}");
         }
@@ -528,7 +529,8 @@ fn dynamodb_outage_a_new_day_waits_while_resident_days_apply_and_sigterm_is_boun
     proxy.down();
     // A new day (resort 1, day 100) during the outage: the broker confirms, the consumer
     // cannot load the day from the tables.
-    let new_day: Vec<Ride> = random_rides(62, 200, 300).into_iter().map(|r| Ride { resort: 1, day: 100, ..r }).collect();
+    let new_day: Vec<Ride> =
+        random_rides(62, 200, 300).into_iter().map(|r| Ride { at: DayKey { resort: 1, day: 100, ..r.at }, ..r }).collect();
     post_all(&writer.base, &new_day, 4, Duration::from_secs(60));
     // Then more rides for the resident days, which must be applied meanwhile.
     let during = random_rides(63, 900, 300);

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{agent, random_rides, Expected, Ride, Server};
-use liftlog::domain::RideEvent;
+use liftlog::domain::{DayKey, RideEvent};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -215,7 +215,7 @@ fn full_disk_answers_503_keeps_the_wal_intact_and_recovers_when_space_returns() 
     let acked = Arc::new(Mutex::new(Vec::new()));
     // Post until the disk's reserve is reached and rides are refused for a while.
     let stop = Arc::new(AtomicBool::new(false));
-    let probe = Ride { resort: 1, season: 2025, day: 1, skier: 999_999, time: 1, lift: 1, key: "probe".into() };
+    let probe = Ride { at: DayKey { resort: 1, season: 2025, day: 1 }, skier: 999_999, time: 1, lift: 1, key: "probe".into() };
     let watcher = {
         let (stop, base, probe) = (stop.clone(), s.base.clone(), probe.clone());
         std::thread::spawn(move || {

@@ -22,7 +22,8 @@
 //! how long it may keep trying. The table is small (shards + nodes, ~100 bytes a row), so
 //! a strongly consistent Scan of it every second costs a few read units per node.
 
-use crate::tables::dynamo::{n, s};
+use crate::tables::dynamo::names::lease::*;
+use crate::tables::dynamo::{n, s, ACTIVE_WAIT};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -36,20 +37,6 @@ use tracing::{debug, info};
 
 use super::{NodeInfo, ShardId};
 use crate::tables::dynamo::{DynamoConfig, DynamoTables};
-
-/// The table name without the prefix.
-pub const TABLE: &str = "ShardLeases";
-/// How long `create` waits for the table to become ACTIVE.
-pub const ACTIVE_WAIT: Duration = Duration::from_secs(120);
-
-const A_KEY: &str = "LeaseKey";
-const A_OWNER: &str = "Owner";
-const A_ENDPOINT: &str = "Endpoint";
-const A_EPOCH: &str = "Epoch";
-const A_COUNTER: &str = "Counter";
-const A_NODE: &str = "NodeId";
-const A_SHARDS: &str = "Shards";
-const META_KEY: &str = "meta";
 
 type Item = HashMap<String, AttributeValue>;
 

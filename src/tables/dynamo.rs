@@ -98,26 +98,46 @@ pub const SCAN_SEGMENTS: i32 = 4;
 /// Items per BatchWriteItem (DynamoDB's limit).
 const BATCH_SIZE: usize = 25;
 
-const RIDES: &str = "SkierLiftRides";
-const COUNTS: &str = "LiftRideCounts";
-const SKIER_DAYS: &str = "SkierDays";
-const SEASONS: &str = "Seasons";
-const BY_SKIER: &str = "BySkier";
+/// Every table, index and attribute name liftlog uses in DynamoDB, the data tables' and the
+/// cluster's lease table's, in one place: the schema as it is on the wire (the fence attribute
+/// every fenced item carries is `cluster::fence::EPOCH_ATTR`).
+pub(crate) mod names {
+    pub const RIDES: &str = "SkierLiftRides";
+    pub const COUNTS: &str = "LiftRideCounts";
+    pub const SKIER_DAYS: &str = "SkierDays";
+    pub const SEASONS: &str = "Seasons";
+    pub const BY_SKIER: &str = "BySkier";
 
-const A_SKIER: &str = "SkierID";
-const A_SK: &str = "SK";
-const A_RESORT: &str = "ResortID";
-const A_SEASON: &str = "SeasonID";
-const A_DAY: &str = "DayID";
-const A_LIFT: &str = "LiftID";
-const A_TIME: &str = "Time";
-const A_VERTICAL: &str = "Vertical";
-const A_EVENT: &str = "EventID";
-const A_RSD: &str = "ResortSeasonDay";
-const A_UNIQUE: &str = "UniqueSkiers";
-const A_RIDES: &str = "Rides";
-const A_VERSION: &str = "Version";
-const A_IDS: &str = "Ids";
+    pub const A_SKIER: &str = "SkierID";
+    pub const A_SK: &str = "SK";
+    pub const A_RESORT: &str = "ResortID";
+    pub const A_SEASON: &str = "SeasonID";
+    pub const A_DAY: &str = "DayID";
+    pub const A_LIFT: &str = "LiftID";
+    pub const A_TIME: &str = "Time";
+    pub const A_VERTICAL: &str = "Vertical";
+    pub const A_EVENT: &str = "EventID";
+    pub const A_RSD: &str = "ResortSeasonDay";
+    pub const A_UNIQUE: &str = "UniqueSkiers";
+    pub const A_RIDES: &str = "Rides";
+    pub const A_VERSION: &str = "Version";
+    pub const A_IDS: &str = "Ids";
+
+    /// The lease table of the cluster (`cluster::lease`), without the prefix.
+    pub mod lease {
+        pub const TABLE: &str = "ShardLeases";
+        pub const A_KEY: &str = "LeaseKey";
+        pub const A_OWNER: &str = "Owner";
+        pub const A_ENDPOINT: &str = "Endpoint";
+        pub const A_EPOCH: &str = "Epoch";
+        pub const A_COUNTER: &str = "Counter";
+        pub const A_NODE: &str = "NodeId";
+        pub const A_SHARDS: &str = "Shards";
+        /// The key of the item that records the shard count.
+        pub const META_KEY: &str = "meta";
+    }
+}
+use names::*;
 
 type Item = HashMap<String, AttributeValue>;
 

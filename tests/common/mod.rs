@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use liftlog::domain::DayKey;
+
 pub struct Server {
     pub child: Child,
     pub base: String,
@@ -122,12 +124,11 @@ pub fn get(agent: &ureq::Agent, url: &str) -> (u16, String) {
     call(agent, "GET", url, &[], None)
 }
 
-/// A ride as a client sends it.
+/// A ride as a client sends it: the resort-day of its path, the skier, its body, and the
+/// `Idempotency-Key` it is sent with (none when empty).
 #[derive(Clone, Debug)]
 pub struct Ride {
-    pub resort: u32,
-    pub season: u16,
-    pub day: u16,
+    pub at: DayKey,
     pub skier: u32,
     pub time: u16,
     pub lift: u16,
@@ -136,7 +137,8 @@ pub struct Ride {
 
 impl Ride {
     pub fn path(&self) -> String {
-        format!("/skiers/{}/seasons/{}/days/{}/skiers/{}", self.resort, self.season, self.day, self.skier)
+        let DayKey { resort, season, day } = self.at;
+        format!("/skiers/{resort}/seasons/{season}/days/{day}/skiers/{}", self.skier)
     }
     pub fn body(&self) -> String {
         format!("{{\"time\":{},\"liftID\":{}}}", self.time, self.lift)
@@ -165,10 +167,10 @@ impl Expected {
     pub fn from(rides: &[Ride]) -> Expected {
         let mut e = Expected::default();
         for r in rides {
-            let v = r.lift as u64 * 10;
-            e.day_skiers.entry((r.resort, r.season, r.day)).or_default().insert(r.skier);
-            *e.skier_day.entry((r.resort, r.season, r.day, r.skier)).or_default() += v;
-            *e.skier_season.entry((r.skier, r.resort, r.season)).or_default() += v;
+            let (v, DayKey { resort, season, day }) = (r.lift as u64 * 10, r.at);
+            e.day_skiers.entry((resort, season, day)).or_default().insert(r.skier);
+            *e.skier_day.entry((resort, season, day, r.skier)).or_default() += v;
+            *e.skier_season.entry((r.skier, resort, season)).or_default() += v;
         }
         e
     }
@@ -276,9 +278,7 @@ pub fn random_rides_over(seed: u64, n: usize, skiers: u32, days: u16) -> Vec<Rid
     let mut rng = Rng(seed | 1);
     (0..n)
         .map(|i| Ride {
-            resort: rng.range(1, 3) as u32,
-            season: 2025,
-            day: rng.range(1, u64::from(days)) as u16,
+            at: DayKey { resort: rng.range(1, 3) as u32, season: 2025, day: rng.range(1, u64::from(days)) as u16 },
             skier: rng.range(1, skiers as u64) as u32,
             time: rng.range(1, 360) as u16,
             lift: rng.range(1, 40) as u16,

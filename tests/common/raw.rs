@@ -16,9 +16,9 @@ use super::Ride;
 pub fn row_of(r: &Ride) -> RideEvent {
     let mut e = RideEvent {
         id: 0,
-        resort: r.resort,
-        season: r.season,
-        day: r.day,
+        resort: r.at.resort,
+        season: r.at.season,
+        day: r.at.day,
         skier: r.skier,
         time: r.time,
         lift: r.lift,
