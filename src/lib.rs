@@ -26,6 +26,7 @@
 //!   the latency histograms, rendered with `prometheus-client`.
 //! - [`service`]: wiring, start-up (replay) and ordered shutdown.
 //! - [`retry`]: the one backoff every retry loop waits by.
+//! - [`trace`]: request ids, from the HTTP request through the bus into the consumer's logs.
 //! - `liftlog_wal` (crate `wal/`): the write-ahead log.
 
 pub mod actors;
@@ -40,3 +41,4 @@ pub mod metrics;
 pub mod retry;
 pub mod service;
 pub mod tables;
+pub mod trace;

@@ -733,6 +733,9 @@ impl Consumer {
                 }
             };
             self.progress.fsync_micros_total.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            // The one log line that ties a WAL record to the requests of its rides (see
+            // crate::trace); the flusher's lines then say up to which sequence is in the tables.
+            tracing::debug!(seq, rides = n, request_ids = %batch.request_ids, "WAL batch durable");
             #[cfg(feature = "fault-injection")]
             if self.abort_after_batches.is_some_and(|n| self.progress.batches.load(Ordering::Relaxed) + 1 >= n) {
                 tracing::error!(seq, "fault injection: aborting after the WAL fsync, before the ack");
@@ -750,6 +753,7 @@ impl Consumer {
                 }
             };
             self.progress.dispatched_seq.store(seq, Ordering::Release);
+            tracing::debug!(seq, rides = n, refused = refused.len(), waiting_days = waits, "WAL batch applied");
             self.progress.batches.fetch_add(1, Ordering::Relaxed);
             self.progress.events.fetch_add(n, Ordering::Relaxed);
             self.progress.last_batch_size.store(n, Ordering::Relaxed);

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use super::{BusStats, Publisher};
 use crate::domain::RideEvent;
 use crate::error::PublishError;
+use crate::trace::RequestId;
 
 /// How full things are downstream, each in 0.0 (idle) ..= 1.0 (at its bound).
 #[derive(Clone, Copy, Debug, Default, Serialize)]
@@ -187,7 +188,7 @@ impl Admitted {
 
 #[async_trait]
 impl Publisher for Admitted {
-    async fn publish(&self, event: RideEvent) -> Result<(), PublishError> {
+    async fn publish_for(&self, event: RideEvent, request: RequestId) -> Result<(), PublishError> {
         if !self.breaker_allows() {
             self.breaker_rejected.fetch_add(1, Ordering::Relaxed);
             return Err(PublishError::Unavailable("the event bus is failing; the circuit is open".into()));
@@ -198,7 +199,7 @@ impl Publisher for Admitted {
             self.breaker.lock().probe_in_flight = false;
             return Err(PublishError::RateLimited { retry_after_secs });
         }
-        let result = self.inner.publish(event).await;
+        let result = self.inner.publish_for(event, request).await;
         self.breaker_record(&result);
         result
     }
@@ -225,7 +226,7 @@ mod tests {
 
     #[async_trait]
     impl Publisher for Fake {
-        async fn publish(&self, _: RideEvent) -> Result<(), PublishError> {
+        async fn publish_for(&self, _: RideEvent, _: RequestId) -> Result<(), PublishError> {
             if self.fail.load(Ordering::SeqCst) {
                 Err(PublishError::Unavailable("down".into()))
             } else {

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{Acker, Batch, BusStats, EventSource, Publisher, Stop};
 use crate::domain::RideEvent;
 use crate::error::PublishError;
+use crate::trace::{RequestId, RequestIds};
 
 type Reply = oneshot::Sender<Result<(), PublishError>>;
 
@@ -23,7 +24,7 @@ struct Shared {
 }
 
 pub struct EmbeddedPublisher {
-    tx: mpsc::Sender<(RideEvent, Reply)>,
+    tx: mpsc::Sender<(RideEvent, RequestId, Reply)>,
     capacity: usize,
     /// How long a POST waits for its WAL batch before answering 503. Bounded so no request
     /// hangs behind a stuck disk.
@@ -32,7 +33,7 @@ pub struct EmbeddedPublisher {
 }
 
 pub struct EmbeddedSource {
-    rx: mpsc::Receiver<(RideEvent, Reply)>,
+    rx: mpsc::Receiver<(RideEvent, RequestId, Reply)>,
     shared: Arc<Shared>,
 }
 
@@ -51,12 +52,12 @@ pub fn channel(capacity: usize, deadline: Duration) -> (EmbeddedPublisher, Embed
 
 #[async_trait]
 impl Publisher for EmbeddedPublisher {
-    async fn publish(&self, event: RideEvent) -> Result<(), PublishError> {
+    async fn publish_for(&self, event: RideEvent, request: RequestId) -> Result<(), PublishError> {
         if self.shared.closed.is_stopped() {
             return Err(PublishError::ShuttingDown);
         }
         let (reply, answer) = oneshot::channel();
-        self.tx.try_send((event, reply)).map_err(|e| match e {
+        self.tx.try_send((event, request, reply)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 self.shared.rejected_full.fetch_add(1, Ordering::Relaxed);
                 PublishError::Overloaded
@@ -144,18 +145,17 @@ impl EventSource for EmbeddedSource {
         };
         let mut events = Vec::with_capacity(max.min(self.rx.len() + 1));
         let mut replies = Vec::with_capacity(events.capacity());
-        events.push(first.0);
-        replies.push(first.1);
-        while events.len() < max {
-            match self.rx.try_recv() {
-                Ok((e, r)) => {
-                    events.push(e);
-                    replies.push(r);
-                }
-                Err(_) => break,
+        let mut request_ids = RequestIds::default();
+        let mut next = Some(first);
+        while let Some((e, id, r)) = next.take() {
+            events.push(e);
+            request_ids.push(&id);
+            replies.push(r);
+            if events.len() < max {
+                next = self.rx.try_recv().ok();
             }
         }
-        Some(Batch { events, acker: Box::new(ReplyAcker(replies)), epoch: 0, drained: Vec::new() })
+        Some(Batch { events, request_ids, acker: Box::new(ReplyAcker(replies)), epoch: 0, drained: Vec::new() })
     }
 
     fn stop_handle(&self) -> Stop {

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::domain::RideEvent;
 use crate::error::PublishError;
+use crate::trace::{RequestId, RequestIds};
 
 /// Queue figures for the admin view and for load shedding.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -34,7 +35,13 @@ pub struct BusStats {
 /// The write side. `publish` returns `Ok` only when the ride is durable: a 201 may follow.
 #[async_trait]
 pub trait Publisher: Send + Sync + 'static {
-    async fn publish(&self, event: RideEvent) -> Result<(), PublishError>;
+    /// Publishes the ride of the request `request`, whose id travels with it to the
+    /// consumer's log lines (see [`crate::trace`]).
+    async fn publish_for(&self, event: RideEvent, request: RequestId) -> Result<(), PublishError>;
+    /// A ride that no request id goes with (tests, tools).
+    async fn publish(&self, event: RideEvent) -> Result<(), PublishError> {
+        self.publish_for(event, RequestId::default()).await
+    }
     fn stats(&self) -> BusStats;
     /// Stops accepting rides; rides already queued are still delivered and answered.
     fn close(&self);
@@ -81,6 +88,8 @@ impl Stop {
 /// Deliveries handed to the consumer together, settled together.
 pub struct Batch {
     pub events: Vec<RideEvent>,
+    /// The request ids the rides came with, for the consumer's log lines only.
+    pub request_ids: RequestIds,
     pub acker: Box<dyn Acker>,
     /// The subscription the deliveries came through: the broker connection's generation
     /// (0 for the embedded bus, which has one for its lifetime). A new epoch means the

@@ -384,6 +384,10 @@ impl ClusterReads {
                 builder = builder.header(name, v.as_bytes());
             }
         }
+        // The owner logs the read under the same request id (see crate::trace).
+        if let Some(id) = actix_web::HttpMessage::extensions(req).get::<crate::trace::RequestId>().filter(|id| !id.is_empty()) {
+            builder = builder.header(crate::trace::HEADER, id.as_str());
+        }
         let request = match builder.body(Empty::<Bytes>::new()) {
             Ok(r) => r,
             Err(e) => {

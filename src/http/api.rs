@@ -1,7 +1,7 @@
 //! The public SkiDataAPI 2.0 handlers. Paths, status codes and field names are exact
 //! (API.md); every client mistake is a 4xx with a message and changes nothing.
 
-use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use actix_web::{http::header, web, HttpMessage, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -11,6 +11,8 @@ use super::{cached_json, fresh_json, AppState};
 use crate::cluster::Route;
 use crate::domain::{parse_id, parse_resort, parse_season, validate_ride, DayKey, RideBody, RidePath, SeasonBody};
 use crate::error::{ApiError, RideOutcome};
+use crate::trace::{RequestId, RideId};
+use tracing::Instrument;
 
 type State = web::Data<AppState>;
 type Reply = Result<HttpResponse, ApiError>;
@@ -157,7 +159,11 @@ pub async fn post_ride(req: HttpRequest, state: State, path: web::Path<(String, 
     })?;
     // No `Warning` header on keyless answers: RFC 9111 obsoleted it and clients ignore it.
     // What a keyless client needs is on the 503s: `Ride-Outcome` says whether a retry is safe.
-    publisher.publish(event).await.map_err(|e| ApiError::ride_not_confirmed(e, key.is_some()))?;
+    let request_id = req.extensions().get::<RequestId>().cloned().unwrap_or_default();
+    let ride = RideId(event.id);
+    let published = publisher.publish_for(event, request_id).instrument(tracing::debug_span!("publish", %ride)).await;
+    published.map_err(|e| ApiError::ride_not_confirmed(e, key.is_some()))?;
+    tracing::debug!(%ride, "ride confirmed: 201");
     Ok(HttpResponse::Created().finish())
 }
 

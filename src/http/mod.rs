@@ -13,7 +13,8 @@ pub mod stats;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
-use actix_web::{http::header, web, HttpRequest, HttpResponse};
+use actix_web::http::header::HeaderValue;
+use actix_web::{http::header, web, HttpMessage, HttpRequest, HttpResponse};
 use serde::Serialize;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -29,8 +30,10 @@ use crate::catalog::Catalog;
 use crate::domain::Limits;
 use crate::error::ApiError;
 use crate::tables::Tables;
+use crate::trace::{self, RequestId};
 use liftlog_wal::{RecoveryReport, Wal};
 use stats::RequestStats;
+use tracing::Instrument;
 
 /// Every route we serve: (method, path, under the base path?). The OpenAPI document must
 /// list exactly these; a test holds both to it.
@@ -165,12 +168,19 @@ fn resource(path: &'static str, allow: &'static str) -> actix_web::Resource {
         .default_service(web::to(move || async move { Err::<HttpResponse, _>(ApiError::MethodNotAllowed(allow)) }))
 }
 
-/// Wraps every request: latency per endpoint, status counters.
+/// Wraps every request: its request id (a span around the handler, so that every log line
+/// of the request carries it, and the `X-Request-Id` answer header; see [`crate::trace`]),
+/// latency per endpoint, status counters.
 pub async fn account<B: MessageBody>(
     req: ServiceRequest,
     next: actix_web::middleware::Next<B>,
 ) -> Result<ServiceResponse<B>, actix_web::Error> {
     let started = Instant::now();
+    let header = |name: &str| req.headers().get(name).map(|v| v.as_bytes());
+    let request_id = RequestId::of_request(header(trace::HEADER), header(trace::TRACEPARENT));
+    let id_header = HeaderValue::from_str(request_id.as_str()).ok();
+    let span = tracing::info_span!("request", id = %request_id);
+    req.extensions_mut().insert(request_id);
     let stats = req.app_data::<web::Data<AppState>>().map(|s| s.requests.clone());
     let method = req.method().clone();
     // Java's HttpClient asks to upgrade to h2c on the first request of a connection to a
@@ -179,7 +189,10 @@ pub async fn account<B: MessageBody>(
     // says so honestly; Java then remembers the host speaks HTTP/1.1 and keeps its next
     // connections alive without asking again.
     let upgrade_asked = req.head().upgrade();
-    let mut res = next.call(req).await?;
+    let mut res = next.call(req).instrument(span).await?;
+    if let Some(v) = id_header {
+        res.headers_mut().insert(header::HeaderName::from_static(trace::HEADER), v);
+    }
     if upgrade_asked {
         res.response_mut().head_mut().set_connection_type(actix_web::http::ConnectionType::Close);
     }

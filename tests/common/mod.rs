@@ -30,6 +30,12 @@ impl Server {
 
     /// Like `start`, with extra environment variables (fault injection).
     pub fn start_with_env(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::start_logged(data_dir, extra, env, None)
+    }
+
+    /// Like `start_with_env`; with `log` = (file, filter), the node's log goes to that file at
+    /// that `RUST_LOG` filter instead of this test's stderr.
+    pub fn start_logged(data_dir: &Path, extra: &[&str], env: &[(&str, &str)], log: Option<(&Path, &str)>) -> Server {
         let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         // Tests reach the admin routes on the same port unless a test asks otherwise
         // (the default, a loopback port of its own, would collide between parallel tests).
@@ -44,9 +50,9 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir)
             .args(&args)
-            .env("RUST_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RUST_LOG", log.map_or_else(|| std::env::var("TEST_LOG").unwrap_or_else(|_| "warn".into()), |(_, f)| f.to_string()))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log.map_or_else(Stdio::inherit, |(path, _)| std::fs::File::create(path).expect("log file").into()))
             .spawn()
             .expect("spawn liftlog");
         let stdout = child.stdout.take().expect("stdout");

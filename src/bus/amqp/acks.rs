@@ -10,6 +10,7 @@ use super::counters::SourceCounters;
 use super::source::{Item, SrcPart};
 use crate::bus::{Acker, Batch};
 use crate::error::PublishError;
+use crate::trace::RequestIds;
 
 pub(super) struct AckGroup {
     part: Arc<SrcPart>,
@@ -20,12 +21,14 @@ pub(super) struct AckGroup {
 pub(super) fn make_batch(items: Vec<Item>, counters: Arc<SourceCounters>) -> Batch {
     let mut groups: Vec<AckGroup> = Vec::new();
     let mut events = Vec::with_capacity(items.len());
+    let mut request_ids = RequestIds::default();
     // A batch never mixes connections: a lost one's deliveries are dropped as stale
     // before the next connection is opened.
     let epoch = items.iter().map(|i| i.part.session.generation).max().unwrap_or(0);
     for item in items {
         let n = item.events.len() as u64;
         events.extend(item.events);
+        request_ids.push_joined(&item.request_ids);
         let found = groups.iter_mut().find(|g| Arc::ptr_eq(&g.part, &item.part));
         match found {
             Some(g) => {
@@ -35,7 +38,7 @@ pub(super) fn make_batch(items: Vec<Item>, counters: Arc<SourceCounters>) -> Bat
             None => groups.push(AckGroup { part: item.part, max_tag: item.tag, count: n }),
         }
     }
-    Batch { events, acker: Box::new(AmqpAcker { groups, counters }), epoch, drained: Vec::new() }
+    Batch { events, request_ids, acker: Box::new(AmqpAcker { groups, counters }), epoch, drained: Vec::new() }
 }
 
 struct AmqpAcker {

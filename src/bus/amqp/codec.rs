@@ -4,6 +4,8 @@
 use lapin::message::Delivery;
 
 use crate::domain::RideEvent;
+use crate::trace::{RequestIds, AMQP_HEADER};
+use lapin::types::AMQPValue;
 
 /// The `content_type` of a message holding one ride.
 pub const CONTENT_TYPE: &str = "application/x-bincode";
@@ -53,6 +55,25 @@ pub fn decode_batch(body: &[u8]) -> Result<Vec<RideEvent>, String> {
 /// The `message_id` of a batch: its body's hash.
 pub(super) fn batch_id(body: &[u8]) -> String {
     message_id(xxhash_rust::xxh3::xxh3_64(body))
+}
+
+/// The request ids a delivery's header names (see [`crate::trace`]), "" without one. Only
+/// logged, so a malformed header is ignored rather than refused: it cannot cost a ride.
+pub(super) fn request_ids(d: &Delivery) -> String {
+    let header = d.properties.headers().as_ref().and_then(|h| h.inner().get(AMQP_HEADER));
+    match header {
+        Some(AMQPValue::LongString(s)) => {
+            let s = String::from_utf8_lossy(s.as_bytes());
+            // What a writer of ours sends; anything else is not echoed into our logs.
+            let ours = s.len() <= RequestIds::MAX_BYTES && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+            if ours {
+                s.into_owned()
+            } else {
+                String::new()
+            }
+        }
+        _ => String::new(),
+    }
 }
 
 /// Checks and decodes one delivery (see the module doc for what is accepted): one ride, or

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -18,6 +18,7 @@ use super::{AmqpConfig, DEPTH_EVERY};
 use crate::bus::{BusStats, Publisher};
 use crate::domain::RideEvent;
 use crate::error::PublishError;
+use crate::trace::{RequestId, RequestIds, AMQP_HEADER};
 
 /// How often the supervisor checks a connection nobody reported broken.
 const HEALTH_EVERY: Duration = Duration::from_millis(500);
@@ -104,6 +105,7 @@ struct PubShared {
 #[derive(Default)]
 struct Pending {
     rides: Vec<RideEvent>,
+    request_ids: RequestIds,
     bytes: usize,
     waiters: Vec<oneshot::Sender<Result<(), PublishError>>>,
 }
@@ -182,8 +184,9 @@ impl PubShared {
         Err(e)
     }
 
-    /// Publishes `rides` (all of one partition) as one message and waits for its confirm.
-    async fn send(&self, partition: u16, rides: &[RideEvent]) -> Result<(), PublishError> {
+    /// Publishes `rides` (all of one partition) as one message and waits for its confirm;
+    /// `request_ids` go in its [`AMQP_HEADER`].
+    async fn send(&self, partition: u16, rides: &[RideEvent], request_ids: &RequestIds) -> Result<(), PublishError> {
         let Some(session) = self.session.read().clone() else {
             return self.fail(PublishError::Unavailable("no connection to RabbitMQ (reconnecting)".into()));
         };
@@ -203,7 +206,12 @@ impl PubShared {
                 (body, BasicProperties::default().with_content_type(CONTENT_TYPE_BATCH.into()).with_message_id(id.into()))
             }
         };
-        let props = props.with_delivery_mode(2);
+        let mut props = props.with_delivery_mode(2);
+        if !request_ids.is_empty() {
+            let mut headers = FieldTable::default();
+            headers.insert(AMQP_HEADER.into(), AMQPValue::LongString(LongString::from(request_ids.as_str())));
+            props = props.with_headers(headers);
+        }
         let routing_key = self.routing_keys[partition as usize].clone();
         // Err(false, _): the frames never left, the rides are not recorded. Err(true, _):
         // they were sent and the confirm failed, so the broker may hold them.
@@ -255,7 +263,7 @@ impl PubShared {
         if batch.rides.is_empty() {
             return;
         }
-        let result = self.send(partition, &batch.rides).await;
+        let result = self.send(partition, &batch.rides, &batch.request_ids).await;
         for w in batch.waiters {
             let _ = w.send(result.clone());
         }
@@ -272,7 +280,7 @@ impl Drop for AmqpPublisher {
 
 #[async_trait]
 impl Publisher for AmqpPublisher {
-    async fn publish(&self, event: RideEvent) -> Result<(), PublishError> {
+    async fn publish_for(&self, event: RideEvent, request: RequestId) -> Result<(), PublishError> {
         let s = &self.shared;
         if s.closed.load(Ordering::Acquire) {
             return Err(PublishError::ShuttingDown);
@@ -284,7 +292,9 @@ impl Publisher for AmqpPublisher {
         let partition = event.key().partition(s.routing_keys.len() as u16);
         let batching = s.cfg.batching;
         if batching.max_rides <= 1 {
-            return s.send(partition, &[event]).await;
+            let mut ids = RequestIds::default();
+            ids.push(&request);
+            return s.send(partition, &[event], &ids).await;
         }
         // Gather: the ride that starts a partition's batch arms its linger timer, the ride
         // that fills it sends it at once. Both send from a task of their own, so a client
@@ -293,7 +303,9 @@ impl Publisher for AmqpPublisher {
         let (first, full) = {
             let mut p = s.pending[partition as usize].lock();
             p.rides.push(event);
-            p.bytes += RIDE_BYTES_MAX;
+            p.request_ids.push(&request);
+            // The ids travel in the message's headers: the byte cap covers them too.
+            p.bytes += RIDE_BYTES_MAX + request.as_str().len() + 1;
             p.waiters.push(tx);
             (p.rides.len() == 1, p.rides.len() >= batching.max_rides || p.bytes + RIDE_BYTES_MAX > batching.max_bytes)
         };

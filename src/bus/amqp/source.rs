@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::acks::make_batch;
-use super::codec::check_delivery;
+use super::codec::{check_delivery, request_ids};
 use super::connection::{close_in_background, connect, unavailable, AmqpError, Reconnect};
 use super::counters::{SourceCounters, SourceStats};
 use super::topology::{declare_on, queue_depths};
@@ -125,6 +125,8 @@ impl Drop for SrcSession {
 /// they must all be in the same WAL record.
 pub(super) struct Item {
     pub(super) events: Vec<RideEvent>,
+    /// The message's [`crate::trace::AMQP_HEADER`], "" when it had none.
+    pub(super) request_ids: String,
     pub(super) tag: u64,
     pub(super) part: Arc<SrcPart>,
 }
@@ -319,7 +321,9 @@ async fn pump(part: Arc<SrcPart>, queue: String, mut consumer: Consumer, tx: mps
         }
         match check_delivery(&delivery) {
             Ok(events) => {
-                if tx.send(Feed::Delivery(Item { events, tag: delivery.delivery_tag, part: part.clone() })).await.is_err() {
+                let request_ids = request_ids(&delivery);
+                let item = Item { events, request_ids, tag: delivery.delivery_tag, part: part.clone() };
+                if tx.send(Feed::Delivery(item)).await.is_err() {
                     return PumpEnd::Gone;
                 }
             }
