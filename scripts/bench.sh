@@ -19,6 +19,10 @@
 #   4. liftlog embedded: the same wrk runs, the standard liftlog-load POST run with
 #      reconciliation, open-loop GETs at 20k req/s, 6000 keep-alive connections, the
 #      201-to-visible probe under 10k rides/s
+#   4b. what the metrics histograms and the request spans cost: wrk POST and GET skier-day
+#      on fresh embedded nodes with both on (the defaults) and both off
+#      (admin.histograms=false, RUST_LOG=warn so the info-level request span is disabled),
+#      run on, off, off, on so that drift on a shared machine falls on both
 #   5. liftlog in production mode (three processes on RabbitMQ + DynamoDB Local): POST end
 #      to end, the flusher, GETs from the tables, the 201-to-visible probe
 #   6. WAL replay and cold start after kill -9 with 1M rides (30M with --big), and VmRSS
@@ -298,6 +302,29 @@ if wait_listening embedded "$EMB_PID"; then
   [[ -s $OUT/lag-emb.json ]] && log "  lag $(jq -c .lag_ms "$OUT/lag-emb.json")"
 fi
 stop_pid "$EMB_PID"
+
+# ------------------------------------------------------ observability cost ---
+# obs_run LABEL RUST_LOG ARGS...: a fresh embedded node (its own data dir), wrk POST then
+# wrk GET skier-day for season 2025 (the GETs read what the POSTs wrote), into
+# wrk-obs-LABEL-{post,skier-day}.json.
+obs_run() {
+  local label=$1 filter=$2
+  shift 2
+  log " observability $label (RUST_LOG=$filter $*)"
+  rm -rf "$RUN/obs"
+  RUST_LOG=$filter start "obs-$label" "$BIN/liftlog" serve --admin-listen main --listen "127.0.0.1:$EMB_PORT" --data-dir "$RUN/obs" "$@"
+  local pid=$LAST_PID
+  if wait_listening "obs-$label" "$pid"; then
+    wrk_run "wrk-obs-$label-post.json" "$EMB" post 2025
+    wrk_run "wrk-obs-$label-skier-day.json" "$EMB" skier-day 2025
+  fi
+  stop_pid "$pid"
+}
+log "4b. what metrics and request spans cost (embedded, wrk)"
+obs_run on-1 "$RUST_LOG"
+obs_run off-1 warn --set admin.histograms=false
+obs_run off-2 warn --set admin.histograms=false
+obs_run on-2 "$RUST_LOG"
 
 # ----------------------------------------------------------- production ---
 # Three processes on RabbitMQ + DynamoDB Local. The POST figure is taken with the consumer's

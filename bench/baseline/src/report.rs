@@ -259,6 +259,43 @@ pub fn run(args: &Args) -> Result<(), String> {
             met: r.zip(rp).map(|(r, rp)| r >= 0.8 && rp <= 1.5),
         });
     }
+    // What the metrics histograms and the request spans cost: the same build and wrk runs
+    // on fresh nodes with both on (the defaults) and both off, run on, off, off, on.
+    for (ep, what) in [("post", "POST"), ("skier-day", "GET skier-day")] {
+        let mut runs = |state: &str| -> (Option<f64>, String) {
+            let files = [format!("wrk-obs-{state}-1-{ep}"), format!("wrk-obs-{state}-2-{ep}")];
+            let rps: Vec<Option<f64>> = files.iter().map(|file| x.num(file, "/rps")).collect();
+            let mean = rps[0].zip(rps[1]).map(|(a, b)| (a + b) / 2.0);
+            let p99: Vec<String> = files.iter().map(|file| f(x.num(file, "/latency_ms/p99"), 2)).collect();
+            let errors: Vec<String> = files.iter().map(|file| wrk_errors(&mut x, file)).collect();
+            let text = format!(
+                "{} req/s (runs {} and {}), p99 {} / {} ms, {}; {}",
+                int(mean),
+                int(rps[0]),
+                int(rps[1]),
+                p99[0],
+                p99[1],
+                errors[0],
+                errors[1]
+            );
+            (mean, text)
+        };
+        let (on, on_text) = runs("on");
+        let (off, off_text) = runs("off");
+        let r = ratio(on, off);
+        let noise = match r {
+            Some(r) if r > 1.0 => " (above 1: the cost is below this run's noise)",
+            _ => "",
+        };
+        rows.push(Row {
+            figure: format!("{what} embedded with the metrics histograms and request spans on (the default) vs both off, wrk"),
+            ours: format!("on: {on_text}"),
+            ceiling: format!("off (admin.histograms=false, RUST_LOG=warn): {off_text}"),
+            ratio: format!("{}{noise}", f(r, 3)),
+            target: "≥ 0.95".into(),
+            met: r.map(|r| r >= 0.95),
+        });
+    }
     let open_rate = meta["open_rate"].as_f64().unwrap_or(20000.0);
     for (ep, kind) in GETS {
         let o = x.load_kind("open-emb", kind);
