@@ -20,9 +20,10 @@ export LIFTLOG_TEST_AMQP="${LIFTLOG_TEST_AMQP:-amqp://guest:guest@127.0.0.1:5672
 export LIFTLOG_TEST_DYNAMODB="${LIFTLOG_TEST_DYNAMODB:-http://127.0.0.1:${DYNAMODB_PORT:-8000}}"
 
 # One feature set for every cargo step, so nothing is built twice: the crash tests' fault
-# points (LIFTLOG_FAULT_*) exist only in this build. fuzz-api.sh builds with it too. (Not a
+# points (LIFTLOG_FAULT_*) exist only in this build, and the OTLP exporter is built and tested
+# here. fuzz-api.sh builds with it too. (Not a
 # LIFTLOG_* name: the node refuses unknown LIFTLOG_* variables as misspelt config keys.)
-export BUILD_FEATURES="liftlog/fault-injection"
+export BUILD_FEATURES="liftlog/fault-injection,liftlog/otlp"
 features=(--features "$BUILD_FEATURES")
 
 echo "== format"

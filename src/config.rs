@@ -202,11 +202,15 @@ impl Default for AdminConfig {
 pub struct LogConfig {
     /// `text` or `json` (level via `RUST_LOG`).
     pub format: LogFormat,
+    /// An OpenTelemetry collector's OTLP/HTTP base URL (`http://host:4318`): request spans
+    /// are also sent there (`crate::logging`). Needs a build with the `otlp` feature; none =
+    /// no export.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { format: LogFormat::Text }
+        LogConfig { format: LogFormat::Text, otlp_endpoint: None }
     }
 }
 

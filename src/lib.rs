@@ -27,6 +27,8 @@
 //! - [`service`]: wiring, start-up (replay) and ordered shutdown.
 //! - [`retry`]: the one backoff every retry loop waits by.
 //! - [`trace`]: request ids, from the HTTP request through the bus into the consumer's logs.
+//! - [`logging`]: where log lines and spans go: stderr (text or JSON) and, with the `otlp`
+//!   feature, an OpenTelemetry collector.
 //! - `liftlog_wal` (crate `wal/`): the write-ahead log.
 
 pub mod actors;
@@ -37,6 +39,7 @@ pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod retry;
 pub mod service;

@@ -462,3 +462,76 @@ fn season_vertical_refuses_more_resort_parameters_than_the_bound() {
     assert_eq!(code, 400, "{body}");
     assert!(json(&body)["message"].as_str().unwrap().contains("at most 16 distinct resort"), "{body}");
 }
+
+/// A stand-in OpenTelemetry collector: accepts OTLP/HTTP POSTs on a loopback port (keep-alive
+/// or not), answers 200 with an empty protobuf body, and keeps every request body.
+#[cfg(feature = "otlp")]
+fn otlp_collector() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = received.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut conn = conn;
+                loop {
+                    let (mut line, mut length) = (String::new(), 0usize);
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = line.split_once(':') {
+                            if k.eq_ignore_ascii_case("content-length") {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    sink.lock().unwrap().extend_from_slice(&body);
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n";
+                    if conn.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, received)
+}
+
+/// With `log.otlp_endpoint`, a request's span reaches the collector, in the client's trace
+/// (the `traceparent`'s trace id) and with its request id; the spans still batched when the
+/// node gets SIGTERM are sent before it exits.
+#[cfg(feature = "otlp")]
+#[test]
+fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
+    let (collector, received) = otlp_collector();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("node.log");
+    let endpoint = format!("log.otlp_endpoint=http://{collector}");
+    let mut s = Server::start_logged(&dir.path().join("data"), &["--set", &endpoint], &[], Some((&log, "info")));
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("00-{trace_id}-00f067aa0ba902b7-01");
+    let headers = [JSON, ("traceparent", traceparent.as_str()), ("X-Request-Id", "otlp-probe-7")];
+    let (code, _) = call(&agent(), "POST", &s.url("/skiers/1/seasons/2025/days/1/skiers/7"), &headers, Some(r#"{"time":10,"liftID":5}"#));
+    assert_eq!(code, 201);
+    assert_eq!(s.terminate(), Some(0), "clean exit; log: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    let body = received.lock().unwrap().clone();
+    let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    let trace_bytes: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap()).collect();
+    assert!(!body.is_empty(), "the collector received nothing");
+    assert!(has(b"otlp-probe-7"), "the request id is a span attribute");
+    assert!(has(&trace_bytes), "the span is in the client's trace");
+    assert!(has(b"liftlog"), "the service name is in the resource");
+}

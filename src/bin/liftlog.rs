@@ -1,7 +1,7 @@
 //! The `liftlog` command: `serve` runs a node; `tables create` prepares the table store.
 
 use clap::{Parser, Subcommand};
-use liftlog::config::{Config, LogFormat, ServeArgs};
+use liftlog::config::{Config, ServeArgs};
 
 #[derive(Parser)]
 #[command(name = "liftlog", version, about = "Ski lift rides in, unique skiers and verticals out (SkiDataAPI 2.0)")]
@@ -27,34 +27,22 @@ enum TablesAction {
     Create(ServeArgs),
 }
 
-/// Logs go to stderr. actix's HTTP/1 dispatcher logs every malformed request at ERROR,
-/// which would let any client flood the log; it is silenced by default (RUST_LOG overrides).
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,actix_server=warn,actix_http::h1::dispatcher=off"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
-/// The configuration, then logging in its format, then the loader's warnings (deprecated
-/// keys) through that logging.
-fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
+/// The configuration, then logging as it says (kept until `main` returns: dropping the guard
+/// sends the last spans), then the loader's warnings (deprecated keys) through that logging.
+fn resolve(args: &ServeArgs) -> anyhow::Result<(Config, liftlog::logging::Guard)> {
     let resolved = Config::resolve(args)?;
-    init_logging(resolved.config.log.format);
+    let guard = liftlog::logging::init(&resolved.config.log)?;
     for w in &resolved.warnings {
         tracing::warn!("{w}");
     }
-    Ok(resolved.config)
+    Ok((resolved.config, guard))
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let config = resolve(&args)?;
+            let (config, _logging) = resolve(&args)?;
             actix_rt::System::new().block_on(async move {
                 let running = liftlog::service::start(config).await?;
                 // One line on stdout for scripts and tests that start us on port 0 (two with an
@@ -72,7 +60,7 @@ fn main() -> anyhow::Result<()> {
             })
         }
         Command::Tables { action: TablesAction::Create(args) } => {
-            let config = resolve(&args)?;
+            let (config, _logging) = resolve(&args)?;
             actix_rt::System::new().block_on(liftlog::service::create_tables(&config))
         }
     }

@@ -180,6 +180,7 @@ pub async fn account<B: MessageBody>(
     let request_id = RequestId::of_request(header(trace::HEADER), header(trace::TRACEPARENT));
     let id_header = HeaderValue::from_str(request_id.as_str()).ok();
     let span = tracing::info_span!("request", id = %request_id);
+    crate::logging::adopt_parent(&span, header(trace::TRACEPARENT));
     req.extensions_mut().insert(request_id);
     let stats = req.app_data::<web::Data<AppState>>().map(|s| s.requests.clone());
     let method = req.method().clone();
