@@ -169,7 +169,7 @@ pub struct Common {
     /// The file is written to the path as given (name it .svg).
     #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
-    /// No progress line on stderr.
+    /// No progress bar on stderr (it is drawn only when stderr is a terminal anyway).
     #[arg(long, short)]
     pub quiet: bool,
     /// Seed of the random parameters (default: from the clock).

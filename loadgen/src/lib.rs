@@ -7,6 +7,7 @@ pub mod cli;
 pub mod http;
 pub mod load;
 pub mod plot;
+pub mod progress;
 pub mod reconcile;
 pub mod report;
 pub mod rng;
