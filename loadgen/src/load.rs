@@ -11,7 +11,7 @@ use crate::cli::Range;
 use crate::http::{push_u64, Conn, Target};
 use crate::progress::{self, Bar, Goal, Live};
 use crate::rng::Rng;
-use crate::stats::{summarize, KindStats, KindSummary, OpKind};
+use crate::stats::{summarize, KindStats, KindSummary, OpKind, TransportError};
 
 /// The parameter ranges requests draw from.
 #[derive(Debug, Clone, Copy)]
@@ -399,8 +399,9 @@ async fn one_request(
                 status = rep.status;
                 rep.retry_after
             }
-            Err(_) => {
+            Err(e) => {
                 status = 0;
+                out.kind(kind).count_error(TransportError::of(&e));
                 None
             }
         };
@@ -424,6 +425,7 @@ async fn one_request(
     }
     let latency = t0.elapsed();
     out.kind(kind).record(latency, stats_ok, attempts);
+    out.kind(kind).count_final(status);
     if o.keep_records {
         out.records.push(Record {
             start_us: t0.saturating_duration_since(engine.epoch).as_micros() as u64,
@@ -591,6 +593,8 @@ mod tests {
         let s = &res.summaries()[0];
         assert_eq!((s.successes, s.failures, s.attempts, s.retries), (1, 0, 3, 2));
         assert_eq!(s.status, vec![(201, 1), (503, 2)]);
+        assert_eq!(s.final_status, vec![(201, 1)], "one final answer per request");
+        assert!(s.errors.is_empty());
         assert_eq!(res.collected.acked.len(), 1);
         assert_eq!(res.collected.records[0].status, 201);
         assert_eq!(res.collected.records[0].attempts, 3);
@@ -606,6 +610,8 @@ mod tests {
         assert_eq!(keys[0], keys[1]);
         let s = &res.summaries()[0];
         assert_eq!((s.successes, s.transport_errors), (1, 1));
+        assert_eq!(s.errors, vec![("connection closed before the response ended", 1)]);
+        assert_eq!(s.final_status, vec![(201, 1)]);
         assert_eq!(res.collected.connects, 2);
     }
 

@@ -144,6 +144,9 @@ fn posts_reconcile_and_reads_against_the_real_server() {
     let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(doc["runs"][0]["endpoints"][0]["successes"], 3000);
     assert_eq!(doc["runs"][0]["endpoints"][0]["status"]["201"], 3000);
+    assert_eq!(doc["runs"][0]["endpoints"][0]["status_code_distribution"]["201"], 3000);
+    assert_eq!(doc["runs"][0]["endpoints"][0]["summary"]["success_rate"], 1.0);
+    assert!(doc["runs"][0]["endpoints"][0]["latency_percentiles_us"]["p99.99"].is_u64());
     assert_eq!(doc["reconcile"]["ok"], true);
     let csv_text = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(csv_text.lines().count(), 3001);
