@@ -85,6 +85,8 @@ pub struct Breaker {
     window: Mutex<ErrorWindow>,
     openings: AtomicU64,
     quiet: bool,
+    /// The progress bars its messages go above (a plain line would be drawn over).
+    bars: Option<indicatif::MultiProgress>,
 }
 
 impl Breaker {
@@ -98,7 +100,13 @@ impl Breaker {
             window,
             openings: AtomicU64::new(0),
             quiet,
+            bars: None,
         }
+    }
+
+    /// Print the open/close messages above these progress bars instead of on a plain line.
+    pub fn print_above(&mut self, bars: indicatif::MultiProgress) {
+        self.bars = Some(bars);
     }
 
     pub fn is_open(&self) -> bool {
@@ -137,13 +145,17 @@ impl Breaker {
                 self.openings.fetch_add(1, Ordering::Relaxed);
             }
             if !self.quiet {
-                // On a terminal, first wipe the progress line this message interrupts.
-                let wipe = if std::io::IsTerminal::is_terminal(&std::io::stderr()) { "\r\x1b[2K" } else { "" };
-                eprintln!(
-                    "{wipe}breaker {} (in flight {in_flight}, errors {errors}/{attempts} = {rate:.0}% in the last {:?})",
+                let msg = format!(
+                    "breaker {} (in flight {in_flight}, errors {errors}/{attempts} = {rate:.0}% in the last {:?})",
                     if next { "OPEN: pausing requests" } else { "CLOSED: sending again" },
                     self.cfg.window
                 );
+                match &self.bars {
+                    Some(b) => {
+                        let _ = b.println(msg);
+                    }
+                    None => eprintln!("{msg}"),
+                }
             }
         }
     }

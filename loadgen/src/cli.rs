@@ -165,10 +165,11 @@ pub struct Common {
     /// Write one record per request: start_us (since the run began), type, latency_us, status, attempts.
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
-    /// Write a PNG with throughput and p99 latency per second over time.
-    #[arg(long, value_name = "FILE.png")]
+    /// Write an SVG: throughput and p50/p99 latency over time, and a latency histogram.
+    /// The file is written to the path as given (name it .svg).
+    #[arg(long, value_name = "FILE.svg")]
     pub plot: Option<PathBuf>,
-    /// No progress line on stderr.
+    /// No progress bar on stderr (it is drawn only when stderr is a terminal anyway).
     #[arg(long, short)]
     pub quiet: bool,
     /// Seed of the random parameters (default: from the clock).

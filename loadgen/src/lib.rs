@@ -7,6 +7,7 @@ pub mod cli;
 pub mod http;
 pub mod load;
 pub mod plot;
+pub mod progress;
 pub mod reconcile;
 pub mod report;
 pub mod rng;
@@ -237,7 +238,12 @@ pub async fn execute(cli: &Cli) -> Result<Outcome, String> {
         report::write_csv(path, &records).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     if let Some(path) = &c.plot {
-        let title = format!("LIFTLOG-LOAD {}: {} REQUESTS", mode.to_uppercase(), records.len());
+        // The file is an SVG whatever it is called: say so when the name suggests otherwise
+        // (a viewer that trusts the extension would not show it).
+        if !path.extension().is_some_and(|e| e.eq_ignore_ascii_case("svg")) {
+            eprintln!("note: --plot writes SVG; {} does not end in .svg", path.display());
+        }
+        let title = format!("liftlog-load {mode}: {} requests", records.len());
         plot::write(path, &records, &title, &marks).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("plot written to {}", path.display());
     }

@@ -2,7 +2,6 @@
 //! back to back (closed loop) or at scheduled times (open loop, `--rate`), with retries that
 //! keep the Idempotency-Key, the circuit breaker, and per-worker statistics merged at the end.
 
-use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,8 +9,9 @@ use std::time::{Duration, Instant};
 use crate::breaker::{Breaker, BreakerConfig};
 use crate::cli::Range;
 use crate::http::{push_u64, Conn, Target};
+use crate::progress::{self, Bar, Goal, Live};
 use crate::rng::Rng;
-use crate::stats::{summarize, KindStats, KindSummary, OpKind};
+use crate::stats::{summarize, KindStats, KindSummary, OpKind, TransportError};
 
 /// The parameter ranges requests draw from.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +48,8 @@ pub struct Engine {
     pub epoch: Instant,
     /// Prefix of every Idempotency-Key of this invocation (unique per invocation).
     pub run_tag: String,
+    /// Where the progress bars go; None when they are not drawn (-q, or stderr no terminal).
+    pub bars: Option<indicatif::MultiProgress>,
 }
 
 impl Engine {
@@ -55,7 +57,12 @@ impl Engine {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let tag = (nanos as u64) ^ ((std::process::id() as u64) << 48) ^ opts.seed.rotate_left(17);
         let quiet = opts.quiet;
-        Engine { target, opts, breaker: Breaker::new(breaker, quiet), epoch: Instant::now(), run_tag: format!("{tag:016x}") }
+        let bars = progress::stderr_bars(quiet);
+        let mut breaker = Breaker::new(breaker, quiet);
+        if let Some(b) = &bars {
+            breaker.print_above(b.clone());
+        }
+        Engine { target, opts, breaker, epoch: Instant::now(), run_tag: format!("{tag:016x}"), bars }
     }
 }
 
@@ -173,16 +180,23 @@ struct PhasePlan {
 pub async fn run(engine: &Arc<Engine>, spec: &RunSpec) -> RunResult {
     let start = Instant::now();
     let openings_before = engine.breaker.openings();
-    let done = Arc::new(AtomicU64::new(0));
+    let live = Arc::new(Live::default());
     let phase_no = Arc::new(AtomicUsize::new(0));
     let total: Option<u64> = spec.phases.iter().map(|p| p.total).sum();
     let duration: Option<Duration> = spec.phases.iter().map(|p| p.duration).sum();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let progress = if engine.opts.quiet {
-        None
-    } else {
-        let names: Vec<String> = spec.phases.iter().map(|p| p.name.clone()).collect();
-        Some(tokio::spawn(progress(spec.label.clone(), names, phase_no.clone(), total, duration, done.clone(), engine.clone(), stop_rx)))
+    let goal = match (total, duration) {
+        (Some(t), _) => Some(Goal::Requests(t)),
+        (None, Some(d)) => Some(Goal::Duration(d)),
+        _ => None,
+    };
+    let progress = match (&engine.bars, goal) {
+        (Some(bars), Some(goal)) => {
+            let bar = Bar::new(bars, &spec.label, goal);
+            let names: Vec<String> = spec.phases.iter().map(|p| p.name.clone()).collect();
+            Some(tokio::spawn(progress(bar, names, phase_no.clone(), live.clone(), engine.clone(), stop_rx)))
+        }
+        _ => None,
     };
 
     let mut all = Collected::default();
@@ -206,7 +220,7 @@ pub async fn run(engine: &Arc<Engine>, spec: &RunSpec) -> RunResult {
         let mut handles = Vec::with_capacity(phase.workers);
         for w in 0..phase.workers {
             let quota = phase.total.map(|t| t / phase.workers as u64 + u64::from((w as u64) < t % phase.workers as u64));
-            handles.push(tokio::spawn(worker(engine.clone(), plan.clone(), worker_base + w, quota, done.clone())));
+            handles.push(tokio::spawn(worker(engine.clone(), plan.clone(), worker_base + w, quota, live.clone())));
         }
         for h in handles {
             all.merge(h.await.expect("a load worker panicked"));
@@ -233,7 +247,7 @@ struct Scratch {
     key: Vec<u8>,
 }
 
-async fn worker(engine: Arc<Engine>, plan: Arc<PhasePlan>, id: usize, quota: Option<u64>, done: Arc<AtomicU64>) -> Collected {
+async fn worker(engine: Arc<Engine>, plan: Arc<PhasePlan>, id: usize, quota: Option<u64>, live: Arc<Live>) -> Collected {
     let mut conn = Conn::new(engine.target.clone());
     let mut rng = Rng::new(engine.opts.seed ^ (id as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut out = Collected::default();
@@ -270,9 +284,9 @@ async fn worker(engine: Arc<Engine>, plan: Arc<PhasePlan>, id: usize, quota: Opt
                 }
             }
         };
-        one_request(&engine, &mut conn, &mut rng, &mut out, &mut s, kind, scheduled, id, i).await;
+        one_request(&engine, &mut conn, &mut rng, &mut out, &mut s, &live, kind, scheduled, id, i).await;
         i += 1;
-        done.fetch_add(1, Ordering::Relaxed);
+        live.done.fetch_add(1, Ordering::Relaxed);
     }
     out.connects = conn.connects;
     out
@@ -319,6 +333,7 @@ async fn one_request(
     rng: &mut Rng,
     out: &mut Collected,
     s: &mut Scratch,
+    live: &Live,
     kind: OpKind,
     scheduled: Option<Instant>,
     worker: usize,
@@ -384,8 +399,9 @@ async fn one_request(
                 status = rep.status;
                 rep.retry_after
             }
-            Err(_) => {
+            Err(e) => {
                 status = 0;
+                out.kind(kind).count_error(TransportError::of(&e));
                 None
             }
         };
@@ -396,17 +412,20 @@ async fn one_request(
             stats_ok = true;
             break;
         }
+        live.error_answers.fetch_add(1, Ordering::Relaxed);
         if status == 0 || (status >= 500 && status != 503) {
             ambiguous = true;
         }
         if attempts > o.retries {
             stats_ok = false;
+            live.failed.fetch_add(1, Ordering::Relaxed);
             break;
         }
         tokio::time::sleep(backoff_delay(o.backoff, o.backoff_max, attempts, rng.unit(), retry_after)).await;
     }
     let latency = t0.elapsed();
     out.kind(kind).record(latency, stats_ok, attempts);
+    out.kind(kind).count_final(status);
     if o.keep_records {
         out.records.push(Record {
             start_us: t0.saturating_duration_since(engine.epoch).as_micros() as u64,
@@ -425,51 +444,30 @@ async fn one_request(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Redraw the run's bar from the workers' counters until the run ends.
 async fn progress(
-    label: String,
+    mut bar: Bar,
     phases: Vec<String>,
     phase_no: Arc<AtomicUsize>,
-    total: Option<u64>,
-    duration: Option<Duration>,
-    done: Arc<AtomicU64>,
+    live: Arc<Live>,
     engine: Arc<Engine>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let tty = std::io::stderr().is_terminal();
-    let every = Duration::from_secs(if tty { 1 } else { 5 });
-    let start = Instant::now();
-    let mut tick = tokio::time::interval_at((start + every).into(), every);
-    let (mut last_t, mut last_n) = (start, 0u64);
-    let mut printed = false;
+    // indicatif draws at most 20 times a second; reading the counters 10 times is enough.
+    let every = Duration::from_millis(100);
+    let mut tick = tokio::time::interval(every);
     loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            _ = tick.tick() => {}
-        }
-        let now = Instant::now();
-        let n = done.load(Ordering::Relaxed);
-        let rate_now = (n - last_n) as f64 / (now - last_t).as_secs_f64();
-        let avg = n as f64 / (now - start).as_secs_f64();
-        (last_t, last_n) = (now, n);
-        let what = match (total, duration) {
-            (Some(t), _) => format!("{n}/{t} done ({:.0}%)", n as f64 * 100.0 / t.max(1) as f64),
-            (None, Some(d)) => format!("{n} done, {:.0}/{:.0} s", (now - start).as_secs_f64(), d.as_secs_f64()),
-            _ => format!("{n} done"),
+        let stopped = tokio::select! {
+            _ = &mut stop => true,
+            _ = tick.tick() => false,
         };
-        let phase = phases.get(phase_no.load(Ordering::Relaxed)).map(|p| format!(" [{p}]")).unwrap_or_default();
-        let br = if engine.breaker.is_open() { "  breaker OPEN" } else { "" };
-        let line = format!("{label}{phase}: {what}  {rate_now:.0}/s now  {avg:.0}/s avg{br}");
-        if tty {
-            eprint!("\r\x1b[2K{line}");
-        } else {
-            eprintln!("{line}");
+        let phase = phases.get(phase_no.load(Ordering::Relaxed)).map(String::as_str).unwrap_or("");
+        bar.update(&live, phase, engine.breaker.is_open());
+        if stopped {
+            break;
         }
-        printed = true;
     }
-    if tty && printed {
-        eprintln!();
-    }
+    bar.finish();
 }
 
 #[cfg(test)]
@@ -595,6 +593,8 @@ mod tests {
         let s = &res.summaries()[0];
         assert_eq!((s.successes, s.failures, s.attempts, s.retries), (1, 0, 3, 2));
         assert_eq!(s.status, vec![(201, 1), (503, 2)]);
+        assert_eq!(s.final_status, vec![(201, 1)], "one final answer per request");
+        assert!(s.errors.is_empty());
         assert_eq!(res.collected.acked.len(), 1);
         assert_eq!(res.collected.records[0].status, 201);
         assert_eq!(res.collected.records[0].attempts, 3);
@@ -610,6 +610,8 @@ mod tests {
         assert_eq!(keys[0], keys[1]);
         let s = &res.summaries()[0];
         assert_eq!((s.successes, s.transport_errors), (1, 1));
+        assert_eq!(s.errors, vec![("connection closed before the response ended", 1)]);
+        assert_eq!(s.final_status, vec![(201, 1)]);
         assert_eq!(res.collected.connects, 2);
     }
 

@@ -1,18 +1,36 @@
-//! The `--plot` PNG: throughput and p99 latency per time bucket, drawn into an RGB buffer with
-//! a built-in 5x7 pixel font (no font files, no plotting crate) and encoded as PNG.
+//! The `--plot` file: an SVG drawn with plotters, three panels over the same run:
+//! throughput per time bucket, p50 and p99 latency per time bucket, and a latency histogram.
+//!
+//! SVG because its text is rendered by the viewer: a bitmap backend would need a TTF font on
+//! the machine that draws it, and the bench machines may have none.
 
 use std::io;
 use std::path::Path;
 
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
 use crate::load::Record;
 
-/// One time bucket: its start (s since the first request), completions per second, p99 (ms).
+/// One time bucket: its start (s since the first request), completions per second (all and
+/// failed ones), p50 and p99 of the requests completing in it (ms).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Point {
     pub t_s: f64,
+    /// The bucket's width (the last one may be cut short, or merged into the one before).
+    pub width_s: f64,
     pub per_s: f64,
+    pub failed_per_s: f64,
+    pub p50_ms: f64,
     pub p99_ms: f64,
     pub count: u64,
+}
+
+/// The value at quantile `q` of `v` (nearest rank; `v` is reordered).
+fn quantile(v: &mut [u64], q: f64) -> u64 {
+    let k = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+    *v.select_nth_unstable(k).1
 }
 
 /// Requests bucketed by completion time: 1 s buckets for runs of 20 s or more, else 100 ms
@@ -25,334 +43,336 @@ pub fn series(records: &[Record]) -> (f64, Vec<Point>) {
     let t_end = records.iter().map(|r| r.start_us + r.latency_us).max().unwrap_or(t0).max(t0 + 1);
     let span_us = t_end - t0;
     let bucket_us: u64 = if span_us >= 20_000_000 { 1_000_000 } else { 100_000 };
-    let n = span_us.div_ceil(bucket_us) as usize;
-    let mut lat: Vec<Vec<u64>> = vec![Vec::new(); n.max(1)];
+    let mut n = span_us.div_ceil(bucket_us) as usize;
+    // A last bucket under half a bucket wide holds a few stragglers whose rate over its
+    // sliver of time would spike the axis: it joins the bucket before.
+    if n > 1 && span_us - (n as u64 - 1) * bucket_us < bucket_us / 2 {
+        n -= 1;
+    }
+    let mut lat: Vec<(Vec<u64>, u64)> = vec![(Vec::new(), 0); n.max(1)];
     for r in records {
-        let i = ((r.start_us + r.latency_us - t0) / bucket_us) as usize;
-        lat[i.min(n - 1)].push(r.latency_us);
+        let i = (((r.start_us + r.latency_us - t0) / bucket_us) as usize).min(n - 1);
+        lat[i].0.push(r.latency_us);
+        if !r.kind.is_success(r.status) {
+            lat[i].1 += 1;
+        }
     }
     let points = lat
         .into_iter()
         .enumerate()
-        .map(|(i, mut v)| {
+        .map(|(i, (mut v, failed))| {
             let start = i as u64 * bucket_us;
-            let width_us = (span_us - start).min(bucket_us).max(1);
+            // The last bucket's rate is over the time it covers (shorter or longer than a bucket).
+            let width_us = if i + 1 == n { (span_us - start).max(1) } else { bucket_us } as f64;
             let count = v.len() as u64;
-            let p99 = if v.is_empty() {
-                0.0
-            } else {
-                let k = ((v.len() as f64 * 0.99).ceil() as usize).clamp(1, v.len()) - 1;
-                let (_, x, _) = v.select_nth_unstable(k);
-                *x as f64 / 1000.0
-            };
-            Point { t_s: start as f64 / 1e6, per_s: count as f64 * 1e6 / width_us as f64, p99_ms: p99, count }
+            let (p50, p99) = if v.is_empty() { (0, 0) } else { (quantile(&mut v, 0.5), quantile(&mut v, 0.99)) };
+            Point {
+                t_s: start as f64 / 1e6,
+                width_s: width_us / 1e6,
+                per_s: count as f64 * 1e6 / width_us,
+                failed_per_s: failed as f64 * 1e6 / width_us,
+                p50_ms: p50 as f64 / 1000.0,
+                p99_ms: p99 as f64 / 1000.0,
+                count,
+            }
         })
         .collect();
     (bucket_us as f64 / 1e6, points)
 }
 
-type Rgb = [u8; 3];
-const BLACK: Rgb = [30, 30, 30];
-const GRID: Rgb = [225, 225, 225];
-const BLUE: Rgb = [52, 101, 164];
-const RED: Rgb = [204, 0, 0];
-const MARK: Rgb = [78, 154, 6];
-
-pub struct Canvas {
-    w: i32,
-    h: i32,
-    px: Vec<u8>,
+/// One bar of the latency histogram: [lo_ms, hi_ms) and how many requests fell in it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bin {
+    pub lo_ms: f64,
+    pub hi_ms: f64,
+    pub count: u64,
 }
 
-impl Canvas {
-    pub fn new(w: i32, h: i32) -> Canvas {
-        Canvas { w, h, px: vec![255; (w * h * 3) as usize] }
+/// Latencies in `bins` bins of equal width on a log scale from the fastest to the slowest
+/// request: load latencies have long tails, and equal linear bins would put nearly every
+/// request in the first bar.
+pub fn histogram(records: &[Record], bins: usize) -> Vec<Bin> {
+    let bins = bins.max(1);
+    let Some(min) = records.iter().map(|r| r.latency_us.max(1)).min() else { return Vec::new() };
+    let max = records.iter().map(|r| r.latency_us.max(1)).max().unwrap_or(min);
+    let (lo, hi) = ((min as f64).ln(), ((max as f64) * 1.0001).ln().max((min as f64).ln() + 1e-3));
+    let width = (hi - lo) / bins as f64;
+    let mut counts = vec![0u64; bins];
+    for r in records {
+        let i = (((r.latency_us.max(1) as f64).ln() - lo) / width) as usize;
+        counts[i.min(bins - 1)] += 1;
     }
+    counts
+        .into_iter()
+        .enumerate()
+        .map(|(i, count)| Bin { lo_ms: (lo + width * i as f64).exp() / 1000.0, hi_ms: (lo + width * (i + 1) as f64).exp() / 1000.0, count })
+        .collect()
+}
 
-    fn put(&mut self, x: i32, y: i32, c: Rgb) {
-        if x >= 0 && y >= 0 && x < self.w && y < self.h {
-            let i = ((y * self.w + x) * 3) as usize;
-            self.px[i..i + 3].copy_from_slice(&c);
+const THROUGHPUT: RGBColor = RGBColor(52, 101, 164);
+const FAILED: RGBColor = RGBColor(204, 0, 0);
+const P50: RGBColor = RGBColor(78, 154, 6);
+const P99: RGBColor = RGBColor(245, 121, 0);
+const MARK: RGBColor = RGBColor(117, 80, 123);
+const FONT: &str = "sans-serif";
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+type PlotResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+/// Tick labels without float noise: `0.30000000000000004` as `0.3`, `20000` as `20k`.
+pub fn tick_label(v: f64) -> String {
+    let a = v.abs();
+    if a >= 10_000.0 {
+        let k = v / 1000.0;
+        if k.fract().abs() < 1e-9 {
+            format!("{}k", k as i64)
+        } else {
+            format!("{k:.1}k")
+        }
+    } else if a >= 100.0 || a == 0.0 || (v.fract().abs() < 1e-9) {
+        format!("{}", v.round() as i64)
+    } else if a >= 1.0 {
+        trim(format!("{v:.2}"))
+    } else {
+        // Enough decimals for two significant digits.
+        let d = (-a.log10()).ceil() as usize + 1;
+        trim(format!("{v:.d$}"))
+    }
+}
+
+fn trim(s: String) -> String {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// Vertical dashed lines with their labels at the phase (or run) starts, in a time panel.
+fn draw_marks<'a, DB: DrawingBackend + 'a>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    marks: &[(f64, String)],
+    y_top: f64,
+) -> PlotResult
+where
+    DB::ErrorType: 'static,
+{
+    for (i, (t, label)) in marks.iter().enumerate() {
+        let s = chart.draw_series(DashedLineSeries::new(vec![(*t, 0.0), (*t, y_top)], 6, 6, MARK.stroke_width(2)))?;
+        if i == 0 {
+            s.label("phase or run start").legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], MARK.stroke_width(2)));
+        }
+        chart.draw_series(std::iter::once(Text::new(format!(" {label}"), (*t, y_top * 0.97), (FONT, 13).into_font().color(&MARK))))?;
+    }
+    Ok(())
+}
+
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, DB, CT>) -> PlotResult
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.6))
+        .label_font((FONT, 14))
+        .draw()?;
+    Ok(())
+}
+
+/// Room above the highest value so the legend box does not cover the data.
+fn headroom(max: f64) -> f64 {
+    if max > 0.0 && max.is_finite() {
+        max * 1.3
+    } else {
+        1.0
+    }
+}
+
+fn draw_throughput(area: &Area, pts: &[Point], bucket_s: f64, t_max: f64, marks: &[(f64, String)]) -> PlotResult {
+    let per = bucket_label(bucket_s);
+    let y_top = headroom(pts.iter().map(|p| p.per_s).fold(0.0, f64::max));
+    let mut chart = ChartBuilder::on(area)
+        .caption(format!("Throughput ({per})"), (FONT, 18))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_top)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since the first request (s)")
+        .y_desc("completed requests per second")
+        .x_label_formatter(&|v| tick_label(*v))
+        .y_label_formatter(&|v| tick_label(*v))
+        .axis_desc_style((FONT, 15))
+        .label_style((FONT, 13))
+        .draw()?;
+    // Step lines: a bucket's rate holds over the whole bucket.
+    let step = |f: fn(&Point) -> f64| pts.iter().flat_map(move |p| [(p.t_s, f(p)), ((p.t_s + p.width_s).min(t_max), f(p))]);
+    chart
+        .draw_series(AreaSeries::new(step(|p| p.per_s), 0.0, THROUGHPUT.mix(0.2)).border_style(THROUGHPUT.stroke_width(2)))?
+        .label("all requests (req/s)")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], THROUGHPUT.mix(0.5).filled()));
+    if pts.iter().any(|p| p.failed_per_s > 0.0) {
+        chart
+            .draw_series(LineSeries::new(step(|p| p.failed_per_s), FAILED.stroke_width(2)))?
+            .label("failed requests (req/s)")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], FAILED.stroke_width(2)));
+    }
+    draw_marks(&mut chart, marks, y_top)?;
+    legend(&mut chart)
+}
+
+fn draw_latency_over_time(area: &Area, pts: &[Point], bucket_s: f64, t_max: f64, marks: &[(f64, String)]) -> PlotResult {
+    let per = bucket_label(bucket_s);
+    let with_data: Vec<&Point> = pts.iter().filter(|p| p.count > 0).collect();
+    let y_top = headroom(with_data.iter().map(|p| p.p99_ms).fold(0.0, f64::max));
+    let mut chart = ChartBuilder::on(area)
+        .caption(format!("Latency over time ({per}, by completion time)"), (FONT, 18))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d(0.0..t_max, 0.0..y_top)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since the first request (s)")
+        .y_desc("latency (ms)")
+        .x_label_formatter(&|v| tick_label(*v))
+        .y_label_formatter(&|v| tick_label(*v))
+        .axis_desc_style((FONT, 15))
+        .label_style((FONT, 13))
+        .draw()?;
+    let mid = |p: &Point| p.t_s + p.width_s / 2.0;
+    for (name, color, f) in [("p99 (ms)", P99, (|p: &Point| p.p99_ms) as fn(&Point) -> f64), ("p50 (ms)", P50, |p: &Point| p.p50_ms)] {
+        chart
+            .draw_series(LineSeries::new(with_data.iter().map(|p| (mid(p), f(p))), color.stroke_width(2)).point_size(2))?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    draw_marks(&mut chart, marks, y_top)?;
+    legend(&mut chart)
+}
+
+fn draw_histogram(area: &Area, records: &[Record]) -> PlotResult {
+    let bins = histogram(records, 60);
+    let (lo, hi) = match (bins.first(), bins.last()) {
+        (Some(a), Some(b)) => (a.lo_ms, b.hi_ms),
+        _ => (0.001, 1.0),
+    };
+    let y_top = headroom(bins.iter().map(|b| b.count).max().unwrap_or(0) as f64);
+    let mut chart = ChartBuilder::on(area)
+        .caption("Latency histogram (all requests, log scale)", (FONT, 18))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(80)
+        .build_cartesian_2d((lo..hi).log_scale().with_key_points(log_ticks(lo, hi)), 0.0..y_top)?;
+    chart
+        .configure_mesh()
+        .x_desc("latency (ms, log scale)")
+        .y_desc("requests per bin")
+        .x_label_formatter(&|v| tick_label(*v))
+        .y_label_formatter(&|v| tick_label(*v))
+        .axis_desc_style((FONT, 15))
+        .label_style((FONT, 13))
+        .draw()?;
+    chart
+        .draw_series(
+            bins.iter()
+                .filter(|b| b.count > 0)
+                .map(|b| Rectangle::new([(b.lo_ms, 0.0), (b.hi_ms, b.count as f64)], THROUGHPUT.mix(0.7).filled())),
+        )?
+        .label("requests")
+        .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], THROUGHPUT.mix(0.7).filled()));
+    let mut lat: Vec<u64> = records.iter().map(|r| r.latency_us).collect();
+    if !lat.is_empty() {
+        for (name, q, color) in [("p50", 0.5, P50), ("p99", 0.99, P99), ("p99.9", 0.999, FAILED)] {
+            let v = (quantile(&mut lat, q).max(1) as f64 / 1000.0).clamp(lo, hi);
+            chart
+                .draw_series(DashedLineSeries::new(vec![(v, 0.0), (v, y_top)], 6, 4, color.stroke_width(2)))?
+                .label(format!("{name} = {} ms", tick_label(v)))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
     }
+    legend(&mut chart)
+}
 
-    /// Fill [x0, x1) x [y0, y1).
-    fn fill(&mut self, x0: i32, y0: i32, x1: i32, y1: i32, c: Rgb) {
-        for y in y0.max(0)..y1.min(self.h) {
-            for x in x0.max(0)..x1.min(self.w) {
-                self.put(x, y, c);
-            }
-        }
+/// Tick values for a log axis from `lo` to `hi`: 1-2-5 per decade, finer mantissas when the
+/// range spans too little for that to give four ticks, and plain linear steps when even those
+/// are too few (a narrow range is nearly linear on a log scale anyway).
+pub fn log_ticks(lo: f64, hi: f64) -> Vec<f64> {
+    if !(lo > 0.0 && hi > lo && hi.is_finite()) {
+        return vec![];
     }
-
-    fn line(&mut self, (mut x0, mut y0): (i32, i32), (x1, y1): (i32, i32), c: Rgb) {
-        let dx = (x1 - x0).abs();
-        let dy = -(y1 - y0).abs();
-        let (sx, sy) = (if x0 < x1 { 1 } else { -1 }, if y0 < y1 { 1 } else { -1 });
-        let mut err = dx + dy;
-        loop {
-            self.fill(x0, y0, x0 + 2, y0 + 2, c);
-            if x0 == x1 && y0 == y1 {
-                break;
-            }
-            let e2 = 2 * err;
-            if e2 >= dy {
-                err += dy;
-                x0 += sx;
-            }
-            if e2 <= dx {
-                err += dx;
-                y0 += sy;
-            }
-        }
-    }
-
-    fn text(&mut self, x: i32, y: i32, s: &str, scale: i32, c: Rgb) {
-        let mut cx = x;
-        for ch in s.chars() {
-            let g = glyph(ch.to_ascii_uppercase());
-            for (row, bits) in g.iter().enumerate() {
-                for col in 0..5 {
-                    if bits & (0x10 >> col) != 0 {
-                        let (px, py) = (cx + col * scale, y + row as i32 * scale);
-                        self.fill(px, py, px + scale, py + scale, c);
-                    }
+    let sets: [&[f64]; 3] = [&[1.0, 2.0, 5.0], &[1.0, 1.5, 2.0, 3.0, 5.0, 7.0], &[1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0]];
+    for set in sets {
+        let mut ticks = Vec::new();
+        let mut decade = 10f64.powf(lo.log10().floor());
+        while decade <= hi {
+            for m in set {
+                let v = m * decade;
+                if v >= lo && v <= hi {
+                    ticks.push(v);
                 }
             }
-            cx += 6 * scale;
+            decade *= 10.0;
+        }
+        if ticks.len() >= 4 {
+            return ticks;
         }
     }
-
-    pub fn text_width(s: &str, scale: i32) -> i32 {
-        (s.chars().count() as i32 * 6 - 1).max(0) * scale
+    let step = nice_step((hi - lo) / 5.0);
+    let mut v = (lo / step).ceil() * step;
+    let mut ticks = Vec::new();
+    while v <= hi {
+        ticks.push(v);
+        v += step;
     }
-
-    /// The picture as a PNG file (8-bit RGB, zlib level 6).
-    pub fn png(&self) -> Vec<u8> {
-        let row = (self.w * 3) as usize;
-        let mut raw = Vec::with_capacity((row + 1) * self.h as usize);
-        for y in 0..self.h as usize {
-            raw.push(0); // filter: none
-            raw.extend_from_slice(&self.px[y * row..(y + 1) * row]);
-        }
-        let z = miniz_oxide::deflate::compress_to_vec_zlib(&raw, 6);
-        let mut out = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-        let mut ihdr = Vec::with_capacity(13);
-        ihdr.extend_from_slice(&(self.w as u32).to_be_bytes());
-        ihdr.extend_from_slice(&(self.h as u32).to_be_bytes());
-        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-        chunk(&mut out, b"IHDR", &ihdr);
-        chunk(&mut out, b"IDAT", &z);
-        chunk(&mut out, b"IEND", &[]);
-        out
-    }
+    ticks
 }
 
-fn chunk(out: &mut Vec<u8>, ty: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    out.extend_from_slice(ty);
-    out.extend_from_slice(data);
-    let mut h = crc32fast::Hasher::new();
-    h.update(ty);
-    h.update(data);
-    out.extend_from_slice(&h.finalize().to_be_bytes());
-}
-
-/// 1, 2 or 5 times a power of ten, near `raw`.
-pub fn nice_step(raw: f64) -> f64 {
-    if raw <= 0.0 || !raw.is_finite() {
-        return 1.0;
-    }
+/// 1, 2 or 5 times a power of ten, at or above `raw`.
+fn nice_step(raw: f64) -> f64 {
     let mag = 10f64.powf(raw.log10().floor());
-    let norm = raw / mag;
-    let m = if norm <= 1.0 {
-        1.0
-    } else if norm <= 2.0 {
-        2.0
-    } else if norm <= 5.0 {
-        5.0
+    [1.0, 2.0, 5.0, 10.0].into_iter().map(|m| m * mag).find(|s| *s >= raw * 0.999).unwrap_or(10.0 * mag)
+}
+
+fn bucket_label(bucket_s: f64) -> String {
+    if bucket_s >= 1.0 {
+        format!("{} s buckets", tick_label(bucket_s))
     } else {
-        10.0
-    };
-    m * mag
-}
-
-pub fn tick_label(v: f64, step: f64) -> String {
-    if v.abs() < step * 1e-6 {
-        "0".to_string()
-    } else if step >= 1000.0 && (v / 1000.0).fract().abs() < 1e-9 {
-        format!("{}K", (v / 1000.0).round() as i64)
-    } else if step >= 1.0 {
-        format!("{}", v.round() as i64)
-    } else {
-        let d = (-step.log10()).ceil().max(0.0) as usize;
-        format!("{v:.d$}")
+        format!("{:.0} ms buckets", bucket_s * 1000.0)
     }
 }
 
-struct Panel<'a> {
-    x0: i32,
-    y0: i32,
-    x1: i32,
-    y1: i32,
-    title: &'a str,
-    color: Rgb,
-    bars: bool,
-}
-
-fn draw_panel(cv: &mut Canvas, p: &Panel, pts: &[(f64, f64)], bucket_s: f64, t_max: f64, marks: &[(f64, String)]) {
-    let vmax_data = pts.iter().map(|&(_, v)| v).fold(0.0, f64::max);
-    let vstep = nice_step(vmax_data.max(1e-3) * 1.1 / 5.0);
-    let vmax = (vmax_data * 1.1 / vstep).ceil().max(1.0) * vstep;
-    let (w, h) = ((p.x1 - p.x0) as f64, (p.y1 - p.y0) as f64);
-    let sx = |t: f64| p.x0 + (t / t_max * w).round() as i32;
-    let sy = |v: f64| p.y1 - (v / vmax * h).round() as i32;
-
-    cv.text(p.x0, p.y0 - 24, p.title, 2, BLACK);
-    // Horizontal grid and value labels.
-    let mut v = 0.0;
-    while v <= vmax + vstep * 1e-6 {
-        let y = sy(v);
-        cv.fill(p.x0, y, p.x1, y + 1, GRID);
-        let label = tick_label(v, vstep);
-        cv.text(p.x0 - 8 - Canvas::text_width(&label, 2), y - 7, &label, 2, BLACK);
-        v += vstep;
-    }
-    // Time ticks and labels.
-    let tstep = nice_step(t_max / 8.0);
-    let mut t = 0.0;
-    while t <= t_max + tstep * 1e-6 {
-        let x = sx(t);
-        cv.fill(x, p.y0, x + 1, p.y1, GRID);
-        cv.fill(x, p.y1, x + 1, p.y1 + 6, BLACK);
-        let label = tick_label(t, tstep);
-        cv.text(x - Canvas::text_width(&label, 2) / 2, p.y1 + 10, &label, 2, BLACK);
-        t += tstep;
-    }
-    // Phase and run boundaries: dashed lines with a label.
-    for (t, label) in marks {
-        let x = sx(*t);
-        let mut y = p.y0;
-        while y < p.y1 {
-            cv.fill(x, y, x + 2, (y + 6).min(p.y1), MARK);
-            y += 12;
-        }
-        cv.text(x + 5, p.y0 + 6, label, 1, MARK);
-    }
-    // Data.
-    if p.bars {
-        for &(t, v) in pts {
-            let (xa, xb) = (sx(t), sx(t + bucket_s).max(sx(t) + 1));
-            cv.fill(xa, sy(v), xb - if xb - xa > 3 { 1 } else { 0 }, p.y1, p.color);
-        }
-    } else {
-        let xy: Vec<(i32, i32)> = pts.iter().map(|&(t, v)| (sx(t + bucket_s / 2.0), sy(v))).collect();
-        for wnd in xy.windows(2) {
-            cv.line(wnd[0], wnd[1], p.color);
-        }
-        for &(x, y) in &xy {
-            cv.fill(x - 2, y - 2, x + 4, y + 4, p.color);
-        }
-    }
-    // Frame.
-    cv.fill(p.x0, p.y0, p.x1, p.y0 + 1, BLACK);
-    cv.fill(p.x0, p.y1, p.x1 + 1, p.y1 + 1, BLACK);
-    cv.fill(p.x0, p.y0, p.x0 + 1, p.y1, BLACK);
-    cv.fill(p.x1, p.y0, p.x1 + 1, p.y1, BLACK);
-}
-
-/// Draw the two panels for `records` under `title`; `marks` are (µs since the invocation began,
+/// The SVG document for `records` under `title`; `marks` are (µs since the invocation began,
 /// label) of phase or run starts.
-pub fn render(records: &[Record], title: &str, marks: &[(u64, String)]) -> Canvas {
-    let (w, h) = (1200, 760);
-    let mut cv = Canvas::new(w, h);
+pub fn render(records: &[Record], title: &str, marks: &[(u64, String)]) -> io::Result<String> {
+    let mut svg = String::new();
+    draw(&mut svg, records, title, marks).map_err(|e| io::Error::other(format!("cannot draw the plot: {e}")))?;
+    Ok(svg)
+}
+
+fn draw(svg: &mut String, records: &[Record], title: &str, marks: &[(u64, String)]) -> PlotResult {
     let (bucket_s, pts) = series(records);
     let t0 = records.iter().map(|r| r.start_us).min().unwrap_or(0);
-    let marks: Vec<(f64, String)> =
-        marks.iter().filter(|(t, _)| *t > t0).map(|(t, l)| ((t - t0) as f64 / 1e6, l.to_ascii_uppercase())).collect();
-    let t_max = pts.last().map(|p| p.t_s + bucket_s).unwrap_or(1.0).max(bucket_s);
-    let per = if bucket_s >= 1.0 { "PER SECOND".to_string() } else { format!("PER {:.0} MS BUCKET", bucket_s * 1000.0) };
-    cv.text(110, 12, title, 2, BLACK);
-    let thr: Vec<(f64, f64)> = pts.iter().map(|p| (p.t_s, p.per_s)).collect();
-    let p99: Vec<(f64, f64)> = pts.iter().filter(|p| p.count > 0).map(|p| (p.t_s, p.p99_ms)).collect();
-    let top = format!("THROUGHPUT (REQ/S), {per}");
-    let bottom = format!("P99 LATENCY (MS), {per}");
-    draw_panel(
-        &mut cv,
-        &Panel { x0: 110, y0: 80, x1: w - 30, y1: 350, title: &top, color: BLUE, bars: true },
-        &thr,
-        bucket_s,
-        t_max,
-        &marks,
-    );
-    draw_panel(
-        &mut cv,
-        &Panel { x0: 110, y0: 440, x1: w - 30, y1: 700, title: &bottom, color: RED, bars: false },
-        &p99,
-        bucket_s,
-        t_max,
-        &marks,
-    );
-    let xt = "TIME SINCE START (S)";
-    cv.text((w - Canvas::text_width(xt, 2)) / 2, 735, xt, 2, BLACK);
-    cv
+    // Marks are relative to the invocation; the time axis starts at the first request.
+    let marks: Vec<(f64, String)> = marks.iter().filter(|(t, _)| *t > t0).map(|(t, l)| ((t - t0) as f64 / 1e6, l.clone())).collect();
+    let t_max = pts.last().map(|p| p.t_s + p.width_s).unwrap_or(1.0).max(bucket_s);
+    let root = SVGBackend::with_string(svg, (1200, 1260)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let root = root.titled(title, (FONT, 22))?;
+    let panels = root.split_evenly((3, 1));
+    draw_throughput(&panels[0], &pts, bucket_s, t_max, &marks)?;
+    draw_latency_over_time(&panels[1], &pts, bucket_s, t_max, &marks)?;
+    draw_histogram(&panels[2], records)?;
+    root.present()?;
+    Ok(())
 }
 
+/// Write the SVG to `path` as given (whatever its extension: the caller names the file).
 pub fn write(path: &Path, records: &[Record], title: &str, marks: &[(u64, String)]) -> io::Result<()> {
-    std::fs::write(path, render(records, title, marks).png())
-}
-
-/// 5x7 glyphs, one byte per row, bit 4 = leftmost column. Unknown characters are blank.
-fn glyph(c: char) -> [u8; 7] {
-    match c {
-        '0' => [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E],
-        '1' => [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        '2' => [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F],
-        '3' => [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
-        '4' => [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02],
-        '5' => [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
-        '6' => [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E],
-        '7' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
-        '8' => [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E],
-        '9' => [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        'A' => [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'B' => [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
-        'C' => [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E],
-        'D' => [0x1C, 0x12, 0x11, 0x11, 0x11, 0x12, 0x1C],
-        'E' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F],
-        'F' => [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
-        'G' => [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F],
-        'H' => [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
-        'I' => [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E],
-        'J' => [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
-        'K' => [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11],
-        'L' => [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
-        'M' => [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11],
-        'N' => [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
-        'O' => [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'P' => [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
-        'Q' => [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D],
-        'R' => [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
-        'S' => [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E],
-        'T' => [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
-        'U' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E],
-        'V' => [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
-        'W' => [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A],
-        'X' => [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
-        'Y' => [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04],
-        'Z' => [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
-        '.' => [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C],
-        ',' => [0x00, 0x00, 0x00, 0x00, 0x0C, 0x04, 0x08],
-        ':' => [0x00, 0x0C, 0x0C, 0x00, 0x0C, 0x0C, 0x00],
-        '/' => [0x00, 0x01, 0x02, 0x04, 0x08, 0x10, 0x00],
-        '(' => [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02],
-        ')' => [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
-        '-' => [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00],
-        '=' => [0x00, 0x00, 0x1F, 0x00, 0x1F, 0x00, 0x00],
-        '%' => [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        'x' | '*' => [0x00, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x00],
-        _ => [0; 7],
-    }
+    std::fs::write(path, render(records, title, marks)?)
 }
 
 #[cfg(test)]
@@ -365,43 +385,118 @@ mod tests {
     }
 
     #[test]
-    fn buckets_count_completions_and_p99() {
-        // 100 requests finishing in the first 100 ms, 50 in the second.
+    fn buckets_count_completions_failures_and_percentiles() {
+        // 100 requests finishing in the first 100 ms, 50 in the second (10 of them failed).
         let mut r: Vec<Record> = (0..100).map(|i| rec(i * 900, 100 + i)).collect();
-        r.extend((0..50).map(|i| rec(100_000 + i * 1000, 5_000)));
+        r.extend((0..50).map(|i| Record { status: if i < 10 { 503 } else { 201 }, ..rec(100_000 + i * 1000, 5_000) }));
         let (b, pts) = series(&r);
         assert_eq!(b, 0.1);
         assert_eq!(pts.len(), 2);
         assert_eq!(pts[0].count, 100);
         assert!((pts[0].per_s - 1000.0).abs() < 1e-6, "{}", pts[0].per_s);
+        assert_eq!(pts[0].failed_per_s, 0.0);
         assert!((pts[0].p99_ms - 0.198).abs() < 1e-9, "{}", pts[0].p99_ms);
+        assert!((pts[0].p50_ms - 0.149).abs() < 1e-9, "{}", pts[0].p50_ms);
+        assert!((pts[1].width_s - 0.054).abs() < 1e-9, "{}", pts[1].width_s);
         assert_eq!(pts[1].count, 50);
         assert_eq!(pts[1].p99_ms, 5.0);
+        assert!(pts[1].failed_per_s > 0.0);
     }
 
     #[test]
-    fn nice_numbers() {
-        assert_eq!(nice_step(13.0), 20.0);
-        assert_eq!(nice_step(0.7), 1.0);
-        assert_eq!(nice_step(4200.0), 5000.0);
-        assert_eq!(tick_label(20000.0, 5000.0), "20K");
-        assert_eq!(tick_label(0.5, 0.5), "0.5");
-        assert_eq!(tick_label(3.0, 1.0), "3");
-        assert_eq!(tick_label(0.0, 5000.0), "0");
+    fn a_short_last_bucket_joins_the_one_before() {
+        // 100 requests in the first 100 ms and one straggler 10 ms later: two buckets would
+        // rate the straggler at 100 req/s over its 10 ms.
+        let mut r: Vec<Record> = (0..100).map(|i| rec(i * 990, 10)).collect();
+        r.push(rec(109_000, 1000));
+        let (_, pts) = series(&r);
+        assert_eq!(pts.len(), 1);
+        assert_eq!(pts[0].count, 101);
+        assert!((pts[0].width_s - 0.11).abs() < 1e-9);
     }
 
     #[test]
-    fn png_has_signature_and_valid_chunks() {
-        let r: Vec<Record> = (0..1000).map(|i| rec(i * 1000, 500 + i % 50)).collect();
-        let png = render(&r, "TEST", &[(500_000, "phase 2".into())]).png();
-        assert_eq!(&png[..8], &[0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A]);
-        assert_eq!(&png[12..16], b"IHDR");
-        assert_eq!(u32::from_be_bytes(png[16..20].try_into().unwrap()), 1200);
-        assert!(png.ends_with(&[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82]));
-        // The image data inflates back to height x (1 + width x 3) bytes.
-        let idat_len = u32::from_be_bytes(png[33..37].try_into().unwrap()) as usize;
-        assert_eq!(&png[37..41], b"IDAT");
-        let raw = miniz_oxide::inflate::decompress_to_vec_zlib(&png[41..41 + idat_len]).unwrap();
-        assert_eq!(raw.len(), 760 * (1 + 1200 * 3));
+    fn histogram_bins_cover_every_request_on_a_log_scale() {
+        let r: Vec<Record> = (1..=1000).map(|i| rec(i, i * 10)).collect();
+        let h = histogram(&r, 20);
+        assert_eq!(h.len(), 20);
+        assert_eq!(h.iter().map(|b| b.count).sum::<u64>(), 1000);
+        assert!((h[0].lo_ms - 0.01).abs() < 1e-9, "{}", h[0].lo_ms);
+        assert!(h[19].hi_ms >= 10.0, "{}", h[19].hi_ms);
+        // Equal widths in log space: each bin's hi/lo ratio is the same.
+        let ratio = h[0].hi_ms / h[0].lo_ms;
+        assert!(h.iter().all(|b| (b.hi_ms / b.lo_ms - ratio).abs() < 1e-6));
+        // All latencies equal: one non-empty bin, nothing lost.
+        let same: Vec<Record> = (0..10).map(|i| rec(i, 500)).collect();
+        assert_eq!(histogram(&same, 5).iter().map(|b| b.count).sum::<u64>(), 10);
+        assert!(histogram(&[], 5).is_empty());
+    }
+
+    #[test]
+    fn log_axis_ticks() {
+        assert_eq!(log_ticks(0.05, 80.0), vec![0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0]);
+        // Under a decade: finer mantissas.
+        let t = log_ticks(0.4, 3.0);
+        assert!(t.len() >= 4 && t.contains(&1.5) && t.first() >= Some(&0.4) && t.last() <= Some(&3.0), "{t:?}");
+        // A narrow range: linear steps, still inside it.
+        let t = log_ticks(0.5, 0.52);
+        assert!(t.len() >= 2 && t.iter().all(|v| (0.5..=0.52).contains(v)), "{t:?}");
+        assert!(log_ticks(0.0, 1.0).is_empty());
+    }
+
+    #[test]
+    fn tick_labels_are_short() {
+        assert_eq!(tick_label(0.0), "0");
+        assert_eq!(tick_label(20000.0), "20k");
+        assert_eq!(tick_label(12500.0), "12.5k");
+        assert_eq!(tick_label(0.30000000000000004), "0.3");
+        assert_eq!(tick_label(2.5), "2.5");
+        assert_eq!(tick_label(0.0125), "0.013");
+        assert_eq!(tick_label(350.0), "350");
+    }
+
+    /// The contents of the SVG's `<text>` elements, trimmed.
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text").skip(1).filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string())).collect()
+    }
+
+    #[test]
+    fn svg_has_the_three_panels_axes_and_legends() {
+        let mut r: Vec<Record> = (0..2000).map(|i| rec(i * 1000, 500 + (i % 50) * 20)).collect();
+        r[7].status = 500;
+        let svg = render(&r, "liftlog-load post: 2000 requests", &[(1_000_000, "phase 2: 128 workers".into())]).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..80.min(svg.len())]);
+        assert!(svg.trim_end().ends_with("</svg>"));
+        let found = texts(&svg);
+        for text in [
+            "liftlog-load post: 2000 requests",
+            "Throughput (100 ms buckets)",
+            "Latency over time (100 ms buckets, by completion time)",
+            "Latency histogram (all requests, log scale)",
+            "time since the first request (s)",
+            "completed requests per second",
+            "latency (ms)",
+            "latency (ms, log scale)",
+            "requests per bin",
+            "all requests (req/s)",
+            "failed requests (req/s)",
+            "p50 (ms)",
+            "p99 (ms)",
+            "phase or run start",
+            "phase 2: 128 workers",
+            "p99.9 = ",
+        ] {
+            assert!(found.iter().any(|t| t.starts_with(text)), "the SVG lacks the text {text:?}: {found:?}");
+        }
+        // Tick labels on the axes: the throughput axis reaches 1000 req/s (one request a ms).
+        assert!(found.iter().any(|t| t == "1000"), "{found:?}");
+        if let Ok(dir) = std::env::var("LIFTLOG_LOAD_PLOT_DIR") {
+            // To look at it: LIFTLOG_LOAD_PLOT_DIR=/tmp cargo test -p liftlog-load svg_has
+            std::fs::write(Path::new(&dir).join("liftlog-load-test-plot.svg"), &svg).unwrap();
+        }
+        // A run without failures has no failure line, and an empty run still draws.
+        let ok: Vec<Record> = (0..10).map(|i| rec(i * 1000, 300)).collect();
+        assert!(!texts(&render(&ok, "t", &[]).unwrap()).iter().any(|t| t.contains("failed requests")));
+        assert!(texts(&render(&[], "empty", &[]).unwrap()).contains(&"empty".to_string()));
     }
 }

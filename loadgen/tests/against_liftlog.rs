@@ -101,7 +101,7 @@ fn posts_reconcile_and_reads_against_the_real_server() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("post.json");
     let csv = dir.path().join("post.csv");
-    let png = dir.path().join("post.png");
+    let svg = dir.path().join("post.svg");
 
     let post = cli(&[
         "post",
@@ -128,7 +128,7 @@ fn posts_reconcile_and_reads_against_the_real_server() {
         "--csv",
         csv.to_str().unwrap(),
         "--plot",
-        png.to_str().unwrap(),
+        svg.to_str().unwrap(),
     ]);
     let out = rt.block_on(execute(&post)).unwrap_or_else(|e| panic!("{e}\nserver log:\n{}", server.log_tail()));
     assert_eq!(out.failures(), 0, "server log:\n{}", server.log_tail());
@@ -144,11 +144,15 @@ fn posts_reconcile_and_reads_against_the_real_server() {
     let doc: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(doc["runs"][0]["endpoints"][0]["successes"], 3000);
     assert_eq!(doc["runs"][0]["endpoints"][0]["status"]["201"], 3000);
+    assert_eq!(doc["runs"][0]["endpoints"][0]["status_code_distribution"]["201"], 3000);
+    assert_eq!(doc["runs"][0]["endpoints"][0]["summary"]["success_rate"], 1.0);
+    assert!(doc["runs"][0]["endpoints"][0]["latency_percentiles_us"]["p99.99"].is_u64());
     assert_eq!(doc["reconcile"]["ok"], true);
     let csv_text = std::fs::read_to_string(&csv).unwrap();
     assert_eq!(csv_text.lines().count(), 3001);
     assert!(csv_text.lines().nth(1).unwrap().contains(",POST,"));
-    assert!(std::fs::read(&png).unwrap().starts_with(b"\x89PNG"));
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains(">liftlog-load post: 3000 requests"), "{}", &plot[..200.min(plot.len())]);
 
     // A second run in the same season: the service still counts the skiers of the first run,
     // so numSkiers is above what this run acknowledged, and reconciliation must say so.
