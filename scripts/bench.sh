@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The benchmark: measures liftlog side by side with the ceilings of the machine it runs on,
-# in one run, and writes bench/results/<date>.md (plus PNG plots next to it).
+# in one run, and writes bench/results/<date>.md (plus SVG plots next to it).
 #
 # Usage: scripts/bench.sh [--quick] [--big]
 #   (none)   the full run: about 10 minutes on 2 cores
@@ -288,11 +288,11 @@ start embedded "$BIN/liftlog" serve --admin-listen main --listen "127.0.0.1:$EMB
 EMB_PID=$LAST_PID
 if wait_listening embedded "$EMB_PID"; then
   wrk_run wrk-emb-post.json "$EMB" post 2025
-  load load-emb-post post --base "$EMB" -n "$STD_POST_N" --reconcile --run-season --plot "$RUN/post-embedded.png"
+  load load-emb-post post --base "$EMB" -n "$STD_POST_N" --reconcile --run-season --plot "$RUN/post-embedded.svg"
   for ep in skier-day resort-day vertical; do
     wrk_run "wrk-emb-$ep.json" "$EMB" "$ep" 2025
   done
-  load open-emb get --base "$EMB" --endpoint all --rate "$OPEN_RATE" -n "$OPEN_N" --season 2025 --plot "$RUN/get-open-embedded.png"
+  load open-emb get --base "$EMB" --endpoint all --rate "$OPEN_RATE" -n "$OPEN_N" --season 2025 --plot "$RUN/get-open-embedded.svg"
   wrk_run wrk-emb-c6000.json "$EMB" resort-day 2025 6000 "$C6000_S" --timeout 10s
   log " 201-to-visible under $LAG_RATE rides/s (embedded)"
   background_post load-emb-bg "$EMB" "$LAG_RATE"
@@ -367,7 +367,7 @@ fi
 if ((prod_ok)); then
   t0=$(now_ms)
   load load-prod-post post --base "http://127.0.0.1:$WRITE_PORT" -n "$PROD_N" -c "$PROD_C" --phase1-rides 100 --season 2025 \
-    --plot "$RUN/post-production.png"
+    --plot "$RUN/post-production.svg"
   acked=$(jq '[.runs[].endpoints[].successes] | add // 0' "$OUT/load-prod-post.json" 2>/dev/null || echo 0)
   # End to end: until the consumer has written, applied and acked every acknowledged ride.
   t1=0 events=0
@@ -493,7 +493,7 @@ fi
 # --------------------------------------------------------------- report ---
 log "8. results"
 for p in post-embedded get-open-embedded post-production; do
-  [[ -f $RUN/$p.png ]] && cp "$RUN/$p.png" "$RESULTS/$NAME-$p.png"
+  [[ -f $RUN/$p.svg ]] && cp "$RUN/$p.svg" "$RESULTS/$NAME-$p.svg"
 done
 LOAD_AFTER=$(loadavg)
 CMD="scripts/bench.sh${*:+ $*}"

@@ -673,11 +673,11 @@ pub fn run(args: &Args) -> Result<(), String> {
         ("post-production", "POST run against the production write node"),
     ];
     let parent = out.parent().unwrap_or(Path::new("."));
-    let present: Vec<_> = plots.into_iter().filter(|(p, _)| parent.join(format!("{name}-{p}.png")).exists()).collect();
+    let present: Vec<_> = plots.into_iter().filter(|(p, _)| parent.join(format!("{name}-{p}.svg")).exists()).collect();
     if !present.is_empty() {
-        let _ = writeln!(w, "\n## Plots (liftlog-load --plot: throughput and p99 per time bucket)\n");
+        let _ = writeln!(w, "\n## Plots (liftlog-load --plot: throughput and p50/p99 per time bucket, latency histogram)\n");
         for (p, what) in present {
-            let _ = writeln!(w, "{what}:\n\n![{what}]({name}-{p}.png)\n");
+            let _ = writeln!(w, "{what}:\n\n![{what}]({name}-{p}.svg)\n");
         }
     }
     let _ = writeln!(
