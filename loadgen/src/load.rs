@@ -292,27 +292,25 @@ async fn worker(engine: Arc<Engine>, plan: Arc<PhasePlan>, id: usize, quota: Opt
     out
 }
 
+/// Appends `/{name}/{value}` for each pair, then `tail`: the API's paths are all of that shape.
+fn push_path(out: &mut Vec<u8>, segments: &[(&[u8], u32)], tail: &[u8]) {
+    for (name, value) in segments {
+        out.push(b'/');
+        out.extend_from_slice(name);
+        out.push(b'/');
+        push_u64(out, u64::from(*value));
+    }
+    out.extend_from_slice(tail);
+}
+
 /// Ride-path `/skiers/{resort}/seasons/{season}/days/{day}/skiers/{skier}`.
 pub fn skier_day_path(out: &mut Vec<u8>, resort: u32, season: u32, day: u32, skier: u32) {
-    out.extend_from_slice(b"/skiers/");
-    push_u64(out, resort as u64);
-    out.extend_from_slice(b"/seasons/");
-    push_u64(out, season as u64);
-    out.extend_from_slice(b"/days/");
-    push_u64(out, day as u64);
-    out.extend_from_slice(b"/skiers/");
-    push_u64(out, skier as u64);
+    push_path(out, &[(b"skiers", resort), (b"seasons", season), (b"days", day), (b"skiers", skier)], b"");
 }
 
 /// `/resorts/{resort}/seasons/{season}/day/{day}/skiers`.
 pub fn resort_day_path(out: &mut Vec<u8>, resort: u32, season: u32, day: u32) {
-    out.extend_from_slice(b"/resorts/");
-    push_u64(out, resort as u64);
-    out.extend_from_slice(b"/seasons/");
-    push_u64(out, season as u64);
-    out.extend_from_slice(b"/day/");
-    push_u64(out, day as u64);
-    out.extend_from_slice(b"/skiers");
+    push_path(out, &[(b"resorts", resort), (b"seasons", season), (b"day", day)], b"/skiers");
 }
 
 /// The delay before retry number `retry` (1-based): base x 2^(retry-1), capped, times a jitter

@@ -190,11 +190,17 @@ fn headroom(max: f64) -> f64 {
     }
 }
 
-fn draw_throughput(area: &Area, pts: &[Point], bucket_s: f64, t_max: f64, marks: &[(f64, String)]) -> PlotResult {
-    let per = bucket_label(bucket_s);
-    let y_top = headroom(pts.iter().map(|p| p.per_s).fold(0.0, f64::max));
+/// A panel over the run's time axis (0 to `t_max` seconds) and 0 to `y_top`, with its
+/// caption, axis descriptions and grid drawn: the throughput and latency panels share it.
+fn time_panel<'a, 'b>(
+    area: &'a Area<'b>,
+    caption: &str,
+    y_desc: &str,
+    t_max: f64,
+    y_top: f64,
+) -> PlotResult<ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
     let mut chart = ChartBuilder::on(area)
-        .caption(format!("Throughput ({per})"), (FONT, 18))
+        .caption(caption, (FONT, 18))
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(80)
@@ -202,12 +208,19 @@ fn draw_throughput(area: &Area, pts: &[Point], bucket_s: f64, t_max: f64, marks:
     chart
         .configure_mesh()
         .x_desc("time since the first request (s)")
-        .y_desc("completed requests per second")
+        .y_desc(y_desc)
         .x_label_formatter(&|v| tick_label(*v))
         .y_label_formatter(&|v| tick_label(*v))
         .axis_desc_style((FONT, 15))
         .label_style((FONT, 13))
         .draw()?;
+    Ok(chart)
+}
+
+fn draw_throughput(area: &Area, pts: &[Point], bucket_s: f64, t_max: f64, marks: &[(f64, String)]) -> PlotResult {
+    let per = bucket_label(bucket_s);
+    let y_top = headroom(pts.iter().map(|p| p.per_s).fold(0.0, f64::max));
+    let mut chart = time_panel(area, &format!("Throughput ({per})"), "completed requests per second", t_max, y_top)?;
     // Step lines: a bucket's rate holds over the whole bucket.
     let step = |f: fn(&Point) -> f64| pts.iter().flat_map(move |p| [(p.t_s, f(p)), ((p.t_s + p.width_s).min(t_max), f(p))]);
     chart
@@ -228,21 +241,7 @@ fn draw_latency_over_time(area: &Area, pts: &[Point], bucket_s: f64, t_max: f64,
     let per = bucket_label(bucket_s);
     let with_data: Vec<&Point> = pts.iter().filter(|p| p.count > 0).collect();
     let y_top = headroom(with_data.iter().map(|p| p.p99_ms).fold(0.0, f64::max));
-    let mut chart = ChartBuilder::on(area)
-        .caption(format!("Latency over time ({per}, by completion time)"), (FONT, 18))
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(80)
-        .build_cartesian_2d(0.0..t_max, 0.0..y_top)?;
-    chart
-        .configure_mesh()
-        .x_desc("time since the first request (s)")
-        .y_desc("latency (ms)")
-        .x_label_formatter(&|v| tick_label(*v))
-        .y_label_formatter(&|v| tick_label(*v))
-        .axis_desc_style((FONT, 15))
-        .label_style((FONT, 13))
-        .draw()?;
+    let mut chart = time_panel(area, &format!("Latency over time ({per}, by completion time)"), "latency (ms)", t_max, y_top)?;
     let mid = |p: &Point| p.t_s + p.width_s / 2.0;
     for (name, color, f) in [("p99 (ms)", P99, (|p: &Point| p.p99_ms) as fn(&Point) -> f64), ("p50 (ms)", P50, |p: &Point| p.p50_ms)] {
         chart
