@@ -39,7 +39,7 @@
 # differs in generator, concurrency or work say so in the report. Everything shares the machine's cores with the generators and the
 # broker, so compare ratios, not absolute figures, across machines.
 #
-# Needs: the Rust toolchain, wrk (apt-get install wrk), jq, curl, and what
+# Needs: the Rust toolchain, wrk, jq, curl, nginx (each installed with apt-get when missing, as root), and what
 # `cargo xtask services` needs (Java 17, Node 20, rabbitmq-server).
 # Environment: BENCH_DYNAMODB_PORT (8010), BENCH_PORT_BASE (18180), BENCH_KEEP=1 keeps
 # the scratch dir (data dirs, logs, raw JSON) that is otherwise removed on success.
@@ -228,16 +228,8 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if (($(ulimit -n) < 13000)); then
   warn "open files limit is $(ulimit -n); the 6000-connection run needs about 13000"
 fi
-command -v wrk >/dev/null || {
-  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-    log "installing wrk with apt-get"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y wrk >"$RUN/logs/apt-wrk.log" 2>&1 || { echo "apt-get install wrk failed" >&2; exit 1; }
-  else
-    echo "wrk is missing: apt-get install wrk" >&2
-    exit 1
-  fi
-}
-for tool in jq curl; do command -v $tool >/dev/null || { echo "$tool is missing" >&2; exit 1; }; done
+# nginx is for the cluster runs (step 7), checked now rather than after ten minutes.
+if ((QUICK)); then need_tools "$RUN/logs" wrk jq curl; else need_tools "$RUN/logs" wrk jq curl nginx; fi
 
 log "1. cargo build --release --workspace"
 cargo build --release --workspace >"$RUN/logs/build.log" 2>&1 || { tail -n 30 "$RUN/logs/build.log" >&2; exit 1; }

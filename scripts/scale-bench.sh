@@ -82,7 +82,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-for tool in jq curl nginx; do command -v $tool >/dev/null || { echo "$tool is missing" >&2; exit 1; }; done
+need_tools "$RUN/logs" jq curl nginx
 if ((!NO_BUILD)); then
   log "cargo build --release --workspace"
   cargo build --release --workspace --locked >"$RUN/logs/build.log" 2>&1 || { tail -n 30 "$RUN/logs/build.log" >&2; exit 1; }
