@@ -167,6 +167,9 @@ pub fn enabled() -> bool {
 const LATENCY: &[f64] = &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Flush cycles: 1 ms (nothing dirty) to a minute (a DynamoDB outage's retries).
 const FLUSH: &[f64] = &[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Publish → apply across nodes: 0.5 ms (a warm consumer) to 5 minutes (a backlog after an
+/// outage).
+const LAG: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 /// Rides per WAL batch: powers of two up to `consumer.max_batch`'s default.
 const BATCH: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
 
@@ -188,6 +191,7 @@ pub struct Histograms {
     batch: Histogram,
     flush: Histogram,
     forward: Histogram,
+    applied_lag: Histogram,
 }
 
 pub static HISTOGRAMS: LazyLock<Histograms> = LazyLock::new(|| Histograms {
@@ -198,6 +202,7 @@ pub static HISTOGRAMS: LazyLock<Histograms> = LazyLock::new(|| Histograms {
     batch: Histogram::new(BATCH.iter().copied()),
     flush: Histogram::new(FLUSH.iter().copied()),
     forward: Histogram::new(LATENCY.iter().copied()),
+    applied_lag: Histogram::new(LAG.iter().copied()),
 });
 
 impl Histograms {
@@ -227,6 +232,13 @@ impl Histograms {
             "Day reads forwarded to the shard's owner, per attempt, until its answer or failure.",
             Unit::Seconds,
             self.forward.clone(),
+        );
+        r.register_with_unit(
+            "consumer_applied_lag",
+            "From the write node's publish of a message (its 201s follow the broker's confirm) to the \
+             consumer's apply of its rides, per message; across nodes, so clock skew is in it.",
+            Unit::Seconds,
+            self.applied_lag.clone(),
         );
     }
 
@@ -284,6 +296,23 @@ pub fn flush_cycle(started: Instant) {
     }
 }
 
+/// Records, for each message of a consumer batch just applied, how long ago its write node
+/// published it (`published_us`: microseconds since the Unix epoch, the writer's clock). A
+/// writer's clock ahead of ours counts as 0, not as a negative lag.
+pub fn applied_lag(published_us: &[u64]) {
+    if enabled() && !published_us.is_empty() {
+        let now = unix_micros();
+        for &t in published_us {
+            HISTOGRAMS.applied_lag.observe(now.saturating_sub(t) as f64 / 1e6);
+        }
+    }
+}
+
+/// Now, in microseconds since the Unix epoch: the publish stamp's clock.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Times one forwarded read (cluster mode) until it is dropped, whichever way the forward
 /// returns.
 pub struct ForwardTimer(Instant);
@@ -311,6 +340,7 @@ pub const HISTOGRAM_FAMILIES: &[&str] = &[
     "liftlog_consumer_batch_rides",
     "liftlog_flush_duration_seconds",
     "liftlog_cluster_forward_duration_seconds",
+    "liftlog_consumer_applied_lag_seconds",
 ];
 
 #[cfg(test)]

@@ -569,6 +569,7 @@ fn dynamodb_outage_a_new_day_waits_while_resident_days_apply_and_sigterm_is_boun
 /// answers with the id the client sent and logs the request under it, the AMQP message
 /// carries it, and the consumer's "WAL batch durable" line names it. A ride that came with
 /// only a W3C `traceparent` is known by its trace id; one with neither gets an id of ours.
+/// The consumer's publish → applied histogram counts the three messages.
 #[test]
 #[ignore = "needs RabbitMQ and DynamoDB Local: run scripts/test.sh"]
 fn a_rides_request_id_reaches_the_write_nodes_and_the_consumers_logs() {
@@ -583,7 +584,7 @@ fn a_rides_request_id_reaches_the_write_nodes_and_the_consumers_logs() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Server::start_logged(dir, &args, &[], Some((log, filter)))
     };
-    let _consumer = start(dirs[0].path(), "consume", &consume_log);
+    let consumer = start(dirs[0].path(), "consume", &consume_log);
     let writer = start(dirs[1].path(), "write", &write_log);
 
     let id = format!("gate-7:{}", b.prefix);
@@ -608,6 +609,14 @@ fn a_rides_request_id_reaches_the_write_nodes_and_the_consumers_logs() {
         let lines = durable_lines(&read(&consume_log));
         [&id, &trace, &made].iter().all(|want| lines.iter().any(|l| l.contains(want.as_str())))
     });
+    // The consumer's publish → applied histogram saw the three messages, with lags that
+    // are plausible on one machine (a minute would mean a stamp in the wrong unit).
+    let (code, metrics) = get(&agent(), &consumer.url("/metrics"));
+    assert_eq!(code, 200, "{metrics}");
+    let value = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
+    let count = value("liftlog_consumer_applied_lag_seconds_count").unwrap_or_else(|| panic!("no applied-lag histogram:\n{metrics}"));
+    let sum = value("liftlog_consumer_applied_lag_seconds_sum").unwrap_or_default();
+    assert!(count >= 3.0 && (0.0..60.0).contains(&(sum / count)), "applied lag: count {count}, sum {sum} s");
     let write = read(&write_log);
     for want in [&id, &trace, &made] {
         let line = write.lines().find(|l| l.contains("ride confirmed") && l.contains(want.as_str()));

@@ -753,6 +753,9 @@ impl Consumer {
                 }
             };
             self.progress.dispatched_seq.store(seq, Ordering::Release);
+            // Rides parked behind a day's activation are applied later; their lag is counted
+            // here, at dispatch, which is when the other rides of the batch became readable.
+            crate::metrics::applied_lag(&batch.published_us);
             tracing::debug!(seq, rides = n, refused = refused.len(), waiting_days = waits, "WAL batch applied");
             self.progress.batches.fetch_add(1, Ordering::Relaxed);
             self.progress.events.fetch_add(n, Ordering::Relaxed);

@@ -633,7 +633,14 @@ mod tests {
         async fn next_batch(&mut self, _: usize) -> Option<crate::bus::Batch> {
             let (epoch, name, events) = self.0.recv().await?;
             let request_ids = Default::default();
-            Some(crate::bus::Batch { events, request_ids, acker: Box::new(Named(name, self.1.clone())), epoch, drained: Vec::new() })
+            Some(crate::bus::Batch {
+                events,
+                request_ids,
+                published_us: Vec::new(),
+                acker: Box::new(Named(name, self.1.clone())),
+                epoch,
+                drained: Vec::new(),
+            })
         }
         fn stop_handle(&self) -> crate::bus::Stop {
             crate::bus::Stop::default()

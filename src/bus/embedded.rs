@@ -155,7 +155,7 @@ impl EventSource for EmbeddedSource {
                 next = self.rx.try_recv().ok();
             }
         }
-        Some(Batch { events, request_ids, acker: Box::new(ReplyAcker(replies)), epoch: 0, drained: Vec::new() })
+        Some(Batch { events, request_ids, published_us: Vec::new(), acker: Box::new(ReplyAcker(replies)), epoch: 0, drained: Vec::new() })
     }
 
     fn stop_handle(&self) -> Stop {

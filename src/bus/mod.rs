@@ -90,6 +90,10 @@ pub struct Batch {
     pub events: Vec<RideEvent>,
     /// The request ids the rides came with, for the consumer's log lines only.
     pub request_ids: RequestIds,
+    /// When each message of the batch was published, in microseconds since the Unix epoch
+    /// on the write node's clock, for the publish → applied histogram; empty for the
+    /// embedded bus (its 201 comes after the apply).
+    pub published_us: Vec<u64>,
     pub acker: Box<dyn Acker>,
     /// The subscription the deliveries came through: the broker connection's generation
     /// (0 for the embedded bus, which has one for its lifetime). A new epoch means the

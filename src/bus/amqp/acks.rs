@@ -22,6 +22,7 @@ pub(super) fn make_batch(items: Vec<Item>, counters: Arc<SourceCounters>) -> Bat
     let mut groups: Vec<AckGroup> = Vec::new();
     let mut events = Vec::with_capacity(items.len());
     let mut request_ids = RequestIds::default();
+    let mut published_us = Vec::new();
     // A batch never mixes connections: a lost one's deliveries are dropped as stale
     // before the next connection is opened.
     let epoch = items.iter().map(|i| i.part.session.generation).max().unwrap_or(0);
@@ -29,6 +30,7 @@ pub(super) fn make_batch(items: Vec<Item>, counters: Arc<SourceCounters>) -> Bat
         let n = item.events.len() as u64;
         events.extend(item.events);
         request_ids.push_joined(&item.request_ids);
+        published_us.extend(item.published_us);
         let found = groups.iter_mut().find(|g| Arc::ptr_eq(&g.part, &item.part));
         match found {
             Some(g) => {
@@ -38,7 +40,7 @@ pub(super) fn make_batch(items: Vec<Item>, counters: Arc<SourceCounters>) -> Bat
             None => groups.push(AckGroup { part: item.part, max_tag: item.tag, count: n }),
         }
     }
-    Batch { events, request_ids, acker: Box::new(AmqpAcker { groups, counters }), epoch, drained: Vec::new() }
+    Batch { events, request_ids, published_us, acker: Box::new(AmqpAcker { groups, counters }), epoch, drained: Vec::new() }
 }
 
 struct AmqpAcker {

@@ -57,6 +57,20 @@ pub(super) fn batch_id(body: &[u8]) -> String {
     message_id(xxhash_rust::xxh3::xxh3_64(body))
 }
 
+/// The message header with the publish time, microseconds since the Unix epoch on the
+/// writer's clock (`crate::metrics::applied_lag`). Not the AMQP `timestamp` property: that
+/// one counts whole seconds.
+pub(super) const PUBLISHED_HEADER: &str = "liftlog-published-us";
+
+/// A delivery's publish time ([`PUBLISHED_HEADER`]), if it has a usable one.
+pub(super) fn published_us(d: &Delivery) -> Option<u64> {
+    match d.properties.headers().as_ref()?.inner().get(PUBLISHED_HEADER)? {
+        AMQPValue::LongLongInt(t) => u64::try_from(*t).ok(),
+        AMQPValue::LongUInt(t) => Some(u64::from(*t)),
+        _ => None,
+    }
+}
+
 /// The request ids a delivery's header names (see [`crate::trace`]), "" without one. Only
 /// logged, so a malformed header is ignored rather than refused: it cannot cost a ride.
 pub(super) fn request_ids(d: &Delivery) -> String {

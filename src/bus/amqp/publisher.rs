@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::codec::{batch_id, encode_batch, encode_event, message_id, CONTENT_TYPE, CONTENT_TYPE_BATCH};
+use super::codec::{batch_id, encode_batch, encode_event, message_id, CONTENT_TYPE, CONTENT_TYPE_BATCH, PUBLISHED_HEADER};
 use super::connection::{close_in_background, connect, first_poll_locked, unavailable, AmqpError, Reconnect};
 use super::topology::{declare_on, queue_depths};
 use super::{AmqpConfig, DEPTH_EVERY};
@@ -206,12 +206,12 @@ impl PubShared {
                 (body, BasicProperties::default().with_content_type(CONTENT_TYPE_BATCH.into()).with_message_id(id.into()))
             }
         };
-        let mut props = props.with_delivery_mode(2);
+        let mut headers = FieldTable::default();
+        headers.insert(PUBLISHED_HEADER.into(), AMQPValue::LongLongInt(crate::metrics::unix_micros() as i64));
         if !request_ids.is_empty() {
-            let mut headers = FieldTable::default();
             headers.insert(AMQP_HEADER.into(), AMQPValue::LongString(LongString::from(request_ids.as_str())));
-            props = props.with_headers(headers);
         }
+        let props = props.with_delivery_mode(2).with_headers(headers);
         let routing_key = self.routing_keys[partition as usize].clone();
         // Err(false, _): the frames never left, the rides are not recorded. Err(true, _):
         // they were sent and the confirm failed, so the broker may hold them.

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::acks::make_batch;
-use super::codec::{check_delivery, request_ids};
+use super::codec::{check_delivery, published_us, request_ids};
 use super::connection::{close_in_background, connect, unavailable, AmqpError, Reconnect};
 use super::counters::{SourceCounters, SourceStats};
 use super::topology::{declare_on, queue_depths};
@@ -127,6 +127,8 @@ pub(super) struct Item {
     pub(super) events: Vec<RideEvent>,
     /// The message's [`crate::trace::AMQP_HEADER`], "" when it had none.
     pub(super) request_ids: String,
+    /// The message's [`super::codec::PUBLISHED_HEADER`], when it had one.
+    pub(super) published_us: Option<u64>,
     pub(super) tag: u64,
     pub(super) part: Arc<SrcPart>,
 }
@@ -322,7 +324,8 @@ async fn pump(part: Arc<SrcPart>, queue: String, mut consumer: Consumer, tx: mps
         match check_delivery(&delivery) {
             Ok(events) => {
                 let request_ids = request_ids(&delivery);
-                let item = Item { events, request_ids, tag: delivery.delivery_tag, part: part.clone() };
+                let item =
+                    Item { events, request_ids, published_us: published_us(&delivery), tag: delivery.delivery_tag, part: part.clone() };
                 if tx.send(Feed::Delivery(item)).await.is_err() {
                     return PumpEnd::Gone;
                 }
