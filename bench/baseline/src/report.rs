@@ -269,7 +269,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             let p99: Vec<String> = files.iter().map(|file| f(x.num(file, "/latency_ms/p99"), 2)).collect();
             let errors: Vec<String> = files.iter().map(|file| wrk_errors(&mut x, file)).collect();
             let text = format!(
-                "{} req/s (runs {} and {}), p99 {} / {} ms, {}; {}",
+                "{} req/s (runs {} and {}), p99 {} / {} ms; run 1: {}; run 2: {}",
                 int(mean),
                 int(rps[0]),
                 int(rps[1]),
