@@ -313,10 +313,11 @@ obs_run() {
   stop_pid "$pid"
 }
 log "4b. what metrics and request spans cost (embedded, wrk)"
-obs_run on-1 "$RUST_LOG"
+# "on" is the default filter whatever RUST_LOG this run was given: its info-level request span.
+obs_run on-1 "info,actix_server=warn"
 obs_run off-1 warn --set admin.histograms=false
 obs_run off-2 warn --set admin.histograms=false
-obs_run on-2 "$RUST_LOG"
+obs_run on-2 "info,actix_server=warn"
 
 # ----------------------------------------------------------- production ---
 # Three processes on RabbitMQ + DynamoDB Local. The POST figure is taken with the consumer's

@@ -19,8 +19,9 @@ use crate::config::{ConfigError, LogConfig, LogFormat};
 /// client flood the log; it is silenced unless `RUST_LOG` says otherwise.
 const DEFAULT_FILTER: &str = "info,actix_server=warn,actix_http::h1::dispatcher=off";
 
-/// Keeps the span exporter alive; dropped at the end of `main`, it sends the spans still
-/// batched and stops the exporter's thread.
+/// Keeps the span exporter alive; dropped at the end of `main`, after the runtime, it sends
+/// the spans still batched (waiting at most 3 s for the collector) and stops the exporter's
+/// thread.
 #[must_use = "dropping the guard stops the span export"]
 pub struct Guard {
     #[cfg(feature = "otlp")]
@@ -31,7 +32,9 @@ impl Drop for Guard {
     fn drop(&mut self) {
         #[cfg(feature = "otlp")]
         if let Some(p) = self.provider.take() {
-            if let Err(e) = p.shutdown() {
+            // Bounded: a collector that hangs must not hold the node's exit for long; what
+            // it has not taken by then is lost, as the process is going anyway.
+            if let Err(e) = p.shutdown_with_timeout(std::time::Duration::from_secs(3)) {
                 eprintln!("liftlog: sending the last spans to the OTLP collector failed: {e}");
             }
         }

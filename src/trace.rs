@@ -93,47 +93,77 @@ fn trace_id(raw: &[u8]) -> Option<&[u8]> {
     (hex && id.iter().any(|b| *b != b'0')).then_some(id)
 }
 
-/// The request ids of a batch of rides, for its log lines: comma-separated, in ride order,
-/// rides without one left out, and at most [`RequestIds::MAX_BYTES`]: an AMQP message's
-/// headers must fit in one frame (RabbitMQ's `frame_max`, 128 KiB by default), whatever the
-/// batch size is set to. Ids past the bound are left out of the logs, never the ride.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RequestIds(String);
+/// The request ids of a batch of rides: comma-separated, in ride order, rides without one
+/// left out, and bounded. Ids past the bound are left out of the header and the logs, never
+/// the ride, and the list then ends in `+N` (N ids left out), so that a search of the logs
+/// for one of them is not a false "never reached the consumer".
+///
+/// Two bounds. [`RequestIds::default`] is a message header's: AMQP may split a body over
+/// frames but never a header, and RabbitMQ lets `frame_max` go down to 4 KiB, so a header
+/// holds at most [`HEADER_MAX_BYTES`]: 2 KiB, a hundred or so of our ids, whatever the batch
+/// size. [`RequestIds::for_logs`] is a consumer batch's, which joins many messages' headers
+/// for its log lines only: [`LOG_MAX_BYTES`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestIds {
+    ids: String,
+    cap: usize,
+    left_out: u64,
+}
+
+/// The most id bytes a message header carries (see [`RequestIds`]).
+pub const HEADER_MAX_BYTES: usize = 2 * 1024;
+/// The most id bytes a consumer batch's log lines carry, and the longest header a consumer
+/// takes from a message.
+pub const LOG_MAX_BYTES: usize = 32 * 1024;
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        RequestIds { ids: String::new(), cap: HEADER_MAX_BYTES, left_out: 0 }
+    }
+}
 
 impl RequestIds {
-    pub const MAX_BYTES: usize = 32 * 1024;
+    pub fn for_logs() -> Self {
+        RequestIds { cap: LOG_MAX_BYTES, ..RequestIds::default() }
+    }
 
     pub fn push(&mut self, id: &RequestId) {
         self.push_joined(id.as_str());
     }
 
-    /// Appends ids that are already comma-separated (an AMQP message's header).
+    /// Appends ids that are already comma-separated (an AMQP message's header, which may end
+    /// in its own `+N`).
     pub fn push_joined(&mut self, ids: &str) {
-        if ids.is_empty() || self.0.len() + ids.len() + 1 > Self::MAX_BYTES {
+        if ids.is_empty() {
             return;
         }
-        if !self.0.is_empty() {
-            self.0.push(',');
+        // Room for the list, its comma, and a `+N` marker should later ids not fit.
+        if self.ids.len() + ids.len() + 1 + MARKER_MAX > self.cap {
+            self.left_out += ids.split(',').map(|id| id.strip_prefix('+').and_then(|n| n.parse().ok()).unwrap_or(1)).sum::<u64>();
+            return;
         }
-        self.0.push_str(ids);
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
+        if !self.ids.is_empty() {
+            self.ids.push(',');
+        }
+        self.ids.push_str(ids);
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.ids.is_empty() && self.left_out == 0
     }
 }
 
+/// `,+` and a u64's digits.
+const MARKER_MAX: usize = 22;
+
 impl fmt::Display for RequestIds {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.ids)?;
+        match (self.left_out, self.ids.is_empty()) {
+            (0, _) => Ok(()),
+            (n, true) => write!(f, "+{n}"),
+            (n, false) => write!(f, ",+{n}"),
+        }
     }
 }
 
@@ -176,11 +206,29 @@ mod tests {
         ids.push(&RequestId::default());
         ids.push_joined("b,c");
         ids.push_joined("");
-        assert_eq!(ids.as_str(), "a,b,c");
+        assert_eq!(ids.to_string(), "a,b,c");
+    }
+
+    #[test]
+    fn ids_past_the_bound_are_counted_not_carried() {
         let long = RequestId::accept(&[b'x'; MAX_LEN]).unwrap();
-        for _ in 0..RequestIds::MAX_BYTES {
-            ids.push(&long);
+        let mut header = RequestIds::default();
+        for _ in 0..1000 {
+            header.push(&long);
         }
-        assert!(ids.len() <= RequestIds::MAX_BYTES, "bounded: {}", ids.len());
+        let text = header.to_string();
+        assert!(text.len() <= HEADER_MAX_BYTES, "a header's bound: {}", text.len());
+        let kept = text.split(',').filter(|id| !id.starts_with('+')).count();
+        assert_eq!(text.rsplit(',').next().unwrap(), format!("+{}", 1000 - kept), "{text}");
+        // A consumer joining such headers adds up their markers with its own.
+        let mut logs = RequestIds::for_logs();
+        for _ in 0..40 {
+            logs.push_joined(&text);
+        }
+        let joined = logs.to_string();
+        assert!(joined.len() <= LOG_MAX_BYTES);
+        let carried = joined.split(',').filter(|id| !id.starts_with('+')).count() as u64;
+        let counted: u64 = joined.split(',').filter_map(|id| id.strip_prefix('+')?.parse::<u64>().ok()).sum();
+        assert_eq!(carried + counted, 40_000, "every id is carried or counted: {carried} + {counted}");
     }
 }

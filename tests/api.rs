@@ -533,5 +533,5 @@ fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
     assert!(!body.is_empty(), "the collector received nothing");
     assert!(has(b"otlp-probe-7"), "the request id is a span attribute");
     assert!(has(&trace_bytes), "the span is in the client's trace");
-    assert!(has(b"liftlog"), "the service name is in the resource");
+    assert!(has(b"service.name") && has(b"liftlog"), "the service name is in the resource");
 }

@@ -609,14 +609,21 @@ fn a_rides_request_id_reaches_the_write_nodes_and_the_consumers_logs() {
         let lines = durable_lines(&read(&consume_log));
         [&id, &trace, &made].iter().all(|want| lines.iter().any(|l| l.contains(want.as_str())))
     });
-    // The consumer's publish → applied histogram saw the three messages, with lags that
-    // are plausible on one machine (a minute would mean a stamp in the wrong unit).
-    let (code, metrics) = get(&agent(), &consumer.url("/metrics"));
-    assert_eq!(code, 200, "{metrics}");
-    let value = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
-    let count = value("liftlog_consumer_applied_lag_seconds_count").unwrap_or_else(|| panic!("no applied-lag histogram:\n{metrics}"));
-    let sum = value("liftlog_consumer_applied_lag_seconds_sum").unwrap_or_default();
-    assert!(count >= 3.0 && (0.0..60.0).contains(&(sum / count)), "applied lag: count {count}, sum {sum} s");
+    // The consumer's publish → applied histogram counts the three messages (recorded once
+    // their batch is dispatched, which follows the durable line: waited for), with lags that
+    // are plausible on one machine: above 0 (a stamp in the future, e.g. in the wrong unit,
+    // counts 0) and below a minute.
+    let applied_lag = || {
+        let metrics = get(&agent(), &consumer.url("/metrics")).1;
+        let value = |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok());
+        (
+            value("liftlog_consumer_applied_lag_seconds_count").unwrap_or(0.0),
+            value("liftlog_consumer_applied_lag_seconds_sum").unwrap_or(0.0),
+        )
+    };
+    wait_for("the consumer's applied-lag histogram to count three messages", Duration::from_secs(30), || applied_lag().0 >= 3.0);
+    let (count, sum) = applied_lag();
+    assert!(sum > 0.0 && sum / count < 60.0, "applied lag: count {count}, sum {sum} s");
     let write = read(&write_log);
     for want in [&id, &trace, &made] {
         let line = write.lines().find(|l| l.contains("ride confirmed") && l.contains(want.as_str()));

@@ -53,7 +53,9 @@ need_tools() {
       log "installing $tool with apt-get"
       had_nginx=0
       [[ -s /run/nginx.pid ]] && had_nginx=1
+      # A fresh image may have no package lists yet: then update them once and try again.
       DEBIAN_FRONTEND=noninteractive apt-get install -y "$tool" >"$logs/apt-$tool.log" 2>&1 ||
+        { apt-get update >>"$logs/apt-$tool.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y "$tool" >>"$logs/apt-$tool.log" 2>&1; } ||
         { echo "apt-get install $tool failed (see $logs/apt-$tool.log)" >&2; exit 1; }
       if [[ $tool == nginx ]] && ((!had_nginx)) && [[ -s /run/nginx.pid ]]; then nginx -s quit 2>/dev/null || true; fi
     fi

@@ -27,7 +27,7 @@ enum TablesAction {
     Create(ServeArgs),
 }
 
-/// The configuration, then logging as it says (kept until `main` returns: dropping the guard
+/// The configuration, then logging as it says (its guard is dropped after the runtime: that
 /// sends the last spans), then the loader's warnings (deprecated keys) through that logging.
 fn resolve(args: &ServeArgs) -> anyhow::Result<(Config, liftlog::logging::Guard)> {
     let resolved = Config::resolve(args)?;
@@ -42,8 +42,9 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
-            let (config, _logging) = resolve(&args)?;
-            actix_rt::System::new().block_on(async move {
+            let (config, logging) = resolve(&args)?;
+            let system = actix_rt::System::new();
+            let result = system.block_on(async move {
                 let running = liftlog::service::start(config).await?;
                 // One line on stdout for scripts and tests that start us on port 0 (two with an
                 // admin listener). Written without `println!`: a reader that closed the pipe
@@ -57,11 +58,20 @@ fn main() -> anyhow::Result<()> {
                 let _ = out.flush();
                 liftlog::service::wait_for_signal().await;
                 running.shutdown().await
-            })
+            });
+            // The runtime first (spans that end as its tasks are dropped are still recorded),
+            // then the logging guard, which sends them.
+            drop(system);
+            drop(logging);
+            result
         }
         Command::Tables { action: TablesAction::Create(args) } => {
-            let (config, _logging) = resolve(&args)?;
-            actix_rt::System::new().block_on(liftlog::service::create_tables(&config))
+            let (config, logging) = resolve(&args)?;
+            let system = actix_rt::System::new();
+            let result = system.block_on(liftlog::service::create_tables(&config));
+            drop(system);
+            drop(logging);
+            result
         }
     }
 }

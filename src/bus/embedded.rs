@@ -145,7 +145,7 @@ impl EventSource for EmbeddedSource {
         };
         let mut events = Vec::with_capacity(max.min(self.rx.len() + 1));
         let mut replies = Vec::with_capacity(events.capacity());
-        let mut request_ids = RequestIds::default();
+        let mut request_ids = RequestIds::for_logs();
         let mut next = Some(first);
         while let Some((e, id, r)) = next.take() {
             events.push(e);

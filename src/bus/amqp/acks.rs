@@ -21,7 +21,7 @@ pub(super) struct AckGroup {
 pub(super) fn make_batch(items: Vec<Item>, counters: Arc<SourceCounters>) -> Batch {
     let mut groups: Vec<AckGroup> = Vec::new();
     let mut events = Vec::with_capacity(items.len());
-    let mut request_ids = RequestIds::default();
+    let mut request_ids = RequestIds::for_logs();
     let mut published_us = Vec::new();
     // A batch never mixes connections: a lost one's deliveries are dropped as stale
     // before the next connection is opened.

@@ -4,7 +4,7 @@
 use lapin::message::Delivery;
 
 use crate::domain::RideEvent;
-use crate::trace::{RequestIds, AMQP_HEADER};
+use crate::trace::{AMQP_HEADER, LOG_MAX_BYTES};
 use lapin::types::AMQPValue;
 
 /// The `content_type` of a message holding one ride.
@@ -79,7 +79,7 @@ pub(super) fn request_ids(d: &Delivery) -> String {
         Some(AMQPValue::LongString(s)) => {
             let s = String::from_utf8_lossy(s.as_bytes());
             // What a writer of ours sends; anything else is not echoed into our logs.
-            let ours = s.len() <= RequestIds::MAX_BYTES && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+            let ours = s.len() <= LOG_MAX_BYTES && s.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
             if ours {
                 s.into_owned()
             } else {

@@ -209,7 +209,7 @@ impl PubShared {
         let mut headers = FieldTable::default();
         headers.insert(PUBLISHED_HEADER.into(), AMQPValue::LongLongInt(crate::metrics::unix_micros() as i64));
         if !request_ids.is_empty() {
-            headers.insert(AMQP_HEADER.into(), AMQPValue::LongString(LongString::from(request_ids.as_str())));
+            headers.insert(AMQP_HEADER.into(), AMQPValue::LongString(LongString::from(request_ids.to_string())));
         }
         let props = props.with_delivery_mode(2).with_headers(headers);
         let routing_key = self.routing_keys[partition as usize].clone();
@@ -304,8 +304,8 @@ impl Publisher for AmqpPublisher {
             let mut p = s.pending[partition as usize].lock();
             p.rides.push(event);
             p.request_ids.push(&request);
-            // The ids travel in the message's headers: the byte cap covers them too.
-            p.bytes += RIDE_BYTES_MAX + request.as_str().len() + 1;
+            // The body's bytes; the ids in the header have a bound of their own (RequestIds).
+            p.bytes += RIDE_BYTES_MAX;
             p.waiters.push(tx);
             (p.rides.len() == 1, p.rides.len() >= batching.max_rides || p.bytes + RIDE_BYTES_MAX > batching.max_bytes)
         };
