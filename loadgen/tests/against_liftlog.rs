@@ -152,7 +152,7 @@ fn posts_reconcile_and_reads_against_the_real_server() {
     assert_eq!(csv_text.lines().count(), 3001);
     assert!(csv_text.lines().nth(1).unwrap().contains(",POST,"));
     let plot = std::fs::read_to_string(&svg).unwrap();
-    assert!(plot.starts_with("<svg") && plot.contains(">liftlog-load post: 3000 requests"), "{}", &plot[..200.min(plot.len())]);
+    assert!(plot.starts_with("<svg") && plot.contains("liftlog-load post: 3000 requests"), "{}", &plot[..200.min(plot.len())]);
 
     // A second run in the same season: the service still counts the skiers of the first run,
     // so numSkiers is above what this run acknowledged, and reconciliation must say so.
