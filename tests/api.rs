@@ -289,6 +289,55 @@ fn passivated_days_answer_from_the_tables_and_reload_exactly() {
     assert!(bad.is_empty(), "{:?}", &bad[..bad.len().min(5)]);
 }
 
+/// The day's leaders (ours, not SkiDataAPI's) match a model of the rides that got 201, from
+/// resident actors and, for the passivated days, from the tables; `limit` is bounded.
+#[test]
+fn day_leaders_are_exact_from_actors_and_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), &["--set", "actors.max_resident_days=2", "--set", "flush.interval_ms=20"]);
+    let a = agent();
+    let rides = random_rides(29, 900, 60);
+    for r in &rides {
+        assert_eq!(r.post(&a, &s.base), 201);
+    }
+    let passivations = || json(&call(&a, "GET", &s.url("/admin/actors"), &[], None).1)["registry"]["passivations"].as_u64().unwrap();
+    common::wait_for("days passivated to the tables", std::time::Duration::from_secs(30), || passivations() > 0);
+    // The model: per resort-day, per skier, (vertical, rides); default catalog: lift n = n × 10 m.
+    type Skiers = std::collections::BTreeMap<u32, (u64, u64)>;
+    let mut days: std::collections::BTreeMap<(u32, u16, u16), Skiers> = Default::default();
+    for r in &rides {
+        let e = days.entry((r.at.resort, r.at.season, r.at.day)).or_default().entry(r.skier).or_default();
+        e.0 += r.lift as u64 * 10;
+        e.1 += 1;
+    }
+    assert!(days.len() > 2, "more days than may be resident");
+    for ((resort, season, day), skiers) in &days {
+        let mut want: Vec<(u32, u64, u64)> = skiers.iter().map(|(k, (v, n))| (*k, *v, *n)).collect();
+        want.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(&y.0)));
+        for (query, n) in [("", 10), ("?limit=3", 3), ("?limit=100", 100)] {
+            let (code, body) = get(&a, &s.url(&format!("/resorts/{resort}/seasons/{season}/day/{day}/leaders{query}")));
+            assert_eq!(code, 200, "{body}");
+            let got = json(&body);
+            assert_eq!(got["numSkiers"], skiers.len(), "{resort}/{season}/{day}: {body}");
+            let leaders: Vec<(u32, u64, u64)> = got["leaders"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| (l["skierID"].as_u64().unwrap() as u32, l["vertical"].as_u64().unwrap(), l["rides"].as_u64().unwrap()))
+                .collect();
+            assert_eq!(leaders, want[..n.min(want.len())], "{resort}/{season}/{day}{query}");
+        }
+    }
+    let (code, body) = get(&a, &s.url("/resorts/1/seasons/2025/day/300/leaders"));
+    assert_eq!((code, json(&body)), (200, json(r#"{"numSkiers":0,"leaders":[]}"#)), "a day without rides");
+    for bad in ["0", "101", "ten", "-1", ""] {
+        let (code, body) = get(&a, &s.url(&format!("/resorts/1/seasons/2025/day/1/leaders?limit={bad}")));
+        assert_eq!(code, 400, "limit={bad}: {body}");
+        assert!(body.contains("limit must be a whole number from 1 to 100"), "{body}");
+    }
+    assert_eq!(get(&a, &s.url("/resorts/999/seasons/2025/day/1/leaders")).0, 404, "an unknown resort");
+}
+
 #[test]
 fn sigterm_is_graceful_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();

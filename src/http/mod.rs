@@ -42,6 +42,7 @@ pub const ROUTES: &[(&str, &str, bool)] = &[
     ("GET", "/resorts/{resortID}/seasons", true),
     ("POST", "/resorts/{resortID}/seasons", true),
     ("GET", "/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/skiers", true),
+    ("GET", "/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/leaders", true),
     ("POST", "/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", true),
     ("GET", "/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", true),
     ("GET", "/skiers/{skierID}/vertical", true),
@@ -106,6 +107,9 @@ pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str, with_admin: bool
                 .route(web::post().to(api::create_season)),
         )
         .service(resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/skiers", "GET").route(web::get().to(api::resort_day_skiers)))
+        .service(
+            resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/leaders", "GET").route(web::get().to(api::resort_day_leaders)),
+        )
         .service(
             resource("/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", "GET, POST")
                 .route(web::post().to(api::post_ride))
