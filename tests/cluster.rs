@@ -28,8 +28,8 @@
 //!   5. a rolling restart (SIGTERM, start, balanced again, next) of every consumer under
 //!      load: each hands its shards off on SIGTERM (no takeover anywhere), then of the
 //!      write and read nodes;
-//!   6. GETs straight to every node agree with the model, and with read forwarding built
-//!      some are answered by the owner (`Liftlog-Read-Source: owner`).
+//!   6. GETs straight to every node (the day's leaders too) agree with the model, and with
+//!      read forwarding built some are answered by the owner (`Liftlog-Read-Source: owner`).
 
 mod common;
 
@@ -1045,6 +1045,24 @@ fn reads_through_every_node_agree(c: &Cluster, model: &[Ride]) {
                 bad.push(format!("{}: day {resort}/{season}/{day}: got {code} {body}, want {}", node.name, skiers.len()));
             }
             judge(format!("day {resort}/{season}/{day}"), owner_of(*resort, *season, *day), source);
+            // The day's leaders (ours, not SkiDataAPI's) come from the same owner: its top
+            // three (skier, vertical), most vertical first, ties to the lower skier.
+            let mut want: Vec<(u64, u64)> = expected
+                .skier_day
+                .range((*resort, *season, *day, 0)..=(*resort, *season, *day, u32::MAX))
+                .map(|((_, _, _, skier), v)| (u64::from(*skier), *v))
+                .collect();
+            want.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            want.truncate(3);
+            let url = format!("{base}/resorts/{resort}/seasons/{season}/day/{day}/leaders?limit=3");
+            let (code, body, source) = get_with_source(&agent, &url);
+            let got: Option<Vec<(u64, u64)>> = serde_json::from_str::<Value>(&body)
+                .ok()
+                .and_then(|v| v["leaders"].as_array()?.iter().map(|l| Some((l["skierID"].as_u64()?, l["vertical"].as_u64()?))).collect());
+            if code != 200 || got.as_ref() != Some(&want) {
+                bad.push(format!("{}: leaders {resort}/{season}/{day}: got {code} {body}, want {want:?}", node.name));
+            }
+            judge(format!("leaders {resort}/{season}/{day}"), owner_of(*resort, *season, *day), source);
         }
         for ((resort, season, day, skier), v) in expected.skier_day.iter().step_by(20) {
             let (code, body, source) =
