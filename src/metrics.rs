@@ -301,16 +301,11 @@ pub fn flush_cycle(started: Instant) {
 /// writer's clock ahead of ours counts as 0, not as a negative lag.
 pub fn applied_lag(published_us: &[u64]) {
     if enabled() && !published_us.is_empty() {
-        let now = unix_micros();
+        let now = crate::actors::unix_micros();
         for &t in published_us {
             HISTOGRAMS.applied_lag.observe(now.saturating_sub(t) as f64 / 1e6);
         }
     }
-}
-
-/// Now, in microseconds since the Unix epoch: the publish stamp's clock.
-pub fn unix_micros() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Times one forwarded read (cluster mode) until it is dropped, whichever way the forward

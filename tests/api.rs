@@ -265,20 +265,29 @@ fn admin_routes_live_on_their_own_loopback_listener() {
     assert_eq!(get(&a, &s.url("/resorts")).0, 200);
 }
 
+/// A node that keeps at most 2 days resident and flushes every 20 ms: most of the 9
+/// resort-days of `random_rides` live in the tables.
+fn passivating_node(dir: &std::path::Path) -> Server {
+    Server::start(dir, &["--set", "actors.max_resident_days=2", "--set", "flush.interval_ms=20"])
+}
+
+/// Waits on the registry's own figure, not a fixed sleep, until some day was passivated.
+fn wait_for_passivations(a: &ureq::Agent, s: &Server, what: &str) {
+    let passivations = || json(&call(a, "GET", &s.url("/admin/actors"), &[], None).1)["registry"]["passivations"].as_u64().unwrap();
+    common::wait_for(what, std::time::Duration::from_secs(30), || passivations() > 0);
+}
+
 #[test]
 fn passivated_days_answer_from_the_tables_and_reload_exactly() {
     let dir = tempfile::tempdir().unwrap();
-    // At most 2 resident days: most of the 9 days of this test live in the tables.
-    let s = Server::start(dir.path(), &["--set", "actors.max_resident_days=2", "--set", "flush.interval_ms=20"]);
+    let s = passivating_node(dir.path());
     let a = agent();
     let rides = random_rides(11, 600, 40);
     for r in &rides[..300] {
         assert_eq!(r.post(&a, &s.base), 201);
     }
-    // The flusher's own figure, not a fixed sleep: days must have been passivated before
-    // the duplicates below go to them.
-    let passivations = || json(&call(&a, "GET", &s.url("/admin/actors"), &[], None).1)["registry"]["passivations"].as_u64().unwrap();
-    common::wait_for("passivations after the first 300 rides", std::time::Duration::from_secs(30), || passivations() > 0);
+    // Days must have been passivated before the duplicates below go to them.
+    wait_for_passivations(&a, &s, "passivations after the first 300 rides");
     for r in &rides[..300] {
         assert_eq!(r.post(&a, &s.base), 201); // duplicates, some into passivated days
     }
@@ -294,14 +303,13 @@ fn passivated_days_answer_from_the_tables_and_reload_exactly() {
 #[test]
 fn day_leaders_are_exact_from_actors_and_tables() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), &["--set", "actors.max_resident_days=2", "--set", "flush.interval_ms=20"]);
+    let s = passivating_node(dir.path());
     let a = agent();
     let rides = random_rides(29, 900, 60);
     for r in &rides {
         assert_eq!(r.post(&a, &s.base), 201);
     }
-    let passivations = || json(&call(&a, "GET", &s.url("/admin/actors"), &[], None).1)["registry"]["passivations"].as_u64().unwrap();
-    common::wait_for("days passivated to the tables", std::time::Duration::from_secs(30), || passivations() > 0);
+    wait_for_passivations(&a, &s, "days passivated to the tables");
     // The model: per resort-day, per skier, (vertical, rides); default catalog: lift n = n × 10 m.
     type Skiers = std::collections::BTreeMap<u32, (u64, u64)>;
     let mut days: std::collections::BTreeMap<(u32, u16, u16), Skiers> = Default::default();

@@ -632,10 +632,9 @@ mod tests {
     impl crate::bus::EventSource for Scripted {
         async fn next_batch(&mut self, _: usize) -> Option<crate::bus::Batch> {
             let (epoch, name, events) = self.0.recv().await?;
-            let request_ids = Default::default();
             Some(crate::bus::Batch {
                 events,
-                request_ids,
+                request_ids: Default::default(),
                 published_us: Vec::new(),
                 acker: Box::new(Named(name, self.1.clone())),
                 epoch,

@@ -23,5 +23,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Wall-clock milliseconds, for "last flush" style fields in the admin views.
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    unix_micros() / 1000
+}
+
+/// Wall-clock microseconds since the Unix epoch (0 for a clock before it): the publish stamp
+/// of an AMQP message (`crate::metrics::applied_lag`).
+pub fn unix_micros() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
 }

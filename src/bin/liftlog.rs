@@ -38,13 +38,22 @@ fn resolve(args: &ServeArgs) -> anyhow::Result<(Config, liftlog::logging::Guard)
     Ok((resolved.config, guard))
 }
 
+/// Runs `work` on an actix system, then drops the system before the logging guard: spans
+/// that end as the runtime's tasks are dropped are still recorded, and the guard sends them.
+fn run<T>(logging: liftlog::logging::Guard, work: impl std::future::Future<Output = T>) -> T {
+    let system = actix_rt::System::new();
+    let result = system.block_on(work);
+    drop(system);
+    drop(logging);
+    result
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => {
             let (config, logging) = resolve(&args)?;
-            let system = actix_rt::System::new();
-            let result = system.block_on(async move {
+            run(logging, async move {
                 let running = liftlog::service::start(config).await?;
                 // One line on stdout for scripts and tests that start us on port 0 (two with an
                 // admin listener). Written without `println!`: a reader that closed the pipe
@@ -58,20 +67,11 @@ fn main() -> anyhow::Result<()> {
                 let _ = out.flush();
                 liftlog::service::wait_for_signal().await;
                 running.shutdown().await
-            });
-            // The runtime first (spans that end as its tasks are dropped are still recorded),
-            // then the logging guard, which sends them.
-            drop(system);
-            drop(logging);
-            result
+            })
         }
         Command::Tables { action: TablesAction::Create(args) } => {
             let (config, logging) = resolve(&args)?;
-            let system = actix_rt::System::new();
-            let result = system.block_on(liftlog::service::create_tables(&config));
-            drop(system);
-            drop(logging);
-            result
+            run(logging, liftlog::service::create_tables(&config))
         }
     }
 }

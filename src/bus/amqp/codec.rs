@@ -62,9 +62,14 @@ pub(super) fn batch_id(body: &[u8]) -> String {
 /// one counts whole seconds.
 pub(super) const PUBLISHED_HEADER: &str = "liftlog-published-us";
 
+/// A delivery's header `name`, if it has one.
+fn header<'a>(d: &'a Delivery, name: &str) -> Option<&'a AMQPValue> {
+    d.properties.headers().as_ref()?.inner().get(name)
+}
+
 /// A delivery's publish time ([`PUBLISHED_HEADER`]), if it has a usable one.
 pub(super) fn published_us(d: &Delivery) -> Option<u64> {
-    match d.properties.headers().as_ref()?.inner().get(PUBLISHED_HEADER)? {
+    match header(d, PUBLISHED_HEADER)? {
         AMQPValue::LongLongInt(t) => u64::try_from(*t).ok(),
         AMQPValue::LongUInt(t) => Some(u64::from(*t)),
         _ => None,
@@ -74,8 +79,7 @@ pub(super) fn published_us(d: &Delivery) -> Option<u64> {
 /// The request ids a delivery's header names (see [`crate::trace`]), "" without one. Only
 /// logged, so a malformed header is ignored rather than refused: it cannot cost a ride.
 pub(super) fn request_ids(d: &Delivery) -> String {
-    let header = d.properties.headers().as_ref().and_then(|h| h.inner().get(AMQP_HEADER));
-    match header {
+    match header(d, AMQP_HEADER) {
         Some(AMQPValue::LongString(s)) => {
             let s = String::from_utf8_lossy(s.as_bytes());
             // What a writer of ours sends; anything else is not echoed into our logs.

@@ -207,7 +207,7 @@ impl PubShared {
             }
         };
         let mut headers = FieldTable::default();
-        headers.insert(PUBLISHED_HEADER.into(), AMQPValue::LongLongInt(crate::metrics::unix_micros() as i64));
+        headers.insert(PUBLISHED_HEADER.into(), AMQPValue::LongLongInt(crate::actors::unix_micros() as i64));
         if !request_ids.is_empty() {
             headers.insert(AMQP_HEADER.into(), AMQPValue::LongString(LongString::from(request_ids.to_string())));
         }
