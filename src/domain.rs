@@ -61,6 +61,32 @@ impl RideEvent {
     }
 }
 
+/// When and at which lift a counted ride happened, kept beside its id in the skier-day:
+/// `time << 16 | lift`, 4 bytes a ride. Lift activity (rides per lift per time bucket) is
+/// rebuilt from these, so it comes from the same items as every other count and is exact
+/// under retries, replays and reloads as they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Stamp(pub u32);
+
+impl Stamp {
+    /// A ride stored before stamps were kept: counted, but at no known time or lift.
+    pub const UNKNOWN: Stamp = Stamp(u32::MAX);
+
+    pub fn new(time: u16, lift: u16) -> Self {
+        Stamp((u32::from(time) << 16) | u32::from(lift))
+    }
+
+    pub fn of(ride: &RideEvent) -> Self {
+        Stamp::new(ride.time, ride.lift)
+    }
+
+    /// `(time, lift)`, `None` for [`Stamp::UNKNOWN`].
+    pub fn time_lift(self) -> Option<(u16, u16)> {
+        (self != Stamp::UNKNOWN).then_some(((self.0 >> 16) as u16, self.0 as u16))
+    }
+}
+
 /// Most rides one skier-day may hold; a ride past it is refused (409) and changes nothing.
 ///
 /// Why a bound at all: every counted ride keeps its 8-byte id in the skier-day (ADR 003), so

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_dynamodb::types::{AttributeValue, Select};
-use liftlog::domain::{DayKey, RideEvent};
+use liftlog::domain::{DayKey, RideEvent, Stamp};
 use liftlog::error::TableError;
 use liftlog::tables::dynamo::{DynamoConfig, DynamoTables};
 use liftlog::tables::sled_store::SledTables;
@@ -21,8 +21,10 @@ fn key(resort: u32, season: u16, day: u16) -> DayKey {
     DayKey { resort, season, day }
 }
 
+/// A skier-day with a stamp (time, lift) derived from each id, so round trips check them too.
 fn skier_day(skier: u32, key: DayKey, vertical: u64, ids: Vec<u64>, version: u64) -> SkierDayItem {
-    SkierDayItem { skier, key, vertical, ids, version }
+    let stamps = ids.iter().map(|id| Stamp::new((id % 360) as u16 + 1, (id % 40) as u16 + 1)).collect();
+    SkierDayItem { skier, key, vertical, ids, version, stamps }
 }
 
 /// The fields the `BySkier` index gives back (its items have no ids).

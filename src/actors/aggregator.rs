@@ -18,11 +18,12 @@ use std::sync::Arc;
 
 use super::season_index::SeasonIndex;
 use super::unix_ms;
-use crate::domain::{DayKey, RideEvent, MAX_RIDES_PER_SKIER_DAY};
+use crate::domain::{DayKey, RideEvent, Stamp, MAX_RIDES_PER_SKIER_DAY};
 use crate::tables::{DayCountItem, SkierDayItem};
 
-/// One skier's day. 32 bytes plus 8 per ride: the ids are what makes de-duplication exact
-/// after a restart or a reload, and they cost less than a separate id set would.
+/// One skier's day. 56 bytes plus 12 per ride: the ids are what makes de-duplication exact
+/// after a restart or a reload, and they cost less than a separate id set would; the
+/// stamps (time and lift) are what lift activity is counted from.
 #[derive(Clone, Debug, Default)]
 pub struct SkierDay {
     /// A u64: a sum of rises. A u32 panicked (debug) or wrapped (release) once a stored
@@ -32,6 +33,9 @@ pub struct SkierDay {
     /// dedup quadratic under the day's write lock. The order is not part of any stored
     /// format (stored items written in arrival order are sorted on load).
     pub ids: Vec<u64>,
+    /// `stamps[i]` is the time and lift of ride `ids[i]`. Two vectors rather than one of
+    /// pairs: a `(u64, u32)` pads to 16 bytes, these take 12.
+    pub stamps: Vec<Stamp>,
 }
 
 impl SkierDay {
@@ -40,10 +44,35 @@ impl SkierDay {
     }
 
     /// Inserts an id known to be absent, keeping the order. The move is at most
-    /// [`MAX_RIDES_PER_SKIER_DAY`] × 8 bytes: cheaper than a hash set's memory per id.
-    fn insert(&mut self, id: u64) {
+    /// [`MAX_RIDES_PER_SKIER_DAY`] × 12 bytes: cheaper than a hash set's memory per id.
+    fn insert(&mut self, id: u64, stamp: Stamp) {
         let at = self.ids.partition_point(|x| *x < id);
         self.ids.insert(at, id);
+        self.stamps.insert(at, stamp);
+    }
+
+    /// From a stored item (padded: one stamp per id), sorting ids that were stored in
+    /// arrival order and keeping each stamp with its id.
+    fn from_item(item: SkierDayItem) -> Self {
+        let SkierDayItem { vertical, mut ids, mut stamps, .. } = item.padded();
+        if !ids.is_sorted() {
+            let mut pairs: Vec<(u64, Stamp)> = ids.into_iter().zip(stamps).collect();
+            pairs.sort_unstable_by_key(|p| p.0);
+            (ids, stamps) = pairs.into_iter().unzip();
+        }
+        SkierDay { vertical, ids, stamps }
+    }
+
+    /// This skier-day as a table item.
+    pub fn to_item(&self, skier: u32, key: DayKey) -> SkierDayItem {
+        SkierDayItem {
+            skier,
+            key,
+            vertical: self.vertical,
+            ids: self.ids.clone(),
+            stamps: self.stamps.clone(),
+            version: self.ids.len() as u64,
+        }
     }
 }
 
@@ -98,11 +127,9 @@ impl DayState {
             count_flushed: 0,
             pending: VecDeque::new(),
         };
-        for mut item in items {
+        for item in items {
             st.rides += item.ids.len() as u64;
-            // Items written before the ids were kept sorted hold them in arrival order.
-            item.ids.sort_unstable();
-            st.skiers.insert(item.skier, SkierDay { vertical: item.vertical, ids: item.ids });
+            st.skiers.insert(item.skier, SkierDay::from_item(item));
         }
         let agrees = stored.map(|c| (c.unique_skiers, c.rides)) == Some((st.skiers.len() as u64, st.rides));
         if !agrees && !st.skiers.is_empty() {
@@ -155,7 +182,7 @@ impl DayState {
                 out.refused.push(i);
                 continue;
             }
-            day.insert(ev.id);
+            day.insert(ev.id, Stamp::of(ev));
             day.vertical += u64::from(ev.vertical);
             self.rides += 1;
             self.dirty.entry(ev.skier).and_modify(|m| m.last = seq).or_insert(Unflushed { first: seq, last: seq });
@@ -286,7 +313,7 @@ impl Handler<TakeDirty> for DayAggregator {
         let mut marks = Vec::with_capacity(st.dirty.len());
         for (skier, mark) in &st.dirty {
             if let Some(d) = st.skiers.get(skier) {
-                skier_days.push(SkierDayItem { skier: *skier, key, vertical: d.vertical, ids: d.ids.clone(), version: d.ids.len() as u64 });
+                skier_days.push(d.to_item(*skier, key));
                 marks.push(DirtyMark { skier: *skier, first: mark.first, last: mark.last });
             }
         }
@@ -481,11 +508,7 @@ mod tests {
         assert!(!st.is_clean());
 
         // A reload from the written items keeps de-duplicating.
-        let items: Vec<SkierDayItem> = st
-            .skiers
-            .iter()
-            .map(|(s, d)| SkierDayItem { skier: *s, key, vertical: d.vertical, ids: d.ids.clone(), version: d.ids.len() as u64 })
-            .collect();
+        let items: Vec<SkierDayItem> = st.skiers.iter().map(|(s, d)| d.to_item(*s, key)).collect();
         let idx2 = SeasonIndex::new();
         let count = DayCountItem { key, unique_skiers: 2, rides: 3, version: 3 };
         let mut again = DayState::from_items(key, items, Some(&count));
@@ -526,7 +549,7 @@ mod tests {
     fn ids_stored_in_arrival_order_still_deduplicate_after_a_reload() {
         let key = DayKey { resort: 1, season: 2025, day: 1 };
         // As items were written before the ids were kept sorted.
-        let items = vec![SkierDayItem { skier: 7, key, vertical: 30, ids: vec![9, 2, 5], version: 3 }];
+        let items = vec![SkierDayItem { skier: 7, key, vertical: 30, ids: vec![9, 2, 5], version: 3, stamps: vec![] }];
         let mut st = DayState::from_items(key, items, None);
         let out = st.apply(4, &[ev(2, 7, 10), ev(9, 7, 10), ev(5, 7, 10), ev(4, 7, 10)], &SeasonIndex::new());
         assert_eq!((out.applied, out.duplicates), (1, 3));
@@ -539,7 +562,7 @@ mod tests {
         let key = DayKey { resort: 1, season: 2025, day: 1 };
         // A stored skier-day near u32::MAX (its vertical is a u64 in the tables).
         let big = u32::MAX as u64 - 10;
-        let items = vec![SkierDayItem { skier: 7, key, vertical: big, ids: vec![1], version: 1 }];
+        let items = vec![SkierDayItem { skier: 7, key, vertical: big, ids: vec![1], version: 1, stamps: vec![] }];
         let mut st = DayState::from_items(key, items, None);
         let _ = st.apply(2, &[ev(2, 7, 3_000), ev(3, 7, 3_000)], &SeasonIndex::new());
         assert_eq!(st.skiers[&7].vertical, big + 6_000);
@@ -549,8 +572,8 @@ mod tests {
     fn a_count_behind_its_items_is_rewritten_after_activation() {
         let key = DayKey { resort: 1, season: 2025, day: 1 };
         let items = vec![
-            SkierDayItem { skier: 7, key, vertical: 80, ids: vec![1, 2], version: 2 },
-            SkierDayItem { skier: 8, key, vertical: 10, ids: vec![3], version: 1 },
+            SkierDayItem { skier: 7, key, vertical: 80, ids: vec![1, 2], version: 2, stamps: vec![] },
+            SkierDayItem { skier: 8, key, vertical: 10, ids: vec![3], version: 1, stamps: vec![] },
         ];
         // A crash after the skier-days were written and before the count was: the count
         // item is missing, or holds an older figure.

@@ -431,7 +431,7 @@ mod tests {
     use crate::actors::consumer::{AckAfter, Consumer};
     use crate::actors::season_index::SeasonIndex;
     use crate::bus::{embedded, Publisher};
-    use crate::domain::{DayKey, RideEvent};
+    use crate::domain::{DayKey, RideEvent, Stamp};
     use crate::tables::sled_store::SledTables;
     use liftlog_wal::{Durability, WalConfig};
 
@@ -755,8 +755,8 @@ mod tests {
         let day = DayKey { resort: 1, season: 2025, day: 1 };
         // What the crash left: skier 8's first ride reached its item, not the count.
         sled.put_skier_days(&[
-            SkierDayItem { skier: 7, key: day, vertical: 100, ids: vec![1, 2], version: 2 },
-            SkierDayItem { skier: 8, key: day, vertical: 50, ids: vec![3], version: 1 },
+            SkierDayItem { skier: 7, key: day, vertical: 100, ids: vec![1, 2], version: 2, stamps: vec![Stamp::UNKNOWN; 2] },
+            SkierDayItem { skier: 8, key: day, vertical: 50, ids: vec![3], version: 1, stamps: vec![Stamp::UNKNOWN] },
         ])
         .await
         .unwrap();

@@ -4,14 +4,14 @@
 //! |---|---|---|
 //! | `{prefix}SkierLiftRides` | PK `SkierID` (N), SK `SK` (S) = `SeasonID#DayID#Time#EventID`, event id as 16 lowercase hex digits | `ResortID`, `SeasonID`, `DayID`, `LiftID`, `Time`, `Vertical` (N), `EventID` (S) |
 //! | `{prefix}LiftRideCounts` | PK `ResortSeasonDay` (S) = `ResortID#SeasonID#DayID` ([`DayKey`]'s `Display`) | `UniqueSkiers`, `Rides`, `Version` (N) |
-//! | `{prefix}SkierDays` | PK `ResortSeasonDay` (S), SK `SkierID` (N) | `Vertical`, `Rides`, `Version` (N); `Ids` (B): the ride ids, u64 little-endian, 8 bytes each, absent when there are none |
+//! | `{prefix}SkierDays` | PK `ResortSeasonDay` (S), SK `SkierID` (N) | `Vertical`, `Rides`, `Version` (N); `Ids` (B): the ride ids, u64 little-endian, 8 bytes each, absent when there are none; `Stamps` (B): each ride's `Time << 16 \| LiftID`, u32 little-endian, in the order of `Ids`, absent on items written before they were kept |
 //! | index `BySkier` on `SkierDays` | PK `SkierID` (N), SK `ResortSeasonDay` (S) | projection INCLUDE `Vertical`, `Rides`, `Version` |
 //! | `{prefix}Seasons` | PK `ResortID` (N), SK `SeasonID` (N) | none |
 //!
 //! Numbers in string keys are not zero-padded (as [`DayKey`]'s `Display` writes them), so
 //! string sort keys order lexicographically; no reader depends on that order. An item is
 //! at most 400 KB, which would bound `Ids` at about 50 000 rides per skier-day; the
-//! aggregator stops at [`crate::domain::MAX_RIDES_PER_SKIER_DAY`] (16 KB of ids) first.
+//! aggregator stops at [`crate::domain::MAX_RIDES_PER_SKIER_DAY`] (16 KB of ids, 8 KB of stamps) first.
 //! `Ids` are written sorted since the aggregator keeps them so; readers accept any order.
 //!
 //! All tables are PAY_PER_REQUEST. Reads:
@@ -77,7 +77,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, info, warn};
 
 use super::{DayCountItem, SkierDayItem, Tables, WriteReport};
-use crate::domain::{DayKey, RideEvent};
+use crate::domain::{DayKey, RideEvent, Stamp};
 use crate::error::TableError;
 
 /// Connect timeout of one HTTP connection.
@@ -122,6 +122,7 @@ pub(crate) mod names {
     pub const A_RIDES: &str = "Rides";
     pub const A_VERSION: &str = "Version";
     pub const A_IDS: &str = "Ids";
+    pub const A_STAMPS: &str = "Stamps";
 
     /// The lease table of the cluster (`cluster::lease`), without the prefix.
     pub mod lease {
@@ -264,6 +265,9 @@ fn skier_day_to_item(d: &SkierDayItem) -> Item {
     if !d.ids.is_empty() {
         item.insert(A_IDS.into(), AttributeValue::B(Blob::new(pack_ids(&d.ids))));
     }
+    if !d.stamps.is_empty() {
+        item.insert(A_STAMPS.into(), AttributeValue::B(Blob::new(d.stamps.iter().flat_map(|s| s.0.to_le_bytes()).collect::<Vec<u8>>())));
+    }
     item
 }
 
@@ -275,7 +279,24 @@ fn skier_day_from_item(item: &Item) -> Result<SkierDayItem, TableError> {
         vertical: get_n(SKIER_DAYS, item, A_VERTICAL)?,
         ids: unpack_ids(SKIER_DAYS, item)?,
         version: get_n(SKIER_DAYS, item, A_VERSION)?,
-    })
+        stamps: unpack_stamps(SKIER_DAYS, item)?,
+    }
+    .padded())
+}
+
+/// `Stamps`: absent on items written before stamps were kept (and on the index's items).
+fn unpack_stamps(table: &'static str, item: &Item) -> Result<Vec<Stamp>, TableError> {
+    match item.get(A_STAMPS) {
+        None => Ok(Vec::new()),
+        Some(AttributeValue::B(blob)) => {
+            let bytes = blob.as_ref();
+            if bytes.len() % 4 != 0 {
+                return Err(corrupt(table, format!("{A_STAMPS} has {} bytes, not a multiple of 4", bytes.len())));
+            }
+            Ok(bytes.chunks_exact(4).map(|c| Stamp(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect())
+        }
+        Some(other) => Err(corrupt(table, format!("{A_STAMPS} is not binary: {other:?}"))),
+    }
 }
 
 fn day_count_to_item(c: &DayCountItem) -> Item {
@@ -967,9 +988,17 @@ mod tests {
     #[test]
     fn ids_round_trip_and_bad_lengths_are_corrupt() {
         let ids = vec![0, 1, u64::MAX, 1 << 63, 0x0123_4567_89ab_cdef];
-        let d = SkierDayItem { skier: 7, key: DayKey { resort: 1, season: 2025, day: 1 }, vertical: 9, ids, version: 3 };
+        let stamps = vec![Stamp::new(1, 1), Stamp::new(360, 40), Stamp::UNKNOWN, Stamp(0), Stamp::new(9, 2)];
+        let d = SkierDayItem { skier: 7, key: DayKey { resort: 1, season: 2025, day: 1 }, vertical: 9, ids, version: 3, stamps };
         assert_eq!(skier_day_from_item(&skier_day_to_item(&d)).unwrap(), d);
-        let empty = SkierDayItem { ids: vec![], ..d.clone() };
+        // An item written before stamps were kept reads with unknown ones.
+        let mut old = skier_day_to_item(&d);
+        old.remove(A_STAMPS);
+        assert_eq!(skier_day_from_item(&old).unwrap().stamps, vec![Stamp::UNKNOWN; 5]);
+        let mut bad = skier_day_to_item(&d);
+        bad.insert(A_STAMPS.into(), AttributeValue::B(Blob::new(vec![1, 2, 3])));
+        assert!(matches!(skier_day_from_item(&bad), Err(TableError::Corrupt { table: SKIER_DAYS, .. })));
+        let empty = SkierDayItem { ids: vec![], stamps: vec![], ..d.clone() };
         let item = skier_day_to_item(&empty);
         assert!(!item.contains_key(A_IDS));
         assert_eq!(skier_day_from_item(&item).unwrap(), empty);

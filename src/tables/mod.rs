@@ -6,7 +6,8 @@
 //! - `LiftRideCounts`: per resort-day aggregate; PK `ResortID#SeasonID#DayID`; unique
 //!   skiers, rides, version.
 //! - `SkierDays`: projection per skier-day; PK `ResortID#SeasonID#DayID`, SK SkierID;
-//!   vertical, rides, the ride ids seen (for exact de-duplication after a reload), version.
+//!   vertical, rides, the ride ids seen (for exact de-duplication after a reload) with each
+//!   ride's time and lift (lift activity), version.
 //!   Keyed by day so that an aggregate reloads with one strongly consistent Query (a GSI
 //!   would be eventually consistent, and a stale reload could drop ids); the index
 //!   `BySkier` (PK SkierID, SK `ResortID#SeasonID#DayID`, projecting vertical) answers a
@@ -24,7 +25,7 @@ pub mod sled_store;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::{DayKey, RideEvent};
+use crate::domain::{DayKey, RideEvent, Stamp};
 use crate::error::TableError;
 
 /// One skier's day at one resort: an absolute value, written with its version — the
@@ -39,6 +40,18 @@ pub struct SkierDayItem {
     /// was passivated and reloaded. Rides of the day = `ids.len()`.
     pub ids: Vec<u64>,
     pub version: u64,
+    /// Each ride's time and lift, in the order of `ids` (one per id). Items written before
+    /// stamps were kept have none: the stores' decoders pad them with [`Stamp::UNKNOWN`]
+    /// ([`SkierDayItem::padded`]), so `stamps.len() == ids.len()` for every item read.
+    pub stamps: Vec<Stamp>,
+}
+
+impl SkierDayItem {
+    /// Gives every id a stamp: [`Stamp::UNKNOWN`] for ids stored without one.
+    pub fn padded(mut self) -> Self {
+        self.stamps.resize(self.ids.len(), Stamp::UNKNOWN);
+        self
+    }
 }
 
 /// The `LiftRideCounts` item of one resort-day.

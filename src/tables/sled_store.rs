@@ -63,6 +63,36 @@ fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, T
         .map_err(|e| TableError::Corrupt { table, detail: e.to_string() })
 }
 
+/// A skier-day value as stored before rides' stamps were kept (bincode has no optional
+/// trailing fields, so the old layout is a type of its own).
+#[derive(serde::Deserialize)]
+struct SkierDayV1 {
+    skier: u32,
+    key: DayKey,
+    vertical: u64,
+    ids: Vec<u64>,
+    version: u64,
+}
+
+/// A `SkierDays` value in either layout; old values get [`crate::domain::Stamp::UNKNOWN`]s.
+fn decode_skier_day(bytes: &[u8]) -> Result<SkierDayItem, TableError> {
+    match decode::<SkierDayItem>("SkierDays", bytes) {
+        Ok(item) => Ok(item.padded()),
+        Err(current) => match decode::<SkierDayV1>("SkierDays", bytes) {
+            Ok(v1) => Ok(SkierDayItem {
+                skier: v1.skier,
+                key: v1.key,
+                vertical: v1.vertical,
+                ids: v1.ids,
+                version: v1.version,
+                stamps: Vec::new(),
+            }
+            .padded()),
+            Err(_) => Err(current),
+        },
+    }
+}
+
 fn day_key_bytes(key: &DayKey) -> [u8; 8] {
     let mut b = [0u8; 8];
     b[..4].copy_from_slice(&key.resort.to_be_bytes());
@@ -128,7 +158,7 @@ impl SledTables {
         let mut moved = 0u64;
         for kv in old.iter() {
             let (_, value) = kv.map_err(unavailable)?;
-            let item: SkierDayItem = decode("SkierDays", &value)?;
+            let item = decode_skier_day(&value)?;
             self.by_skier.insert(skier_day_key(item.skier, &item.key), &[]).map_err(unavailable)?;
             self.days.insert(day_skier_key(&item.key, item.skier), value).map_err(unavailable)?;
             moved += 1;
@@ -258,7 +288,7 @@ impl Tables for SledTables {
     async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError> {
         let me = self.clone();
         blocking(move || match me.days.get(day_skier_key(&key, skier)).map_err(unavailable)? {
-            Some(v) => decode("SkierDays", &v).map(Some),
+            Some(v) => decode_skier_day(&v).map(Some),
             None => Ok(None),
         })
         .await
@@ -280,7 +310,7 @@ impl Tables for SledTables {
                 };
                 // An entry whose item never landed (a crash between the two writes).
                 if let Some(v) = me.days.get(day_skier_key(&key, skier)).map_err(unavailable)? {
-                    out.push(decode("SkierDays", &v)?);
+                    out.push(decode_skier_day(&v)?);
                 }
             }
             Ok(out)
@@ -291,7 +321,7 @@ impl Tables for SledTables {
     async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError> {
         let me = self.clone();
         blocking(move || {
-            me.days.scan_prefix(day_key_bytes(&key)).map(|kv| kv.map_err(unavailable).and_then(|(_, v)| decode("SkierDays", &v))).collect()
+            me.days.scan_prefix(day_key_bytes(&key)).map(|kv| kv.map_err(unavailable).and_then(|(_, v)| decode_skier_day(&v))).collect()
         })
         .await
     }
@@ -325,7 +355,7 @@ impl Tables for SledTables {
         // on this thread is acceptable and avoids shipping the sink to the pool.
         for kv in self.days.iter() {
             let (_, v) = kv.map_err(unavailable)?;
-            let item: SkierDayItem = decode("SkierDays", &v)?;
+            let item = decode_skier_day(&v)?;
             sink(item.skier, item.key.resort, item.key.season, item.vertical);
         }
         Ok(())
@@ -335,9 +365,36 @@ impl Tables for SledTables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::Stamp;
+
+    #[test]
+    fn skier_days_stored_before_stamps_read_with_unknown_ones() {
+        #[derive(Serialize)]
+        struct V1 {
+            skier: u32,
+            key: DayKey,
+            vertical: u64,
+            ids: Vec<u64>,
+            version: u64,
+        }
+        let key = DayKey { resort: 1, season: 2025, day: 3 };
+        let old = encode(&V1 { skier: 7, key, vertical: 40, ids: vec![5, 9], version: 2 }).unwrap();
+        let read = decode_skier_day(&old).unwrap();
+        assert_eq!((read.ids, read.stamps), (vec![5, 9], vec![Stamp::UNKNOWN; 2]));
+        let now = item(7, 3, 40, 2);
+        assert_eq!(decode_skier_day(&encode(&now).unwrap()).unwrap(), now);
+        assert!(decode_skier_day(&[1, 2, 3]).is_err());
+    }
 
     fn item(skier: u32, day: u16, vertical: u64, version: u64) -> SkierDayItem {
-        SkierDayItem { skier, key: DayKey { resort: 1, season: 2025, day }, vertical, ids: vec![version], version }
+        SkierDayItem {
+            skier,
+            key: DayKey { resort: 1, season: 2025, day },
+            vertical,
+            ids: vec![version],
+            version,
+            stamps: vec![Stamp::new(7, 3)],
+        }
     }
 
     #[actix_rt::test]
