@@ -47,6 +47,13 @@ if ! cargo clippy --version >/dev/null 2>&1; then
 fi
 cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 
+echo "== browser (the dashboard test drives headless Chromium through chromedriver)"
+# shellcheck source=scripts/lib/common.sh
+LOG_TAG=test
+source scripts/lib/common.sh
+mkdir -p target/test-logs
+need_tools target/test-logs chromium chromedriver=chromium-driver
+
 echo "== tests (embedded and production back ends)"
 # --include-ignored: the tests that need RabbitMQ/DynamoDB are #[ignore] so that a plain
 # `cargo test` without the services reports them as ignored, never as passed.

@@ -158,6 +158,10 @@ pub struct HttpConfig {
     pub keep_alive_secs: u64,
     /// Time a client has to send its request head, ms; bounds slowloris-style clients.
     pub client_request_timeout_ms: u64,
+    /// Live streams (`.../stream`, the dashboard's) this node serves at once; past it a 503.
+    /// Each holds a connection and a few KiB; the feeds behind them cost one read per
+    /// watched day per tick, whatever the number of viewers.
+    pub max_streams: usize,
 }
 
 impl Default for HttpConfig {
@@ -170,6 +174,7 @@ impl Default for HttpConfig {
             max_connections: 25_000,
             keep_alive_secs: 75,
             client_request_timeout_ms: 5_000,
+            max_streams: 2_048,
         }
     }
 }

@@ -21,7 +21,9 @@
 //! - [`actors`]: aggregator actors, registry, season index, consumer, flusher.
 //! - [`tables`]: the table-store trait, its sled and DynamoDB implementations.
 //! - [`http`]: public API, admin endpoints (behind one token guard), request statistics,
-//!   the OpenAPI document, the listener's per-head deadline ([`http::conn`]).
+//!   the OpenAPI document, the listener's per-head deadline ([`http::conn`]); the live view
+//!   beyond the 2.0 API: leaders and lift activity ([`http::live`]), the Server-Sent Events
+//!   stream ([`http::stream`]), the dashboard page ([`http::dashboard`]).
 //! - [`metrics`]: `/metrics`: each stats type's description (which fields are metrics) and
 //!   the latency histograms, rendered with `prometheus-client`.
 //! - [`service`]: wiring, start-up (replay) and ordered shutdown.

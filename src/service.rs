@@ -283,6 +283,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         cluster,
         roles: config.roles_label(),
         requests: Arc::new(RequestStats::new(&config.http.base_path)),
+        live: Arc::new(crate::http::stream::Hub::new(config.http.max_streams)),
         max_body_bytes: config.http.max_body_bytes,
         admin_token: config.admin.token.as_ref().map(|t| t.expose().to_string()),
         ready: AtomicBool::new(false),
@@ -377,6 +378,9 @@ impl Running {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         tracing::info!("shutdown: refusing new work");
         self.state.ready.store(false, Ordering::Release);
+        // Live streams never end by themselves: end them first, or the graceful stop
+        // would wait its whole timeout for them.
+        self.state.live.close();
         self.server.stop(true).await;
         let _ = self.server_task.await;
         if let Some((handle, task)) = self.admin {

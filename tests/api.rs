@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{agent, call, get, random_rides, Expected, InProcess, Server};
+use common::{agent, call, get, random_rides, Expected, InProcess, Server, Sse};
 use serde_json::Value;
 
 const JSON: (&str, &str) = ("Content-Type", "application/json");
@@ -301,12 +301,16 @@ fn passivated_days_answer_from_the_tables_and_reload_exactly() {
 /// The day's leaders (ours, not SkiDataAPI's) match a model of the rides that got 201, from
 /// resident actors and, for the passivated days, from the tables; `limit` is bounded.
 #[test]
-fn day_leaders_are_exact_from_actors_and_tables() {
+fn day_leaders_and_lift_activity_are_exact_from_actors_and_tables() {
     let dir = tempfile::tempdir().unwrap();
     let s = passivating_node(dir.path());
     let a = agent();
     let rides = random_rides(29, 900, 60);
     for r in &rides {
+        assert_eq!(r.post(&a, &s.base), 201);
+    }
+    // Retries (same Idempotency-Key) are duplicates: they must move no figure below.
+    for r in rides.iter().step_by(7) {
         assert_eq!(r.post(&a, &s.base), 201);
     }
     wait_for_passivations(&a, &s, "days passivated to the tables");
@@ -335,6 +339,44 @@ fn day_leaders_are_exact_from_actors_and_tables() {
                 .collect();
             assert_eq!(leaders, want[..n.min(want.len())], "{resort}/{season}/{day}{query}");
         }
+    }
+    // Lift activity: rides per lift per bucket of `time`, against the same model of 201s.
+    for bucket in [15u16, 1, 60] {
+        let width = 360usize.div_ceil(bucket as usize);
+        let mut want: std::collections::BTreeMap<(u32, u16, u16), std::collections::BTreeMap<u64, Vec<u64>>> = Default::default();
+        for r in &rides {
+            let row = want.entry((r.at.resort, r.at.season, r.at.day)).or_default().entry(r.lift as u64).or_insert_with(|| vec![0; width]);
+            row[(r.time as usize - 1) / bucket as usize] += 1;
+        }
+        for ((resort, season, day), lifts) in &want {
+            let (code, body) = get(&a, &s.url(&format!("/resorts/{resort}/seasons/{season}/day/{day}/lifts?bucket={bucket}")));
+            assert_eq!(code, 200, "{body}");
+            let got = json(&body);
+            assert_eq!((got["bucketMinutes"].as_u64(), got["unplacedRides"].as_u64()), (Some(bucket as u64), Some(0)), "{body}");
+            let got: std::collections::BTreeMap<u64, Vec<u64>> = got["lifts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| (l["liftID"].as_u64().unwrap(), l["buckets"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect()))
+                .collect();
+            assert_eq!(&got, lifts, "{resort}/{season}/{day} in {bucket}-minute buckets");
+        }
+    }
+    // The summary (what the stream carries) agrees with both, from one read.
+    for ((resort, season, day), skiers) in &days {
+        let (code, body) = get(&a, &s.url(&format!("/resorts/{resort}/seasons/{season}/day/{day}/summary")));
+        assert_eq!(code, 200, "{body}");
+        let got = json(&body);
+        let rides_of_day: u64 = skiers.values().map(|(_, n)| n).sum();
+        assert_eq!((got["numSkiers"].as_u64(), got["rides"].as_u64()), (Some(skiers.len() as u64), Some(rides_of_day)), "{body}");
+        let leaders = json(&get(&a, &s.url(&format!("/resorts/{resort}/seasons/{season}/day/{day}/leaders"))).1);
+        let lifts = json(&get(&a, &s.url(&format!("/resorts/{resort}/seasons/{season}/day/{day}/lifts"))).1);
+        assert_eq!((&got["leaders"], &got["activity"]), (&leaders["leaders"], &lifts), "{resort}/{season}/{day}");
+    }
+    for bad in ["0", "61", "x", ""] {
+        let (code, body) = get(&a, &s.url(&format!("/resorts/1/seasons/2025/day/1/lifts?bucket={bad}")));
+        assert_eq!(code, 400, "bucket={bad}: {body}");
+        assert!(body.contains("bucket must be a whole number of minutes from 1 to 60"), "{body}");
     }
     let (code, body) = get(&a, &s.url("/resorts/1/seasons/2025/day/300/leaders"));
     assert_eq!((code, json(&body)), (200, json(r#"{"numSkiers":0,"leaders":[]}"#)), "a day without rides");
@@ -591,4 +633,90 @@ fn request_spans_reach_an_otlp_collector_in_the_clients_trace() {
     assert!(has(b"otlp-probe-7"), "the request id is a span attribute");
     assert!(has(&trace_bytes), "the span is in the client's trace");
     assert!(has(b"service.name") && has(b"liftlog"), "the service name is in the resource");
+}
+
+#[test]
+fn the_live_stream_follows_the_day_resumes_by_event_id_and_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path(), &["--set", "http.max_streams=2"]);
+    let a = agent();
+    let day = "/resorts/2/seasons/2025/day/200";
+    let stream = s.url(&format!("{day}/stream"));
+    let mut first = Sse::open(&stream, None).unwrap();
+    let (id, empty) = first.next_day();
+    assert_eq!((id, &empty["numSkiers"], &empty["rides"]), (0, &Value::from(0), &Value::from(0)), "a day without rides: {empty}");
+
+    // Five rides of three skiers; the stream reaches exactly them (coalesced: maybe in one event).
+    let ride = |skier: u32, time: u16, lift: u16, key: &str| {
+        let r = common::Ride { at: liftlog::domain::DayKey { resort: 2, season: 2025, day: 200 }, skier, time, lift, key: key.into() };
+        assert_eq!(r.post(&a, &s.base), 201);
+    };
+    for (i, (skier, time, lift)) in [(7, 10, 5), (7, 20, 6), (8, 30, 5), (9, 200, 40), (8, 31, 5)].into_iter().enumerate() {
+        ride(skier, time, lift, &format!("k{i}"));
+    }
+    ride(7, 10, 5, "k0"); // a retry: no change
+    let (id, five) = first.until("5 rides", |id, _| id == 5);
+    assert_eq!(five["numSkiers"], 3, "{five}");
+    // The default catalog: lift n rises n × 10 m. Skier 9: 400; skier 8: 100; skier 7: 110.
+    let leaders: Vec<(u64, u64)> =
+        five["leaders"].as_array().unwrap().iter().map(|l| (l["skierID"].as_u64().unwrap(), l["vertical"].as_u64().unwrap())).collect();
+    assert_eq!(leaders, [(9, 400), (7, 110), (8, 100)], "{five}");
+    let lifts: Vec<(u64, u64)> = five["activity"]["lifts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["liftID"].as_u64().unwrap(), l["rides"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(lifts, [(5, 3), (6, 1), (40, 1)], "{five}");
+    assert_eq!(five["activity"]["lifts"][0]["buckets"][1], 1, "time 20 is in the second 15-minute bucket");
+
+    // A viewer that resumes with the id it has gets nothing until the day changes, then the change.
+    let mut resumed = Sse::open(&stream, Some(id)).unwrap();
+    ride(10, 100, 1, "k5");
+    let (id6, six) = resumed.next_day();
+    assert_eq!((id6, &six["rides"], &six["numSkiers"]), (6, &Value::from(6), &Value::from(4)), "{six}");
+
+    // Two viewers of one day share one feed; a third viewer is refused with a reason.
+    let (_, stats) = call(&a, "GET", &s.url("/admin/actors"), &[], None);
+    let live = &json(&stats)["live"];
+    assert_eq!((&live["viewers"], &live["feeds"], &live["max_viewers"]), (&Value::from(2), &Value::from(1), &Value::from(2)), "{live}");
+    match Sse::open(&s.url("/resorts/1/seasons/2025/day/1/stream"), None) {
+        Err((code, body, retry)) => {
+            assert_eq!(code, 503, "{body}");
+            assert!(body.contains("at most 2 live streams"), "{body}");
+            assert_eq!(retry.as_deref(), Some("5"));
+        }
+        Ok(_) => panic!("a third stream past http.max_streams=2 was served"),
+    }
+    // A viewer that leaves gives its place back (noticed when the next change is written).
+    drop(resumed);
+    ride(11, 100, 1, "k6");
+    common::wait_for("the closed stream's place", std::time::Duration::from_secs(30), || {
+        json(&call(&a, "GET", &s.url("/admin/actors"), &[], None).1)["live"]["viewers"] == 1
+    });
+    let mut again = Sse::open(&stream, Some(3)).unwrap();
+    let (id7, _) = again.next_day();
+    assert_eq!(id7, 7, "a stale Last-Event-ID gets the current summary at once");
+    assert_eq!(first.until("7 rides", |id, _| id == 7).1["numSkiers"], 5);
+
+    // Bad requests are answered before any stream starts.
+    drop(first);
+    drop(again);
+    let mut nudges = 0;
+    common::wait_for("every stream closed", std::time::Duration::from_secs(30), || {
+        nudges += 1;
+        ride(12, 1, 1, &format!("nudge-{nudges}"));
+        json(&call(&a, "GET", &s.url("/admin/actors"), &[], None).1)["live"]["viewers"] == 0
+    });
+    assert_eq!(get(&a, &s.url("/resorts/999/seasons/2025/day/1/stream")).0, 404);
+    assert_eq!(get(&a, &s.url("/resorts/1/seasons/2025/day/0/stream")).0, 400);
+
+    // Shutdown ends the open streams rather than waiting on them: the graceful stop's own
+    // timeout (30 s) is what it took before they were closed first.
+    let mut open = Sse::open(&stream, None).unwrap();
+    let _ = open.next_day();
+    let stopping = std::time::Instant::now();
+    assert_eq!(s.terminate(), Some(0));
+    assert!(stopping.elapsed() < std::time::Duration::from_secs(20), "shutdown waited {:?} on a stream", stopping.elapsed());
+    assert!(open.ended(), "the stream ends with the node");
 }

@@ -29,7 +29,8 @@
 //!      load: each hands its shards off on SIGTERM (no takeover anywhere), then of the
 //!      write and read nodes;
 //!   6. GETs straight to every node (the day's leaders too) agree with the model, and with
-//!      read forwarding built some are answered by the owner (`Liftlog-Read-Source: owner`).
+//!      read forwarding built some are answered by the owner (`Liftlog-Read-Source: owner`);
+//!      so does the first event of a day's live stream opened on each node.
 
 mod common;
 
@@ -1063,6 +1064,25 @@ fn reads_through_every_node_agree(c: &Cluster, model: &[Ride]) {
                 bad.push(format!("{}: leaders {resort}/{season}/{day}: got {code} {body}, want {want:?}", node.name));
             }
             judge(format!("leaders {resort}/{season}/{day}"), owner_of(*resort, *season, *day), source);
+        }
+        // The live stream of two days through this node, whatever its roles: its first event
+        // is the day's summary as the owner has it (a node without the shard reads it through
+        // the read forwarding), equal to the model.
+        for ((resort, season, day), skiers) in expected.day_skiers.iter().take(2) {
+            let rides = model.iter().filter(|r| r.at == DayKey { resort: *resort, season: *season, day: *day }).count() as u64;
+            match common::Sse::open(&format!("{base}/resorts/{resort}/seasons/{season}/day/{day}/stream"), None) {
+                Ok(mut stream) => {
+                    let (id, summary) = stream.next_day();
+                    if id != rides || summary["rides"] != rides || summary["numSkiers"] != skiers.len() {
+                        bad.push(format!(
+                            "{}: stream {resort}/{season}/{day}: event {id} {summary}, want {rides} rides of {} skiers",
+                            node.name,
+                            skiers.len()
+                        ));
+                    }
+                }
+                Err((code, body, _)) => bad.push(format!("{}: stream {resort}/{season}/{day}: {code} {body}", node.name)),
+            }
         }
         for ((resort, season, day, skier), v) in expected.skier_day.iter().step_by(20) {
             let (code, body, source) =

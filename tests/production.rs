@@ -117,6 +117,27 @@ fn json(body: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
 
+/// A day's lift activity in the model of 201s: lift → rides per 15-minute bucket of `time`.
+fn lifts_model(rides: &[Ride], at: DayKey) -> std::collections::BTreeMap<u64, Vec<u64>> {
+    let mut lifts = std::collections::BTreeMap::<u64, Vec<u64>>::new();
+    for r in rides.iter().filter(|r| r.at == at) {
+        lifts.entry(r.lift.into()).or_insert_with(|| vec![0; 24])[(usize::from(r.time) - 1) / 15] += 1;
+    }
+    lifts
+}
+
+/// `GET .../lifts` of a node, as [`lifts_model`] has it.
+fn lifts_of(base: &str, at: DayKey) -> std::collections::BTreeMap<u64, Vec<u64>> {
+    let (code, body) = get(&agent(), &format!("{base}/resorts/{}/seasons/{}/day/{}/lifts", at.resort, at.season, at.day));
+    assert_eq!(code, 200, "{body}");
+    json(&body)["lifts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["liftID"].as_u64().unwrap(), l["buckets"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect()))
+        .collect()
+}
+
 #[test]
 #[ignore = "needs RabbitMQ and DynamoDB Local: run scripts/test.sh"]
 fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_disk() {
@@ -161,6 +182,23 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
     assert!(bad.is_empty(), "reader (DynamoDB): {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
     let bad = expected.settle(&consumer.base, Duration::from_secs(10), 1);
     assert!(bad.is_empty(), "consumer (actors): {} mismatches, e.g. {:?}", bad.len(), &bad[..bad.len().min(5)]);
+    // Lift activity (ours) from the actors and from DynamoDB's items agrees with the model,
+    // and so does the live stream of a read node, which has only the tables.
+    let days: Vec<DayKey> =
+        expected.day_skiers.keys().take(3).map(|(resort, season, day)| DayKey { resort: *resort, season: *season, day: *day }).collect();
+    for at in &days {
+        let want = lifts_model(&all, *at);
+        assert_eq!(lifts_of(&consumer.base, *at), want, "lifts of {at} from the consumer's actors");
+        assert_eq!(lifts_of(&reader.base, *at), want, "lifts of {at} from DynamoDB");
+        let path = format!("/resorts/{}/seasons/{}/day/{}/stream", at.resort, at.season, at.day);
+        let (id, summary) = common::Sse::open(&reader.url(&path), None).expect("a stream").next_day();
+        let rides = all.iter().filter(|r| r.at == *at).count() as u64;
+        assert_eq!(
+            (id, &summary["numSkiers"]),
+            (rides, &serde_json::Value::from(expected.day_skiers[&(at.resort, at.season, at.day)].len())),
+            "{summary}"
+        );
+    }
 
     // The tables themselves, read directly.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -186,6 +224,9 @@ fn three_processes_ten_thousand_rides_exact_in_dynamodb_and_back_from_an_empty_d
     consumer = b.start(fresh.path(), "consume");
     let bad = expected.settle(&consumer.base, Duration::from_secs(20), 1);
     assert!(bad.is_empty(), "consumer after an empty-disk restart: {:?}", &bad[..bad.len().min(5)]);
+    for at in &days {
+        assert_eq!(lifts_of(&consumer.base, *at), lifts_model(&all, *at), "lifts of {at} reloaded from DynamoDB");
+    }
     // The README ride was posted without a key: its id is random, so it is recognised by its fields.
     let readme = |r: &liftlog::domain::RideEvent| (r.resort, r.day, r.skier, r.time, r.lift) == (1, 1, 7, 10, 5);
     let raw = common::raw::settle_with(&b.dynamodb, &format!("{}_", b.prefix), &rides, &readme, Duration::from_secs(60));

@@ -40,25 +40,28 @@ fail() {
 }
 now_ms() { date +%s%3N; }
 
-# need_tools LOG_DIR TOOL...: every TOOL on PATH; a missing one is installed from Debian's
-# package of the same name (as root, with apt-get; log in LOG_DIR/apt-TOOL.log), else the
-# script exits 1: a benchmark never runs, nor is reported, with a tool missing. nginx's
-# package starts the system nginx; that one is stopped again (the scripts run their own).
+# need_tools LOG_DIR TOOL[=PACKAGE]...: every TOOL on PATH; a missing one is installed from
+# Debian's package PACKAGE (default: the tool's name; as root, with apt-get; log in
+# LOG_DIR/apt-TOOL.log), else the script exits 1: nothing runs, nor is reported, with a tool
+# missing. nginx's package starts the system nginx; that one is stopped again (the scripts
+# run their own).
 need_tools() {
-  local logs=$1 tool had_nginx
+  local logs=$1 tool package had_nginx
   shift
   for tool in "$@"; do
+    package=${tool#*=}
+    tool=${tool%%=*}
     command -v "$tool" >/dev/null && continue
     if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
       log "installing $tool with apt-get"
       had_nginx=0
       [[ -s /run/nginx.pid ]] && had_nginx=1
       # A fresh image may have no package lists yet: then update them once and try again.
-      DEBIAN_FRONTEND=noninteractive apt-get install -y "$tool" >"$logs/apt-$tool.log" 2>&1 ||
-        { apt-get update >>"$logs/apt-$tool.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y "$tool" >>"$logs/apt-$tool.log" 2>&1; } ||
-        { echo "apt-get install $tool failed (see $logs/apt-$tool.log)" >&2; exit 1; }
+      DEBIAN_FRONTEND=noninteractive apt-get install -y "$package" >"$logs/apt-$tool.log" 2>&1 ||
+        { apt-get update >>"$logs/apt-$tool.log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y "$package" >>"$logs/apt-$tool.log" 2>&1; } ||
+        { echo "apt-get install $package failed (see $logs/apt-$tool.log)" >&2; exit 1; }
       if [[ $tool == nginx ]] && ((!had_nginx)) && [[ -s /run/nginx.pid ]]; then nginx -s quit 2>/dev/null || true; fi
     fi
-    command -v "$tool" >/dev/null || { echo "$tool is missing and could not be installed: apt-get install $tool" >&2; exit 1; }
+    command -v "$tool" >/dev/null || { echo "$tool is missing and could not be installed: apt-get install $package" >&2; exit 1; }
   done
 }

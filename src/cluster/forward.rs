@@ -44,6 +44,7 @@ use super::keeper::{KeeperHandle, KeeperStats, ShardMap, ShardOwner};
 use super::{NodeInfo, ShardId};
 use crate::domain::DayKey;
 use crate::error::ApiError;
+use crate::trace::RequestId;
 
 /// The shard epoch the forwarder expects the owner to hold (a decimal `u64`).
 pub const EPOCH_HEADER: &str = "liftlog-shard-epoch";
@@ -150,6 +151,14 @@ impl Route {
         }
         resp
     }
+}
+
+/// What routing a read needs of it: the path and query to forward, the headers (the
+/// forwarding marks, and those passed on), the request id the owner logs it under.
+pub struct ReadCall<'a> {
+    pub path: &'a str,
+    pub headers: &'a actix_web::http::header::HeaderMap,
+    pub request_id: Option<RequestId>,
 }
 
 /// Counters of the read routing, for `/admin/cluster` and `/metrics`.
@@ -288,8 +297,16 @@ impl ClusterReads {
     /// the request's parameters were validated: a bad request is answered here, never
     /// forwarded. `Err` only for a forwarded request this node may not answer (421).
     pub async fn route(&self, req: &HttpRequest, key: &DayKey) -> Result<Route, ApiError> {
+        let request_id = actix_web::HttpMessage::extensions(req).get::<RequestId>().cloned();
+        let path = req.uri().path_and_query().map_or_else(|| req.uri().path(), |pq| pq.as_str());
+        self.route_call(&ReadCall { path, headers: req.headers(), request_id }, key).await
+    }
+
+    /// [`Self::route`] for a read this node makes itself (the live view's feeds), or any
+    /// read described by its parts.
+    pub async fn route_call(&self, req: &ReadCall<'_>, key: &DayKey) -> Result<Route, ApiError> {
         let shard = key.partition(self.settings.shards);
-        if req.headers().contains_key(FORWARDED_HEADER) {
+        if req.headers.contains_key(FORWARDED_HEADER) {
             return self.answer_forwarded(req, shard);
         }
         let me = self.settings.node.id.as_str();
@@ -347,8 +364,8 @@ impl ClusterReads {
     }
 
     /// A forwarded request: answered here only under exactly the epoch it expects.
-    fn answer_forwarded(&self, req: &HttpRequest, shard: ShardId) -> Result<Route, ApiError> {
-        let expected = req.headers().get(EPOCH_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    fn answer_forwarded(&self, req: &ReadCall<'_>, shard: ShardId) -> Result<Route, ApiError> {
+        let expected = req.headers.get(EPOCH_HEADER).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
         let held = self.held(shard);
         if let (Some(e), Some(h)) = (expected, held) {
             if e == h {
@@ -372,20 +389,19 @@ impl ClusterReads {
     }
 
     /// One forward to `owner`, bounded by the timeout as a whole.
-    async fn forward(&self, req: &HttpRequest, owner: &ShardOwner, shard: ShardId) -> Forwarded {
+    async fn forward(&self, req: &ReadCall<'_>, owner: &ShardOwner, shard: ShardId) -> Forwarded {
         let _timed = crate::metrics::ForwardTimer::start();
-        let path = req.uri().path_and_query().map_or_else(|| req.uri().path(), |pq| pq.as_str());
-        let url = format!("{}{}", owner.endpoint.trim_end_matches('/'), path);
+        let url = format!("{}{}", owner.endpoint.trim_end_matches('/'), req.path);
         let mut builder = hyper::Request::get(url.as_str())
             .header(EPOCH_HEADER, owner.epoch.to_string())
             .header(FORWARDED_HEADER, self.settings.node.id.as_str());
         for &name in PASSED_ON {
-            if let Some(v) = req.headers().get(name) {
+            if let Some(v) = req.headers.get(name) {
                 builder = builder.header(name, v.as_bytes());
             }
         }
         // The owner logs the read under the same request id (see crate::trace).
-        if let Some(id) = actix_web::HttpMessage::extensions(req).get::<crate::trace::RequestId>().filter(|id| !id.is_empty()) {
+        if let Some(id) = req.request_id.as_ref().filter(|id| !id.is_empty()) {
             builder = builder.header(crate::trace::HEADER, id.as_str());
         }
         let request = match builder.body(Empty::<Bytes>::new()) {
@@ -558,7 +574,17 @@ mod tests {
     async fn node(dir: &tempfile::TempDir, name: &str, skiers: u64, cluster: Arc<ClusterReads>) -> web::Data<AppState> {
         let tables = Arc::new(SledTables::open(&dir.path().join(name)).unwrap());
         tables.put_day_counts(&[DayCountItem { key: DAY, unique_skiers: skiers, rides: skiers, version: 1 }]).await.unwrap();
-        tables.put_skier_days(&[SkierDayItem { skier: 5, key: DAY, vertical: skiers * 100, ids: vec![1], version: 1 }]).await.unwrap();
+        tables
+            .put_skier_days(&[SkierDayItem {
+                skier: 5,
+                key: DAY,
+                vertical: skiers * 100,
+                ids: vec![1],
+                version: 1,
+                stamps: vec![crate::domain::Stamp::UNKNOWN],
+            }])
+            .await
+            .unwrap();
         web::Data::new(AppState {
             catalog: Arc::new(crate::catalog::Catalog::default()),
             limits: crate::domain::Limits::default(),
@@ -568,6 +594,7 @@ mod tests {
             cluster: Some(cluster),
             roles: "read".into(),
             requests: Arc::new(crate::http::stats::RequestStats::new("")),
+            live: Arc::new(crate::http::stream::Hub::new(16)),
             max_body_bytes: 16 * 1024,
             admin_token: None,
             ready: true.into(),

@@ -37,7 +37,7 @@ pub mod map_watch;
 pub use balance::{plan, BalanceInput, Plan, ShardState};
 pub use expiry::ExpiryObserver;
 pub use fence::Fence;
-pub use forward::{ClusterReads, ForwardStats, ReadSettings, Route};
+pub use forward::{ClusterReads, ForwardStats, ReadCall, ReadSettings, Route};
 pub use keeper::{HeldShard, KeeperConfig, KeeperHandle, KeeperStats, LeaseKeeper, LostReason, ShardEvent, ShardMap, ShardOwner};
 pub use lease::{DynamoLeases, LeaseError, LeaseRow, LeaseStore, NodeRow, TableSnapshot};
 

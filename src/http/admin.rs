@@ -79,6 +79,8 @@ struct ActorsView {
     roles: String,
     registry: crate::actors::registry::RegistryStats,
     season_index_skiers: usize,
+    /// The live streams this node serves and the feeds behind them.
+    live: crate::http::stream::HubStats,
     actors: Vec<crate::actors::aggregator::ActorStats>,
 }
 
@@ -88,6 +90,7 @@ pub async fn actors(state: State) -> Reply {
         roles: state.roles.clone(),
         registry: node.registry.stats(),
         season_index_skiers: node.index.skiers(),
+        live: state.live.stats(),
         actors: node.registry.actor_stats().await,
     })
 }

@@ -14,8 +14,8 @@ use crate::error::{ApiError, RideOutcome};
 use crate::trace::{RequestId, RideId};
 use tracing::Instrument;
 
-type State = web::Data<AppState>;
-type Reply = Result<HttpResponse, ApiError>;
+pub(super) type State = web::Data<AppState>;
+pub(super) type Reply = Result<HttpResponse, ApiError>;
 
 /// Most `resort=` parameters of one season-vertical GET; each distinct one is a table query
 /// (issue 13, item 8). API.md's catalog has 10 resorts; a dashboard asks for a few.
@@ -140,76 +140,6 @@ pub async fn resort_day_skiers(req: HttpRequest, state: State, path: web::Path<(
     stamped(route, answer)
 }
 
-/// The most leaders one `GET .../leaders` returns, and how many without `limit`.
-pub const MAX_LEADERS: usize = 100;
-pub const DEFAULT_LEADERS: usize = 10;
-
-#[derive(Serialize, PartialEq, Eq, Debug)]
-struct Leader {
-    #[serde(rename = "skierID")]
-    skier: u32,
-    vertical: u64,
-    rides: u64,
-}
-
-#[derive(Serialize)]
-struct DayLeaders {
-    #[serde(rename = "numSkiers")]
-    num_skiers: u64,
-    leaders: Vec<Leader>,
-}
-
-/// The day's `limit` skiers with the most vertical, most first (ties: the lower skier id
-/// first, so every node and every read gives the same list), and how many skiers the day has.
-/// Taken from the same skier-days as every other count, so it is exact under retries,
-/// replays and crashes as they are; one pass over the day's skiers, then a sort of `limit`.
-fn leaders_of(skiers: impl Iterator<Item = (u32, u64, u64)>, limit: usize) -> DayLeaders {
-    let mut all: Vec<Leader> = skiers.map(|(skier, vertical, rides)| Leader { skier, vertical, rides }).collect();
-    let num_skiers = all.len() as u64;
-    let order = |a: &Leader, b: &Leader| b.vertical.cmp(&a.vertical).then(a.skier.cmp(&b.skier));
-    if all.len() > limit {
-        all.select_nth_unstable_by(limit, order);
-        all.truncate(limit);
-    }
-    all.sort_unstable_by(order);
-    DayLeaders { num_skiers, leaders: all }
-}
-
-/// `GET /resorts/{resortID}/seasons/{seasonID}/day/{dayID}/leaders[?limit=N]` (ours, not
-/// SkiDataAPI 2.0's): the day's top skiers by vertical, from the owning actor when the day
-/// is resident, else from the tables' skier-days of the day; in cluster mode from the
-/// shard's owner, like the other day reads. A day without rides has no leaders.
-pub async fn resort_day_leaders(req: HttpRequest, state: State, path: web::Path<(String, String, String)>) -> Reply {
-    let (resort, season, day) = path.into_inner();
-    let key = day_key(&state, &resort, &season, &day)?;
-    let mut limit = DEFAULT_LEADERS;
-    for (name, value) in form_urlencoded::parse(req.query_string().as_bytes()) {
-        if name == "limit" {
-            limit = value
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=MAX_LEADERS).contains(n))
-                .ok_or_else(|| ApiError::BadRequest(format!("limit must be a whole number from 1 to {MAX_LEADERS}")))?;
-        }
-    }
-    let route = match day_route(&req, &state, &key).await? {
-        Some(Route::Owner(answer)) => return Ok(answer),
-        route => route,
-    };
-    let answer = async {
-        let leaders = match state.resident_for(&key, route.as_ref()) {
-            Some(h) => h.read(|d| leaders_of(d.skiers.iter().map(|(s, sd)| (*s, sd.vertical, sd.ids.len() as u64)), limit)),
-            None => {
-                let items = state.tables.query_day(key).await?;
-                leaders_of(items.into_iter().map(|i| (i.skier, i.vertical, i.ids.len() as u64)), limit)
-            }
-        };
-        cached_json(&req, &leaders)
-    }
-    .await;
-    stamped(route, answer)
-}
-
 pub async fn post_ride(req: HttpRequest, state: State, path: web::Path<(String, String, String, String)>, body: web::Payload) -> Reply {
     let (resort, season, day, skier) = path.into_inner();
     let ride: RideBody = read_json(&req, body, state.max_body_bytes).await?;
@@ -258,7 +188,7 @@ pub async fn skier_day_vertical(req: HttpRequest, state: State, path: web::Path<
 
 /// Where a day-scoped GET is answered, decided after its parameters were validated (a bad
 /// request is answered by the node that got it, never forwarded). `None` off cluster mode.
-async fn day_route(req: &HttpRequest, state: &AppState, key: &DayKey) -> Result<Option<Route>, ApiError> {
+pub(super) async fn day_route(req: &HttpRequest, state: &AppState, key: &DayKey) -> Result<Option<Route>, ApiError> {
     match &state.cluster {
         Some(cluster) => cluster.route(req, key).await.map(Some),
         None => Ok(None),
@@ -267,7 +197,7 @@ async fn day_route(req: &HttpRequest, state: &AppState, key: &DayKey) -> Result<
 
 /// A locally built answer with the cluster's `Liftlog-Read-Source` header. Errors are
 /// turned into their one HTTP mapping here so that a 404 says its source too.
-fn stamped(route: Option<Route>, answer: Reply) -> Reply {
+pub(super) fn stamped(route: Option<Route>, answer: Reply) -> Reply {
     match route {
         None => answer,
         Some(route) => Ok(route.stamp(answer.unwrap_or_else(|e| actix_web::ResponseError::error_response(&e)))),
@@ -399,7 +329,7 @@ impl AppState {
     /// The aggregator a day's read may use on this route: none when the read falls back to
     /// the tables, since this node does not own the shard and a day still resident here
     /// (from before a hand-off) may be behind the owner's.
-    fn resident_for(&self, key: &DayKey, route: Option<&Route>) -> Option<crate::actors::aggregator::DayHandle> {
+    pub(super) fn resident_for(&self, key: &DayKey, route: Option<&Route>) -> Option<crate::actors::aggregator::DayHandle> {
         match route {
             Some(Route::Tables(_)) => None,
             _ => self.resident(key),
@@ -407,7 +337,7 @@ impl AppState {
     }
 }
 
-fn day_key(state: &AppState, resort: &str, season: &str, day: &str) -> Result<DayKey, ApiError> {
+pub(super) fn day_key(state: &AppState, resort: &str, season: &str, day: &str) -> Result<DayKey, ApiError> {
     Ok(DayKey {
         resort: parse_resort(resort, &state.catalog)?,
         season: parse_season("seasonID", season, &state.limits)?,
@@ -491,7 +421,7 @@ fn nesting_depth(json: &[u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{leaders_of, nesting_depth};
+    use super::nesting_depth;
     use crate::tables::{sled_store::SledTables, Tables};
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
@@ -513,6 +443,7 @@ mod tests {
             cluster: None,
             roles: "write".into(),
             requests: Arc::new(crate::http::stats::RequestStats::new("")),
+            live: Arc::new(crate::http::stream::Hub::new(16)),
             max_body_bytes: 16 * 1024,
             admin_token: None,
             ready: true.into(),
@@ -530,19 +461,6 @@ mod tests {
         assert_eq!(tables.season_writes.load(Ordering::SeqCst), 2, "one write per new season");
         assert_eq!(tables.syncs.load(Ordering::SeqCst), 2, "one fsync per new season");
         assert_eq!(tables.query_seasons(1).await.unwrap(), vec![2025, 2026]);
-    }
-
-    #[test]
-    fn leaders_are_the_most_vertical_first_ties_by_skier_id() {
-        let day = [(5, 100, 2), (3, 300, 3), (9, 100, 1), (1, 50, 1), (7, 300, 4)];
-        let top = leaders_of(day.into_iter(), 3);
-        assert_eq!(top.num_skiers, 5);
-        let got: Vec<(u32, u64, u64)> = top.leaders.iter().map(|l| (l.skier, l.vertical, l.rides)).collect();
-        assert_eq!(got, [(3, 300, 3), (7, 300, 4), (5, 100, 2)]);
-        // A limit above the day's skiers gives them all, in the same order.
-        let all: Vec<u32> = leaders_of(day.into_iter(), 100).leaders.iter().map(|l| l.skier).collect();
-        assert_eq!(all, [3, 7, 5, 9, 1]);
-        assert!(leaders_of(std::iter::empty(), 10).leaders.is_empty());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The HTTP layer (actix-web): the public SkiDataAPI 2.0 in [`api`], our operational
 //! endpoints in [`admin`], request accounting in [`stats`], the public listener's
-//! connections (a deadline on every request head) in [`conn`].
+//! connections (a deadline on every request head) in [`conn`]. The live view, ours beyond
+//! the 2.0 API: its questions (leaders, lift activity, the day's summary) in [`live`], the
+//! Server-Sent Events stream in [`stream`], the page in [`dashboard`].
 //!
 //! Handlers read the aggregators' state through the registry and publish rides through
 //! the bus; they hold no state of their own. Errors are [`ApiError`]s, whose one mapping
@@ -9,7 +11,10 @@
 pub mod admin;
 pub mod api;
 pub mod conn;
+pub mod dashboard;
+pub mod live;
 pub mod stats;
+pub mod stream;
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -43,6 +48,10 @@ pub const ROUTES: &[(&str, &str, bool)] = &[
     ("POST", "/resorts/{resortID}/seasons", true),
     ("GET", "/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/skiers", true),
     ("GET", "/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/leaders", true),
+    ("GET", "/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/lifts", true),
+    ("GET", "/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/summary", true),
+    ("GET", "/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/stream", true),
+    ("GET", "/dashboard", true),
     ("POST", "/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", true),
     ("GET", "/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", true),
     ("GET", "/skiers/{skierID}/vertical", true),
@@ -73,6 +82,8 @@ pub struct AppState {
     /// The roles this node runs, for error messages and the admin views.
     pub roles: String,
     pub requests: Arc<RequestStats>,
+    /// The live streams' feeds and viewers ([`stream`]).
+    pub live: Arc<stream::Hub>,
     pub max_body_bytes: usize,
     pub admin_token: Option<String>,
     /// False until replay finished and again once shutdown began: `/ready` for the ALB.
@@ -108,8 +119,16 @@ pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str, with_admin: bool
         )
         .service(resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/skiers", "GET").route(web::get().to(api::resort_day_skiers)))
         .service(
-            resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/leaders", "GET").route(web::get().to(api::resort_day_leaders)),
+            resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/leaders", "GET").route(web::get().to(live::resort_day_leaders)),
         )
+        .service(resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/lifts", "GET").route(web::get().to(live::resort_day_lifts)))
+        .service(
+            resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/summary", "GET").route(web::get().to(live::resort_day_summary)),
+        )
+        .service(
+            resource("/resorts/{resortID}/seasons/{seasonID}/day/{dayID}/stream", "GET").route(web::get().to(stream::resort_day_stream)),
+        )
+        .service(resource("/dashboard", "GET").route(web::get().to(dashboard::page)))
         .service(
             resource("/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", "GET, POST")
                 .route(web::post().to(api::post_ride))

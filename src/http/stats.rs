@@ -51,6 +51,11 @@ pub struct Statistics {
 }
 
 impl RequestStats {
+    /// The context path every public route is under (empty = none).
+    pub fn base_path(&self) -> &str {
+        &self.base_path
+    }
+
     pub fn new(base_path: &str) -> Self {
         RequestStats {
             base_path: base_path.to_string(),

@@ -355,3 +355,80 @@ impl Drop for InProcess {
         }
     }
 }
+
+/// One Server-Sent Events stream, read as a browser's EventSource would.
+pub struct Sse {
+    lines: std::io::BufReader<Box<dyn std::io::Read + Send + Sync>>,
+}
+
+impl Sse {
+    /// Opens `url`; `Err((status, body))` when it is not a 200 stream.
+    pub fn open(url: &str, last_event_id: Option<u64>) -> Result<Sse, (u16, String, Option<String>)> {
+        // No overall timeout (the stream is endless), but a bound on every read: the
+        // heartbeat comes every 15 s.
+        let agent = ureq::AgentBuilder::new().timeout_read(std::time::Duration::from_secs(20)).build();
+        let mut req = agent.get(url);
+        if let Some(id) = last_event_id {
+            req = req.set("Last-Event-ID", &id.to_string());
+        }
+        match req.call() {
+            Ok(r) => {
+                assert_eq!(r.header("content-type"), Some("text/event-stream"));
+                assert_eq!(r.header("cache-control"), Some("no-store"));
+                Ok(Sse { lines: std::io::BufReader::new(r.into_reader()) })
+            }
+            Err(ureq::Error::Status(code, r)) => {
+                let retry = r.header("retry-after").map(str::to_string);
+                Err((code, r.into_string().unwrap_or_default(), retry))
+            }
+            Err(e) => panic!("stream {url}: {e}"),
+        }
+    }
+
+    /// The next `day` event as (id, summary); comments and the `retry:` line are skipped.
+    pub fn next_day(&mut self) -> (u64, serde_json::Value) {
+        use std::io::BufRead;
+        let (mut id, mut data, mut event): (Option<u64>, Option<String>, Option<String>) = (None, None, None);
+        loop {
+            let mut line = String::new();
+            assert!(self.lines.read_line(&mut line).expect("stream read") > 0, "stream ended");
+            let line = line.trim_end_matches(['\r', '\n']);
+            if line.is_empty() {
+                if let (Some(id), Some(data), Some("day")) = (id, data.take(), event.as_deref()) {
+                    return (id, serde_json::from_str(&data).expect("event data is JSON"));
+                }
+                (id, event) = (None, None);
+            } else if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.parse::<u64>().expect("numeric event id"));
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                event = Some(v.to_string());
+            }
+        }
+    }
+
+    /// Whether the stream ends (EOF or a broken connection) within 100 more lines.
+    pub fn ended(&mut self) -> bool {
+        use std::io::BufRead;
+        for _ in 0..100 {
+            let mut line = String::new();
+            match self.lines.read_line(&mut line) {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+        false
+    }
+
+    /// Reads day events until `done` holds for one (bounded: each read times out).
+    pub fn until(&mut self, what: &str, mut done: impl FnMut(u64, &serde_json::Value) -> bool) -> (u64, serde_json::Value) {
+        for _ in 0..200 {
+            let (id, v) = self.next_day();
+            if done(id, &v) {
+                return (id, v);
+            }
+        }
+        panic!("no event with {what} in 200 events");
+    }
+}
