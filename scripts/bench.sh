@@ -23,6 +23,10 @@
 #      on fresh embedded nodes with both on (the defaults) and both off
 #      (admin.histograms=false, RUST_LOG=warn so the info-level request span is disabled),
 #      run on, off, off, on so that drift on a shared machine falls on both
+#   4c. live streams: LIVE_N (1000) stream subscribers of one day on a fresh embedded node
+#      (`liftlog-bench watch`): the node's CPU and VmRSS with and without them and their
+#      update delay (201 to the event), then wrk POST with them attached, between two wrk
+#      POST runs without them
 #   5. liftlog in production mode (three processes on RabbitMQ + DynamoDB Local): POST end
 #      to end, the flusher, GETs from the tables, the 201-to-visible probe
 #   6. WAL replay and cold start after kill -9 with 1M rides (30M with --big), and VmRSS
@@ -54,10 +58,10 @@ parse_flags 2,9 --quick=QUICK --big=BIG -- "$@"
 # ------------------------------------------------------------------ sizes ---
 if ((QUICK)); then
   WRK_S=3 C6000_S=3 OPEN_N=100 STD_POST_N=40000 AMQP_S=2 SLED_RECORDS=100000 DYNAMO_S=2
-  PROD_N=10000 PROD_GET_N=20 LAG_S=4 REPLAY_N=100000 TAG=quick
+  PROD_N=10000 PROD_GET_N=20 LAG_S=4 REPLAY_N=100000 LIVE_N=200 LIVE_S=3 TAG=quick
 else
   WRK_S=10 C6000_S=10 OPEN_N=1000 STD_POST_N=200000 AMQP_S=8 SLED_RECORDS=500000 DYNAMO_S=8
-  PROD_N=100000 PROD_GET_N=100 LAG_S=15 REPLAY_N=1000000 TAG=""
+  PROD_N=100000 PROD_GET_N=100 LAG_S=15 REPLAY_N=1000000 LIVE_N=1000 LIVE_S=10 TAG=""
 fi
 BIG_N=30000000
 WRK_C=128
@@ -318,6 +322,35 @@ obs_run on-1 "info,actix_server=warn"
 obs_run off-1 warn --set admin.histograms=false
 obs_run off-2 warn --set admin.histograms=false
 obs_run on-2 "info,actix_server=warn"
+
+# ------------------------------------------------------------ live streams ---
+log "4c. live streams: $LIVE_N subscribers of one day (embedded, fresh node)"
+rm -rf "$RUN/live"
+start live "$BIN/liftlog" serve --admin-listen main --listen "127.0.0.1:$EMB_PORT" --data-dir "$RUN/live" --set "http.max_streams=$((LIVE_N + 48))"
+LIVE_PID=$LAST_PID
+if wait_listening live "$LIVE_PID"; then
+  wrk_run wrk-live-alone-1-post.json "$EMB" post 2025
+  READY=$RUN/live-holding
+  "$BIN/liftlog-bench" watch --url "$EMB" --pid "$LIVE_PID" --subscribers "$LIVE_N" --seconds "$LIVE_S" --hold $((WRK_S + 4)) \
+    --probe-rate 20 --season 2041 --ready-file "$READY" >"$OUT/watch.json" 2>"$RUN/logs/watch.err" &
+  WATCH_PID=$!
+  PIDS+=("$WATCH_PID")
+  # The probe's own progress: it creates the file when its subscribers are measured and held.
+  for ((i = 0; i < 1800; i++)); do
+    [[ -e $READY ]] && break
+    kill -0 "$WATCH_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if [[ -e $READY ]]; then
+    wrk_run wrk-live-watched-post.json "$EMB" post 2025
+  else
+    fail "the live-stream probe never held its subscribers (see $RUN/logs/watch.err)"
+  fi
+  wait "$WATCH_PID" || { fail "the live-stream probe failed (see $RUN/logs/watch.err)"; }
+  [[ -s $OUT/watch.json ]] && log "  $(jq -r '"\(.connected) subscribers: \(.cpu_per_subscriber_pct_of_a_core*1000|round/1000)% of a core and \(.rss_per_subscriber_kib|round) KiB each; delay p99 \(.delay_ms_idle.p99) ms idle, \(.delay_ms_loaded.p99) ms under wrk"' "$OUT/watch.json")"
+  wrk_run wrk-live-alone-2-post.json "$EMB" post 2025
+fi
+stop_pid "$LIVE_PID"
 
 # ----------------------------------------------------------- production ---
 # Three processes on RabbitMQ + DynamoDB Local. The POST figure is taken with the consumer's

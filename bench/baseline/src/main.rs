@@ -7,6 +7,7 @@
 //! - [`sled_ceiling`]: fsync/s, sled batch + flush records/s, sled iteration records/s.
 //! - [`dynamo`]: raw BatchWriteItem items/s and GetItem/s against DynamoDB (Local).
 //! - [`lag`]: the 201-to-visible probe.
+//! - [`watch`]: live-stream subscribers: their cost to the node and their update delay.
 //! - [`wal_fill`]: writes rides straight into a data dir's WAL (large replay runs).
 //! - [`report`]: turns the collected JSON into `bench/results/<date>.md`.
 
@@ -18,8 +19,9 @@ mod lag;
 mod report;
 mod sled_ceiling;
 mod wal_fill;
+mod watch;
 
-const USAGE: &str = "usage: liftlog-bench <bare-http|amqp|amqp-cleanup|sled|dynamo|lag|wal-fill|report> [--flag value ...]
+const USAGE: &str = "usage: liftlog-bench <bare-http|amqp|amqp-cleanup|sled|dynamo|lag|watch|wal-fill|report> [--flag value ...]
   bare-http --listen 127.0.0.1:18080 --workers 2 --rides 200000
   amqp      --url amqp://guest:guest@127.0.0.1:5672/%2f --queue-type quorum|classic --queues 4 --channels 4 --in-flight 1000 --seconds 8
             [--liftlog-prefix P: liftlog's own partition queues, declared by its code, purged after]
@@ -27,6 +29,7 @@ const USAGE: &str = "usage: liftlog-bench <bare-http|amqp|amqp-cleanup|sled|dyna
   sled      --dir /tmp/x --records 500000 --batch 1000 --fsync-seconds 1
   dynamo    --endpoint http://127.0.0.1:8000 --seconds 8 --concurrency 16
   lag       --post http://127.0.0.1:8081 --read http://127.0.0.1:8082 --rate 100 --seconds 15 --season 2031 --poll-us 500 [--cold]
+  watch     --url http://127.0.0.1:8080 --pid P --subscribers 1000 --seconds 10 --hold 15 --probe-rate 20 --season 2041 [--ready-file F]
   wal-fill  --data-dir D --rides 30000000 --batch 128 --season 2025
   report    --dir JSON_DIR --out bench/results/DATE.md";
 
@@ -47,6 +50,7 @@ fn main() {
         "sled" => sled_ceiling::run(&args),
         "dynamo" => dynamo::run(&args),
         "lag" => lag::run(&args),
+        "watch" => watch::run(&args),
         "wal-fill" => wal_fill::run(&args),
         "report" => report::run(&args),
         _ => {

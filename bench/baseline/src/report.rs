@@ -296,6 +296,63 @@ pub fn run(args: &Args) -> Result<(), String> {
             met: r.map(|r| r >= 0.95),
         });
     }
+    // Live streams (section 4c): ingestion with the subscribers attached against the same
+    // node's wrk POST without them, before and after; then what they cost and how late they
+    // see a ride.
+    {
+        let alone: Vec<Option<f64>> = ["wrk-live-alone-1-post", "wrk-live-alone-2-post"].iter().map(|file| x.num(file, "/rps")).collect();
+        let mean = alone[0].zip(alone[1]).map(|(a, b)| (a + b) / 2.0);
+        let watched = x.num("wrk-live-watched-post", "/rps");
+        let n = x.num("watch", "/connected");
+        let r = ratio(watched, mean);
+        rows.push(Row {
+            figure: format!("POST embedded with {} live-stream subscribers attached vs none, same node, wrk", int(n)),
+            ours: format!(
+                "{} req/s, p99 {} ms, {}",
+                int(watched),
+                f(x.num("wrk-live-watched-post", "/latency_ms/p99"), 2),
+                wrk_errors(&mut x, "wrk-live-watched-post")
+            ),
+            ceiling: format!(
+                "none attached: {} req/s (runs before and after: {} and {}), {}; {}",
+                int(mean),
+                int(alone[0]),
+                int(alone[1]),
+                wrk_errors(&mut x, "wrk-live-alone-1-post"),
+                wrk_errors(&mut x, "wrk-live-alone-2-post")
+            ),
+            ratio: format!("{}{}", f(r, 3), if r.is_some_and(|r| r > 1.0) { " (above 1: no cost above this run's noise)" } else { "" }),
+            target: "≥ 0.95".into(),
+            met: r.map(|r| r >= 0.95),
+        });
+        let p99_loaded = x.num("watch", "/delay_ms_loaded/p99");
+        rows.push(Row {
+            figure: format!("Live streams: {} subscribers of one day on one node, a probe ride every 50 ms", int(n)),
+            ours: format!(
+                "per subscriber {}% of a core and {} KiB (node {} → {} cores, {} → {} MiB); update delay (201 to event) p50 / p99 / max {} / {} / {} ms idle, {} / {} / {} ms under wrk POST; {} events, {} refused, {} failed, {} probe rides unseen",
+                f(x.num("watch", "/cpu_per_subscriber_pct_of_a_core"), 4),
+                f(x.num("watch", "/rss_per_subscriber_kib"), 1),
+                f(x.num("watch", "/cpu_cores_without"), 2),
+                f(x.num("watch", "/cpu_cores_with"), 2),
+                int(x.num("watch", "/rss_kib_without").map(|k| k / 1024.0)),
+                int(x.num("watch", "/rss_kib_with").map(|k| k / 1024.0)),
+                f(x.num("watch", "/delay_ms_idle/p50"), 0),
+                f(x.num("watch", "/delay_ms_idle/p99"), 0),
+                f(x.num("watch", "/delay_ms_idle/max"), 0),
+                f(x.num("watch", "/delay_ms_loaded/p50"), 0),
+                f(p99_loaded, 0),
+                f(x.num("watch", "/delay_ms_loaded/max"), 0),
+                int(x.num("watch", "/events")),
+                int(x.num("watch", "/refused")),
+                int(x.num("watch", "/failed")),
+                int(x.num("watch", "/missed")),
+            ),
+            ceiling: "not a ratio: the feed reads the day every 500 ms by design, which bounds the delay from below".into(),
+            ratio: "—".into(),
+            target: "delay p99 ≤ 1 s under load".into(),
+            met: p99_loaded.map(|p| p <= 1000.0),
+        });
+    }
     let open_rate = meta["open_rate"].as_f64().unwrap_or(20000.0);
     for (ep, kind) in GETS {
         let o = x.load_kind("open-emb", kind);
