@@ -24,9 +24,9 @@
 #      (admin.histograms=false, RUST_LOG=warn so the info-level request span is disabled),
 #      run on, off, off, on so that drift on a shared machine falls on both
 #   4c. live streams: LIVE_N (1000) stream subscribers of one day on a fresh embedded node
-#      (`liftlog-bench watch`): the node's CPU and VmRSS with and without them and their
-#      update delay (201 to the event), then wrk POST with them attached, between two wrk
-#      POST runs without them
+#      (`liftlog-bench watch`): the node's CPU and VmRSS with and without them (once it has
+#      flushed) and their update delay (201 to the event), then two wrk POST runs with them
+#      attached, between two wrk POST runs without them
 #   5. liftlog in production mode (three processes on RabbitMQ + DynamoDB Local): POST end
 #      to end, the flusher, GETs from the tables, the 201-to-visible probe
 #   6. WAL replay and cold start after kill -9 with 1M rides (30M with --big), and VmRSS
@@ -328,11 +328,26 @@ log "4c. live streams: $LIVE_N subscribers of one day (embedded, fresh node)"
 rm -rf "$RUN/live"
 start live "$BIN/liftlog" serve --admin-listen main --listen "127.0.0.1:$EMB_PORT" --data-dir "$RUN/live" --set "http.max_streams=$((LIVE_N + 48))"
 LIVE_PID=$LAST_PID
+# settled: until the node has flushed every ride (its own figure), so that a CPU window
+# does not measure the previous wrk run's flush. Bounded.
+settled() {
+  local i
+  for ((i = 0; i < 1200; i++)); do
+    [[ $(admin_wal "$EMB_PORT" | jq -r '.consumer.unflushed_events // 1') == 0 ]] && return 0
+    sleep 0.1
+  done
+  fail "the live node did not flush its rides within 120 s"
+}
 if wait_listening live "$LIVE_PID"; then
+  # wrk POST without subscribers, twice with them attached, without again: drift on a
+  # shared machine falls on both sides. Each run starts on a flushed node, so none pays
+  # for the previous one's flush.
   wrk_run wrk-live-alone-1-post.json "$EMB" post 2025
+  settled
   READY=$RUN/live-holding
-  "$BIN/liftlog-bench" watch --url "$EMB" --pid "$LIVE_PID" --subscribers "$LIVE_N" --seconds "$LIVE_S" --hold $((WRK_S + 4)) \
-    --probe-rate 20 --season 2041 --ready-file "$READY" >"$OUT/watch.json" 2>"$RUN/logs/watch.err" &
+  # Held until the stop file (bounded: the hold's own limit).
+  "$BIN/liftlog-bench" watch --url "$EMB" --pid "$LIVE_PID" --subscribers "$LIVE_N" --seconds "$LIVE_S" --hold $((2 * WRK_S + 180)) \
+    --probe-rate 20 --season 2041 --ready-file "$READY" --stop-file "$RUN/live-stop" >"$OUT/watch.json" 2>"$RUN/logs/watch.err" &
   WATCH_PID=$!
   PIDS+=("$WATCH_PID")
   # The probe's own progress: it creates the file when its subscribers are measured and held.
@@ -342,11 +357,16 @@ if wait_listening live "$LIVE_PID"; then
     sleep 0.1
   done
   if [[ -e $READY ]]; then
-    wrk_run wrk-live-watched-post.json "$EMB" post 2025
+    settled
+    wrk_run wrk-live-watched-1-post.json "$EMB" post 2025
+    settled
+    wrk_run wrk-live-watched-2-post.json "$EMB" post 2025
+    touch "$RUN/live-stop"
   else
     fail "the live-stream probe never held its subscribers (see $RUN/logs/watch.err)"
   fi
   wait "$WATCH_PID" || { fail "the live-stream probe failed (see $RUN/logs/watch.err)"; }
+  settled
   [[ -s $OUT/watch.json ]] && log "  $(jq -r '"\(.connected) subscribers: \(.cpu_per_subscriber_pct_of_a_core*1000|round/1000)% of a core and \(.rss_per_subscriber_kib|round) KiB each; delay p99 \(.delay_ms_idle.p99) ms idle, \(.delay_ms_loaded.p99) ms under wrk"' "$OUT/watch.json")"
   wrk_run wrk-live-alone-2-post.json "$EMB" post 2025
 fi

@@ -1,8 +1,9 @@
 //! The dashboard in a real browser (issue 14): headless Chromium, driven over WebDriver by
 //! Debian's `chromedriver`, loads `/dashboard` from an embedded node; rides are POSTed and
 //! the page must show the right figures within seconds, through the live stream. It also
-//! checks the operations panel appears only with the admin token, and saves a screenshot
-//! (`$CARGO_TARGET_TMPDIR/dashboard.png`; the README's is a copy of one).
+//! checks the operations panel appears only with the admin token, that a phone's width does
+//! not scroll sideways, and saves screenshots (`$CARGO_TARGET_TMPDIR/dashboard.png` and
+//! `dashboard-phone.png`; the README's is a copy of the first).
 //!
 //! `#[ignore]`d like the tests that need services: it needs Chromium and chromedriver, which
 //! `scripts/test.sh` installs when missing; run with `--include-ignored` it fails, never
@@ -168,6 +169,18 @@ fn the_dashboard_shows_the_days_rides_live_in_a_browser() {
     let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
     std::fs::write(&path, &png).unwrap();
     eprintln!("dashboard screenshot: {}", path.display());
+
+    // On a phone's width the page reflows instead of scrolling sideways (the heat map
+    // scrolls inside its own panel), and the figures are still there.
+    browser.call("POST", "/window/rect", Some(json!({ "width": 390, "height": 844 })));
+    common::wait_for("the page to reflow", Duration::from_secs(10), || {
+        browser.eval("return window.innerWidth").as_u64().is_some_and(|w| w <= 400)
+    });
+    let overflow = browser.eval("return document.documentElement.scrollWidth - document.documentElement.clientWidth");
+    assert!(overflow.as_i64().is_some_and(|px| px <= 0), "the page is {overflow} px wider than a phone's screen");
+    assert_eq!(browser.text("rides"), "41");
+    let phone = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-phone.png");
+    std::fs::write(&phone, browser.screenshot()).unwrap();
 
     // The page itself is cacheable by a CDN and revalidates with its ETag.
     let res = a.get(&s.url("/dashboard")).call().unwrap();

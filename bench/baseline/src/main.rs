@@ -29,7 +29,7 @@ const USAGE: &str = "usage: liftlog-bench <bare-http|amqp|amqp-cleanup|sled|dyna
   sled      --dir /tmp/x --records 500000 --batch 1000 --fsync-seconds 1
   dynamo    --endpoint http://127.0.0.1:8000 --seconds 8 --concurrency 16
   lag       --post http://127.0.0.1:8081 --read http://127.0.0.1:8082 --rate 100 --seconds 15 --season 2031 --poll-us 500 [--cold]
-  watch     --url http://127.0.0.1:8080 --pid P --subscribers 1000 --seconds 10 --hold 15 --probe-rate 20 --season 2041 [--ready-file F]
+  watch     --url http://127.0.0.1:8080 --pid P --subscribers 1000 --seconds 10 --hold 15 --probe-rate 20 --season 2041 [--ready-file F] [--stop-file G]
   wal-fill  --data-dir D --rides 30000000 --batch 128 --season 2025
   report    --dir JSON_DIR --out bench/results/DATE.md";
 

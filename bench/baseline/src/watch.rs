@@ -10,9 +10,9 @@
 //!    differences, divided by the subscribers, are the per-subscriber cost; the update
 //!    delay is, per subscriber and per probe ride k, the time from the k-th 201 to the first
 //!    event whose id (the day's ride count) is at least k (0 when the event came first).
-//! 3. `--hold` seconds more with everything running, after creating `--ready-file`: the
-//!    script runs its ingestion load meanwhile, and the delays of this phase are reported
-//!    apart (under load).
+//! 3. up to `--hold` seconds more with everything running, after creating `--ready-file`,
+//!    until `--stop-file` appears: the script runs its ingestion load meanwhile, and the
+//!    delays of this phase are reported apart (under load).
 //!
 //! Prints one JSON object. Subscribers that were refused (503) or failed are counted, not
 //! hidden; the run fails if fewer than all connected.
@@ -120,7 +120,7 @@ async fn follow(
     Ok(())
 }
 
-/// `watch --url http://127.0.0.1:18181 --pid P --subscribers 1000 --seconds 10 --hold 15 --probe-rate 20 --season 2041 --ready-file F`
+/// `watch --url http://127.0.0.1:18181 --pid P --subscribers 1000 --seconds 10 --hold 15 --probe-rate 20 --season 2041 --ready-file F --stop-file G`
 pub fn run(args: &Args) -> Result<(), String> {
     let url = args.string("url", "http://127.0.0.1:8080");
     let pid: u32 = args.get("pid", 0);
@@ -130,6 +130,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let probe_rate: f64 = args.get("probe-rate", 20.0);
     let season: u16 = args.get("season", 2041);
     let ready_file = args.string("ready-file", "");
+    let stop_file = args.string("stop-file", "");
     if pid == 0 {
         return Err("--pid of the liftlog process is required".into());
     }
@@ -202,15 +203,20 @@ pub fn run(args: &Args) -> Result<(), String> {
             }
         }
         let joined = Instant::now();
-        let (cpu2, rss2) = (cpu_seconds(pid)?, rss_kib(pid)?);
+        let me = std::process::id();
+        let (cpu2, rss2, own2) = (cpu_seconds(pid)?, rss_kib(pid)?, cpu_seconds(me)?);
         tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
-        let (cpu3, rss3, t3) = (cpu_seconds(pid)?, rss_kib(pid)?, Instant::now());
+        let (cpu3, rss3, own3, t3) = (cpu_seconds(pid)?, rss_kib(pid)?, cpu_seconds(me)?, Instant::now());
 
         // Phase 3: held while the script loads the node.
         if !ready_file.is_empty() {
             std::fs::write(&ready_file, b"holding\n").map_err(|e| format!("{ready_file}: {e}"))?;
         }
-        tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+        let hold_until = Instant::now() + Duration::from_secs_f64(hold);
+        let stopped = || !stop_file.is_empty() && std::path::Path::new(&stop_file).exists();
+        while Instant::now() < hold_until && !stopped() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let t4 = Instant::now();
         probe_stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let probe_failures = probe.await.map_err(|e| e.to_string())?;
@@ -260,6 +266,7 @@ pub fn run(args: &Args) -> Result<(), String> {
                 "first_events": greeted, "events": events, "probe_rate": probe_rate, "probe_rides": acks.len(), "probe_failures": probe_failures,
                 "missed": missed, "seconds": seconds, "hold": hold,
                 "cpu_cores_without": cpu_without, "cpu_cores_with": cpu_with,
+                "client_cpu_cores": (own3 - own2) / (t3 - joined).as_secs_f64(),
                 "cpu_per_subscriber_pct_of_a_core": per(cpu_with - cpu_without) * 100.0,
                 "rss_kib_without": rss1.max(rss0), "rss_kib_with": rss3.max(rss2),
                 "rss_per_subscriber_kib": per(rss3.max(rss2) as f64 - rss1.max(rss0) as f64),
