@@ -48,9 +48,9 @@ fi
 cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 
 echo "== browser (the dashboard test drives headless Chromium through chromedriver)"
+LOG_TAG="test"
 # shellcheck source=scripts/lib/common.sh
-LOG_TAG=test
-source scripts/lib/common.sh
+. scripts/lib/common.sh
 mkdir -p target/test-logs
 need_tools target/test-logs chromium chromedriver=chromium-driver
 

@@ -119,6 +119,26 @@ struct Row {
 const GETS: [(&str, &str); 3] = [("skier-day", "GET skier-day"), ("resort-day", "GET resort-day"), ("vertical", "GET vertical")];
 
 /// `report --dir JSON_DIR --out bench/results/DATE.md`
+/// Two wrk runs of one side of an A/B pair: their mean req/s and a text with each run's
+/// req/s, p99 and errors.
+fn wrk_pair(x: &mut Inputs, files: [&str; 2]) -> (Option<f64>, String) {
+    let rps: Vec<Option<f64>> = files.iter().map(|file| x.num(file, "/rps")).collect();
+    let mean = rps[0].zip(rps[1]).map(|(a, b)| (a + b) / 2.0);
+    let p99: Vec<String> = files.iter().map(|file| f(x.num(file, "/latency_ms/p99"), 2)).collect();
+    let errors: Vec<String> = files.iter().map(|file| wrk_errors(x, file)).collect();
+    let text = format!(
+        "{} req/s (runs {} and {}), p99 {} / {} ms; run 1: {}; run 2: {}",
+        int(mean),
+        int(rps[0]),
+        int(rps[1]),
+        p99[0],
+        p99[1],
+        errors[0],
+        errors[1]
+    );
+    (mean, text)
+}
+
 pub fn run(args: &Args) -> Result<(), String> {
     let dir = PathBuf::from(args.string("dir", "."));
     let out = PathBuf::from(args.string("out", "results.md"));
@@ -262,23 +282,9 @@ pub fn run(args: &Args) -> Result<(), String> {
     // What the metrics histograms and the request spans cost: the same build and wrk runs
     // on fresh nodes with both on (the defaults) and both off, run on, off, off, on.
     for (ep, what) in [("post", "POST"), ("skier-day", "GET skier-day")] {
-        let mut runs = |state: &str| -> (Option<f64>, String) {
+        let mut runs = |state: &str| {
             let files = [format!("wrk-obs-{state}-1-{ep}"), format!("wrk-obs-{state}-2-{ep}")];
-            let rps: Vec<Option<f64>> = files.iter().map(|file| x.num(file, "/rps")).collect();
-            let mean = rps[0].zip(rps[1]).map(|(a, b)| (a + b) / 2.0);
-            let p99: Vec<String> = files.iter().map(|file| f(x.num(file, "/latency_ms/p99"), 2)).collect();
-            let errors: Vec<String> = files.iter().map(|file| wrk_errors(&mut x, file)).collect();
-            let text = format!(
-                "{} req/s (runs {} and {}), p99 {} / {} ms; run 1: {}; run 2: {}",
-                int(mean),
-                int(rps[0]),
-                int(rps[1]),
-                p99[0],
-                p99[1],
-                errors[0],
-                errors[1]
-            );
-            (mean, text)
+            wrk_pair(&mut x, [files[0].as_str(), files[1].as_str()])
         };
         let (on, on_text) = runs("on");
         let (off, off_text) = runs("off");
@@ -300,25 +306,8 @@ pub fn run(args: &Args) -> Result<(), String> {
     // node's wrk POST without them, before and after; then what they cost and how late they
     // see a ride.
     {
-        let mut pair = |files: [&str; 2]| -> (Option<f64>, String) {
-            let rps: Vec<Option<f64>> = files.iter().map(|file| x.num(file, "/rps")).collect();
-            let mean = rps[0].zip(rps[1]).map(|(a, b)| (a + b) / 2.0);
-            let p99: Vec<String> = files.iter().map(|file| f(x.num(file, "/latency_ms/p99"), 2)).collect();
-            let errors: Vec<String> = files.iter().map(|file| wrk_errors(&mut x, file)).collect();
-            let text = format!(
-                "{} req/s (runs {} and {}), p99 {} / {} ms; {}; {}",
-                int(mean),
-                int(rps[0]),
-                int(rps[1]),
-                p99[0],
-                p99[1],
-                errors[0],
-                errors[1]
-            );
-            (mean, text)
-        };
-        let (watched, watched_text) = pair(["wrk-live-watched-1-post", "wrk-live-watched-2-post"]);
-        let (alone, alone_text) = pair(["wrk-live-alone-1-post", "wrk-live-alone-2-post"]);
+        let (watched, watched_text) = wrk_pair(&mut x, ["wrk-live-watched-1-post", "wrk-live-watched-2-post"]);
+        let (alone, alone_text) = wrk_pair(&mut x, ["wrk-live-alone-1-post", "wrk-live-alone-2-post"]);
         let n = x.num("watch", "/connected");
         let r = ratio(watched, alone);
         rows.push(Row {
