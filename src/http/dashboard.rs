@@ -17,12 +17,12 @@ use std::sync::LazyLock;
 const PAGE: &str = include_str!("dashboard.html");
 
 /// The page's ETag, in the weak form every other liftlog ETag has.
-static ETAG: LazyLock<String> = LazyLock::new(|| format!("W/\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(PAGE.as_bytes())));
+static ETAG: LazyLock<String> = LazyLock::new(|| super::weak_etag(PAGE.as_bytes()));
 
 pub async fn page(req: HttpRequest) -> HttpResponse {
     let etag = ETAG.as_str();
-    if req.headers().get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
-        return HttpResponse::NotModified().insert_header((header::ETAG, etag)).finish();
+    if let Some(not_modified) = super::not_modified(&req, etag) {
+        return not_modified;
     }
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")

@@ -173,10 +173,11 @@ pub async fn with_skiers<R>(state: &AppState, key: DayKey, route: Option<&Route>
     }
 }
 
-/// The day's summary on this route (see [`with_skiers`]).
-pub async fn summary(state: &AppState, key: DayKey, route: Option<&Route>) -> Result<DaySummary, ApiError> {
+/// The day's summary on this route (see [`with_skiers`]), and whether an actor answered
+/// (the stream reads the tables less often).
+pub async fn summary(state: &AppState, key: DayKey, route: Option<&Route>) -> Result<(DaySummary, bool), ApiError> {
     let max_time = state.limits.max_time;
-    with_skiers(state, key, route, |s| s.summary(key, max_time)).await
+    with_skiers(state, key, route, |s| (s.summary(key, max_time), matches!(s, Skiers::Resident(_)))).await
 }
 
 /// A whole-number query parameter within `bounds`, or a 400 that says so.

@@ -240,15 +240,28 @@ pub async fn account<B: MessageBody>(
 /// for longer than the visibility lag clients already accept.
 pub fn cached_json<T: Serialize>(req: &HttpRequest, value: &T) -> Result<HttpResponse, ApiError> {
     let body = serde_json::to_vec(value).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let etag = format!("W/\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(&body));
-    if req.headers().get(header::IF_NONE_MATCH).is_some_and(|v| v.as_bytes() == etag.as_bytes()) {
-        return Ok(HttpResponse::NotModified().insert_header((header::ETAG, etag)).finish());
+    let etag = weak_etag(&body);
+    if let Some(not_modified) = not_modified(req, &etag) {
+        return Ok(not_modified);
     }
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .insert_header((header::ETAG, etag))
         .insert_header((header::CACHE_CONTROL, "public, max-age=1"))
         .body(body))
+}
+
+/// The weak ETag of a body: its hash, the one validator every cacheable answer carries.
+pub fn weak_etag(body: &[u8]) -> String {
+    format!("W/\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(body))
+}
+
+/// The 304 for a request whose `If-None-Match` is `etag`, if it is.
+pub fn not_modified(req: &HttpRequest, etag: &str) -> Option<HttpResponse> {
+    req.headers()
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+        .then(|| HttpResponse::NotModified().insert_header((header::ETAG, etag)).finish())
 }
 
 /// A JSON response that must not be cached (admin views, statistics).

@@ -257,9 +257,12 @@ async fn run_feed(state: State, key: DayKey, tx: Feed) {
 
 /// The day's summary where a GET would read it, and whether an actor answered.
 async fn read_summary(state: &AppState, key: DayKey) -> (Result<DaySummary, ApiError>, bool) {
+    let split = |read: Result<(DaySummary, bool), ApiError>| match read {
+        Ok((s, from_actor)) => (Ok(s), from_actor),
+        Err(e) => (Err(e), false),
+    };
     let Some(cluster) = &state.cluster else {
-        let resident = state.resident_for(&key, None).is_some();
-        return (summary(state, key, None).await, resident);
+        return split(summary(state, key, None).await);
     };
     let path = format!("{}/resorts/{}/seasons/{}/day/{}/summary", state.requests.base_path(), key.resort, key.season, key.day);
     let headers = actix_web::http::header::HeaderMap::new();
@@ -269,10 +272,7 @@ async fn read_summary(state: &AppState, key: DayKey) -> (Result<DaySummary, ApiE
     };
     match route {
         Route::Owner(answer) => (owner_summary(answer).await, true),
-        route => {
-            let resident = state.resident_for(&key, Some(&route)).is_some();
-            (summary(state, key, Some(&route)).await, resident)
-        }
+        route => split(summary(state, key, Some(&route)).await),
     }
 }
 

@@ -241,17 +241,23 @@ fn pack_ids(ids: &[u64]) -> Vec<u8> {
     ids.iter().flat_map(|id| id.to_le_bytes()).collect()
 }
 
-fn unpack_ids(table: &'static str, item: &Item) -> Result<Vec<u64>, TableError> {
-    match item.get(A_IDS) {
+fn pack_stamps(stamps: &[Stamp]) -> Vec<u8> {
+    stamps.iter().flat_map(|s| s.0.to_le_bytes()).collect()
+}
+
+/// A binary attribute of fixed-width little-endian values (`Ids`, `Stamps`): empty when
+/// absent, corrupt when not binary or not a whole number of `N`-byte values.
+fn unpack_le<const N: usize, T>(table: &'static str, item: &Item, name: &str, value: impl Fn([u8; N]) -> T) -> Result<Vec<T>, TableError> {
+    match item.get(name) {
         None => Ok(Vec::new()),
         Some(AttributeValue::B(blob)) => {
             let bytes = blob.as_ref();
-            if bytes.len() % 8 != 0 {
-                return Err(corrupt(table, format!("{A_IDS} has {} bytes, not a multiple of 8", bytes.len())));
+            if bytes.len() % N != 0 {
+                return Err(corrupt(table, format!("{name} has {} bytes, not a multiple of {N}", bytes.len())));
             }
-            Ok(bytes.chunks_exact(8).map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+            Ok(bytes.chunks_exact(N).map(|c| value(c.try_into().expect("chunks_exact gives N bytes"))).collect())
         }
-        Some(other) => Err(corrupt(table, format!("{A_IDS} is not binary: {other:?}"))),
+        Some(other) => Err(corrupt(table, format!("{name} is not binary: {other:?}"))),
     }
 }
 
@@ -266,7 +272,7 @@ fn skier_day_to_item(d: &SkierDayItem) -> Item {
         item.insert(A_IDS.into(), AttributeValue::B(Blob::new(pack_ids(&d.ids))));
     }
     if !d.stamps.is_empty() {
-        item.insert(A_STAMPS.into(), AttributeValue::B(Blob::new(d.stamps.iter().flat_map(|s| s.0.to_le_bytes()).collect::<Vec<u8>>())));
+        item.insert(A_STAMPS.into(), AttributeValue::B(Blob::new(pack_stamps(&d.stamps))));
     }
     item
 }
@@ -277,26 +283,12 @@ fn skier_day_from_item(item: &Item) -> Result<SkierDayItem, TableError> {
         skier: get_n(SKIER_DAYS, item, A_SKIER)?,
         key: get_day_key(SKIER_DAYS, item)?,
         vertical: get_n(SKIER_DAYS, item, A_VERTICAL)?,
-        ids: unpack_ids(SKIER_DAYS, item)?,
+        ids: unpack_le(SKIER_DAYS, item, A_IDS, u64::from_le_bytes)?,
         version: get_n(SKIER_DAYS, item, A_VERSION)?,
-        stamps: unpack_stamps(SKIER_DAYS, item)?,
+        // Absent on items written before stamps were kept (and on the index's items).
+        stamps: unpack_le(SKIER_DAYS, item, A_STAMPS, |b| Stamp(u32::from_le_bytes(b)))?,
     }
     .padded())
-}
-
-/// `Stamps`: absent on items written before stamps were kept (and on the index's items).
-fn unpack_stamps(table: &'static str, item: &Item) -> Result<Vec<Stamp>, TableError> {
-    match item.get(A_STAMPS) {
-        None => Ok(Vec::new()),
-        Some(AttributeValue::B(blob)) => {
-            let bytes = blob.as_ref();
-            if bytes.len() % 4 != 0 {
-                return Err(corrupt(table, format!("{A_STAMPS} has {} bytes, not a multiple of 4", bytes.len())));
-            }
-            Ok(bytes.chunks_exact(4).map(|c| Stamp(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect())
-        }
-        Some(other) => Err(corrupt(table, format!("{A_STAMPS} is not binary: {other:?}"))),
-    }
 }
 
 fn day_count_to_item(c: &DayCountItem) -> Item {
