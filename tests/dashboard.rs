@@ -116,8 +116,10 @@ fn the_dashboard_shows_the_days_rides_live_in_a_browser() {
     let a = agent();
     let browser = Browser::start();
     browser.open(&s.url("/dashboard?resort=3&season=2025&day=7"));
+    // "live" shows once the stream is open, which can be before its first event: wait for
+    // the first summary itself (an empty day: 0 rides).
     common::wait_for("the page to connect", Duration::from_secs(15), || browser.text("status").starts_with("live"));
-    assert_eq!(browser.text("rides"), "0");
+    common::wait_for("the page's first summary (0 rides)", Duration::from_secs(15), || browser.text("rides") == "0");
     assert!(browser.eval("return document.getElementById('ops').hidden").as_bool().unwrap(), "no operations panel without the token");
 
     // 40 rides of 12 skiers at a few lifts, plus retries that must not count.
