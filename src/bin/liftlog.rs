@@ -3,6 +3,14 @@
 use clap::{Parser, Subcommand};
 use liftlog::config::{Config, ServeArgs};
 
+/// mimalloc, not glibc's malloc: the write path allocates and frees many short-lived
+/// buffers from several threads (sled's node copies, request bodies), which glibc served
+/// with about a fifth of the POST path's CPU (issue 15's profile, `docs/capacity.md`). Its
+/// memory per resident ride measured the same as glibc's once huge pages were off (see
+/// Cargo.toml).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "liftlog", version, about = "Ski lift rides in, unique skiers and verticals out (SkiDataAPI 2.0)")]
 struct Cli {

@@ -1,8 +1,16 @@
 //! The embedded table store: the DynamoDB schema as sled trees in `<data-dir>/tables`.
 //!
 //! Keys are big-endian binary so that sled's ordered iteration gives the same prefix
-//! queries DynamoDB's sort keys give. Values are bincode 2. All sled calls run on the
-//! blocking pool, since a cache miss reads the disk.
+//! queries DynamoDB's sort keys give. Values are bincode 2.
+//!
+//! Where sled runs: writes, whole-day and whole-table reads run on the blocking pool, since
+//! they take as long as their size. The small reads — one item, one day count, one
+//! skier's days at one resort, one resort's seasons — run on the calling HTTP worker
+//! ([`small_read`]): they are bounded by one skier's or one resort's entries and are
+//! almost always in sled's page cache, where they take microseconds, while the hop to the
+//! blocking pool and back cost two context switches a request (a profile of wrk's vertical
+//! GETs spent a third of the node's CPU switching, issue 15). A page-cache miss then costs
+//! that worker one disk read.
 //!
 //! | tree | key | value |
 //! |---|---|---|
@@ -123,6 +131,11 @@ fn ride_key(r: &RideEvent) -> [u8; 18] {
     b[8..10].copy_from_slice(&r.time.to_be_bytes());
     b[10..].copy_from_slice(&r.id.to_be_bytes());
     b
+}
+
+/// A bounded read run where it is called (see the module doc).
+fn small_read<T>(f: impl FnOnce() -> Result<T, TableError>) -> Result<T, TableError> {
+    f()
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, TableError> + Send + 'static) -> Result<T, TableError> {
@@ -277,31 +290,26 @@ impl Tables for SledTables {
     }
 
     async fn get_day_count(&self, key: DayKey) -> Result<Option<DayCountItem>, TableError> {
-        let me = self.clone();
-        blocking(move || match me.day_counts.get(day_key_bytes(&key)).map_err(unavailable)? {
+        small_read(|| match self.day_counts.get(day_key_bytes(&key)).map_err(unavailable)? {
             Some(v) => decode("LiftRideCounts", &v).map(Some),
             None => Ok(None),
         })
-        .await
     }
 
     async fn get_skier_day(&self, skier: u32, key: DayKey) -> Result<Option<SkierDayItem>, TableError> {
-        let me = self.clone();
-        blocking(move || match me.days.get(day_skier_key(&key, skier)).map_err(unavailable)? {
+        small_read(|| match self.days.get(day_skier_key(&key, skier)).map_err(unavailable)? {
             Some(v) => decode_skier_day(&v).map(Some),
             None => Ok(None),
         })
-        .await
     }
 
     async fn query_skier_resort(&self, skier: u32, resort: u32) -> Result<Vec<SkierDayItem>, TableError> {
-        let me = self.clone();
-        blocking(move || {
+        small_read(|| {
             let mut prefix = [0u8; 8];
             prefix[..4].copy_from_slice(&skier.to_be_bytes());
             prefix[4..].copy_from_slice(&resort.to_be_bytes());
             let mut out = Vec::new();
-            for kv in me.by_skier.scan_prefix(prefix) {
+            for kv in self.by_skier.scan_prefix(prefix) {
                 let (k, _) = kv.map_err(unavailable)?;
                 let key = DayKey {
                     resort: u32::from_be_bytes([k[4], k[5], k[6], k[7]]),
@@ -309,13 +317,12 @@ impl Tables for SledTables {
                     day: u16::from_be_bytes([k[10], k[11]]),
                 };
                 // An entry whose item never landed (a crash between the two writes).
-                if let Some(v) = me.days.get(day_skier_key(&key, skier)).map_err(unavailable)? {
+                if let Some(v) = self.days.get(day_skier_key(&key, skier)).map_err(unavailable)? {
                     out.push(decode_skier_day(&v)?);
                 }
             }
             Ok(out)
         })
-        .await
     }
 
     async fn query_day(&self, key: DayKey) -> Result<Vec<SkierDayItem>, TableError> {
@@ -327,14 +334,12 @@ impl Tables for SledTables {
     }
 
     async fn query_seasons(&self, resort: u32) -> Result<Vec<u16>, TableError> {
-        let me = self.clone();
-        blocking(move || {
-            me.seasons
+        small_read(|| {
+            self.seasons
                 .scan_prefix(resort.to_be_bytes())
                 .map(|kv| kv.map_err(unavailable).map(|(k, _)| u16::from_be_bytes([k[4], k[5]])))
                 .collect()
         })
-        .await
     }
 
     async fn scan_seasons(&self) -> Result<Vec<(u32, u16)>, TableError> {

@@ -1,7 +1,8 @@
 //! The results file: reads the JSON files `scripts/bench.sh` collected in one directory and
 //! writes `bench/results/<date>.md` with the machine, the load averages, every target of
-//! issue 5 as "ours / ceiling measured in the same run = ratio, met or missed", and the
-//! absolute figures behind them. A file that is missing (a phase failed) shows as n/a.
+//! issues 5 and 15 (15 tightened some; each row shows the one it judges) as "ours / ceiling
+//! measured in the same run = ratio, met or missed", and the absolute figures behind them. A
+//! file that is missing (a phase failed) shows as n/a.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -363,8 +364,10 @@ pub fn run(args: &Args) -> Result<(), String> {
             ours: format!("{} ms (achieved {}/s, {} failures)", f(p99(&o), 2), int(tp(&o)), int(fails(&o))),
             ceiling: format!("{} ms bare (achieved {}/s, {} failures)", f(p99(&b), 2), int(tp(&b)), int(fails(&b))),
             ratio: format!("{}{}", f(rr, 2), floor_note(rr)),
-            target: "≤ 2 ms".into(),
-            met: p99(&o).map(|p| p <= 2.0),
+            // Issue 15: a ratio to the bare handler at the same rate, like every other row
+            // (issue 5's absolute 2 ms was missed by the bare handler itself on this machine).
+            target: "≤ 1.5x the bare p99".into(),
+            met: rr.map(|r| r <= 1.5),
         });
     }
 
@@ -489,8 +492,8 @@ pub fn run(args: &Args) -> Result<(), String> {
                 f(x.num("replay", "/mean_batch_size"), 0)
             ),
             ratio: format!("{}{}", f(ratio(rate, sled_iter), 2), bounds_note(ratio(rate, sled_iter))),
-            target: "≥ 1,000,000 rides/s".into(),
-            met: rate.map(|r| r >= 1_000_000.0),
+            target: if file == "replay-big" { "≥ 1,500,000 rides/s, cold start ≤ 25 s" } else { "≥ 1,500,000 rides/s" }.into(),
+            met: rate.map(|r| r >= 1_500_000.0 && (file != "replay-big" || x.num(file, "/cold_start_ms").is_some_and(|ms| ms <= 25_000.0))),
         });
     }
     let big = x.num("replay-big", "/rss_replayed_kb");
@@ -498,7 +501,7 @@ pub fn run(args: &Args) -> Result<(), String> {
     let (ours, met) = match (big, x.num("replay", "/rss_replayed_kb")) {
         (Some(kb), _) => (
             format!("{:.2} GiB VmRSS after replaying {} rides", kb / GIB_KB, int(big_rides)),
-            Some(kb / GIB_KB <= 2.5 && big_rides.is_some_and(|r| r >= 30e6)),
+            Some(kb / GIB_KB <= 1.5 && big_rides.is_some_and(|r| r >= 30e6)),
         ),
         (None, Some(kb)) => (
             format!("not measured (run with --big); {:.0} MiB after replaying {} rides", kb / 1024.0, int(x.num("replay", "/rides"))),
@@ -507,7 +510,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         _ => ("n/a".into(), None),
     };
     rows.push(Row {
-        figure: "30M rides resident".into(), ours, ceiling: "—".into(), ratio: "—".into(), target: "≤ 2.5 GiB".into(), met
+        figure: "30M rides resident".into(), ours, ceiling: "—".into(), ratio: "—".into(), target: "≤ 1.5 GiB".into(), met
     });
 
     let c = x.get("wrk-emb-c6000");
@@ -541,7 +544,8 @@ pub fn run(args: &Args) -> Result<(), String> {
     }
     let met = rows.iter().filter(|r| r.met == Some(true)).count();
     let missed = rows.iter().filter(|r| r.met == Some(false)).count();
-    let _ = writeln!(w, "## Targets (issue 5): {met} met, {missed} missed, {} not measured or not judged\n", rows.len() - met - missed);
+    let _ =
+        writeln!(w, "## Targets (issues 5 and 15): {met} met, {missed} missed, {} not measured or not judged\n", rows.len() - met - missed);
     let _ = writeln!(w, "| figure | ours | ceiling, same run | ratio | target | |");
     let _ = writeln!(w, "|---|---|---|---|---|---|");
     for r in &rows {
