@@ -95,6 +95,11 @@ build_features=()
 if [ -n "${BUILD_FEATURES:-}" ]; then build_features=(--features "$BUILD_FEATURES"); fi
 if [ "$profile" = release ]; then
   cargo build --release --locked --bin liftlog "${build_features[@]}"
+elif [ -n "${BUILD_FEATURES:-}" ]; then
+  # The test command's own build line: `--bin liftlog` alone resolves the dependencies'
+  # features without the other members' and dev-dependencies' and rebuilt about fifty
+  # crates (hyper, actix-web, reqwest...) in CI; the same line as test.sh is a no-op there.
+  cargo build --workspace --all-targets --locked "${build_features[@]}"
 else
   cargo build --locked --bin liftlog "${build_features[@]}"
 fi

@@ -111,8 +111,9 @@ pub struct ConsumerNode {
 /// Registers the public routes (and, with `with_admin`, the admin ones) on an actix `App`.
 pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str, with_admin: bool) {
     // actix tries the resources in this order, matching each dynamic one with a regex
-    // (regex-lite: ~4 % of the POST path's CPU in a profile with the ride route seventh),
-    // so the routes a lift gate and a dashboard hit most come first. The paths are
+    // (~4 % of the POST path's CPU in a profile with the ride route seventh, under
+    // regex-lite; the `regex` crate now, see Cargo.toml), so the routes a lift gate and a
+    // dashboard hit most come first. The paths are
     // disjoint: the order changes no answer.
     let mut scope = web::scope(base_path)
         .service(
