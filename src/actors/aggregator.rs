@@ -103,7 +103,58 @@ pub struct DayState {
     count_changed: u64,
     count_flushed: u64,
     /// Raw rides not yet in `SkierLiftRides`, with their WAL sequence, oldest first.
-    pending: VecDeque<(u64, RideEvent)>,
+    pending: VecDeque<PendingRide>,
+}
+
+/// A raw ride waiting for its flush, with the WAL record it came from. After a replay every
+/// replayed ride waits here until the flusher has written it, so its size is most of a
+/// freshly started node's memory: 28 bytes instead of the 40 of `(u64, RideEvent)`, because
+/// the day is the actor's own and the 64-bit fields are kept as halves, which lets the
+/// struct align to 4 (issue 15: 30M rides replayed).
+#[derive(Clone, Copy, Debug)]
+struct PendingRide {
+    seq: [u32; 2],
+    id: [u32; 2],
+    skier: u32,
+    vertical: u32,
+    time: u16,
+    lift: u16,
+}
+
+fn halves(v: u64) -> [u32; 2] {
+    [(v >> 32) as u32, v as u32]
+}
+
+fn whole([hi, lo]: [u32; 2]) -> u64 {
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+impl PendingRide {
+    fn new(seq: u64, ev: &RideEvent) -> Self {
+        PendingRide { seq: halves(seq), id: halves(ev.id), skier: ev.skier, vertical: ev.vertical, time: ev.time, lift: ev.lift }
+    }
+
+    fn seq(&self) -> u64 {
+        whole(self.seq)
+    }
+
+    fn id(&self) -> u64 {
+        whole(self.id)
+    }
+
+    /// The ride again, on its day.
+    fn ride(&self, key: DayKey) -> RideEvent {
+        RideEvent {
+            id: self.id(),
+            resort: key.resort,
+            season: key.season,
+            day: key.day,
+            skier: self.skier,
+            time: self.time,
+            lift: self.lift,
+            vertical: self.vertical,
+        }
+    }
 }
 
 impl DayState {
@@ -155,7 +206,7 @@ impl DayState {
     /// the count from the items, see [`Self::from_items`]).
     pub fn oldest_unflushed(&self) -> Option<u64> {
         let dirty = self.dirty.values().map(|m| m.first).min();
-        let pending = self.pending.front().map(|(seq, _)| *seq);
+        let pending = self.pending.front().map(PendingRide::seq);
         dirty.into_iter().chain(pending).min()
     }
 
@@ -165,6 +216,9 @@ impl DayState {
     fn apply(&mut self, seq: u64, events: &[RideEvent], index: &SeasonIndex) -> Applied {
         let mut out = Applied::default();
         for (i, ev) in events.iter().enumerate() {
+            // The registry routes by day; a ride of another day here would be stored under
+            // this one's (PendingRide keeps no day of its own).
+            debug_assert_eq!(ev.key(), self.key, "a ride dispatched to another day's actor");
             let day = self.skiers.entry(ev.skier).or_default();
             if day.contains(ev.id) {
                 // Counted already, but its raw row may not be written: the skier-day
@@ -172,7 +226,7 @@ impl DayState {
                 // and a crash in between (or a consumer that died with its WAL) leaves
                 // only this copy — a WAL replay or a broker redelivery — to write it.
                 // The write is idempotent (the key holds the id), so write it again.
-                self.pending.push_back((seq, *ev));
+                self.pending.push_back(PendingRide::new(seq, ev));
                 out.duplicates += 1;
                 continue;
             }
@@ -186,7 +240,7 @@ impl DayState {
             day.vertical += u64::from(ev.vertical);
             self.rides += 1;
             self.dirty.entry(ev.skier).and_modify(|m| m.last = seq).or_insert(Unflushed { first: seq, last: seq });
-            self.pending.push_back((seq, *ev));
+            self.pending.push_back(PendingRide::new(seq, ev));
             index.add(ev.skier, ev.resort, ev.season, u64::from(ev.vertical));
             out.applied += 1;
         }
@@ -320,8 +374,8 @@ impl Handler<TakeDirty> for DayAggregator {
         let changed = st.count_changed > st.count_flushed;
         let count = changed.then(|| DayCountItem { key, unique_skiers: st.skiers.len() as u64, rides: st.rides, version: st.rides });
         let count_mark = changed.then_some(st.count_changed);
-        let rides = st.pending.iter().take(msg.max_rides).map(|(_, r)| *r).collect();
-        let oldest_left = st.pending.get(msg.max_rides).map(|(seq, _)| *seq);
+        let rides = st.pending.iter().take(msg.max_rides).map(|p| p.ride(key)).collect();
+        let oldest_left = st.pending.get(msg.max_rides).map(PendingRide::seq);
         MessageResult(DirtySnapshot { skier_days, marks, count, count_mark, rides, oldest_left })
     }
 }
@@ -539,7 +593,7 @@ mod tests {
         assert_eq!(idx.totals(7, &[1], None)[&2025], MAX as u64 * 10, "a refused ride must not reach the season total");
         // The refused ride queues no raw row (it is in no table), the retry of a counted one does.
         assert_eq!(st.pending.len(), MAX + 1);
-        assert!(st.pending.iter().all(|(_, r)| r.id != MAX as u64 + 1));
+        assert!(st.pending.iter().all(|p| p.id() != MAX as u64 + 1));
         // Other skiers of the day are not affected.
         let _ = st.apply(2, &[ev(5_000, 8, 10)], &idx);
         assert_eq!((st.rides, st.unique_skiers()), (MAX as u64 + 1, 2));
@@ -585,7 +639,7 @@ mod tests {
             let replayed = st.apply(5, &[ev(1, 7, 50), ev(3, 8, 10)], &SeasonIndex::new());
             assert_eq!((replayed.applied, replayed.duplicates), (0, 2));
             assert!(st.count_changed > st.count_flushed);
-            assert_eq!(st.pending.iter().map(|(_, r)| r.id).collect::<Vec<_>>(), vec![1, 3]);
+            assert_eq!(st.pending.iter().map(PendingRide::id).collect::<Vec<_>>(), vec![1, 3]);
             assert_eq!((st.rides, st.skiers[&7].vertical), (3, 80));
         }
         // An empty day has nothing to repair.
