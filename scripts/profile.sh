@@ -12,7 +12,7 @@
 # release profile's debug info, which Cargo.toml keeps) and prints the top of two reports:
 # by thread and by function including callees. Open the rest with
 #   perf report -i target/profile/ENDPOINT.data --children
-# Needs perf (Debian's linux-perf) and wrk, installed with apt-get when missing (as root).
+# Needs perf (Debian's linux-perf), wrk and jq, installed with apt-get when missing (as root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LOG_TAG=profile

@@ -107,10 +107,10 @@ pub struct DayState {
 }
 
 /// A raw ride waiting for its flush, with the WAL record it came from. After a replay every
-/// replayed ride waits here until the flusher has written it, so its size is most of a
-/// freshly started node's memory: 28 bytes instead of the 40 of `(u64, RideEvent)`, because
-/// the day is the actor's own and the 64-bit fields are kept as halves, which lets the
-/// struct align to 4 (issue 15: 30M rides replayed).
+/// replayed ride waits here until the flusher has written it, so its size is the largest
+/// part of a freshly started node's memory: 28 bytes instead of the 40 of `(u64,
+/// RideEvent)`, because the day is the actor's own and the 64-bit fields are kept as halves,
+/// which lets the struct align to 4 (issue 15: 30M rides replayed).
 #[derive(Clone, Copy, Debug)]
 struct PendingRide {
     seq: [u32; 2],

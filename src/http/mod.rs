@@ -113,8 +113,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, base_path: &str, with_admin: bool
     // actix tries the resources in this order, matching each dynamic one with a regex
     // (~4 % of the POST path's CPU in a profile with the ride route seventh, under
     // regex-lite; the `regex` crate now, see Cargo.toml), so the routes a lift gate and a
-    // dashboard hit most come first. The paths are
-    // disjoint: the order changes no answer.
+    // dashboard hit most come first. The paths are disjoint: the order changes no answer.
     let mut scope = web::scope(base_path)
         .service(
             resource("/skiers/{resortID}/seasons/{seasonID}/days/{dayID}/skiers/{skierID}", "GET, POST")

@@ -474,26 +474,23 @@ pub fn run(args: &Args) -> Result<(), String> {
         let ev = x.num(file, "/replayed_events");
         let ms = x.num(file, "/replay_millis");
         let rate = ev.zip(ms).map(|(e, m)| e * 1000.0 / m.max(1.0));
-        if x.get(file).is_none() && file == "replay-big" {
+        let cold_start = x.num(file, "/cold_start_ms");
+        // Issue 15 bounds the 30M run's cold start too.
+        let big_run = file == "replay-big";
+        if x.get(file).is_none() && big_run {
             continue;
         }
         rows.push(Row {
             figure: format!("WAL replay after kill -9, {} rides, rides/s", int(x.num(file, "/rides"))),
-            ours: format!(
-                "{} ({} rides in {} ms; cold start to listening {} ms)",
-                int(rate),
-                int(ev),
-                int(ms),
-                int(x.num(file, "/cold_start_ms"))
-            ),
+            ours: format!("{} ({} rides in {} ms; cold start to listening {} ms)", int(rate), int(ev), int(ms), int(cold_start)),
             ceiling: format!(
                 "{} sled iterated records/s: not like for like (a WAL record holds about {} rides)",
                 int(sled_iter),
                 f(x.num("replay", "/mean_batch_size"), 0)
             ),
             ratio: format!("{}{}", f(ratio(rate, sled_iter), 2), bounds_note(ratio(rate, sled_iter))),
-            target: if file == "replay-big" { "≥ 1,500,000 rides/s, cold start ≤ 25 s" } else { "≥ 1,500,000 rides/s" }.into(),
-            met: rate.map(|r| r >= 1_500_000.0 && (file != "replay-big" || x.num(file, "/cold_start_ms").is_some_and(|ms| ms <= 25_000.0))),
+            target: if big_run { "≥ 1,500,000 rides/s, cold start ≤ 25 s" } else { "≥ 1,500,000 rides/s" }.into(),
+            met: rate.map(|r| r >= 1_500_000.0 && (!big_run || cold_start.is_some_and(|ms| ms <= 25_000.0))),
         });
     }
     let big = x.num("replay-big", "/rss_replayed_kb");
